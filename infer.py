@@ -1,0 +1,43 @@
+"""Predict the test set with the fitted ensemble and write submission.csv (works offline).
+
+    python infer.py [--data data] [--assets assets] [--out submission.csv] [--device auto] [--time_limit S]
+
+Rows and order follow data/submission_format.csv. With data/test_labels.csv present the test
+log loss is printed (ensemble, each model, and the task prior).
+"""
+import argparse
+import json
+import logging
+import sys
+
+from readaloud.cli import add_common
+from readaloud.inference import run_inference
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common(p)
+    p.add_argument("--out", default="submission.csv")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--time_limit", type=float, default=None, help="seconds; fewer models when time runs short")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = run_inference(args.data, args.assets, args.tts_dir, args.out, args.device, args.time_limit,
+                           progress=not args.no_progress)
+    print(f"wrote {result['submission']}: {result['rows']} rows from {result['checkpoints_used']}/"
+          f"{result['checkpoints_listed']} checkpoints ({', '.join(result['models_used']) or 'none'}), "
+          f"{result['fallback_rows']} prior fallbacks, {result['seconds']:.1f}s")
+    if "test_logloss" in result:
+        print(f"test log loss: ensemble {result['test_logloss']:.4f} | prior {result['test_logloss_prior']:.4f}")
+        for m, v in sorted(result["test_logloss_single"].items()):
+            print(f"  {m:14} {v:.4f}")
+    with open(str(args.out) + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    if "error" in result:
+        print(result["error"], file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

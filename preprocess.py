@@ -1,0 +1,53 @@
+"""Prepare a data folder once: TTS references, cached log-mel features, the fold file.
+
+    python preprocess.py [--data data] [--tts_dir tts_data] [--n_folds 6] [--tts espeak:en-us+f3] [--workers 2]
+
+Idempotent: a rerun synthesizes and decodes only what is not cached yet.
+"""
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from readaloud.cli import add_common
+from readaloud.data import load_split
+from readaloud.features import FeatureParams
+from readaloud.folds import fold_path, load_or_create_folds
+from readaloud.prepare import bad_clips_path, ensure_clip_features, ensure_references
+from readaloud.references import DEFAULT_TTS
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common(p)
+    p.add_argument("--n_folds", type=int, default=6)
+    p.add_argument("--tts", default=DEFAULT_TTS, help="TTS engine spec (default: %(default)s)")
+    p.add_argument("--n_mels", type=int, default=80, help="mel bins (128 for whisper-large-v3)")
+    p.add_argument("--workers", type=int, default=2, help="processes decoding audio")
+    p.add_argument("--retry_bad", action="store_true", help="try clips listed as unusable again")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    t0 = time.time()
+    params = FeatureParams(n_mels=args.n_mels)
+    train = load_split(args.data, "train").meta
+    texts = list(train["expected_text"])
+    names = list(train["filename"])
+    if (Path(args.data) / "test_metadata.csv").exists():
+        test = load_split(args.data, "test").meta
+        texts += list(test["expected_text"])
+        names += list(test["filename"])
+    bank = ensure_references(args.tts_dir, args.tts, texts, params)
+    store, bad = ensure_clip_features(args.data, names, params, workers=args.workers, retry_bad=args.retry_bad)
+    folds = load_or_create_folds(args.data, train, args.n_folds)
+    print(f"references: {len(bank.index)} texts in {bank.root}")
+    print(f"clip features: {len(store)} clips, {store.total_frames} frames "
+          f"({store.data_path.stat().st_size / 1e6:.1f} MB) in {store.data_path}")
+    if bad:
+        print(f"unusable clips: {len(bad)} (listed with reasons in {bad_clips_path(args.data)})")
+    print(f"folds: {args.n_folds} -> {fold_path(args.data, args.n_folds)} "
+          f"(sizes {folds.value_counts().sort_index().tolist()})")
+    print(f"done in {time.time() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

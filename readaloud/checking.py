@@ -1,0 +1,98 @@
+"""Cross-validation report: log loss per model and fold, and which folds need retraining."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .checkpoints import CheckpointError, safe_load
+from .metrics import log_loss
+from .training import FoldPaths, retrain_command
+
+
+def fold_status(paths: FoldPaths, deep: bool = True) -> tuple[str, float]:
+    """('ok' | 'missing' | 'running' | 'broken: why' | 'no oof', fold log loss)."""
+    if not paths.checkpoint.exists():
+        return ("unfinished" if paths.run_dir.exists() else "missing"), math.nan
+    if deep:
+        try:
+            ck = safe_load(paths.checkpoint)
+            if "state_dict" not in ck:
+                return "broken: no weights in checkpoint", math.nan
+        except CheckpointError as exc:
+            return f"broken: {exc}", math.nan
+    if not paths.oof.exists():
+        return "no oof", math.nan
+    try:
+        oof = pd.read_csv(paths.oof)
+        loss = log_loss(oof["score"], oof["pred"])
+    except Exception as exc:
+        return f"broken oof: {exc}", math.nan
+    if not math.isfinite(loss):
+        return "non-finite", loss
+    return "ok", loss
+
+
+def flag_outliers(losses: dict[int, float], rel: float = 0.2, z: float = 3.5) -> set[int]:
+    """Folds clearly worse than the model's others (robust z-score on the median and MAD)."""
+    vals = {f: l for f, l in losses.items() if math.isfinite(l)}
+    if len(vals) < 3:
+        return set()
+    arr = np.array(list(vals.values()))
+    med = float(np.median(arr))
+    mad = float(np.median(np.abs(arr - med))) * 1.4826 + 1e-9
+    return {f for f, l in vals.items() if l > med * (1 + rel) and (l - med) / mad > z}
+
+
+def check(assets: str | Path, models: list[str], n_folds: int, data: str | Path = "data",
+          deep: bool = True) -> tuple[pd.DataFrame, list[tuple[str, int, str]]]:
+    """Table rows (model, fold, status, logloss) and the (model, fold, reason) to retrain."""
+    rows, todo = [], []
+    for m in models:
+        losses = {}
+        for f in range(n_folds):
+            status, loss = fold_status(FoldPaths(Path(assets), m, f), deep)
+            rows.append({"model": m, "fold": f, "status": status, "logloss": loss})
+            losses[f] = loss
+            if status != "ok":
+                todo.append((m, f, status))
+        for f in sorted(flag_outliers(losses)):
+            todo.append((m, f, f"outlier: {losses[f]:.4f} vs median {np.median([l for l in losses.values() if math.isfinite(l)]):.4f}"))
+    return pd.DataFrame(rows), todo
+
+
+def oof_logloss(assets: str | Path, model: str) -> float:
+    files = sorted(Path(assets).glob(f"{model}_*_oof.csv"))
+    files = [p for p in files if p.name[len(model) + 1:-len("_oof.csv")].isdigit()]
+    if not files:
+        return math.nan
+    oof = pd.concat([pd.read_csv(p) for p in files])
+    return log_loss(oof["score"], oof["pred"])
+
+
+def render_table(table: pd.DataFrame, assets: str | Path) -> str:
+    """Models as rows, folds as columns, plus the pooled OOF log loss."""
+    if table.empty:
+        return "(no models)"
+    folds = sorted(table["fold"].unique())
+    lines = ["model".ljust(14) + "".join(f"fold {f}".rjust(10) for f in folds) + "OOF".rjust(10)]
+    for m, g in table.groupby("model", sort=False):
+        cells = []
+        for f in folds:
+            r = g[g.fold == f].iloc[0]
+            cells.append(f"{r.logloss:.4f}" if r.status == "ok" else r.status.split(":")[0][:9])
+        lines.append(m.ljust(14) + "".join(c.rjust(10) for c in cells) + f"{oof_logloss(assets, m):10.4f}")
+    return "\n".join(lines)
+
+
+def retrain_commands(todo, n_folds: int, data, assets) -> list[str]:
+    cmds = []
+    for m, f, reason in todo:
+        extra = "--force" if not reason.startswith(("missing", "unfinished")) else ""
+        if reason.startswith("non-finite"):
+            extra += " --seed 7"
+        cmds.append(retrain_command(m, f, n_folds, data, assets, extra.strip()))
+    return cmds

@@ -1,0 +1,176 @@
+"""Typed run configuration with command-line overrides.
+
+A variant is a `RunConfig` with a few fields changed (see variants.py). Any field can be
+overridden from the command line by its dotted path (`--optim.weight_decay 0.01`) or, when
+unambiguous, its bare name (`--lr 2e-5`). Unknown keys and values of the wrong type are
+refused with a message naming the key, the value and what was expected.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = ""             # "" = small randomly initialised Whisper below; else path or hub id
+    d_model: int = 128             # encoder width (ignored with a backbone)
+    encoder_layers: int = 3
+    encoder_heads: int = 4
+    ffn_dim: int = 512
+    n_mels: int = 80
+    max_source_positions: int = 1500   # 30 s; inputs are cropped to twice this many frames
+    dropout: float = 0.1
+    pooling: str = "mean"          # mean | attention | attention_mean
+    head_layers: int = 1           # 1 = linear; 2 = hidden layer + GELU + dropout
+    head_hidden: int = 256
+    head_dropout: float = 0.1
+    task_dim: int = 8
+    grade_dim: int = 4
+    pause_frames: int = 20         # silence between the TTS reference and the response (10 ms each)
+    ctc_weight: float = 0.5        # auxiliary CTC on the expected text's phonemes (0 = off)
+    ctc_unit: str = "phoneme"      # phoneme | char
+    score_features: bool = True    # feed CTC match scores and durations to the head
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.98
+    warmup_ratio: float = 0.08     # fraction of all updates spent warming up linearly
+    schedule: str = "cosine"       # cosine | constant
+    min_lr_ratio: float = 0.02
+    grad_clip: float = 1.0
+    update_freq: int = 1           # gradient accumulation: batches per optimizer step
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class DataConfig:
+    batch_max_frames: int = 24000  # padded frames per batch (10 ms each): batches are built by size
+    max_batch_size: int = 64
+    task_dropout: float = 0.05     # share of training items shown with an unknown task/grade
+    spec_time_masks: int = 2       # SpecAugment on the response only (0 = off)
+    spec_time_width: int = 12
+    spec_freq_masks: int = 2
+    spec_freq_width: int = 8
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    epochs: int = 12
+    patience: int = 4              # evaluations without improvement before stopping
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    threads: int = 0               # torch CPU threads (0 = leave to torch / train.py)
+    tts: str = "espeak:en-us+f3"   # reference TTS engine spec (see readaloud.tts.make_tts)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _leaves(cfg, prefix: str = "") -> dict[str, tuple[object, dataclasses.Field]]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        path = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(_leaves(value, path + "."))
+        else:
+            out[path] = (cfg, f)
+    return out
+
+
+def _convert(key: str, raw, typ):
+    if typ in ("bool", bool):
+        if isinstance(raw, bool):
+            return raw
+        s = str(raw).lower()
+        if s in {"1", "true", "yes", "on"}:
+            return True
+        if s in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"--{key}: expected true/false, got {raw!r}")
+    for name, conv in (("int", int), ("float", float), ("str", str)):
+        if typ in (name, conv):
+            try:
+                value = conv(raw)
+                if conv is int and isinstance(raw, float) and not raw.is_integer():
+                    raise ValueError
+                return value
+            except (TypeError, ValueError):
+                raise ConfigError(f"--{key}: expected {name}, got {raw!r}") from None
+    raise ConfigError(f"--{key}: unsupported field type {typ}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """Return a copy of `cfg` with `overrides` (dotted path or unique leaf name -> value)."""
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    leaves = _leaves(cfg)
+    by_name: dict[str, list[str]] = {}
+    for path in leaves:
+        by_name.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    for key, raw in overrides.items():
+        key = key.replace("-", "_")
+        if key in leaves:
+            path = key
+        elif len(by_name.get(key, [])) == 1:
+            path = by_name[key][0]
+        elif key in by_name:
+            raise ConfigError(f"--{key} is ambiguous: use one of {', '.join('--' + p for p in by_name[key])}")
+        else:
+            close = difflib.get_close_matches(key, list(leaves) + list(by_name), n=3)
+            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+            raise ConfigError(f"unknown option --{key}{hint}")
+        owner, f = leaves[path]
+        setattr(owner, f.name, _convert(path, raw, f.type))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    choices = {"model.pooling": ("mean", "attention", "attention_mean"),
+               "model.ctc_unit": ("phoneme", "char"),
+               "optim.schedule": ("cosine", "constant"),
+               "device": ("auto", "cpu", "cuda")}
+    leaves = _leaves(cfg)
+    for path, allowed in choices.items():
+        owner, f = leaves[path]
+        value = getattr(owner, f.name)
+        if value not in allowed and not (path == "device" and str(value).startswith("cuda:")):
+            raise ConfigError(f"--{path}: {value!r} is not one of {allowed}")
+    for path in ("optim.lr", "epochs", "data.batch_max_frames", "optim.update_freq", "model.head_layers"):
+        owner, f = leaves[path]
+        if getattr(owner, f.name) <= 0:
+            raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")
+
+
+def _from_dict(cls, d: dict):
+    kwargs = {}
+    hints = {f.name: f for f in dataclasses.fields(cls)}
+    for k, v in d.items():
+        if k not in hints:
+            raise ConfigError(f"unknown config key {k!r} for {cls.__name__}")
+        sub = hints[k].default_factory if hints[k].default_factory is not dataclasses.MISSING else None
+        if isinstance(v, dict) and sub is not None:
+            kwargs[k] = _from_dict(sub, v)
+        else:
+            kwargs[k] = v
+    return cls(**kwargs)
+
+
+RunConfig.from_dict = classmethod(lambda cls, d: _from_dict(cls, d))  # type: ignore[attr-defined]

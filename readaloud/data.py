@@ -1,0 +1,141 @@
+"""The competition's file layout: reading and checking the metadata.
+
+Problems are gathered and reported together, naming the file, rows and values, so a user
+fixes a broken CSV in one go instead of one crash at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+META_COLUMNS = ["filename", "task", "expected_text", "grade"]
+LABEL_COLUMNS = ["filename", "score"]
+KNOWN_TASKS = ["deletion", "blending", "nonword_repetition", "sentence_repetition"]
+KNOWN_GRADES = ["KG", "1", "2", "3"]
+
+
+class DataError(ValueError):
+    """Bad metadata; the message lists every problem found."""
+
+
+def _show_rows(df: pd.DataFrame, mask, column: str, limit: int = 8) -> str:
+    bad = df.loc[mask]
+    shown = ", ".join(f"row {i + 2}: {bad.loc[i, column]!r}" for i in bad.index[:limit])
+    more = f" (+{len(bad) - limit} more)" if len(bad) > limit else ""
+    return shown + more
+
+
+def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    """Read a CSV as strings and check it has `columns` (row numbers in messages are file lines)."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot parse CSV ({exc})") from exc
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+    return df.reset_index(drop=True)
+
+
+def check_metadata(df: pd.DataFrame, path: Path, audio_dir: Path | None = None) -> list[str]:
+    """Every problem in a metadata table, as readable lines (empty list = fine)."""
+    problems = []
+    dup = df["filename"].duplicated(keep=False)
+    if dup.any():
+        problems.append(f"{path}: duplicate filenames at {_show_rows(df, dup, 'filename')}")
+    empty_name = df["filename"].str.strip() == ""
+    if empty_name.any():
+        problems.append(f"{path}: empty filename at {_show_rows(df, empty_name, 'filename')}")
+    if "expected_text" in df:
+        empty = df["expected_text"].str.strip() == ""
+        if empty.any():
+            problems.append(f"{path}: empty expected_text at {_show_rows(df, empty, 'filename')}")
+    if "task" in df:
+        empty = df["task"].str.strip() == ""
+        if empty.any():
+            problems.append(f"{path}: empty task at {_show_rows(df, empty, 'filename')}")
+    if audio_dir is not None:
+        absent = ~df["filename"].map(lambda f: (audio_dir / f).is_file())
+        absent &= ~empty_name
+        if absent.any():
+            problems.append(f"{path}: listed audio not found in {audio_dir} at "
+                            f"{_show_rows(df, absent, 'filename')}")
+    return problems
+
+
+def normalise_grade(value: str) -> str:
+    """'K', 'kg', 'kindergarten' -> 'KG'; '1.0' -> '1'; other values are kept as given."""
+    v = str(value).strip()
+    if v.lower() in {"k", "kg", "kindergarten", "0"}:
+        return "KG"
+    try:
+        f = float(v)
+        if f.is_integer():
+            return str(int(f))
+    except ValueError:
+        pass
+    return v
+
+
+@dataclass
+class Split:
+    """One split's metadata (train has labels, test may have test_labels.csv)."""
+    meta: pd.DataFrame          # filename, task, expected_text, grade (+ score when known)
+    audio_dir: Path
+
+    @property
+    def has_labels(self) -> bool:
+        return "score" in self.meta.columns
+
+
+def _attach_labels(meta: pd.DataFrame, labels_path: Path, meta_path: Path) -> pd.DataFrame:
+    labels = read_csv(labels_path, LABEL_COLUMNS)
+    problems = []
+    dup = labels["filename"].duplicated(keep=False)
+    if dup.any():
+        problems.append(f"{labels_path}: duplicate filenames at {_show_rows(labels, dup, 'filename')}")
+    bad = ~labels["score"].str.strip().isin(["0", "1", "0.0", "1.0"])
+    if bad.any():
+        problems.append(f"{labels_path}: score must be 0 or 1 at {_show_rows(labels, bad, 'score')}")
+    unlabeled = ~meta["filename"].isin(labels["filename"])
+    if unlabeled.any():
+        problems.append(f"{meta_path}: no label in {labels_path.name} for "
+                        f"{_show_rows(meta, unlabeled, 'filename')}")
+    if problems:
+        raise DataError("\n".join(problems))
+    score = labels.drop_duplicates("filename").set_index("filename")["score"].astype(float).astype(int)
+    meta = meta.copy()
+    meta["score"] = meta["filename"].map(score).astype(int)
+    return meta
+
+
+def load_split(data_dir: str | Path, split: str, check_audio: bool = True) -> Split:
+    """Load `train` (metadata + labels) or `test` (metadata, + test_labels.csv when present)."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / f"{split}_metadata.csv"
+    meta = read_csv(meta_path, META_COLUMNS)
+    for col in META_COLUMNS:
+        meta[col] = meta[col].astype(str)
+    meta["task"] = meta["task"].str.strip()
+    meta["grade"] = meta["grade"].map(normalise_grade)
+    meta["expected_text"] = meta["expected_text"].str.strip()
+    problems = check_metadata(meta, meta_path, data_dir if check_audio else None)
+    if problems:
+        raise DataError("\n".join(problems))
+    labels_path = data_dir / ("train_labels.csv" if split == "train" else "test_labels.csv")
+    if split == "train" or labels_path.exists():
+        meta = _attach_labels(meta, labels_path, meta_path)
+    return Split(meta=meta, audio_dir=data_dir)
+
+
+def load_submission_format(data_dir: str | Path) -> pd.DataFrame:
+    path = Path(data_dir) / "submission_format.csv"
+    df = read_csv(path, LABEL_COLUMNS)
+    dup = df["filename"].duplicated(keep=False)
+    if dup.any():
+        raise DataError(f"{path}: duplicate filenames at {_show_rows(df, dup, 'filename')}")
+    return df

@@ -1,0 +1,137 @@
+"""Ensemble weights fitted on out-of-fold predictions.
+
+Each model's OOF logits (every training clip predicted by the fold model that did not see
+it) form a column; non-negative weights and a bias minimise the log loss of
+sigmoid(logits @ w + b). A model's test logit is the mean over its shipped folds, so the
+same weights apply. Working in logit space lets the blend also recalibrate.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.optimize import minimize
+
+from .metrics import log_loss, sigmoid
+
+CONFIG_JSON = "model_configs.json"
+CONFIG_PKL = "model_configs.pkl"
+
+
+def collect_oof(assets: str | Path, models: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    """{model: its OOF rows from every finished fold}, from assets/<model>_<fold>_oof.csv."""
+    out: dict[str, list[pd.DataFrame]] = {}
+    for path in sorted(Path(assets).glob("*_oof.csv")):
+        model, fold = path.name[: -len("_oof.csv")].rsplit("_", 1)
+        if models and model not in models:
+            continue
+        if not (Path(assets) / f"{model}_{fold}.pth").exists():
+            continue
+        out.setdefault(model, []).append(pd.read_csv(path, dtype={"filename": str, "grade": str}))
+    return {m: pd.concat(dfs, ignore_index=True) for m, dfs in out.items()}
+
+
+def oof_matrix(oofs: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[str]]:
+    """Align models on the clips that all of them predicted: columns = model logits."""
+    names = sorted(oofs)
+    base = None
+    for m in names:
+        df = oofs[m][["filename", "fold", "task", "grade", "score", "logit"]].rename(columns={"logit": m})
+        base = df if base is None else base.merge(df[["filename", m]], on="filename", how="inner")
+    return base, names
+
+
+def fit_weights(X: np.ndarray, y: np.ndarray, l2: float = 1e-4) -> tuple[np.ndarray, float]:
+    """Non-negative w and a bias b minimising log loss of sigmoid(X w + b) (+ a tiny L2)."""
+    n, m = X.shape
+    y = y.astype(np.float64)
+
+    def f(theta):
+        w, b = theta[:m], theta[m]
+        z = X @ w + b
+        p = sigmoid(z)
+        loss = np.mean(np.logaddexp(0, z) - y * z) + l2 * np.sum(w ** 2)
+        g = (p - y) / n
+        return loss, np.concatenate([X.T @ g + 2 * l2 * w, [g.sum()]])
+
+    x0 = np.concatenate([np.full(m, 1.0 / m), [0.0]])
+    res = minimize(f, x0, jac=True, method="L-BFGS-B", bounds=[(0, None)] * m + [(None, None)])
+    return res.x[:m], float(res.x[m])
+
+
+def choose_folds(assets: str | Path, model: str, available: list[int], max_folds: int | None) -> list[int]:
+    """The folds whose checkpoints to ship: all, or the `max_folds` with the best validation loss."""
+    if not max_folds or max_folds >= len(available):
+        return sorted(available)
+    losses = {}
+    for f in available:
+        s = Path(assets) / f"{model}_{f}.json"
+        losses[f] = json.loads(s.read_text()).get("valid_logloss", np.inf) if s.exists() else np.inf
+    return sorted(sorted(available, key=lambda f: losses[f])[:max_folds])
+
+
+def build_config(assets: str | Path, models: list[str] | None = None, max_folds: int | None = None,
+                 min_weight: float = 1e-3) -> dict:
+    """Fit the ensemble on the OOF predictions in `assets`; returns the config dict."""
+    oofs = collect_oof(assets, models)
+    if not oofs:
+        raise FileNotFoundError(f"no finished folds (<model>_<fold>.pth with _oof.csv) in {assets}; run train.py first")
+    table, names = oof_matrix(oofs)
+    X, y = table[names].to_numpy(np.float64), table["score"].to_numpy()
+    w, b = fit_weights(X, y)
+    singles = {m: log_loss(y, sigmoid(table[m])) for m in names}
+    ens_pred = sigmoid(X @ w + b)
+    members = []
+    for m, wm in zip(names, w):
+        if wm < min_weight:
+            continue
+        folds = sorted(int(f) for f in oofs[m]["fold"].unique())
+        chosen = choose_folds(assets, m, folds, max_folds)
+        members.append({"model": m, "weight": float(wm), "folds": chosen,
+                        "checkpoints": [f"{m}_{f}.pth" for f in chosen], "oof_logloss": singles[m]})
+    prior = float(y.mean())
+    return {
+        "format": 1,
+        "members": members,
+        "bias": b,
+        "n_oof": int(len(y)),
+        "oof_logloss": log_loss(y, ens_pred),
+        "oof_logloss_single": singles,
+        "best_single": min(singles, key=singles.get),
+        "oof_logloss_prior": log_loss(y, np.full(len(y), prior)),
+        "max_folds": max_folds,
+    }
+
+
+def write_config(config: dict, assets: str | Path) -> tuple[Path, Path]:
+    """model_configs.json (the source of truth) and model_configs.pkl (a plain-dict twin)."""
+    assets = Path(assets)
+    js, pk = assets / CONFIG_JSON, assets / CONFIG_PKL
+    for path, payload in ((js, json.dumps(config, indent=1).encode()), (pk, pickle.dumps(config, protocol=4))):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    return js, pk
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Refuses every global: only dicts, lists, strings and numbers can come out."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a pickle")
+
+
+def read_config(assets: str | Path) -> dict:
+    """The ensemble config: from the JSON; from the pickle (plain data only) if no JSON."""
+    assets = Path(assets)
+    js, pk = assets / CONFIG_JSON, assets / CONFIG_PKL
+    if js.exists():
+        return json.loads(js.read_text())
+    if pk.exists():
+        with open(pk, "rb") as f:
+            return _PlainUnpickler(f).load()
+    raise FileNotFoundError(f"no {CONFIG_JSON} in {assets}; run get_config.py")

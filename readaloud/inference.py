@@ -1,0 +1,195 @@
+"""Offline ensemble inference: test clips -> submission.csv, always.
+
+Features and TTS references are computed once and shared by every checkpoint. A checkpoint
+that is missing or broken is dropped and the weights renormalised; a clip that cannot be
+decoded gets its task's training prior. The submission has exactly the submission format's
+rows, in its order, with probabilities strictly inside (0, 1).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .checkpoints import CheckpointError, safe_load
+from .config import RunConfig
+from .data import DataError, load_split, load_submission_format
+from .dataset import Categories, PairDataset
+from .ensemble import read_config
+from .features import FeatureParams
+from .metrics import clip_prob, log_loss, prior_predictions, sigmoid
+from .models import build_model
+from .prepare import ensure_clip_features, ensure_references
+from .text import Vocab
+from .training import pick_device, predict_logits
+
+log = logging.getLogger("readaloud.infer")
+
+
+@dataclass
+class FoldModel:
+    name: str
+    fold: int
+    model: torch.nn.Module
+    cfg: RunConfig
+    vocab: Vocab
+    cats: Categories
+    priors: dict
+
+
+def load_fold_model(path: str | Path, device: torch.device) -> FoldModel:
+    ck = safe_load(path, map_location="cpu", fix="retrain it (see check_models.py) or drop it from the ensemble")
+    try:
+        cfg = RunConfig.from_dict(json.loads(ck["config"]))
+        vocab = Vocab.from_dict(json.loads(ck["vocab"]))
+        cats = Categories(list(ck["tasks"]), list(ck["grades"]))
+        model = build_model(cfg.model, len(cats.tasks), len(cats.grades), len(vocab),
+                            whisper_config=json.loads(ck["whisper_config"]))
+        model.load_state_dict(ck["state_dict"])
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a usable readaloud checkpoint ({exc})") from exc
+    model.to(device).eval()
+    return FoldModel(ck["variant"], int(ck["fold"]), model, cfg, vocab, cats, json.loads(ck["priors"]))
+
+
+def _warn_unseen(meta: pd.DataFrame, cats: Categories) -> None:
+    for col, known in (("task", cats.tasks), ("grade", cats.grades)):
+        unseen = sorted(set(meta[col]) - set(known))
+        if unseen:
+            log.warning("%s value(s) %s not seen in training: those clips use the model's 'unknown' %s",
+                        col, unseen, col)
+
+
+def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "assets",
+                  tts_dir: str | Path = "tts_data", out: str | Path = "submission.csv",
+                  device: str = "auto", time_limit: float | None = None, progress: bool = True) -> dict:
+    """Predict the test set with the ensemble in assets/model_configs.json; write `out`."""
+    start = time.time()
+    data_dir, assets_dir = Path(data_dir), Path(assets_dir)
+    fmt = load_submission_format(data_dir)
+    test = load_split(data_dir, "test", check_audio=False)
+    meta = fmt[["filename"]].merge(test.meta, on="filename", how="left")
+    missing_meta = meta["task"].isna()
+    if missing_meta.any():
+        log.warning("%d submission rows have no test metadata (e.g. %s): they get the prior",
+                    int(missing_meta.sum()), meta.loc[missing_meta, "filename"].iloc[0])
+    meta[["task", "grade", "expected_text"]] = meta[["task", "grade", "expected_text"]].fillna("")
+    dev = pick_device(device)
+
+    try:
+        config = read_config(assets_dir)
+        members = config["members"]
+        bias = float(config.get("bias", 0.0))
+    except FileNotFoundError:
+        members = _default_members(assets_dir)
+        bias = 0.0
+        log.warning("no model_configs.json in %s: equal weights over %d finished models", assets_dir, len(members))
+
+    known = ~missing_meta
+    listed = meta.loc[known, "filename"].tolist()
+    clips, bad = ensure_clip_features(data_dir, listed, FeatureParams(), progress=progress)
+    if bad:
+        log.warning("%d test clips could not be decoded: they get their task's prior", len(bad))
+    model_logits: dict[str, list[np.ndarray]] = {}
+    priors_seen: list[dict] = []
+    checkpoints = [(m["model"], c) for m in members for c in m["checkpoints"]]
+    per_ckpt = None
+    for i, (name, ck_name) in enumerate(checkpoints):
+        elapsed = time.time() - start
+        if time_limit and per_ckpt and elapsed + 1.5 * per_ckpt > 0.9 * time_limit:
+            log.warning("time limit: stopping after %d of %d checkpoints", i, len(checkpoints))
+            break
+        t0 = time.time()
+        try:
+            fm = load_fold_model(assets_dir / ck_name, dev)
+        except CheckpointError as exc:
+            log.warning("dropping %s: %s", ck_name, exc)
+            continue
+        params = FeatureParams(n_mels=fm.cfg.model.n_mels)
+        if params != FeatureParams():
+            clips, _ = ensure_clip_features(data_dir, listed, params, progress=progress)
+        refs = ensure_references(tts_dir, fm.cfg.tts, meta.loc[known, "expected_text"].unique(), params,
+                                 progress=progress)
+        _warn_unseen(meta[known], fm.cats) if i == 0 else None
+        ds = PairDataset(meta[known], clips, refs, fm.vocab, fm.cats, fm.model.max_frames,
+                         fm.cfg.model.pause_frames)
+        logits = np.full(len(meta), np.nan)
+        pos = meta.index[known][meta.loc[known, "filename"].isin(ds.meta["filename"])]
+        try:
+            pred = predict_logits(fm.model, ds, dev, fm.cfg.data.batch_max_frames, progress=progress)
+        except Exception as exc:  # a failing model must not cost the submission
+            log.warning("dropping %s: prediction failed (%s: %s)", ck_name, type(exc).__name__, exc)
+            continue
+        logits[pos] = pred
+        model_logits.setdefault(name, []).append(logits)
+        priors_seen.append(fm.priors)
+        per_ckpt = time.time() - t0
+        log.info("%s: %d clips in %.1fs", ck_name, len(ds), per_ckpt)
+
+    priors = _mean_priors(priors_seen) or _train_priors(data_dir)
+    fallback = prior_predictions(priors, meta["task"]) if priors else np.full(len(meta), 0.5)
+    weights = {m["model"]: float(m["weight"]) for m in members if m["model"] in model_logits}
+    total_w = sum(weights.values())
+    final = fallback.copy()
+    used_fallback = np.ones(len(meta), bool)
+    per_model = {}
+    if total_w > 0:
+        full_w = sum(float(m["weight"]) for m in members)
+        z = np.zeros(len(meta))
+        have = np.ones(len(meta), bool)
+        for name, w in weights.items():
+            mean_logit = np.nanmean(np.stack(model_logits[name]), axis=0) if len(model_logits[name]) else None
+            per_model[name] = mean_logit
+            have &= np.isfinite(mean_logit)
+            z += (w * full_w / total_w) * np.nan_to_num(mean_logit)
+        final = np.where(have, sigmoid(z + bias), fallback)
+        used_fallback = ~have
+    sub = pd.DataFrame({"filename": fmt["filename"], "score": clip_prob(final)})
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    sub.to_csv(tmp, index=False)
+    os.replace(tmp, out)
+    result = {"submission": str(out), "rows": len(sub), "models_used": sorted(weights),
+              "checkpoints_used": sum(len(v) for v in model_logits.values()),
+              "checkpoints_listed": len(checkpoints), "fallback_rows": int(used_fallback.sum()), "seconds": time.time() - start}
+    if test.has_labels:
+        y = meta["score"].to_numpy(dtype=float)
+        ok = np.isfinite(y)
+        result["test_logloss"] = log_loss(y[ok], sub["score"].to_numpy()[ok])
+        result["test_logloss_prior"] = log_loss(y[ok], fallback[ok])
+        result["test_logloss_single"] = {m: log_loss(y[ok], sigmoid(np.nan_to_num(v))[ok])
+                                         for m, v in per_model.items()}
+    if total_w == 0:
+        result["error"] = "no model could make a prediction: the submission holds priors only"
+    return result
+
+
+def _default_members(assets_dir: Path) -> list[dict]:
+    groups: dict[str, list[str]] = {}
+    for p in sorted(assets_dir.glob("*_*.pth")):
+        model = p.stem.rsplit("_", 1)[0]
+        groups.setdefault(model, []).append(p.name)
+    return [{"model": m, "weight": 1.0 / len(groups), "checkpoints": c} for m, c in groups.items()]
+
+
+def _mean_priors(priors: list[dict]) -> dict:
+    if not priors:
+        return {}
+    keys = set().union(*priors)
+    return {k: float(np.mean([p[k] for p in priors if k in p])) for k in keys}
+
+
+def _train_priors(data_dir: Path) -> dict:
+    try:
+        from .metrics import task_priors
+        return task_priors(load_split(data_dir, "train", check_audio=False).meta)
+    except (DataError, OSError, KeyError):
+        return {}

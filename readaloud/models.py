@@ -1,0 +1,215 @@
+"""The pair classifier: Whisper encoder over [TTS reference | pause | child response].
+
+The encoder runs on the batch's real length (positional table sliced, padding masked), not
+on Whisper's fixed 30 s window. Besides P(correct), the model has a CTC head that learns
+the expected text's phonemes from the TTS half and from responses scored correct; its match
+score for the expected phonemes in the response is handed to the classifier as evidence.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from .config import ModelConfig
+
+log = logging.getLogger(__name__)
+N_SCORE_FEATURES = 6
+
+
+def small_whisper_config(cfg: ModelConfig) -> WhisperConfig:
+    """A Whisper config of the size in `cfg`, trainable from scratch on a CPU."""
+    return WhisperConfig(
+        num_mel_bins=cfg.n_mels, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
+        encoder_attention_heads=cfg.encoder_heads, encoder_ffn_dim=cfg.ffn_dim,
+        decoder_layers=1, decoder_attention_heads=cfg.encoder_heads, decoder_ffn_dim=cfg.ffn_dim,
+        max_source_positions=cfg.max_source_positions, dropout=cfg.dropout,
+        attention_dropout=0.0, activation_dropout=0.0, vocab_size=64, max_target_positions=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+        suppress_tokens=None, begin_suppress_tokens=None,
+    )
+
+
+def load_pretrained_encoder(backbone: str) -> WhisperEncoder:
+    """The encoder of a Whisper checkpoint, through `from_pretrained`.
+
+    A local folder is read with local_files_only; a hub id is tried from the local cache
+    first and from the hub only when HF_HUB_OFFLINE is not set (it cannot download here).
+    """
+    from transformers import WhisperModel
+    local = Path(backbone).expanduser()
+    if local.exists():
+        model = WhisperModel.from_pretrained(str(local), local_files_only=True)
+    else:
+        try:
+            model = WhisperModel.from_pretrained(backbone, local_files_only=True)
+        except OSError:
+            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+                raise OSError(f"backbone {backbone!r}: not a local folder and not in the Hugging Face "
+                              f"cache, and HF_HUB_OFFLINE is set") from None
+            model = WhisperModel.from_pretrained(backbone)
+    encoder = model.get_encoder()
+    encoder.config._attn_implementation = "sdpa"
+    return encoder
+
+
+class AttentionPool(nn.Module):
+    """Learned softmax weights over time (masked), a weighted mean of the frames."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.Tanh(), nn.Linear(dim // 2, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        s = self.score(x).squeeze(-1).masked_fill(~mask, torch.finfo(x.dtype).min)
+        w = torch.softmax(s.float(), dim=1).to(x.dtype)
+        return torch.einsum("bt,btd->bd", w, x)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class PairClassifier(nn.Module):
+    """P(score = 1 | TTS reference, response, task, grade), plus CTC log-probs."""
+
+    def __init__(self, cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
+                 whisper_config: WhisperConfig | None = None, encoder: WhisperEncoder | None = None):
+        super().__init__()
+        self.cfg = cfg
+        if encoder is None:
+            whisper_config = whisper_config or small_whisper_config(cfg)
+            whisper_config._attn_implementation = "sdpa"
+            encoder = WhisperEncoder(whisper_config)
+        self.encoder = encoder
+        self.whisper_config = encoder.config
+        dim = encoder.config.d_model
+        self.max_frames = 2 * encoder.config.max_source_positions
+        # index 0 of each table is "unknown" (a value not seen in training)
+        self.task_emb = nn.Embedding(n_tasks + 1, cfg.task_dim)
+        self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
+        self.attn_pool = AttentionPool(dim) if cfg.pooling in ("attention", "attention_mean") else None
+        pooled_dim = dim * (2 if cfg.pooling == "attention_mean" else 1)
+        in_dim = pooled_dim + cfg.task_dim + cfg.grade_dim + (N_SCORE_FEATURES if cfg.score_features else 0)
+        if cfg.head_layers == 1:
+            self.head = nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(in_dim, 1))
+        else:
+            layers, d = [], in_dim
+            for _ in range(cfg.head_layers - 1):
+                layers += [nn.Dropout(cfg.head_dropout), nn.Linear(d, cfg.head_hidden), nn.GELU()]
+                d = cfg.head_hidden
+            self.head = nn.Sequential(*layers, nn.Dropout(cfg.head_dropout), nn.Linear(d, 1))
+        self.ctc_head = nn.Linear(dim, vocab_size) if vocab_size > 1 else None
+        self.score_norm = nn.LayerNorm(N_SCORE_FEATURES) if cfg.score_features else None
+
+    def encode(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper encoder on [B, T, n_mels] (T even) -> hidden [B, T/2, D] and its mask."""
+        enc = self.encoder
+        x = F.gelu(enc.conv1(feats.transpose(1, 2)))
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)
+        n = x.shape[1]
+        x = x + enc.embed_positions.weight[:n].to(x.dtype)
+        x = F.dropout(x, p=enc.dropout, training=self.training)
+        mask = frame_mask[:, ::2][:, :n]
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+        bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :].expand(-1, 1, n, n)
+        for layer in enc.layers:
+            out = layer(x, bias)
+            x = out[0] if isinstance(out, tuple) else out
+        return enc.layer_norm(x), mask
+
+    def forward(self, batch: dict) -> dict:
+        hidden, mask = self.encode(batch["feats"], batch["frame_mask"])
+        out = {"hidden_mask": mask}
+        cfg = self.cfg
+        if cfg.pooling == "mean":
+            pooled = masked_mean(hidden, mask)
+        elif cfg.pooling == "attention":
+            pooled = self.attn_pool(hidden, mask)
+        else:
+            pooled = torch.cat([self.attn_pool(hidden, mask), masked_mean(hidden, mask)], dim=-1)
+        parts = [pooled, self.task_emb(batch["task"]), self.grade_emb(batch["grade"])]
+        if self.ctc_head is not None:
+            out["ctc_log_probs"] = F.log_softmax(self.ctc_head(hidden).float(), dim=-1)
+        if cfg.score_features:
+            parts.append(self.score_norm(self.score_features(out.get("ctc_log_probs"), batch)).to(pooled.dtype))
+        out["logits"] = self.head(torch.cat(parts, dim=-1)).squeeze(-1)
+        return out
+
+    def score_features(self, log_probs: torch.Tensor | None, batch: dict) -> torch.Tensor:
+        """Per item: CTC match of the expected phonemes in the response, and durations.
+
+        [log P(expected)/len, (log P(expected) - best path)/len, best path per position,
+         log response s, log reference s, log ratio]; detached, so they are evidence for
+        the head and not a second way to move the CTC head.
+        """
+        resp_pos, tts_pos = batch["resp_positions"], batch["tts_positions"]
+        feats = torch.zeros(len(resp_pos), N_SCORE_FEATURES, device=resp_pos.device)
+        if log_probs is not None:
+            with torch.no_grad():
+                lp = segment(log_probs.detach(), batch["resp_start"], resp_pos)
+                tl = batch["target_lengths"]
+                nll = F.ctc_loss(lp.transpose(0, 1), batch["targets"], resp_pos, tl,
+                                 reduction="none", zero_infinity=True)
+                best = lp.max(-1).values.masked_fill(
+                    torch.arange(lp.shape[1], device=lp.device)[None] >= resp_pos[:, None], 0).sum(1)
+                n = tl.clamp(min=1).float()
+                ok = (tl > 0) & (nll > 0)
+                feats[:, 0] = torch.where(ok, -nll / n, torch.zeros_like(nll))
+                feats[:, 1] = torch.where(ok, (-nll - best) / n, torch.zeros_like(nll))
+                feats[:, 2] = best / resp_pos.clamp(min=1).float()
+        feats[:, 3] = torch.log(resp_pos.float().clamp(min=1) * 0.02)
+        feats[:, 4] = torch.log(tts_pos.float().clamp(min=1) * 0.02)
+        feats[:, 5] = feats[:, 3] - feats[:, 4]
+        return feats
+
+    def ctc_loss(self, out: dict, batch: dict) -> torch.Tensor:
+        """CTC on the reference half (always says the text) and on responses scored correct."""
+        lp = out["ctc_log_probs"]
+        targets, tl = batch["targets"], batch["target_lengths"]
+        tts = F.ctc_loss(lp.transpose(0, 1), targets, batch["tts_positions"], tl,
+                         reduction="none", zero_infinity=True)
+        resp_lp = segment(lp, batch["resp_start"], batch["resp_positions"])
+        resp = F.ctc_loss(resp_lp.transpose(0, 1), targets, batch["resp_positions"], tl,
+                          reduction="none", zero_infinity=True)
+        n = tl.clamp(min=1).float()
+        has = (tl > 0).float()
+        correct = batch["ctc_response"].float() * has
+        total = (tts / n * has).sum() + (resp / n * correct).sum()
+        return total / (has.sum() + correct.sum()).clamp(min=1.0)
+
+
+def segment(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """x[b, start_b : start_b + length_b] left-aligned into [B, max(length), ...] (rest: last valid)."""
+    t = torch.arange(int(length.max().clamp(min=1)), device=x.device)
+    idx = torch.minimum(start[:, None] + t[None], (start + length - 1).clamp(min=0)[:, None])
+    idx = idx.clamp(max=x.shape[1] - 1)
+    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def build_model(cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
+                whisper_config: dict | None = None) -> PairClassifier:
+    """Fresh model for training (pretrained encoder when cfg.backbone), or the skeleton a
+    checkpoint's weights are loaded into (`whisper_config` from the checkpoint)."""
+    if whisper_config is not None:
+        return PairClassifier(cfg, n_tasks, n_grades, vocab_size, WhisperConfig.from_dict(whisper_config))
+    if cfg.backbone:
+        encoder = load_pretrained_encoder(cfg.backbone)
+        if encoder.config.num_mel_bins != cfg.n_mels:
+            raise ValueError(f"backbone {cfg.backbone} expects {encoder.config.num_mel_bins} mel bins; "
+                             f"set --n_mels {encoder.config.num_mel_bins}")
+        return PairClassifier(cfg, n_tasks, n_grades, vocab_size, encoder=encoder)
+    return PairClassifier(cfg, n_tasks, n_grades, vocab_size)
+
+
+def whisper_config_dict(model: PairClassifier) -> dict:
+    d = model.whisper_config.to_dict()
+    return json.loads(json.dumps(d, default=str))

@@ -1,0 +1,129 @@
+"""Run (variant, fold) training jobs in parallel processes with one progress display.
+
+Each job is `python train_model<v>.py --fold F ...` in its own process, so a crash or a kill
+costs one fold, not the batch; its output goes to assets/runs/<v>_<f>/stdout.log. On CPU the
+cores are split between the jobs (torch threads per job); with --gpus each job gets one GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .training import FoldPaths
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Job:
+    variant: str
+    fold: int
+    args: list[str]
+    paths: FoldPaths
+    proc: subprocess.Popen | None = None
+    started: float = 0.0
+    returncode: int | None = None
+    env: dict = field(default_factory=dict)
+
+
+def script_for(variant: str) -> Path:
+    return ROOT / f"train_model{variant.removeprefix('model')}.py"
+
+
+def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, assets: str, tts_dir: str,
+             jobs: int = 2, extra: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
+             epochs: int | None = None, progress: bool = True, poll: float = 2.0) -> dict[str, int]:
+    """Train every (variant, fold) not finished yet, `jobs` at a time. Returns {stem: exit code}."""
+    extra = list(extra or [])
+    todo: list[Job] = []
+    results: dict[str, int] = {}
+    for v in variants:
+        for f in folds:
+            paths = FoldPaths(Path(assets), v, f)
+            if paths.finished() and not force:
+                print(f"{paths.stem}: finished already, skipped (--force to retrain)")
+                results[paths.stem] = 0
+                continue
+            args = [sys.executable, str(script_for(v)), "--fold", str(f), "--n_folds", str(n_folds),
+                    "--data", data, "--assets", assets, "--tts_dir", tts_dir, "--no_progress", "--quiet"]
+            args += (["--force"] if force else []) + extra
+            todo.append(Job(v, f, args, paths))
+    if not todo:
+        return results
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, min(jobs, len(todo)))) if not gpus else max(1, cores // jobs)
+    total_epochs = epochs or 0
+    bar = tqdm(total=len(todo), desc="folds", unit="fold", disable=not progress, dynamic_ncols=True)
+    running: list[Job] = []
+    queue = list(todo)
+    gpu_free = list(gpus or [])
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                job = queue.pop(0)
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+                job.args += ["--threads", str(threads)] if not any(a == "--threads" for a in extra) else []
+                if gpus:
+                    job.env["gpu"] = gpu_free.pop(0)
+                    env["CUDA_VISIBLE_DEVICES"] = job.env["gpu"]
+                job.paths.run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(job.paths.run_dir / "stdout.log", "ab")
+                job.proc = subprocess.Popen(job.args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                job.started = time.time()
+                running.append(job)
+            time.sleep(poll)
+            for job in list(running):
+                code = job.proc.poll()
+                if code is None:
+                    continue
+                running.remove(job)
+                if "gpu" in job.env:
+                    gpu_free.append(job.env["gpu"])
+                results[job.paths.stem] = code
+                bar.update(1)
+                took = time.time() - job.started
+                if code == 0:
+                    loss = _summary_loss(job.paths)
+                    tqdm.write(f"{job.paths.stem}: done in {took:.0f}s, valid log loss {loss}")
+                else:
+                    tail = _tail(job.paths.run_dir / "stdout.log")
+                    tqdm.write(f"{job.paths.stem}: FAILED (exit {code}) after {took:.0f}s; "
+                               f"log: {job.paths.run_dir / 'stdout.log'}\n{tail}")
+            bar.set_postfix_str(" | ".join(_status(j, total_epochs) for j in running))
+    except KeyboardInterrupt:
+        for job in running:
+            job.proc.terminate()
+        raise
+    finally:
+        bar.close()
+    return results
+
+
+def _summary_loss(paths: FoldPaths) -> str:
+    try:
+        return f"{json.loads(paths.summary.read_text())['valid_logloss']:.4f}"
+    except Exception:
+        return "?"
+
+
+def _status(job: Job, epochs: int) -> str:
+    try:
+        p = json.loads(job.paths.progress.read_text())
+        return f"{job.paths.stem} ep {p['epoch']}/{p['epochs']} val {p['valid_logloss']:.3f}"
+    except Exception:
+        return f"{job.paths.stem} starting"
+
+
+def _tail(path: Path, n: int = 12) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+        return "\n".join("    " + line for line in lines[-n:])
+    except OSError:
+        return ""

@@ -1,0 +1,409 @@
+"""The shared trainer: one (variant, fold) per call, resumable, with early stopping.
+
+Output place per variant and fold (fixed, so rerunning the same command resumes):
+    assets/<variant>_<fold>.pth        best weights + everything inference needs (written last)
+    assets/<variant>_<fold>_oof.csv    out-of-fold predictions on the held-out fold
+    assets/<variant>_<fold>.json       resolved config, versions, git commit, scores
+    assets/runs/<variant>_<fold>/      last.pth (resume state), best.pth, metrics.csv, train.log
+A fold whose .pth and _oof.csv exist is finished and is skipped unless forced.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoints import atomic_save, clean_temp_files, safe_load
+from .config import RunConfig
+from .data import load_split
+from .dataset import Categories, PairDataset, SpecAugment, bucket_batches, collate, to_device
+from .features import FeatureParams
+from .folds import load_or_create_folds
+from .metrics import log_loss, logit, prior_predictions, sigmoid, task_priors
+from .models import build_model, whisper_config_dict
+from .prepare import ensure_clip_features, ensure_references
+from .text import Vocab
+from .variants import variant_config
+
+log = logging.getLogger("readaloud.train")
+CHECKPOINT_FORMAT = 1
+MAX_BAD_STEPS = 5
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+@dataclass
+class FoldPaths:
+    assets: Path
+    variant: str
+    fold: int
+
+    @property
+    def stem(self) -> str:
+        return f"{self.variant}_{self.fold}"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.assets / f"{self.stem}.pth"
+
+    @property
+    def oof(self) -> Path:
+        return self.assets / f"{self.stem}_oof.csv"
+
+    @property
+    def summary(self) -> Path:
+        return self.assets / f"{self.stem}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.assets / "runs" / self.stem
+
+    @property
+    def last(self) -> Path:
+        return self.run_dir / "last.pth"
+
+    @property
+    def best(self) -> Path:
+        return self.run_dir / "best.pth"
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.csv"
+
+    @property
+    def progress(self) -> Path:
+        return self.run_dir / "progress.json"
+
+    def finished(self) -> bool:
+        return self.checkpoint.exists() and self.oof.exists()
+
+
+def retrain_command(variant: str, fold: int, n_folds: int, data: str | Path, assets: str | Path,
+                    extra: str = "") -> str:
+    cmd = f"python train_model{variant.removeprefix('model')}.py --fold {fold} --n_folds {n_folds}"
+    if str(data) != "data":
+        cmd += f" --data {data}"
+    if str(assets) != "assets":
+        cmd += f" --assets {assets}"
+    return cmd + (f" {extra}" if extra else "")
+
+
+def environment_info() -> dict:
+    import transformers
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except Exception:
+        commit = "unknown"
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__,
+            "platform": platform.platform(), "git_commit": commit}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(step: int, total: int, cfg) -> float:
+    warmup = max(1, int(cfg.warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.inference_mode()
+def predict_logits(model, dataset: PairDataset, device: torch.device, batch_max_frames: int,
+                   max_batch: int = 64, progress: bool = False) -> np.ndarray:
+    """Logits for every item of `dataset`, in its order."""
+    model.eval()
+    out = np.zeros(len(dataset), dtype=np.float64)
+    batches = bucket_batches(dataset.lengths, batch_max_frames, max_batch, shuffle=False)
+    for idx in tqdm(batches, desc="predict", disable=not progress, leave=False):
+        batch = to_device(collate([dataset.item(i) for i in idx]), device)
+        with autocast(device):
+            out[idx] = model(batch)["logits"].float().cpu().numpy()
+    return out
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _setup_logging(run_dir: Path, quiet: bool) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("readaloud")
+    root.setLevel(logging.INFO)
+    for h in list(root.handlers):
+        if getattr(h, "_readaloud", False):
+            root.removeHandler(h)
+    fh = logging.FileHandler(run_dir / "train.log")
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    sh = logging.StreamHandler(sys.stderr)
+    sh.setFormatter(logging.Formatter("%(message)s"))
+    sh.setLevel(logging.WARNING if quiet else logging.INFO)
+    for h in (fh, sh):
+        h._readaloud = True
+        root.addHandler(h)
+
+
+def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path = "data",
+               assets_dir: str | Path = "assets", tts_dir: str | Path = "tts_data",
+               overrides: dict | None = None, force: bool = False, restart: bool = False,
+               resume: str | Path | None = None, quiet: bool = False, progress: bool = True) -> dict:
+    """Train `variant` on every fold but `fold`, validate on `fold`, write the fold's files."""
+    cfg = variant_config(variant, overrides)
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"--fold {fold} is not in 0..{n_folds - 1}")
+    paths = FoldPaths(Path(assets_dir), variant, fold)
+    if paths.finished() and not force:
+        msg = f"{paths.stem}: already trained ({paths.checkpoint}); use --force to retrain"
+        print(msg)
+        return json.loads(paths.summary.read_text()) if paths.summary.exists() else {"skipped": True}
+    if (force or restart) and paths.run_dir.exists():
+        shutil.rmtree(paths.run_dir)
+    if force:
+        for p in (paths.checkpoint, paths.oof, paths.summary):
+            p.unlink(missing_ok=True)
+    _setup_logging(paths.run_dir, quiet)
+    clean_temp_files(paths.run_dir)
+    clean_temp_files(paths.assets)
+    env = environment_info()
+    (paths.run_dir / "config.json").write_text(cfg.to_json())
+    if not quiet:
+        log.info("%s fold %d/%d\nconfig: %s\nenvironment: %s", variant, fold, n_folds,
+                 json.dumps(cfg.to_dict(), sort_keys=True), json.dumps(env))
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed * 1000 + fold)
+
+    # ---- data --------------------------------------------------------------------------
+    split = load_split(data_dir, "train")
+    meta = split.meta
+    meta["fold"] = load_or_create_folds(data_dir, meta, n_folds).to_numpy()
+    params = FeatureParams(n_mels=cfg.model.n_mels)
+    refs = ensure_references(tts_dir, cfg.tts, meta["expected_text"].unique(), params, progress=progress)
+    clips, bad = ensure_clip_features(data_dir, meta["filename"].tolist(), params, progress=progress)
+    if bad:
+        log.warning("%d training clips are unusable and skipped (listed in %s/cache/bad_clips.csv)",
+                    len(bad), data_dir)
+    vocab = Vocab.build(meta["expected_text"], cfg.model.ctc_unit)
+    cats = Categories.from_meta(meta)
+    train_meta, valid_meta = meta[meta["fold"] != fold], meta[meta["fold"] == fold]
+    priors = task_priors(train_meta)
+    model = build_model(cfg.model, len(cats.tasks), len(cats.grades), len(vocab))
+    max_frames = model.max_frames
+    train_ds = PairDataset(train_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames)
+    valid_ds = PairDataset(valid_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames)
+    log.info("fold %d: %d train / %d valid clips, %d phoneme tokens, %s, %.1fM parameters",
+             fold, len(train_ds), len(valid_ds), len(vocab) - 1, device,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    model.to(device)
+
+    # ---- optimisation ------------------------------------------------------------------
+    oc = cfg.optim
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=oc.lr, betas=(oc.beta1, oc.beta2))
+    dc = cfg.data
+    n_batches = len(bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True, 0))
+    total_updates = cfg.epochs * math.ceil(n_batches / oc.update_freq)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_updates, oc))
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    spec_aug = SpecAugment(dc.spec_time_masks, dc.spec_time_width, dc.spec_freq_masks, dc.spec_freq_width)
+
+    state = {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1, "bad_evals": 0}
+    resume_path = Path(resume) if resume else paths.last
+    if resume_path.exists() and not restart:
+        ck = safe_load(resume_path, fix=f"delete {resume_path} or pass --restart")
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        state = ck["state"]
+        torch.set_rng_state(ck["rng_torch"])
+        if torch.cuda.is_available() and "rng_cuda" in ck:
+            torch.cuda.set_rng_state_all(ck["rng_cuda"])
+        log.info("resumed from %s at epoch %d (step %d, best valid log loss %.4f)",
+                 resume_path, state["epoch"], state["step"], state["best"])
+
+    # ---- loop --------------------------------------------------------------------------
+    history = pd.read_csv(paths.metrics).to_dict("records") if paths.metrics.exists() and state["epoch"] else []
+    history = [r for r in history if r["epoch"] < state["epoch"]]
+    bad_steps = 0
+    while state["epoch"] < cfg.epochs and state["bad_evals"] < cfg.patience:
+        epoch = state["epoch"]
+        t0 = time.time()
+        model.train()
+        rng = np.random.default_rng([cfg.seed, fold, epoch])
+        batches = bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True,
+                                 seed=int(rng.integers(2**31)))
+        sums = {"loss": 0.0, "bce": 0.0, "ctc": 0.0, "n": 0, "grad_norm": 0.0, "updates": 0}
+        bar = tqdm(batches, desc=f"{paths.stem} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   leave=False, unit="batch")
+        optimizer.zero_grad(set_to_none=True)
+        for bi, idx in enumerate(bar):
+            items = [train_ds.item(i) for i in idx]
+            batch = collate(items, spec_aug if dc.spec_time_masks or dc.spec_freq_masks else None, rng)
+            if dc.task_dropout > 0:
+                drop = torch.from_numpy(rng.random(len(idx)) < dc.task_dropout)
+                batch["task"] = batch["task"].masked_fill(drop, 0)
+                batch["grade"] = batch["grade"].masked_fill(drop, 0)
+            batch["ctc_response"] = batch["label"] > 0.5
+            batch = to_device(batch, device)
+            with autocast(device):
+                out = model(batch)
+                target = batch["label"] * (1 - oc.label_smoothing) + 0.5 * oc.label_smoothing
+                bce = F.binary_cross_entropy_with_logits(out["logits"].float(), target)
+                ctc = model.ctc_loss(out, batch) if cfg.model.ctc_weight > 0 and "ctc_log_probs" in out \
+                    else torch.zeros((), device=device)
+                loss = bce + cfg.model.ctc_weight * ctc
+            if not torch.isfinite(loss):
+                bad_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                log.warning("non-finite loss at epoch %d batch %d (%d in a row): update skipped",
+                            epoch + 1, bi, bad_steps)
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise TrainingAborted(
+                        f"{paths.stem}: {bad_steps} non-finite losses in a row; stopped, keeping the last "
+                        f"good checkpoint {paths.last}. Retry with another seed or a lower --lr: "
+                        f"{retrain_command(variant, fold, n_folds, data_dir, assets_dir, '--seed 7 --restart')}")
+                continue
+            scaler.scale(loss / oc.update_freq).backward()
+            if (bi + 1) % oc.update_freq == 0 or bi + 1 == len(batches):
+                scaler.unscale_(optimizer)
+                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
+                if torch.isfinite(gn):
+                    scaler.step(optimizer)
+                    bad_steps = 0
+                    sums["grad_norm"] += float(gn)
+                    sums["updates"] += 1
+                else:
+                    bad_steps += 1
+                    log.warning("non-finite gradient at epoch %d batch %d: update skipped", epoch + 1, bi)
+                scaler.update()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+            k = len(idx)
+            sums["loss"] += float(loss) * k
+            sums["bce"] += float(bce) * k
+            sums["ctc"] += float(ctc) * k
+            sums["n"] += k
+            bar.set_postfix(bce=f"{sums['bce'] / sums['n']:.3f}", ctc=f"{sums['ctc'] / sums['n']:.2f}")
+        bar.close()
+
+        valid_logits = predict_logits(model, valid_ds, device, dc.batch_max_frames, dc.max_batch_size)
+        valid_loss = log_loss(valid_ds.labels, sigmoid(valid_logits)) if len(valid_ds) else float("nan")
+        n = max(1, sums["n"])
+        row = {"epoch": epoch + 1, "step": state["step"], "train_loss": sums["loss"] / n,
+               "train_bce": sums["bce"] / n, "train_ctc": sums["ctc"] / n, "valid_logloss": valid_loss,
+               "lr": optimizer.param_groups[0]["lr"], "grad_norm": sums["grad_norm"] / max(1, sums["updates"]),
+               "seconds": time.time() - t0}
+        history.append(row)
+        improved = valid_loss < state["best"] - 1e-5
+        if improved:
+            state.update(best=valid_loss, best_epoch=epoch + 1, bad_evals=0)
+            atomic_save({"model": model.state_dict()}, paths.best)
+        else:
+            state["bad_evals"] += 1
+        state["epoch"] = epoch + 1
+        _write_metrics(paths, history)
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
+                     "rng_torch": torch.get_rng_state(),
+                     **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
+                    paths.last)
+        _write_progress(paths, state, cfg.epochs, row)
+        log.info("%s epoch %d/%d  train loss %.4f (bce %.4f ctc %.3f)  valid log loss %.4f%s  %.0fs",
+                 paths.stem, epoch + 1, cfg.epochs, row["train_loss"], row["train_bce"], row["train_ctc"],
+                 valid_loss, "  *best*" if improved else "", row["seconds"])
+    if state["bad_evals"] >= cfg.patience and state["epoch"] < cfg.epochs:
+        log.info("%s: early stop after epoch %d (best epoch %d)", paths.stem, state["epoch"], state["best_epoch"])
+
+    # ---- finish: best weights -> OOF predictions -> the fold's files ---------------------
+    if paths.best.exists():
+        model.load_state_dict(safe_load(paths.best, map_location=device)["model"])
+    valid_logits = predict_logits(model, valid_ds, device, dc.batch_max_frames, dc.max_batch_size)
+    oof = valid_meta[["filename", "task", "grade", "score"]].copy()
+    oof.insert(1, "fold", fold)
+    fallback = logit(prior_predictions(priors, oof["task"]))
+    by_name = dict(zip(valid_ds.meta["filename"], valid_logits))
+    oof["logit"] = [by_name.get(f, fb) for f, fb in zip(oof["filename"], fallback)]
+    oof["fallback"] = (~oof["filename"].isin(by_name)).astype(int)
+    oof["pred"] = sigmoid(oof["logit"].to_numpy())
+    fold_loss = log_loss(oof["score"], oof["pred"])
+    _atomic_csv(oof, paths.oof)
+    summary = {"variant": variant, "fold": fold, "n_folds": n_folds, "valid_logloss": fold_loss,
+               "valid_logloss_prior": log_loss(oof["score"], prior_predictions(priors, oof["task"])),
+               "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "n_train": len(train_ds),
+               "n_valid": len(valid_meta), "skipped_clips": sorted(bad), "config": cfg.to_dict(),
+               "environment": env, "data": str(data_dir)}
+    atomic_save({"format": CHECKPOINT_FORMAT, "variant": variant, "fold": fold, "n_folds": n_folds,
+                 "config": json.dumps(cfg.to_dict()), "whisper_config": json.dumps(whisper_config_dict(model)),
+                 "vocab": json.dumps(vocab.to_dict()), "tasks": cats.tasks, "grades": cats.grades,
+                 "priors": json.dumps(priors), "valid_logloss": fold_loss,
+                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, paths.checkpoint)
+    tmp = paths.summary.with_name(f".{paths.summary.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(summary, indent=1))
+    os.replace(tmp, paths.summary)
+    try:
+        from .plots import plot_training_curves
+        plot_training_curves(paths.metrics, paths.run_dir / "curves.png", title=paths.stem)
+    except Exception as exc:  # a plot must never cost a trained fold
+        log.warning("could not plot curves: %s", exc)
+    log.info("%s: finished, valid log loss %.4f (task prior %.4f) -> %s", paths.stem, fold_loss,
+             summary["valid_logloss_prior"], paths.checkpoint)
+    return summary
+
+
+def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _write_metrics(paths: FoldPaths, history: list[dict]) -> None:
+    _atomic_csv(pd.DataFrame(history), paths.metrics)
+
+
+def _write_progress(paths: FoldPaths, state: dict, epochs: int, row: dict) -> None:
+    tmp = paths.progress.with_name(f".progress.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"epoch": state["epoch"], "epochs": epochs, "best": state["best"],
+                               "valid_logloss": row["valid_logloss"], "time": time.time()}))
+    os.replace(tmp, paths.progress)

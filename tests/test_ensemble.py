@@ -1,0 +1,75 @@
+"""Ensemble weights, the config files, and safe loading of checkpoints and pickles."""
+import json
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
+from readaloud.ensemble import build_config, fit_weights, read_config, write_config
+from readaloud.metrics import log_loss, sigmoid
+
+
+def test_fit_weights_beats_each_member_and_is_non_negative():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 4000)
+    signal = (2 * y - 1) * 1.0
+    X = np.stack([signal + rng.normal(0, 1.5, y.size), signal + rng.normal(0, 1.5, y.size),
+                  -signal + rng.normal(0, 3, y.size)], 1)  # an anti-correlated member gets weight 0
+    w, b = fit_weights(X, y)
+    assert (w >= 0).all() and w[2] < 1e-3
+    ens = log_loss(y, sigmoid(X @ w + b))
+    assert ens < min(log_loss(y, sigmoid(X[:, j])) for j in range(2))
+
+
+def test_build_config_from_oof_files(tmp_path):
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    for m, noise in (("modela", 1.0), ("modelb", 2.0)):
+        for f in range(3):
+            idx = np.arange(f, 300, 3)
+            z = (2 * y[idx] - 1) + rng.normal(0, noise, idx.size)
+            pd.DataFrame({"filename": [f"{i}.wav" for i in idx], "fold": f, "task": "t", "grade": "1",
+                          "score": y[idx], "logit": z, "pred": sigmoid(z)}).to_csv(tmp_path / f"{m}_{f}_oof.csv", index=False)
+            (tmp_path / f"{m}_{f}.pth").write_bytes(b"x")
+            (tmp_path / f"{m}_{f}.json").write_text(json.dumps({"valid_logloss": float(f)}))
+    cfg = build_config(tmp_path, max_folds=2)
+    assert cfg["n_oof"] == 300 and cfg["oof_logloss"] <= min(cfg["oof_logloss_single"].values()) + 1e-9
+    assert all(m["folds"] == [0, 1] for m in cfg["members"]), "the two best folds are shipped"
+    write_config(cfg, tmp_path)
+    assert read_config(tmp_path)["members"] == cfg["members"]
+    (tmp_path / "model_configs.json").unlink()
+    assert read_config(tmp_path)["bias"] == cfg["bias"], "plain-data pickle twin is readable"
+
+
+class Evil:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_malicious_pickle_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model_configs.pkl").write_bytes(pickle.dumps({"members": [Evil()]}))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        read_config(tmp_path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_checkpoints_load_weights_only_and_broken_files_are_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    atomic_save({"state_dict": {"w": torch.ones(2)}}, tmp_path / "ok.pth")
+    assert torch.equal(safe_load(tmp_path / "ok.pth")["state_dict"]["w"], torch.ones(2))
+    assert not list(tmp_path.glob(".*tmp*")), "no temporary file left behind"
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth: checkpoint is empty"):
+        safe_load(tmp_path / "empty.pth", fix="retrain it")
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pth: cannot load"):
+        safe_load(tmp_path / "cut.pth")
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(CheckpointError):
+        safe_load(tmp_path / "evil.pth")
+    assert not (tmp_path / "PWNED").exists()

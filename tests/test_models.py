@@ -1,0 +1,80 @@
+"""Every registered variant builds, runs a tiny batch forward and backward, and the
+pretrained-backbone path loads a Whisper checkpoint through from_pretrained."""
+import numpy as np
+import pytest
+import torch
+
+from readaloud.config import ModelConfig
+from readaloud.dataset import collate
+from readaloud.models import build_model, small_whisper_config
+from readaloud.variants import VARIANTS, variant_config
+
+
+def tiny_items(n=3, n_mels=80, rng=np.random.default_rng(0)):
+    items = []
+    for i in range(n):
+        ref_n, pause, resp_n = 40 + 2 * i, 20, 60 + 10 * i
+        feats = rng.normal(size=(ref_n + pause + resp_n, n_mels)).astype(np.float32)
+        items.append({"feats": feats, "floor": -1.0, "ref_n": ref_n, "resp_start": ref_n + pause,
+                      "resp_n": resp_n, "task": i % 3, "grade": 1, "target": np.array([1, 2, 3, 2]),
+                      "label": float(i % 2)})
+    return items
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_variant_forward_backward(variant, root):
+    cfg = variant_config(variant)
+    model = build_model(cfg.model, n_tasks=3, n_grades=4, vocab_size=8)
+    batch = collate(tiny_items())
+    batch["ctc_response"] = batch["label"] > 0.5
+    out = model(batch)
+    assert out["logits"].shape == (3,)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], batch["label"])
+    loss = loss + model.ctc_loss(out, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert (root / f"train_model{variant.removeprefix('model')}.py").exists(), "every variant has a script"
+
+
+def test_every_script_names_a_registered_variant(root):
+    for script in root.glob("train_model*.py"):
+        name = "model" + script.stem.removeprefix("train_model")
+        assert name in VARIANTS, f"{script.name} has no registered variant {name}"
+
+
+def test_padding_does_not_change_predictions():
+    model = build_model(ModelConfig(), 3, 4, 8).eval()
+    items = tiny_items(3)
+    with torch.no_grad():
+        together = model(collate(items))["logits"]
+        alone = torch.stack([model(collate([it]))["logits"][0] for it in items])
+    assert torch.allclose(together, alone, atol=1e-4)
+
+
+def test_encoder_runs_on_the_real_length_not_30s():
+    model = build_model(ModelConfig(), 3, 4, 8).eval()
+    batch = collate(tiny_items(1))
+    hidden, mask = model.encode(batch["feats"], batch["frame_mask"])
+    assert hidden.shape[1] == batch["feats"].shape[1] // 2 < 1500
+
+
+def test_pretrained_backbone_loads_through_from_pretrained(tmp_path):
+    from transformers import WhisperModel
+    cfg = ModelConfig(d_model=64, encoder_layers=2, encoder_heads=2, ffn_dim=128)
+    wm = WhisperModel(small_whisper_config(cfg))
+    with torch.no_grad():
+        wm.encoder.conv1.weight.fill_(0.0123)
+    wm.save_pretrained(tmp_path / "tiny-whisper")
+    model = build_model(ModelConfig(backbone=str(tmp_path / "tiny-whisper")), 3, 4, 8)
+    assert model.encoder.config.d_model == 64 and len(model.encoder.layers) == 2
+    assert torch.allclose(model.encoder.conv1.weight, torch.full_like(model.encoder.conv1.weight, 0.0123))
+    out = model(collate(tiny_items(2)))
+    assert out["logits"].shape == (2,)
+
+
+def test_missing_backbone_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="not a local folder"):
+        build_model(ModelConfig(backbone="nobody/no-such-whisper"), 3, 4, 8)

@@ -1,0 +1,59 @@
+"""Train the chosen model variants x folds, several at a time, then list what finished.
+
+    python train.py [--models model1mean,model3mapd] [--folds 0,2] [--n_folds 6] [--jobs 2]
+                    [--epochs E] [--force] [--gpus 0,1] [--data data] [--assets assets] [any --key value]
+
+Data is prepared first (TTS, features, folds: a no-op after preprocess.py), then each job runs
+`train_model<variant>.py` in its own process. Finished folds are skipped unless --force;
+unknown options are passed to every job as config overrides (e.g. --lr 5e-4).
+"""
+import argparse
+import sys
+
+from readaloud.cli import add_common, parse_overrides
+from readaloud.config import ConfigError
+from readaloud.variants import VARIANTS, variant_config
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_common(p)
+    p.add_argument("--models", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
+    p.add_argument("--folds", default=None, help="comma-separated folds (default: all)")
+    p.add_argument("--n_folds", type=int, default=6)
+    p.add_argument("--jobs", type=int, default=2, help="jobs at a time (default 2)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--force", action="store_true", help="retrain finished folds")
+    p.add_argument("--gpus", default=None, help="e.g. 0,1: one GPU per job via CUDA_VISIBLE_DEVICES")
+    args, rest = p.parse_known_args()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in models if m not in VARIANTS]
+    if unknown:
+        p.error(f"unknown model(s) {unknown}; registered: {', '.join(VARIANTS)}")
+    folds = list(range(args.n_folds)) if args.folds is None else [int(f) for f in args.folds.split(",")]
+    if any(not 0 <= f < args.n_folds for f in folds):
+        p.error(f"--folds must be within 0..{args.n_folds - 1}")
+    extra = list(rest) + (["--epochs", str(args.epochs)] if args.epochs else [])
+    try:
+        overrides = parse_overrides(extra)
+        for m in models:
+            variant_config(m, overrides)  # refuse bad overrides before starting any job
+    except ConfigError as exc:
+        p.error(str(exc))
+
+    from readaloud.prepare import prepare_training_data
+    cfgs = [variant_config(m, overrides) for m in models]
+    prepare_training_data(args.data, args.tts_dir, args.n_folds, {c.tts for c in cfgs}, {c.model.n_mels for c in cfgs})
+    from readaloud.runner import run_jobs
+    gpus = args.gpus.split(",") if args.gpus else None
+    results = run_jobs(models, folds, args.n_folds, args.data, args.assets, args.tts_dir, args.jobs, extra,
+                       args.force, gpus, args.epochs)
+    failed = [k for k, v in results.items() if v != 0]
+    print(f"{len(results) - len(failed)}/{len(results)} folds finished" +
+          (f"; failed: {', '.join(failed)} (see check_models.py)" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
