@@ -33,6 +33,8 @@ class ModelConfig:
     ctc_weight: float = 0.5        # auxiliary CTC on the expected text's phonemes (0 = off)
     ctc_unit: str = "phoneme"      # phoneme | char
     score_features: bool = True    # feed CTC match scores and durations to the head
+    match_features: bool = True    # reference/response cross-similarity (coverage, precision) to the head
+    match_dim: int = 64            # learned projection the similarities are measured in
 
 
 @dataclass

@@ -665,6 +665,33 @@ def _render(rng: np.random.Generator, clip: _Clip, voice: _Voice) -> _Recording:
     return _Recording(sample_rate, noise_kind, audio)
 
 
+def speak_like_a_child(text: str, rng: np.random.Generator, grade: str | None = None) -> tuple[np.ndarray, int]:
+    """`text` said by a random child-like espeak voice, recorded as the demo's clips are.
+
+    Returns (int16 audio, sample rate). Used to make unlimited labelled speech for
+    pretraining (readaloud.pretraining), with the same voices, noise and levels as the demo.
+    """
+    grade = grade or _pick(rng, GRADES)
+    voice = _choose_voice(rng, grade)
+    clip = _Clip("pretraining", grade, text, True, "pretraining", [text])
+    recording = _render(rng, clip, voice)
+    return recording.audio, recording.sample_rate
+
+
+def lexicon() -> tuple[str, ...]:
+    """Every word, response and sentence the demo's item bank can say (pretraining texts)."""
+    texts = set()
+    for item in DELETION_ITEMS:
+        texts.update((item.word, item.response, item.distractor))
+        if not item.removed.startswith("/"):  # a sound in phoneme mnemonics is no text
+            texts.add(item.removed)
+    for item in BLENDING_ITEMS:
+        texts.update((item.word, item.near))
+    texts.update(nonword_items())
+    texts.update(SENTENCES)
+    return tuple(sorted(texts))
+
+
 # --- one clip, end to end --------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 N_SCORE_FEATURES = 6
+N_MATCH_FEATURES = 4
 
 
 def small_whisper_config(cfg: ModelConfig) -> WhisperConfig:
@@ -98,7 +99,10 @@ class PairClassifier(nn.Module):
         self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
         self.attn_pool = AttentionPool(dim) if cfg.pooling in ("attention", "attention_mean") else None
         pooled_dim = dim * (2 if cfg.pooling == "attention_mean" else 1)
-        in_dim = pooled_dim + cfg.task_dim + cfg.grade_dim + (N_SCORE_FEATURES if cfg.score_features else 0)
+        in_dim = pooled_dim + cfg.task_dim + cfg.grade_dim + (N_SCORE_FEATURES if cfg.score_features else 0) \
+            + (N_MATCH_FEATURES if cfg.match_features else 0)
+        self.match_proj = nn.Linear(dim, cfg.match_dim) if cfg.match_features else None
+        self.match_scale = nn.Parameter(torch.tensor(10.0)) if cfg.match_features else None
         if cfg.head_layers == 1:
             self.head = nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(in_dim, 1))
         else:
@@ -113,7 +117,10 @@ class PairClassifier(nn.Module):
     def encode(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whisper encoder on [B, T, n_mels] (T even) -> hidden [B, T/2, D] and its mask."""
         enc = self.encoder
-        x = F.gelu(enc.conv1(feats.transpose(1, 2)))
+        # padded frames and conv1's outputs past each clip's end are zeroed, so every clip's
+        # edge sees the convolutions' own zero padding whether it is batched or alone
+        keep = frame_mask[:, None, :].to(feats.dtype)
+        x = F.gelu(enc.conv1(feats.transpose(1, 2) * keep)) * keep
         x = F.gelu(enc.conv2(x)).transpose(1, 2)
         n = x.shape[1]
         x = x + enc.embed_positions.weight[:n].to(x.dtype)
@@ -141,8 +148,42 @@ class PairClassifier(nn.Module):
             out["ctc_log_probs"] = F.log_softmax(self.ctc_head(hidden).float(), dim=-1)
         if cfg.score_features:
             parts.append(self.score_norm(self.score_features(out.get("ctc_log_probs"), batch)).to(pooled.dtype))
+        if cfg.match_features:
+            parts.append(self.match_features(hidden, batch).to(pooled.dtype))
         out["logits"] = self.head(torch.cat(parts, dim=-1)).squeeze(-1)
         return out
+
+    def match_features(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """How well the response and the reference explain each other, in a learned space.
+
+        Cosine similarities between every reference and every response position; coverage =
+        how well each reference position is matched somewhere in the response (mean and a
+        soft minimum), precision = the same from the response side. Differentiable, so BCE
+        shapes the space in which "the same sounds" are measured.
+        """
+        z = F.normalize(self.match_proj(hidden).float(), dim=-1)
+        n = z.shape[1]
+        pos = torch.arange(n, device=z.device)[None]
+        ref_mask = pos < batch["tts_positions"][:, None]
+        resp_mask = (pos >= batch["resp_start"][:, None]) & (pos < (batch["resp_start"] + batch["resp_positions"])[:, None])
+        sim = torch.einsum("bid,bjd->bij", z, z)
+        neg = torch.finfo(sim.dtype).min
+        pair = ref_mask[:, :, None] & resp_mask[:, None, :]
+        sim = sim.masked_fill(~pair, neg)
+        cover = sim.max(dim=2).values          # per reference position
+        prec = sim.max(dim=1).values           # per response position
+        t = self.match_scale.clamp(1.0, 50.0)
+
+        def stats(x, mask):
+            x = x.masked_fill(~mask, 0.0)
+            cnt = mask.sum(1).clamp(min=1)
+            mean = x.sum(1) / cnt
+            soft_min = -torch.logsumexp((-t * x).masked_fill(~mask, neg), dim=1) / t + torch.log(cnt.float()) / t
+            return mean, soft_min
+
+        c_mean, c_min = stats(cover, ref_mask)
+        p_mean, p_min = stats(prec, resp_mask)
+        return torch.stack([c_mean, c_min, p_mean, p_min], dim=1)
 
     def score_features(self, log_probs: torch.Tensor | None, batch: dict) -> torch.Tensor:
         """Per item: CTC match of the expected phonemes in the response, and durations.

@@ -225,6 +225,11 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     train_meta, valid_meta = meta[meta["fold"] != fold], meta[meta["fold"] == fold]
     priors = task_priors(train_meta)
     model = build_model(cfg.model, len(cats.tasks), len(cats.grades), len(vocab))
+    if cfg.model.backbone and model.ctc_head is not None:
+        from .pretraining import init_ctc_head_from_backbone
+        n = init_ctc_head_from_backbone(model.ctc_head, vocab, cfg.model.backbone)
+        if n:
+            log.info("CTC head: %d of %d outputs (phonemes + blank) start from the backbone's head", n, len(vocab))
     max_frames = model.max_frames
     train_ds = PairDataset(train_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames)
     valid_ds = PairDataset(valid_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames)
@@ -321,7 +326,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
             k = len(idx)
-            sums["loss"] += float(loss) * k
+            sums["loss"] += float(loss.detach()) * k
             sums["bce"] += float(bce) * k
             sums["ctc"] += float(ctc) * k
             sums["n"] += k

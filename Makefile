@@ -1,0 +1,52 @@
+# Two commands do the whole set-up on a fresh machine:
+#   make demo   venv + install, demo data, preprocess, pretrain, train 3 models x 6 folds, check, weights, infer
+#   make test   venv + install, the test suite
+PY      ?= .venv/bin/python
+DATA    ?= data
+ASSETS  ?= assets
+FOLDS   ?= 6
+JOBS    ?= 2
+EPOCHS  ?= 3
+BACKBONE ?= $(ASSETS)/pretrained_encoder
+
+.PHONY: demo test venv data preprocess pretrain train check config infer clean
+
+venv: .venv/.installed
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q torch==2.13.0
+	.venv/bin/pip install -q -r requirements.txt
+	touch $@
+
+data: venv
+	@if [ -f $(DATA)/train_metadata.csv ]; then echo "$(DATA)/ has a data set: kept"; \
+	else $(PY) make_demo_data.py --out $(DATA) --n-train 3000 --n-test 600 --seed 0; fi
+
+preprocess: data
+	$(PY) preprocess.py --data $(DATA) --n_folds $(FOLDS)
+
+pretrain: preprocess
+	$(PY) pretrain.py --out $(BACKBONE) --data $(DATA) --threads 2
+
+train: pretrain
+	$(PY) train.py --data $(DATA) --assets $(ASSETS) --n_folds $(FOLDS) --jobs $(JOBS) --epochs $(EPOCHS) --backbone $(BACKBONE)
+
+check: train
+	$(PY) check_models.py --data $(DATA) --assets $(ASSETS) --n_folds $(FOLDS) || true
+
+config: check
+	$(PY) get_config.py --assets $(ASSETS)
+
+infer: config
+	$(PY) infer.py --data $(DATA) --assets $(ASSETS) --out submission.csv
+
+demo:
+	@start=$$(date +%s); $(MAKE) --no-print-directory infer && \
+	echo "make demo finished in $$(( $$(date +%s) - start ))s"
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(ASSETS) tts_data submission.csv submission.csv.json

@@ -1,0 +1,65 @@
+"""The whole chain on a tiny demo set, as a user runs it: data -> preprocess -> train.py
+(two models x two folds, one epoch, two parallel jobs) -> check_models -> get_config -> infer."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def run(root, *args, ok=True):
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=root, capture_output=True, text=True,
+                          timeout=900, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
+    if ok and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, root):
+    base = tmp_path_factory.mktemp("e2e")
+    data, assets, tts = base / "data", base / "assets", base / "tts"
+    run(root, "make_demo_data.py", "--out", data, "--n-train", 48, "--n-test", 14, "--seed", 3)
+    run(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
+    train = run(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
+                "--models", "model1mean,model3mapd", "--jobs", 2, "--epochs", 1)
+    return {"root": root, "data": data, "assets": assets, "tts": tts, "train_out": train.stdout}
+
+
+def test_every_fold_wrote_weights_and_oof(chain):
+    meta = pd.read_csv(chain["data"] / "train_metadata.csv")
+    for model in ("model1mean", "model3mapd"):
+        oofs = []
+        for fold in (0, 1):
+            assert (chain["assets"] / f"{model}_{fold}.pth").stat().st_size > 0
+            oof = pd.read_csv(chain["assets"] / f"{model}_{fold}_oof.csv")
+            assert (oof["fold"] == fold).all() and oof["pred"].between(0, 1).all()
+            oofs.append(oof)
+        assert sorted(pd.concat(oofs)["filename"]) == sorted(meta["filename"]), "OOF covers every clip once"
+
+
+def test_rerun_skips_finished_folds(chain):
+    out = run(chain["root"], "train.py", "--data", chain["data"], "--assets", chain["assets"], "--tts_dir",
+              chain["tts"], "--n_folds", 2, "--models", "model1mean", "--jobs", 1, "--epochs", 1).stdout
+    assert out.count("finished already, skipped") == 2
+
+
+def test_check_get_config_and_infer(chain):
+    root, data, assets, tts = chain["root"], chain["data"], chain["assets"], chain["tts"]
+    check = run(root, "check_models.py", "--data", data, "--assets", assets, "--n_folds", 2, ok=False)
+    assert "model1mean" in check.stdout and "model3mapd" in check.stdout and "OOF" in check.stdout
+    cfg = run(root, "get_config.py", "--assets", assets).stdout
+    assert "ensemble" in cfg and (assets / "model_configs.json").exists() and (assets / "model_configs.pkl").exists()
+    config = json.loads((assets / "model_configs.json").read_text())
+    assert all(m["weight"] >= 0 for m in config["members"])
+    out = tmp = data.parent / "submission.csv"
+    res = run(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", out, "--no_progress")
+    assert "test log loss" in res.stdout
+    sub = pd.read_csv(out)
+    fmt = pd.read_csv(data / "submission_format.csv")
+    assert list(sub.columns) == ["filename", "score"]
+    assert sub["filename"].tolist() == fmt["filename"].tolist(), "same rows, same order"
+    assert np.isfinite(sub["score"]).all() and ((sub["score"] > 0) & (sub["score"] < 1)).all()
+    assert tmp.with_name("submission.csv.json").exists()
