@@ -6,7 +6,7 @@ DATA    ?= data
 ASSETS  ?= assets
 FOLDS   ?= 6
 JOBS    ?= 2
-EPOCHS  ?= 3
+EPOCHS  ?= 2
 BACKBONE ?= $(ASSETS)/pretrained_encoder
 
 .PHONY: demo test venv data preprocess pretrain train check config infer clean

@@ -22,7 +22,9 @@ class ModelConfig:
     ffn_dim: int = 512
     n_mels: int = 80
     max_source_positions: int = 1500   # 30 s; inputs are cropped to twice this many frames
-    dropout: float = 0.1
+    dropout: float = 0.0           # encoder dropout (CPU runs are compute-bound, not overfitting)
+    position_pool: int = 2         # average encoder positions in pairs after Whisper's conv stem
+                                   # (40 ms each, half the transformer cost); 1 for a real Whisper
     pooling: str = "mean"          # mean | attention | attention_mean
     head_layers: int = 1           # 1 = linear; 2 = hidden layer + GELU + dropout
     head_hidden: int = 256
@@ -32,6 +34,7 @@ class ModelConfig:
     pause_frames: int = 20         # silence between the TTS reference and the response (10 ms each)
     ctc_weight: float = 0.5        # auxiliary CTC on the expected text's phonemes (0 = off)
     ctc_unit: str = "phoneme"      # phoneme | char
+    bag_weight: float = 1.0        # auxiliary "which phonemes are said" (multiple-instance BCE; 0 = off)
     score_features: bool = True    # feed CTC match scores and durations to the head
     match_features: bool = True    # reference/response cross-similarity (coverage, precision) to the head
     match_dim: int = 64            # learned projection the similarities are measured in
@@ -40,6 +43,7 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
+    head_lr_scale: float = 5.0     # everything but the encoder (heads, embeddings) learns this much faster
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.98
@@ -53,7 +57,7 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    batch_max_frames: int = 24000  # padded frames per batch (10 ms each): batches are built by size
+    batch_max_frames: int = 6000   # padded frames per batch (10 ms each): batches are built by size
     max_batch_size: int = 64
     task_dropout: float = 0.05     # share of training items shown with an unknown task/grade
     spec_time_masks: int = 2       # SpecAugment on the response only (0 = off)
@@ -155,7 +159,8 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(owner, f.name)
         if value not in allowed and not (path == "device" and str(value).startswith("cuda:")):
             raise ConfigError(f"--{path}: {value!r} is not one of {allowed}")
-    for path in ("optim.lr", "epochs", "data.batch_max_frames", "optim.update_freq", "model.head_layers"):
+    for path in ("optim.lr", "epochs", "data.batch_max_frames", "optim.update_freq", "model.head_layers",
+                 "model.position_pool"):
         owner, f = leaves[path]
         if getattr(owner, f.name) <= 0:
             raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")

@@ -41,13 +41,13 @@ class PairDataset:
     """Items of one split; features come from the clip store and the reference bank."""
 
     def __init__(self, meta: pd.DataFrame, clips: FeatureStore, refs: ReferenceBank, vocab: Vocab,
-                 cats: Categories, max_frames: int, pause_frames: int):
+                 cats: Categories, max_frames: int, pause_frames: int, frames_per_position: int = 2):
         usable = meta["filename"].map(lambda f: f in clips) & meta["expected_text"].map(
             lambda t: normalise_text(t) in refs.store)
         self.skipped = meta.loc[~usable, "filename"].tolist()
         self.meta = meta.loc[usable].reset_index(drop=True)
         self.clips, self.refs, self.vocab, self.cats = clips, refs, vocab, cats
-        self.max_frames, self.pause = max_frames, pause_frames
+        self.max_frames, self.pause, self.step = max_frames, pause_frames, frames_per_position
         self.targets = [np.array(vocab.encode(t), dtype=np.int64) for t in self.meta["expected_text"]]
         self.task_ids = np.array([cats.task_id(t) for t in self.meta["task"]], dtype=np.int64)
         self.grade_ids = np.array([cats.grade_id(g) for g in self.meta["grade"]], dtype=np.int64)
@@ -60,11 +60,12 @@ class PairDataset:
         return len(self.meta)
 
     def _layout(self, i: int) -> tuple[int, int, int, int]:
-        """(reference frames, pause frames, response frames, total): all even, total <= max."""
-        ref_n = min(int(self.ref_frames[i]), self.max_frames // 3) // 2 * 2
-        pause = self.pause + self.pause % 2
-        resp_n = min(int(self.clip_frames[i]), self.max_frames - ref_n - pause) // 2 * 2
-        resp_n = max(resp_n, 2)
+        """(reference, pause, response, total) frames: each a multiple of the frames behind
+        one encoder position (so the halves never share a position), total <= max_frames."""
+        m = self.step
+        ref_n = min(int(self.ref_frames[i]), self.max_frames // 3) // m * m
+        pause = -(-self.pause // m) * m
+        resp_n = max(min(int(self.clip_frames[i]), self.max_frames - ref_n - pause) // m * m, m)
         return ref_n, pause, resp_n, ref_n + pause + resp_n
 
     def item(self, i: int) -> dict:
@@ -77,8 +78,10 @@ class PairDataset:
                                                  resp.min() if resp.size else -1.0, np.float32)])
         floor = float(ref.min()) if ref.size else -1.0
         feats = np.concatenate([ref, np.full((pause, ref.shape[1]), floor, np.float32), resp])
-        return {"feats": feats, "floor": floor, "ref_n": ref_n, "resp_start": ref_n + pause,
-                "resp_n": resp_n, "task": self.task_ids[i], "grade": self.grade_ids[i],
+        m = self.step
+        return {"feats": feats, "floor": floor, "ref_n": ref_n, "resp_start": ref_n + pause, "resp_n": resp_n,
+                "ref_pos": ref_n // m, "resp_start_pos": (ref_n + pause) // m, "resp_pos": resp_n // m,
+                "task": self.task_ids[i], "grade": self.grade_ids[i],
                 "target": self.targets[i], "label": None if self.labels is None else self.labels[i]}
 
 
@@ -126,9 +129,9 @@ def collate(items: list[dict], spec_augment=None, rng: np.random.Generator | Non
     batch = {
         "feats": torch.from_numpy(feats),
         "frame_mask": torch.from_numpy(mask),
-        "tts_positions": torch.tensor([it["ref_n"] // 2 for it in items]),
-        "resp_start": torch.tensor([it["resp_start"] // 2 for it in items]),
-        "resp_positions": torch.tensor([it["resp_n"] // 2 for it in items]),
+        "tts_positions": torch.tensor([it["ref_pos"] for it in items]),
+        "resp_start": torch.tensor([it["resp_start_pos"] for it in items]),
+        "resp_positions": torch.tensor([it["resp_pos"] for it in items]),
         "task": torch.tensor([int(it["task"]) for it in items]),
         "grade": torch.tensor([int(it["grade"]) for it in items]),
         "targets": torch.from_numpy(np.concatenate(targets)) if sum(map(len, targets)) else torch.zeros(0, dtype=torch.long),

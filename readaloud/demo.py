@@ -627,9 +627,9 @@ class _Recording:
     audio: np.ndarray  # int16
 
 
-def _render(rng: np.random.Generator, clip: _Clip, voice: _Voice) -> _Recording:
+def _render(rng: np.random.Generator, clip: _Clip, voice: _Voice, sample_rate: int | None = None) -> _Recording:
     """Speak the clip's parts and make it sound recorded: resampling, gain, pauses, noise."""
-    sample_rate = _pick(rng, SAMPLE_RATES, SAMPLE_RATE_WEIGHTS)
+    sample_rate = sample_rate or _pick(rng, SAMPLE_RATES, SAMPLE_RATE_WEIGHTS)
     pieces: list[np.ndarray] = []
     source_rate = 22050
     if clip.parts:
@@ -665,7 +665,8 @@ def _render(rng: np.random.Generator, clip: _Clip, voice: _Voice) -> _Recording:
     return _Recording(sample_rate, noise_kind, audio)
 
 
-def speak_like_a_child(text: str, rng: np.random.Generator, grade: str | None = None) -> tuple[np.ndarray, int]:
+def speak_like_a_child(text: str, rng: np.random.Generator, grade: str | None = None,
+                       sample_rate: int | None = None) -> tuple[np.ndarray, int]:
     """`text` said by a random child-like espeak voice, recorded as the demo's clips are.
 
     Returns (int16 audio, sample rate). Used to make unlimited labelled speech for
@@ -674,7 +675,7 @@ def speak_like_a_child(text: str, rng: np.random.Generator, grade: str | None = 
     grade = grade or _pick(rng, GRADES)
     voice = _choose_voice(rng, grade)
     clip = _Clip("pretraining", grade, text, True, "pretraining", [text])
-    recording = _render(rng, clip, voice)
+    recording = _render(rng, clip, voice, sample_rate)
     return recording.audio, recording.sample_rate
 
 

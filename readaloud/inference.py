@@ -119,7 +119,7 @@ def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "asset
                                  progress=progress)
         _warn_unseen(meta[known], fm.cats) if i == 0 else None
         ds = PairDataset(meta[known], clips, refs, fm.vocab, fm.cats, fm.model.max_frames,
-                         fm.cfg.model.pause_frames)
+                         fm.cfg.model.pause_frames, fm.model.frames_per_position)
         logits = np.full(len(meta), np.nan)
         pos = meta.index[known][meta.loc[known, "filename"].isin(ds.meta["filename"])]
         try:

@@ -23,6 +23,8 @@ from .config import ModelConfig
 log = logging.getLogger(__name__)
 N_SCORE_FEATURES = 6
 N_MATCH_FEATURES = 4
+N_BAG_FEATURES = 4
+BAG_SHARPNESS = 5.0  # presence = a smooth maximum over time of a phoneme's frame logits
 
 
 def small_whisper_config(cfg: ModelConfig) -> WhisperConfig:
@@ -61,6 +63,31 @@ def load_pretrained_encoder(backbone: str) -> WhisperEncoder:
     return encoder
 
 
+class FeatureScaler(nn.Module):
+    """Standardises each evidence feature by running statistics (not per item, not per batch).
+
+    The features have unrelated scales (a log-likelihood, a duration, a probability), so each
+    is centred and scaled on its own; running estimates make the output independent of the
+    batch, and are saved with the weights.
+    """
+
+    def __init__(self, n: int, momentum: float = 0.01):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("var", torch.ones(n))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                m = max(self.momentum, 1.0 / float(self.seen + 1))  # exact average at first
+                self.mean.lerp_(x.mean(0), m)
+                self.var.lerp_(x.var(0, unbiased=False) + (x.mean(0) - self.mean) ** 2, m)
+                self.seen += 1
+        return ((x - self.mean) / torch.sqrt(self.var + 1e-4)).clamp(-6.0, 6.0)
+
+
 class AttentionPool(nn.Module):
     """Learned softmax weights over time (masked), a weighted mean of the frames."""
 
@@ -93,14 +120,15 @@ class PairClassifier(nn.Module):
         self.encoder = encoder
         self.whisper_config = encoder.config
         dim = encoder.config.d_model
-        self.max_frames = 2 * encoder.config.max_source_positions
+        self.max_frames = 2 * encoder.config.max_source_positions  # Whisper's 30 s window
         # index 0 of each table is "unknown" (a value not seen in training)
         self.task_emb = nn.Embedding(n_tasks + 1, cfg.task_dim)
         self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
         self.attn_pool = AttentionPool(dim) if cfg.pooling in ("attention", "attention_mean") else None
         pooled_dim = dim * (2 if cfg.pooling == "attention_mean" else 1)
         in_dim = pooled_dim + cfg.task_dim + cfg.grade_dim + (N_SCORE_FEATURES if cfg.score_features else 0) \
-            + (N_MATCH_FEATURES if cfg.match_features else 0)
+            + (N_MATCH_FEATURES if cfg.match_features else 0) \
+            + (N_BAG_FEATURES if cfg.score_features and cfg.bag_weight > 0 else 0)
         self.match_proj = nn.Linear(dim, cfg.match_dim) if cfg.match_features else None
         self.match_scale = nn.Parameter(torch.tensor(10.0)) if cfg.match_features else None
         if cfg.head_layers == 1:
@@ -111,23 +139,37 @@ class PairClassifier(nn.Module):
                 layers += [nn.Dropout(cfg.head_dropout), nn.Linear(d, cfg.head_hidden), nn.GELU()]
                 d = cfg.head_hidden
             self.head = nn.Sequential(*layers, nn.Dropout(cfg.head_dropout), nn.Linear(d, 1))
+        n_evidence = in_dim - pooled_dim - cfg.task_dim - cfg.grade_dim
+        self.evidence_head = nn.Linear(n_evidence, 1) if n_evidence else None
         self.ctc_head = nn.Linear(dim, vocab_size) if vocab_size > 1 else None
-        self.score_norm = nn.LayerNorm(N_SCORE_FEATURES) if cfg.score_features else None
+        # frame-level phoneme logits pooled over time: "is phoneme p said anywhere here?"
+        # (no alignment to search for, so it learns much faster than CTC from scratch)
+        self.bag_head = nn.Linear(dim, vocab_size) if vocab_size > 1 and cfg.bag_weight > 0 else None
+        self.bag_norm = FeatureScaler(N_BAG_FEATURES) if self.bag_head is not None and cfg.score_features else None
+        self.score_norm = FeatureScaler(N_SCORE_FEATURES) if cfg.score_features else None
+
+    @property
+    def frames_per_position(self) -> int:
+        """Mel frames behind one encoder position: Whisper's stride 2 times our pooling."""
+        return 2 * self.cfg.position_pool
 
     def encode(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whisper encoder on [B, T, n_mels] (T even) -> hidden [B, T/2, D] and its mask."""
+        """Whisper encoder on [B, T, n_mels] (T a multiple of frames_per_position) -> [B, n, D] + mask."""
         enc = self.encoder
         # padded frames and conv1's outputs past each clip's end are zeroed, so every clip's
         # edge sees the convolutions' own zero padding whether it is batched or alone
         keep = frame_mask[:, None, :].to(feats.dtype)
         x = F.gelu(enc.conv1(feats.transpose(1, 2) * keep)) * keep
-        x = F.gelu(enc.conv2(x)).transpose(1, 2)
+        x = F.gelu(enc.conv2(x))
+        if self.cfg.position_pool > 1:
+            x = F.avg_pool1d(x, self.cfg.position_pool, self.cfg.position_pool)
+        x = x.transpose(1, 2)
         n = x.shape[1]
         x = x + enc.embed_positions.weight[:n].to(x.dtype)
         x = F.dropout(x, p=enc.dropout, training=self.training)
-        mask = frame_mask[:, ::2][:, :n]
+        mask = frame_mask[:, :: self.frames_per_position][:, :n]
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :].expand(-1, 1, n, n)
+        bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :]  # broadcast, no copy
         for layer in enc.layers:
             out = layer(x, bias)
             x = out[0] if isinstance(out, tuple) else out
@@ -144,13 +186,21 @@ class PairClassifier(nn.Module):
         else:
             pooled = torch.cat([self.attn_pool(hidden, mask), masked_mean(hidden, mask)], dim=-1)
         parts = [pooled, self.task_emb(batch["task"]), self.grade_emb(batch["grade"])]
+        evidence = []
         if self.ctc_head is not None:
             out["ctc_log_probs"] = F.log_softmax(self.ctc_head(hidden).float(), dim=-1)
+        if self.bag_head is not None:
+            out["bag_logits"] = self.bag_head(hidden).float()
         if cfg.score_features:
-            parts.append(self.score_norm(self.score_features(out.get("ctc_log_probs"), batch)).to(pooled.dtype))
+            evidence.append(self.score_norm(self.score_features(out.get("ctc_log_probs"), batch)).to(pooled.dtype))
+            if self.bag_norm is not None:
+                evidence.append(self.bag_norm(self.bag_features(out["bag_logits"], batch)).to(pooled.dtype))
         if cfg.match_features:
-            parts.append(self.match_features(hidden, batch).to(pooled.dtype))
-        out["logits"] = self.head(torch.cat(parts, dim=-1)).squeeze(-1)
+            evidence.append(self.match_features(hidden, batch).to(pooled.dtype))
+        logits = self.head(torch.cat(parts + evidence, dim=-1)).squeeze(-1)
+        if evidence:  # a direct linear path: the evidence is usable from the first updates
+            logits = logits + self.evidence_head(torch.cat(evidence, dim=-1)).squeeze(-1)
+        out["logits"] = logits
         return out
 
     def match_features(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -212,6 +262,40 @@ class PairClassifier(nn.Module):
         feats[:, 5] = feats[:, 3] - feats[:, 4]
         return feats
 
+    def bag_features(self, bag_logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Per item, from the response's phoneme presence (detached): are the expected
+        phonemes there (mean, soft minimum of log P), and are others there (max, expected count)."""
+        with torch.no_grad():
+            pres = segment_presence(bag_logits.detach(), batch["resp_start"], batch["resp_positions"])
+            expected = multi_hot(batch["targets"], batch["target_lengths"], pres.shape[1])
+            expected[:, 0] = False
+            other = ~expected
+            other[:, 0] = False
+            logp = F.logsigmoid(pres)
+            n_exp = expected.sum(1).clamp(min=1).float()
+            f = torch.zeros(len(pres), N_BAG_FEATURES, device=pres.device)
+            f[:, 0] = (logp * expected).sum(1) / n_exp
+            f[:, 1] = -torch.logsumexp((-logp * 4).masked_fill(~expected, -1e4), dim=1) / 4
+            p_other = torch.sigmoid(pres) * other
+            f[:, 2] = p_other.max(1).values
+            f[:, 3] = p_other.sum(1) / (n_exp + 1)
+            f[:, :2] = torch.where(expected.any(1, keepdim=True), f[:, :2], torch.zeros_like(f[:, :2]))
+        return f
+
+    def bag_loss(self, out: dict, batch: dict) -> torch.Tensor:
+        """Phoneme presence BCE on the reference half and on responses scored correct."""
+        logits = out["bag_logits"]
+        v = logits.shape[-1]
+        target = multi_hot(batch["targets"], batch["target_lengths"], v).float()[:, 1:]
+        zero = torch.zeros_like(batch["resp_start"])
+        ref = segment_presence(logits, zero, batch["tts_positions"])[:, 1:]
+        resp = segment_presence(logits, batch["resp_start"], batch["resp_positions"])[:, 1:]
+        has = (batch["target_lengths"] > 0).float()
+        correct = batch["ctc_response"].float() * has
+        l_ref = F.binary_cross_entropy_with_logits(ref, target, reduction="none").mean(1)
+        l_resp = F.binary_cross_entropy_with_logits(resp, target, reduction="none").mean(1)
+        return ((l_ref * has).sum() + (l_resp * correct).sum()) / (has.sum() + correct.sum()).clamp(min=1.0)
+
     def ctc_loss(self, out: dict, batch: dict) -> torch.Tensor:
         """CTC on the reference half (always says the text) and on responses scored correct."""
         lp = out["ctc_log_probs"]
@@ -234,6 +318,24 @@ def segment(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch
     idx = torch.minimum(start[:, None] + t[None], (start + length - 1).clamp(min=0)[:, None])
     idx = idx.clamp(max=x.shape[1] - 1)
     return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def segment_presence(frame_logits: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Log-mean-exp (a smooth maximum) over positions [start, start + length) of [B, T, V] logits -> [B, V]."""
+    pos = torch.arange(frame_logits.shape[1], device=frame_logits.device)[None]
+    inside = (pos >= start[:, None]) & (pos < (start + length)[:, None])
+    x = (frame_logits * BAG_SHARPNESS).masked_fill(~inside[..., None], -1e4)
+    n = inside.sum(1, keepdim=True).clamp(min=1).float()
+    return (torch.logsumexp(x, dim=1) - torch.log(n)) / BAG_SHARPNESS  # log-mean-exp: between mean and max
+
+
+def multi_hot(targets: torch.Tensor, lengths: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, size] bool: which token ids occur in each item's (concatenated) target."""
+    out = torch.zeros(len(lengths), size, dtype=torch.bool, device=lengths.device)
+    if targets.numel():
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths)
+        out[rows, targets] = True
+    return out
 
 
 def build_model(cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,

@@ -36,8 +36,8 @@ DIGITS = "zero one two three four five six seven eight nine".split()
 
 @dataclass
 class PretrainConfig:
-    n_utterances: int = 8000
-    epochs: int = 4
+    n_utterances: int = 6000
+    epochs: int = 6
     lr: float = 2e-3
     weight_decay: float = 0.01
     warmup_ratio: float = 0.05
@@ -69,7 +69,7 @@ def _speak(args: tuple[int, int, str, FeatureParams]) -> tuple[str, str, np.ndar
     from .demo import speak_like_a_child
     seed, index, text, params = args
     rng = np.random.default_rng([seed, index])
-    audio, sr = speak_like_a_child(text, rng)
+    audio, sr = speak_like_a_child(text, rng, sample_rate=params.sample_rate)
     audio = resample(audio.astype(np.float32) / 32768.0, sr, SAMPLE_RATE)
     return f"u{index:07d}", text, clip_features(audio, params)
 
@@ -124,13 +124,26 @@ class CTCEncoder(torch.nn.Module):
 
     def forward(self, feats, frame_mask):
         hidden, mask = self.body.encode(feats, frame_mask)
-        return F.log_softmax(self.body.ctc_head(hidden).float(), dim=-1), mask
+        bag = self.body.bag_head(hidden).float() if self.body.bag_head is not None else None
+        return F.log_softmax(self.body.ctc_head(hidden).float(), dim=-1), mask, bag
+
+    def loss(self, feats, frame_mask, targets, target_lengths) -> torch.Tensor:
+        """CTC + the phoneme-presence (bag) loss, the same objectives the classifier keeps."""
+        from .models import multi_hot, segment_presence
+        lp, mask, bag = self(feats, frame_mask)
+        n = mask.sum(1)
+        loss = F.ctc_loss(lp.transpose(0, 1), targets, n, target_lengths, zero_infinity=True)
+        if bag is not None:
+            pres = segment_presence(bag, torch.zeros_like(n), n)[:, 1:]
+            want = multi_hot(targets, target_lengths, bag.shape[-1]).float()[:, 1:]
+            loss = loss + self.body.cfg.bag_weight * F.binary_cross_entropy_with_logits(pres, want)
+        return loss
 
 
-def _batch(store: FeatureStore, keys: list[str], targets: list[list[int]]):
-    arrays = [store.get(k) for k in keys]
+def _batch(store: FeatureStore, keys: list[str], targets: list[list[int]], step: int):
+    """Pad utterances to the batch's longest; each keeps a whole number of positions."""
+    arrays = [store.get(k)[: max(step, store.length(k) // step * step)] for k in keys]
     n = max(a.shape[0] for a in arrays)
-    n += n % 2
     feats = np.empty((len(arrays), n, arrays[0].shape[1]), np.float32)
     mask = np.zeros((len(arrays), n), bool)
     for b, a in enumerate(arrays):
@@ -189,7 +202,8 @@ def pretrain_encoder(out_dir: str | Path, model_cfg: ModelConfig = ModelConfig()
     keys = index["key"].tolist()
     targets = [vocab.encode(t) for t in index["text"]]
     lengths = np.array([store.length(k) for k in keys])
-    ok = np.array([len(t) > 0 and lengths[i] // 2 >= 2 * len(t) for i, t in enumerate(targets)])
+    step = 2 * model_cfg.position_pool
+    ok = np.array([len(t) > 0 and lengths[i] // step >= 2 * len(t) for i, t in enumerate(targets)])
     order = np.random.default_rng(cfg.seed).permutation(len(keys))
     n_hold = max(1, int(cfg.holdout * len(keys)))
     hold = [i for i in order[:n_hold] if ok[i]]
@@ -210,9 +224,8 @@ def pretrain_encoder(out_dir: str | Path, model_cfg: ModelConfig = ModelConfig()
         total_loss, seen = 0.0, 0
         for idx in tqdm(batches, desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False):
             rows = train[idx]
-            feats, mask, flat, tl = _batch(store, [keys[i] for i in rows], [targets[i] for i in rows])
-            lp, hmask = model(feats, mask)
-            loss = F.ctc_loss(lp.transpose(0, 1), flat, hmask.sum(1), tl, zero_infinity=True)
+            feats, mask, flat, tl = _batch(store, [keys[i] for i in rows], [targets[i] for i in rows], step)
+            loss = model.loss(feats, mask, flat, tl)
             if not torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 continue
@@ -223,7 +236,7 @@ def pretrain_encoder(out_dir: str | Path, model_cfg: ModelConfig = ModelConfig()
             sched.step()
             total_loss += float(loss.detach()) * len(rows)
             seen += len(rows)
-        per = phoneme_error_rate(model, store, [keys[i] for i in hold], [targets[i] for i in hold])
+        per = phoneme_error_rate(model, store, [keys[i] for i in hold], [targets[i] for i in hold], step)
         history.append({"epoch": epoch + 1, "train_ctc": total_loss / max(1, seen), "holdout_per": per,
                         "seconds": time.time() - te})
         log.info("pretrain epoch %d/%d: CTC %.3f, held-out phoneme error rate %.3f (%.0fs)",
@@ -240,12 +253,13 @@ def pretrain_encoder(out_dir: str | Path, model_cfg: ModelConfig = ModelConfig()
 
 
 @torch.inference_mode()
-def phoneme_error_rate(model: CTCEncoder, store: FeatureStore, keys: list[str], targets: list[list[int]]) -> float:
+def phoneme_error_rate(model: CTCEncoder, store: FeatureStore, keys: list[str], targets: list[list[int]],
+                       step: int) -> float:
     model.eval()
     errors = total = 0
     for s in range(0, len(keys), 32):
-        feats, mask, _, _ = _batch(store, keys[s: s + 32], targets[s: s + 32])
-        lp, hmask = model(feats, mask)
+        feats, mask, _, _ = _batch(store, keys[s: s + 32], targets[s: s + 32], step)
+        lp, hmask, _ = model(feats, mask)
         for hyp, ref in zip(greedy_decode(lp, hmask.sum(1)), targets[s: s + 32]):
             errors += edit_distance(hyp, ref)
             total += len(ref)
@@ -260,13 +274,15 @@ def save_backbone(model: CTCEncoder, vocab: Vocab, out_dir: Path) -> None:
     whisper = WhisperModel(body.whisper_config)
     whisper.encoder.load_state_dict(body.encoder.state_dict())
     whisper.save_pretrained(out_dir)
-    save_file({"weight": body.ctc_head.weight.detach().contiguous(), "bias": body.ctc_head.bias.detach().contiguous()},
-              str(out_dir / "ctc_head.safetensors"))
+    heads = {"ctc": body.ctc_head, "bag": body.bag_head}
+    save_file({f"{name}.{p}": getattr(h, p).detach().contiguous() for name, h in heads.items() if h is not None
+               for p in ("weight", "bias")}, str(out_dir / "ctc_head.safetensors"))
     (out_dir / "ctc_vocab.json").write_text(json.dumps(vocab.to_dict()))
 
 
-def init_ctc_head_from_backbone(ctc_head: torch.nn.Linear, vocab: Vocab, backbone: str | Path) -> int:
-    """Copy the pretrained CTC rows of tokens both vocabularies share; returns how many."""
+def init_heads_from_backbone(model, vocab: Vocab, backbone: str | Path) -> int:
+    """Copy the pretrained rows (CTC and phoneme-presence heads) of tokens both vocabularies
+    share; returns how many rows were copied."""
     backbone = Path(backbone)
     head_path, vocab_path = backbone / "ctc_head.safetensors", backbone / "ctc_vocab.json"
     if not (head_path.exists() and vocab_path.exists()):
@@ -274,14 +290,15 @@ def init_ctc_head_from_backbone(ctc_head: torch.nn.Linear, vocab: Vocab, backbon
     from safetensors.torch import load_file
     weights = load_file(str(head_path))
     pre = Vocab.from_dict(json.loads(vocab_path.read_text()))
-    if weights["weight"].shape[1] != ctc_head.weight.shape[1]:
-        return 0
     n = 0
     with torch.no_grad():
-        for tok, i in vocab.ids.items():
-            j = pre.ids.get(tok)
-            if j is not None:
-                ctc_head.weight[i] = weights["weight"][j]
-                ctc_head.bias[i] = weights["bias"][j]
-                n += 1
+        for name, head in (("ctc", model.ctc_head), ("bag", getattr(model, "bag_head", None))):
+            if head is None or f"{name}.weight" not in weights or weights[f"{name}.weight"].shape[1] != head.weight.shape[1]:
+                continue
+            for tok, i in vocab.ids.items():
+                j = pre.ids.get(tok)
+                if j is not None:
+                    head.weight[i] = weights[f"{name}.weight"][j]
+                    head.bias[i] = weights[f"{name}.bias"][j]
+                    n += 1
     return n

@@ -226,13 +226,15 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     priors = task_priors(train_meta)
     model = build_model(cfg.model, len(cats.tasks), len(cats.grades), len(vocab))
     if cfg.model.backbone and model.ctc_head is not None:
-        from .pretraining import init_ctc_head_from_backbone
-        n = init_ctc_head_from_backbone(model.ctc_head, vocab, cfg.model.backbone)
+        from .pretraining import init_heads_from_backbone
+        n = init_heads_from_backbone(model, vocab, cfg.model.backbone)
         if n:
-            log.info("CTC head: %d of %d outputs (phonemes + blank) start from the backbone's head", n, len(vocab))
+            log.info("phoneme heads: %d rows start from the backbone's pretrained heads", n)
     max_frames = model.max_frames
-    train_ds = PairDataset(train_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames)
-    valid_ds = PairDataset(valid_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames)
+    train_ds = PairDataset(train_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames,
+                         model.frames_per_position)
+    valid_ds = PairDataset(valid_meta, clips, refs, vocab, cats, max_frames, cfg.model.pause_frames,
+                         model.frames_per_position)
     log.info("fold %d: %d train / %d valid clips, %d phoneme tokens, %s, %.1fM parameters",
              fold, len(train_ds), len(valid_ds), len(vocab) - 1, device,
              sum(p.numel() for p in model.parameters()) / 1e6)
@@ -240,11 +242,14 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
 
     # ---- optimisation ------------------------------------------------------------------
     oc = cfg.optim
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=oc.lr, betas=(oc.beta1, oc.beta2))
+    groups: dict[tuple[bool, bool], list] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # (new part of the model?, decayed?)
+            groups.setdefault((not n.startswith("encoder."), p.ndim >= 2 and "emb" not in n), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "lr": oc.lr * (oc.head_lr_scale if new else 1.0),
+          "weight_decay": oc.weight_decay if decay else 0.0} for (new, decay), ps in sorted(groups.items())],
+        lr=oc.lr, betas=(oc.beta1, oc.beta2))
     dc = cfg.data
     n_batches = len(bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True, 0))
     total_updates = cfg.epochs * math.ceil(n_batches / oc.update_freq)
@@ -269,7 +274,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
 
     # ---- loop --------------------------------------------------------------------------
     history = pd.read_csv(paths.metrics).to_dict("records") if paths.metrics.exists() and state["epoch"] else []
-    history = [r for r in history if r["epoch"] < state["epoch"]]
+    history = [r for r in history if r["epoch"] <= state["epoch"]]
     bad_steps = 0
     while state["epoch"] < cfg.epochs and state["bad_evals"] < cfg.patience:
         epoch = state["epoch"]
@@ -278,7 +283,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
         rng = np.random.default_rng([cfg.seed, fold, epoch])
         batches = bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True,
                                  seed=int(rng.integers(2**31)))
-        sums = {"loss": 0.0, "bce": 0.0, "ctc": 0.0, "n": 0, "grad_norm": 0.0, "updates": 0}
+        sums = {"loss": 0.0, "bce": 0.0, "ctc": 0.0, "bag": 0.0, "n": 0, "grad_norm": 0.0, "updates": 0}
         bar = tqdm(batches, desc=f"{paths.stem} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
                    leave=False, unit="batch")
         optimizer.zero_grad(set_to_none=True)
@@ -297,7 +302,8 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 bce = F.binary_cross_entropy_with_logits(out["logits"].float(), target)
                 ctc = model.ctc_loss(out, batch) if cfg.model.ctc_weight > 0 and "ctc_log_probs" in out \
                     else torch.zeros((), device=device)
-                loss = bce + cfg.model.ctc_weight * ctc
+                bag = model.bag_loss(out, batch) if "bag_logits" in out else torch.zeros((), device=device)
+                loss = bce + cfg.model.ctc_weight * ctc + cfg.model.bag_weight * bag
             if not torch.isfinite(loss):
                 bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
@@ -327,8 +333,9 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 state["step"] += 1
             k = len(idx)
             sums["loss"] += float(loss.detach()) * k
-            sums["bce"] += float(bce) * k
-            sums["ctc"] += float(ctc) * k
+            sums["bce"] += float(bce.detach()) * k
+            sums["ctc"] += float(ctc.detach()) * k
+            sums["bag"] += float(bag.detach()) * k
             sums["n"] += k
             bar.set_postfix(bce=f"{sums['bce'] / sums['n']:.3f}", ctc=f"{sums['ctc'] / sums['n']:.2f}")
         bar.close()
@@ -337,7 +344,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
         valid_loss = log_loss(valid_ds.labels, sigmoid(valid_logits)) if len(valid_ds) else float("nan")
         n = max(1, sums["n"])
         row = {"epoch": epoch + 1, "step": state["step"], "train_loss": sums["loss"] / n,
-               "train_bce": sums["bce"] / n, "train_ctc": sums["ctc"] / n, "valid_logloss": valid_loss,
+               "train_bce": sums["bce"] / n, "train_ctc": sums["ctc"] / n, "train_bag": sums["bag"] / n, "valid_logloss": valid_loss,
                "lr": optimizer.param_groups[0]["lr"], "grad_norm": sums["grad_norm"] / max(1, sums["updates"]),
                "seconds": time.time() - t0}
         history.append(row)
@@ -355,8 +362,10 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                      **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
                     paths.last)
         _write_progress(paths, state, cfg.epochs, row)
-        log.info("%s epoch %d/%d  train loss %.4f (bce %.4f ctc %.3f)  valid log loss %.4f%s  %.0fs",
-                 paths.stem, epoch + 1, cfg.epochs, row["train_loss"], row["train_bce"], row["train_ctc"],
+        if os.environ.get("READALOUD_FAULT_DIE_AFTER_EPOCH") == str(epoch + 1):
+            os._exit(137)  # fault injection for the resume test: die like a killed process
+        log.info("%s epoch %d/%d  train loss %.4f (bce %.4f ctc %.3f bag %.3f)  valid log loss %.4f%s  %.0fs",
+                 paths.stem, epoch + 1, cfg.epochs, row["train_loss"], row["train_bce"], row["train_ctc"], row["train_bag"],
                  valid_loss, "  *best*" if improved else "", row["seconds"])
     if state["bad_evals"] >= cfg.patience and state["epoch"] < cfg.epochs:
         log.info("%s: early stop after epoch %d (best epoch %d)", paths.stem, state["epoch"], state["best_epoch"])

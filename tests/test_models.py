@@ -13,10 +13,11 @@ from readaloud.variants import VARIANTS, variant_config
 def tiny_items(n=3, n_mels=80, rng=np.random.default_rng(0)):
     items = []
     for i in range(n):
-        ref_n, pause, resp_n = 40 + 2 * i, 20, 60 + 10 * i
+        ref_n, pause, resp_n = 40 + 4 * i, 20, 60 + 12 * i   # multiples of 4 frames (one position)
         feats = rng.normal(size=(ref_n + pause + resp_n, n_mels)).astype(np.float32)
         items.append({"feats": feats, "floor": -1.0, "ref_n": ref_n, "resp_start": ref_n + pause,
-                      "resp_n": resp_n, "task": i % 3, "grade": 1, "target": np.array([1, 2, 3, 2]),
+                      "resp_n": resp_n, "ref_pos": ref_n // 4, "resp_start_pos": (ref_n + pause) // 4,
+                      "resp_pos": resp_n // 4, "task": i % 3, "grade": 1, "target": np.array([1, 2, 3, 2]),
                       "label": float(i % 2)})
     return items
 
@@ -57,7 +58,7 @@ def test_encoder_runs_on_the_real_length_not_30s():
     model = build_model(ModelConfig(), 3, 4, 8).eval()
     batch = collate(tiny_items(1))
     hidden, mask = model.encode(batch["feats"], batch["frame_mask"])
-    assert hidden.shape[1] == batch["feats"].shape[1] // 2 < 1500
+    assert hidden.shape[1] == batch["feats"].shape[1] // model.frames_per_position < 1500
 
 
 def test_pretrained_backbone_loads_through_from_pretrained(tmp_path):
@@ -67,10 +68,13 @@ def test_pretrained_backbone_loads_through_from_pretrained(tmp_path):
     with torch.no_grad():
         wm.encoder.conv1.weight.fill_(0.0123)
     wm.save_pretrained(tmp_path / "tiny-whisper")
-    model = build_model(ModelConfig(backbone=str(tmp_path / "tiny-whisper")), 3, 4, 8)
+    model = build_model(ModelConfig(backbone=str(tmp_path / "tiny-whisper"), position_pool=1), 3, 4, 8)
     assert model.encoder.config.d_model == 64 and len(model.encoder.layers) == 2
     assert torch.allclose(model.encoder.conv1.weight, torch.full_like(model.encoder.conv1.weight, 0.0123))
-    out = model(collate(tiny_items(2)))
+    items = tiny_items(2)
+    for it in items:  # a real Whisper has no extra pooling: one position per 2 frames
+        it.update(ref_pos=it["ref_n"] // 2, resp_start_pos=it["resp_start"] // 2, resp_pos=it["resp_n"] // 2)
+    out = model(collate(items))
     assert out["logits"].shape == (2,)
 
 
