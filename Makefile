@@ -9,7 +9,7 @@ JOBS    ?= 2
 EPOCHS  ?= 2
 BACKBONE ?= $(ASSETS)/pretrained_encoder
 
-.PHONY: demo test venv data preprocess pretrain train check config infer clean
+.PHONY: demo test venv data preprocess pretrain train check config infer submission clean
 
 venv: .venv/.installed
 .venv/.installed: requirements.txt
@@ -50,3 +50,6 @@ test: venv
 
 clean:
 	rm -rf $(ASSETS) tts_data submission.csv submission.csv.json
+
+submission: venv
+	$(PY) make_submission.py --assets $(ASSETS) --out submission.zip

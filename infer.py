@@ -11,7 +11,7 @@ import logging
 import sys
 
 from readaloud.cli import add_common
-from readaloud.inference import run_inference
+from readaloud.inference import run_inference, write_fallback_submission
 
 
 def main():
@@ -23,8 +23,17 @@ def main():
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = run_inference(args.data, args.assets, args.tts_dir, args.out, args.device, args.time_limit,
-                           progress=not args.no_progress)
+    try:
+        result = run_inference(args.data, args.assets, args.tts_dir, args.out, args.device, args.time_limit,
+                               progress=not args.no_progress)
+    except Exception:  # the file must exist whatever happened: priors, and a non-zero exit
+        logging.exception("inference failed; writing a fallback submission of task priors")
+        try:
+            n = write_fallback_submission(args.data, args.assets, args.out)
+            print(f"wrote {args.out}: {n} rows of task priors (no model prediction could be made)")
+        except Exception:
+            logging.exception("could not even write a fallback submission")
+        sys.exit(2)
     print(f"wrote {result['submission']}: {result['rows']} rows from {result['checkpoints_used']}/"
           f"{result['checkpoints_listed']} checkpoints ({', '.join(result['models_used']) or 'none'}), "
           f"{result['fallback_rows']} prior fallbacks, {result['seconds']:.1f}s")

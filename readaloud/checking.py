@@ -16,6 +16,10 @@ from .training import FoldPaths, retrain_command
 def fold_status(paths: FoldPaths, deep: bool = True) -> tuple[str, float]:
     """('ok' | 'missing' | 'running' | 'broken: why' | 'no oof', fold log loss)."""
     if not paths.checkpoint.exists():
+        aborted = paths.run_dir / "aborted.json"
+        if aborted.exists():
+            info = json.loads(aborted.read_text())
+            return f"aborted: {info.get('reason')} at step {info.get('step')} (seed {info.get('seed')})", math.nan
         return ("unfinished" if paths.run_dir.exists() else "missing"), math.nan
     if deep:
         try:
@@ -89,10 +93,17 @@ def render_table(table: pd.DataFrame, assets: str | Path) -> str:
 
 
 def retrain_commands(todo, n_folds: int, data, assets) -> list[str]:
+    """The command per flagged fold: resume what is unfinished, redo what is broken or an
+    outlier, and give a diverged (aborted or non-finite) fold a new seed."""
+    import re
     cmds = []
     for m, f, reason in todo:
-        extra = "--force" if not reason.startswith(("missing", "unfinished")) else ""
-        if reason.startswith("non-finite"):
-            extra += " --seed 7"
-        cmds.append(retrain_command(m, f, n_folds, data, assets, extra.strip()))
+        if reason.startswith(("missing", "unfinished")):
+            extra = ""
+        elif reason.startswith(("aborted", "non-finite")):
+            seed = re.search(r"seed (\d+)", reason)
+            extra = f"--restart --seed {int(seed.group(1)) + 1 if seed else 1}"
+        else:
+            extra = "--force"
+        cmds.append(retrain_command(m, f, n_folds, data, assets, extra))
     return cmds

@@ -48,7 +48,9 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     warmup_ratio: float = 0.08     # fraction of all updates spent warming up linearly
-    schedule: str = "cosine"       # cosine | constant
+    schedule: str = "cosine"       # cosine | inverse_sqrt | plateau | constant (all after linear warmup)
+    plateau_factor: float = 0.5    # plateau: multiply the learning rate by this ...
+    plateau_patience: int = 1      # ... after this many evaluations without improvement
     min_lr_ratio: float = 0.02
     grad_clip: float = 1.0
     update_freq: int = 1           # gradient accumulation: batches per optimizer step
@@ -72,7 +74,12 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     epochs: int = 12
+    max_updates: int = 0           # stop after this many optimizer updates (0 = no limit)
+    eval_every: int = 0            # also validate every N updates (0 = at epoch ends only)
     patience: int = 4              # evaluations without improvement before stopping
+    tensorboard: bool = True       # TensorBoard logs in assets/runs/<variant>_<fold>/tensorboard
+    wandb: bool = False            # Weights & Biases (offline mode unless WANDB_API_KEY is set)
+    wandb_project: str = "readaloud"
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     threads: int = 0               # torch CPU threads (0 = leave to torch / train.py)
@@ -151,7 +158,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
 def validate(cfg: RunConfig) -> None:
     choices = {"model.pooling": ("mean", "attention", "attention_mean"),
                "model.ctc_unit": ("phoneme", "char"),
-               "optim.schedule": ("cosine", "constant"),
+               "optim.schedule": ("cosine", "inverse_sqrt", "plateau", "constant"),
                "device": ("auto", "cpu", "cuda")}
     leaves = _leaves(cfg)
     for path, allowed in choices.items():

@@ -5,6 +5,7 @@ fixes a broken CSV in one go instead of one crash at a time.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,6 +127,10 @@ def load_split(data_dir: str | Path, split: str, check_audio: bool = True) -> Sp
     problems = check_metadata(meta, meta_path, data_dir if check_audio else None)
     if problems:
         raise DataError("\n".join(problems))
+    odd = ~meta["grade"].isin(KNOWN_GRADES)
+    if odd.any():  # accepted (every value seen in training becomes a category), but worth a look
+        logging.getLogger("readaloud.data").warning(
+            "%s: grade outside %s at %s", meta_path, KNOWN_GRADES, _show_rows(meta, odd, "grade"))
     labels_path = data_dir / ("train_labels.csv" if split == "train" else "test_labels.csv")
     if split == "train" or labels_path.exists():
         meta = _attach_labels(meta, labels_path, meta_path)

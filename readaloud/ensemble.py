@@ -93,6 +93,16 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
         chosen = choose_folds(assets, m, folds, max_folds)
         members.append({"model": m, "weight": float(wm), "folds": chosen,
                         "checkpoints": [f"{m}_{f}.pth" for f in chosen], "oof_logloss": singles[m]})
+    if not members:  # no model adds anything over the bias: ship the best one alone, refitted
+        best = min(singles, key=singles.get)
+        j = names.index(best)
+        (wb,), b = fit_weights(X[:, [j]], y)
+        ens_pred = sigmoid(X[:, j] * wb + b)
+        folds = sorted(int(f) for f in oofs[best]["fold"].unique())
+        chosen = choose_folds(assets, best, folds, max_folds)
+        members = [{"model": best, "weight": float(wb), "folds": chosen,
+                    "checkpoints": [f"{best}_{f}.pth" for f in chosen], "oof_logloss": singles[best],
+                    "note": "no model earned weight in the blend: the best single model, refitted alone"}]
     prior = float(y.mean())
     return {
         "format": 1,
@@ -104,6 +114,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
         "best_single": min(singles, key=singles.get),
         "oof_logloss_prior": log_loss(y, np.full(len(y), prior)),
         "max_folds": max_folds,
+        "n_folds": int(max(df["fold"].max() for df in oofs.values()) + 1),
     }
 
 

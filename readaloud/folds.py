@@ -15,7 +15,8 @@ FOLD_SEED = 42
 
 
 def fold_path(data_dir: str | Path, n_folds: int) -> Path:
-    return Path(data_dir) / "cache" / f"folds_{n_folds}.csv"
+    from .prepare import cache_dir
+    return cache_dir(data_dir) / f"folds_{n_folds}.csv"
 
 
 def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int = FOLD_SEED) -> pd.Series:

@@ -12,17 +12,23 @@ import pandas as pd  # noqa: E402
 
 
 def plot_training_curves(metrics_csv: str | Path, out: str | Path, title: str = "") -> Path:
-    """Train loss parts, valid log loss and learning rate per epoch of one fold."""
+    """Train losses, valid log loss and learning rate at every evaluation of one fold."""
     df = pd.read_csv(metrics_csv)
+    x = df["step"] if "step" in df else df["epoch"]
+    xlabel = "updates" if "step" in df else "epoch"
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(df["epoch"], df["train_bce"], "o-", label="train BCE")
-    axes[0].plot(df["epoch"], df["valid_logloss"], "o-", label="valid log loss")
+    axes[0].plot(x, df["train_bce"], "o-", label="train BCE")
+    axes[0].plot(x, df["valid_logloss"], "o-", label="valid log loss")
     axes[0].axhline(np.log(2), color="grey", ls=":", lw=1, label="chance (0.693)")
-    axes[0].set_xlabel("epoch"), axes[0].set_title("classification"), axes[0].legend()
-    axes[1].plot(df["epoch"], df["train_ctc"], "o-", color="C2")
-    axes[1].set_xlabel("epoch"), axes[1].set_title("train CTC (phonemes)")
-    axes[2].plot(df["epoch"], df["lr"], "o-", color="C3")
-    axes[2].set_xlabel("epoch"), axes[2].set_title("learning rate")
+    axes[0].set_title("classification"), axes[0].legend()
+    axes[1].plot(x, df["train_ctc"], "o-", color="C2", label="CTC")
+    if "train_bag" in df:
+        axes[1].plot(x, df["train_bag"], "o-", color="C4", label="phoneme presence")
+    axes[1].set_title("auxiliary phoneme objectives (train)"), axes[1].legend()
+    axes[2].plot(x, df["lr"], "o-", color="C3")
+    axes[2].set_title("learning rate (encoder)")
+    for ax in axes:
+        ax.set_xlabel(xlabel)
     fig.suptitle(title)
     fig.tight_layout()
     out = Path(out)
@@ -43,6 +49,26 @@ def plot_cv_bars(table: pd.DataFrame, out: str | Path) -> Path:
     ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
     ax.set_ylabel("log loss"), ax.set_title("cross-validation log loss per fold")
     ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_confusion_by_task(oof: pd.DataFrame, out: str | Path, title: str = "") -> Path:
+    """One 2x2 confusion matrix per task (label vs prediction at 0.5), counts in the cells."""
+    tasks = sorted(oof["task"].astype(str).unique())
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(3.2 * max(1, len(tasks)), 3.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        g = oof[oof["task"].astype(str) == task]
+        pred = (g["pred"] >= 0.5).astype(int)
+        m = np.array([[((g["score"] == t) & (pred == p)).sum() for p in (0, 1)] for t in (0, 1)])
+        ax.imshow(m, cmap="Blues")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, str(v), ha="center", va="center", color="black")
+        ax.set_xticks([0, 1], ["pred 0", "pred 1"]), ax.set_yticks([0, 1], ["said 0", "said 1"])
+        ax.set_title(f"{task}\nacc {np.trace(m) / max(1, m.sum()):.2f}", fontsize=9)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)

@@ -19,12 +19,38 @@ from .references import ReferenceBank
 log = logging.getLogger(__name__)
 
 
+def writable_dir(preferred: str | Path, tag: str) -> Path:
+    """`preferred` if it can be written, else a stable folder under the system temp dir.
+
+    A competition runtime mounts data/ read-only; caches then go to /tmp instead of failing.
+    """
+    preferred = Path(preferred)
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        probe = preferred / f".write_probe{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        return preferred
+    except OSError:
+        import hashlib
+        import tempfile
+        key = hashlib.sha1(str(preferred.resolve()).encode()).hexdigest()[:10]
+        fallback = Path(tempfile.gettempdir()) / f"readaloud-{tag}-{key}"
+        fallback.mkdir(parents=True, exist_ok=True)
+        log.warning("%s is not writable: caching in %s", preferred, fallback)
+        return fallback
+
+
+def cache_dir(data_dir: str | Path) -> Path:
+    return writable_dir(Path(data_dir) / "cache", "cache")
+
+
 def clip_store(data_dir: str | Path, params: FeatureParams = FeatureParams()) -> FeatureStore:
-    return FeatureStore(Path(data_dir) / "cache", f"clips_{params.key()}", params)
+    return FeatureStore(cache_dir(data_dir), f"clips_{params.key()}", params)
 
 
 def bad_clips_path(data_dir: str | Path) -> Path:
-    return Path(data_dir) / "cache" / "bad_clips.csv"
+    return cache_dir(data_dir) / "bad_clips.csv"
 
 
 def read_bad_clips(data_dir: str | Path) -> dict[str, str]:
@@ -69,7 +95,7 @@ def ensure_clip_features(data_dir: str | Path, filenames: list[str], params: Fea
 
 def ensure_references(tts_dir: str | Path, tts_spec: str, texts, params: FeatureParams = FeatureParams(),
                       progress: bool = True) -> ReferenceBank:
-    bank = ReferenceBank(tts_dir, tts_spec, params)
+    bank = ReferenceBank(writable_dir(tts_dir, "tts"), tts_spec, params)
     made = bank.ensure(texts, progress=progress)
     if made:
         log.info("synthesized %d new reference texts into %s", made, bank.root)

@@ -132,11 +132,15 @@ def seed_everything(seed: int) -> None:
 
 
 def lr_factor(step: int, total: int, cfg) -> float:
+    """Linear warmup, then: cosine to min_lr_ratio | inverse square root | constant (also the
+    base of 'plateau', whose reductions are applied on top)."""
     warmup = max(1, int(cfg.warmup_ratio * total))
     if step < warmup:
         return (step + 1) / warmup
-    if cfg.schedule == "constant":
+    if cfg.schedule in ("constant", "plateau"):
         return 1.0
+    if cfg.schedule == "inverse_sqrt":
+        return math.sqrt(warmup / (step + 1))
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -253,43 +257,87 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     dc = cfg.data
     n_batches = len(bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True, 0))
     total_updates = cfg.epochs * math.ceil(n_batches / oc.update_freq)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_updates, oc))
+    if cfg.max_updates:
+        total_updates = min(total_updates, cfg.max_updates)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     spec_aug = SpecAugment(dc.spec_time_masks, dc.spec_time_width, dc.spec_freq_masks, dc.spec_freq_width)
 
-    state = {"epoch": 0, "step": 0, "best": float("inf"), "best_epoch": -1, "bad_evals": 0}
+    state = {"epoch": 0, "batch": 0, "step": 0, "evals": 0, "best": float("inf"), "best_epoch": -1,
+             "best_step": -1, "bad_evals": 0, "plateau_scale": 1.0, "stopped": ""}
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_updates, oc) * state["plateau_scale"])
     resume_path = Path(resume) if resume else paths.last
-    if resume_path.exists() and not restart:
+    resumed = resume_path.exists() and not restart
+    if resumed:
         ck = safe_load(resume_path, fix=f"delete {resume_path} or pass --restart")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         scaler.load_state_dict(ck["scaler"])
-        state = ck["state"]
+        state.update(ck["state"])
         torch.set_rng_state(ck["rng_torch"])
         if torch.cuda.is_available() and "rng_cuda" in ck:
             torch.cuda.set_rng_state_all(ck["rng_cuda"])
-        log.info("resumed from %s at epoch %d (step %d, best valid log loss %.4f)",
-                 resume_path, state["epoch"], state["step"], state["best"])
+        log.info("resumed from %s at epoch %d (batch %d, step %d, best valid log loss %.4f)",
+                 resume_path, state["epoch"], state["batch"], state["step"], state["best"])
+    history = pd.read_csv(paths.metrics).to_dict("records") if resumed and paths.metrics.exists() else []
+    history = [r for r in history if r["step"] <= state["step"]]
+    trackers = Trackers(cfg, paths, resumed_step=state["step"] if resumed else None)
 
-    # ---- loop --------------------------------------------------------------------------
-    history = pd.read_csv(paths.metrics).to_dict("records") if paths.metrics.exists() and state["epoch"] else []
-    history = [r for r in history if r["epoch"] <= state["epoch"]]
+    # ---- loop: batches -> updates; evaluation at each epoch end and every eval_every updates ----
     bad_steps = 0
-    while state["epoch"] < cfg.epochs and state["bad_evals"] < cfg.patience:
-        epoch = state["epoch"]
-        t0 = time.time()
+    sums = _fresh_sums()
+    t_eval = time.time()
+
+    def evaluate(epoch_done: bool) -> None:
+        nonlocal sums, t_eval
+        valid_logits = predict_logits(model, valid_ds, device, dc.batch_max_frames, dc.max_batch_size)
+        valid_loss = log_loss(valid_ds.labels, sigmoid(valid_logits)) if len(valid_ds) else float("nan")
+        n = max(1, sums["n"])
+        row = {"epoch": state["epoch"] + (0 if epoch_done else 1), "step": state["step"],
+               "train_loss": sums["loss"] / n, "train_bce": sums["bce"] / n, "train_ctc": sums["ctc"] / n,
+               "train_bag": sums["bag"] / n, "valid_logloss": valid_loss, "lr": optimizer.param_groups[0]["lr"],
+               "grad_norm": sums["grad_norm"] / max(1, sums["updates"]), "seconds": time.time() - t_eval}
+        history.append(row)
+        state["evals"] += 1
+        improved = valid_loss < state["best"] - 1e-5
+        if improved:
+            state.update(best=valid_loss, best_epoch=row["epoch"], best_step=state["step"], bad_evals=0)
+            atomic_save({"model": model.state_dict()}, paths.best)
+        else:
+            state["bad_evals"] += 1
+            if oc.schedule == "plateau" and state["bad_evals"] % oc.plateau_patience == 0:
+                state["plateau_scale"] *= oc.plateau_factor
+                log.info("valid log loss did not improve: learning rate x%.2f", oc.plateau_factor)
+        _write_metrics(paths, history)
+        trackers.log(row, state["step"])
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
+                     "rng_torch": torch.get_rng_state(),
+                     **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
+                    paths.last)
+        _write_progress(paths, state, cfg.epochs, row)
+        log.info("%s epoch %d/%d step %d  train loss %.4f (bce %.4f ctc %.3f bag %.3f)  valid log loss %.4f%s  %.0fs",
+                 paths.stem, row["epoch"], cfg.epochs, state["step"], row["train_loss"], row["train_bce"],
+                 row["train_ctc"], row["train_bag"], valid_loss, "  *best*" if improved else "", row["seconds"])
+        if os.environ.get("READALOUD_FAULT_DIE_AFTER_EVAL") == str(state["evals"]):
+            os._exit(137)  # fault injection for the resume test: die like a killed process
+        sums, t_eval = _fresh_sums(), time.time()
         model.train()
-        rng = np.random.default_rng([cfg.seed, fold, epoch])
-        batches = bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True,
-                                 seed=int(rng.integers(2**31)))
-        sums = {"loss": 0.0, "bce": 0.0, "ctc": 0.0, "bag": 0.0, "n": 0, "grad_norm": 0.0, "updates": 0}
-        bar = tqdm(batches, desc=f"{paths.stem} epoch {epoch + 1}/{cfg.epochs}", disable=not progress,
-                   leave=False, unit="batch")
+
+    while not state["stopped"] and state["epoch"] < cfg.epochs:
+        epoch = state["epoch"]
+        model.train()
+        order_seed = int(np.random.default_rng([cfg.seed, fold, epoch]).integers(2**31))
+        batches = bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True, seed=order_seed)
+        bar = tqdm(total=len(batches), initial=state["batch"], desc=f"{paths.stem} epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not progress, leave=False, unit="batch")
         optimizer.zero_grad(set_to_none=True)
-        for bi, idx in enumerate(bar):
-            items = [train_ds.item(i) for i in idx]
-            batch = collate(items, spec_aug if dc.spec_time_masks or dc.spec_freq_masks else None, rng)
+        for bi in range(state["batch"], len(batches)):
+            idx = batches[bi]
+            rng = np.random.default_rng([cfg.seed, fold, epoch, bi])  # per batch: resumable anywhere
+            batch = collate([train_ds.item(i) for i in idx],
+                            spec_aug if dc.spec_time_masks or dc.spec_freq_masks else None, rng)
             if dc.task_dropout > 0:
                 drop = torch.from_numpy(rng.random(len(idx)) < dc.task_dropout)
                 batch["task"] = batch["task"].masked_fill(drop, 0)
@@ -304,33 +352,26 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                     else torch.zeros((), device=device)
                 bag = model.bag_loss(out, batch) if "bag_logits" in out else torch.zeros((), device=device)
                 loss = bce + cfg.model.ctc_weight * ctc + cfg.model.bag_weight * bag
+            if os.environ.get("READALOUD_FAULT_NAN_FROM_STEP", "") not in ("",) and \
+                    state["step"] >= int(os.environ["READALOUD_FAULT_NAN_FROM_STEP"]):
+                loss = loss * float("nan")  # fault injection: a diverged model
+            state["batch"] = bi + 1
+            bar.update(1)
             if not torch.isfinite(loss):
                 bad_steps += 1
                 optimizer.zero_grad(set_to_none=True)
                 log.warning("non-finite loss at epoch %d batch %d (%d in a row): update skipped",
                             epoch + 1, bi, bad_steps)
                 if bad_steps >= MAX_BAD_STEPS:
+                    _atomic_json(paths.run_dir / "aborted.json",
+                                 {"reason": "non-finite loss", "epoch": epoch + 1, "step": state["step"],
+                                  "seed": cfg.seed, "time": time.time()})
                     raise TrainingAborted(
                         f"{paths.stem}: {bad_steps} non-finite losses in a row; stopped, keeping the last "
                         f"good checkpoint {paths.last}. Retry with another seed or a lower --lr: "
                         f"{retrain_command(variant, fold, n_folds, data_dir, assets_dir, '--seed 7 --restart')}")
                 continue
             scaler.scale(loss / oc.update_freq).backward()
-            if (bi + 1) % oc.update_freq == 0 or bi + 1 == len(batches):
-                scaler.unscale_(optimizer)
-                gn = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
-                if torch.isfinite(gn):
-                    scaler.step(optimizer)
-                    bad_steps = 0
-                    sums["grad_norm"] += float(gn)
-                    sums["updates"] += 1
-                else:
-                    bad_steps += 1
-                    log.warning("non-finite gradient at epoch %d batch %d: update skipped", epoch + 1, bi)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state["step"] += 1
             k = len(idx)
             sums["loss"] += float(loss.detach()) * k
             sums["bce"] += float(bce.detach()) * k
@@ -338,37 +379,41 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
             sums["bag"] += float(bag.detach()) * k
             sums["n"] += k
             bar.set_postfix(bce=f"{sums['bce'] / sums['n']:.3f}", ctc=f"{sums['ctc'] / sums['n']:.2f}")
+            if (bi + 1) % oc.update_freq and bi + 1 != len(batches):
+                continue
+            scaler.unscale_(optimizer)
+            gn = torch.nn.utils.clip_grad_norm_(model.parameters(), oc.grad_clip)
+            if torch.isfinite(gn):
+                scaler.step(optimizer)
+                bad_steps = 0
+                sums["grad_norm"] += float(gn)
+                sums["updates"] += 1
+            else:
+                bad_steps += 1
+                log.warning("non-finite gradient at epoch %d batch %d: update skipped", epoch + 1, bi)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if cfg.max_updates and state["step"] >= cfg.max_updates:
+                state["stopped"] = f"reached --max_updates {cfg.max_updates}"
+                break
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and bi + 1 < len(batches):
+                evaluate(epoch_done=False)
+                if state["bad_evals"] >= cfg.patience:
+                    state["stopped"] = f"early stop: {cfg.patience} evaluations without improvement"
+                    break
         bar.close()
-
-        valid_logits = predict_logits(model, valid_ds, device, dc.batch_max_frames, dc.max_batch_size)
-        valid_loss = log_loss(valid_ds.labels, sigmoid(valid_logits)) if len(valid_ds) else float("nan")
-        n = max(1, sums["n"])
-        row = {"epoch": epoch + 1, "step": state["step"], "train_loss": sums["loss"] / n,
-               "train_bce": sums["bce"] / n, "train_ctc": sums["ctc"] / n, "train_bag": sums["bag"] / n, "valid_logloss": valid_loss,
-               "lr": optimizer.param_groups[0]["lr"], "grad_norm": sums["grad_norm"] / max(1, sums["updates"]),
-               "seconds": time.time() - t0}
-        history.append(row)
-        improved = valid_loss < state["best"] - 1e-5
-        if improved:
-            state.update(best=valid_loss, best_epoch=epoch + 1, bad_evals=0)
-            atomic_save({"model": model.state_dict()}, paths.best)
-        else:
-            state["bad_evals"] += 1
-        state["epoch"] = epoch + 1
-        _write_metrics(paths, history)
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": dict(state),
-                     "rng_torch": torch.get_rng_state(),
-                     **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
-                    paths.last)
-        _write_progress(paths, state, cfg.epochs, row)
-        if os.environ.get("READALOUD_FAULT_DIE_AFTER_EPOCH") == str(epoch + 1):
-            os._exit(137)  # fault injection for the resume test: die like a killed process
-        log.info("%s epoch %d/%d  train loss %.4f (bce %.4f ctc %.3f bag %.3f)  valid log loss %.4f%s  %.0fs",
-                 paths.stem, epoch + 1, cfg.epochs, row["train_loss"], row["train_bce"], row["train_ctc"], row["train_bag"],
-                 valid_loss, "  *best*" if improved else "", row["seconds"])
-    if state["bad_evals"] >= cfg.patience and state["epoch"] < cfg.epochs:
-        log.info("%s: early stop after epoch %d (best epoch %d)", paths.stem, state["epoch"], state["best_epoch"])
+        epoch_done = state["batch"] >= len(batches)
+        if epoch_done:
+            state["epoch"], state["batch"] = epoch + 1, 0
+        if not (history and history[-1]["step"] == state["step"]):  # not evaluated at this step yet
+            evaluate(epoch_done=epoch_done)
+        if state["bad_evals"] >= cfg.patience and not state["stopped"]:
+            state["stopped"] = f"early stop: {cfg.patience} evaluations without improvement"
+    if state["stopped"]:
+        log.info("%s: %s (best: epoch %s, step %d)", paths.stem, state["stopped"], state["best_epoch"], state["best_step"])
+    trackers.close()
 
     # ---- finish: best weights -> OOF predictions -> the fold's files ---------------------
     if paths.best.exists():
@@ -385,7 +430,8 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     _atomic_csv(oof, paths.oof)
     summary = {"variant": variant, "fold": fold, "n_folds": n_folds, "valid_logloss": fold_loss,
                "valid_logloss_prior": log_loss(oof["score"], prior_predictions(priors, oof["task"])),
-               "best_epoch": state["best_epoch"], "epochs_run": state["epoch"], "n_train": len(train_ds),
+               "best_epoch": state["best_epoch"], "best_step": state["best_step"], "epochs_run": state["epoch"],
+               "updates": state["step"], "stopped": state["stopped"], "n_train": len(train_ds),
                "n_valid": len(valid_meta), "skipped_clips": sorted(bad), "config": cfg.to_dict(),
                "environment": env, "data": str(data_dir)}
     atomic_save({"format": CHECKPOINT_FORMAT, "variant": variant, "fold": fold, "n_folds": n_folds,
@@ -397,13 +443,20 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     tmp.write_text(json.dumps(summary, indent=1))
     os.replace(tmp, paths.summary)
     try:
-        from .plots import plot_training_curves
+        from .plots import plot_confusion_by_task, plot_training_curves
         plot_training_curves(paths.metrics, paths.run_dir / "curves.png", title=paths.stem)
+        plot_confusion_by_task(oof, paths.run_dir / "confusion.png", title=f"{paths.stem} out-of-fold")
     except Exception as exc:  # a plot must never cost a trained fold
         log.warning("could not plot curves: %s", exc)
     log.info("%s: finished, valid log loss %.4f (task prior %.4f) -> %s", paths.stem, fold_loss,
              summary["valid_logloss_prior"], paths.checkpoint)
     return summary
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
@@ -421,3 +474,44 @@ def _write_progress(paths: FoldPaths, state: dict, epochs: int, row: dict) -> No
     tmp.write_text(json.dumps({"epoch": state["epoch"], "epochs": epochs, "best": state["best"],
                                "valid_logloss": row["valid_logloss"], "time": time.time()}))
     os.replace(tmp, paths.progress)
+
+
+def _fresh_sums() -> dict:
+    return {"loss": 0.0, "bce": 0.0, "ctc": 0.0, "bag": 0.0, "n": 0, "grad_norm": 0.0, "updates": 0}
+
+
+class Trackers:
+    """TensorBoard (on by default) and Weights & Biases (--wandb; offline without an account)."""
+
+    def __init__(self, cfg: RunConfig, paths: FoldPaths, resumed_step: int | None):
+        self.tb = self.wandb = None
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(paths.run_dir / "tensorboard"), purge_step=resumed_step)
+            except ImportError:
+                log.warning("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("--wandb needs the wandb package: pip install wandb") from None
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self.wandb = wandb.init(project=cfg.wandb_project, name=paths.stem, id=paths.stem.replace("_", "-"),
+                                    dir=str(paths.run_dir), config=cfg.to_dict(), mode=mode, resume="allow",
+                                    reinit=True)
+
+    def log(self, row: dict, step: int) -> None:
+        scalars = {k: v for k, v in row.items() if k not in ("epoch", "step") and v == v}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k.replace("_", "/", 1), v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log({**scalars, "epoch": row["epoch"]}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -73,3 +73,16 @@ def test_checkpoints_load_weights_only_and_broken_files_are_named(tmp_path, monk
     with pytest.raises(CheckpointError):
         safe_load(tmp_path / "evil.pth")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_an_ensemble_always_ships_at_least_one_model(tmp_path):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 200)
+    for m in ("modela", "modelb"):  # both anti-correlated with the truth: no weight earned
+        z = -(2 * y - 1) * 0.5 + rng.normal(0, 1.0, 200)
+        pd.DataFrame({"filename": [f"{i}.wav" for i in range(200)], "fold": 0, "task": "t",
+                      "grade": "1", "score": y, "logit": z, "pred": sigmoid(z)}).to_csv(tmp_path / f"{m}_0_oof.csv", index=False)
+        (tmp_path / f"{m}_0.pth").write_bytes(b"x")
+    cfg = build_config(tmp_path)
+    assert len(cfg["members"]) == 1 and "note" in cfg["members"][0]
+    assert cfg["oof_logloss"] <= cfg["oof_logloss_prior"] + 1e-6

@@ -1,31 +1,15 @@
 """The whole chain on a tiny demo set, as a user runs it: data -> preprocess -> train.py
 (two models x two folds, one epoch, two parallel jobs) -> check_models -> get_config -> infer."""
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
-import pytest
+
+from conftest import run_script
 
 
 def run(root, *args, ok=True):
-    proc = subprocess.run([sys.executable, *map(str, args)], cwd=root, capture_output=True, text=True,
-                          timeout=900, env={**__import__("os").environ, "TQDM_DISABLE": "1"})
-    if ok and proc.returncode != 0:
-        raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory, root):
-    base = tmp_path_factory.mktemp("e2e")
-    data, assets, tts = base / "data", base / "assets", base / "tts"
-    run(root, "make_demo_data.py", "--out", data, "--n-train", 48, "--n-test", 14, "--seed", 3)
-    run(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
-    train = run(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
-                "--models", "model1mean,model3mapd", "--jobs", 2, "--epochs", 1)
-    return {"root": root, "data": data, "assets": assets, "tts": tts, "train_out": train.stdout}
+    return run_script(root, *args, ok=ok)
 
 
 def test_every_fold_wrote_weights_and_oof(chain):
@@ -50,7 +34,7 @@ def test_check_get_config_and_infer(chain):
     root, data, assets, tts = chain["root"], chain["data"], chain["assets"], chain["tts"]
     check = run(root, "check_models.py", "--data", data, "--assets", assets, "--n_folds", 2, ok=False)
     assert "model1mean" in check.stdout and "model3mapd" in check.stdout and "OOF" in check.stdout
-    cfg = run(root, "get_config.py", "--assets", assets).stdout
+    cfg = chain["config_out"]
     assert "ensemble" in cfg and (assets / "model_configs.json").exists() and (assets / "model_configs.pkl").exists()
     config = json.loads((assets / "model_configs.json").read_text())
     assert all(m["weight"] >= 0 for m in config["members"])

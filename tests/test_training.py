@@ -36,7 +36,7 @@ def test_killed_fold_resumes_to_the_same_weights(tiny_data, root, tmp_path):
     straight = train(root, tiny_data, tmp_path / "a", "--epochs", "3")
     assert straight.returncode == 0, straight.stderr[-2000:]
     killed = train(root, tiny_data, tmp_path / "b", "--epochs", "3",
-                   env={"READALOUD_FAULT_DIE_AFTER_EPOCH": "2"})
+                   env={"READALOUD_FAULT_DIE_AFTER_EVAL": "2"})
     assert killed.returncode == 137
     assert not (tmp_path / "b" / "model1mean_0.pth").exists(), "a killed fold is not finished"
     resumed = train(root, tiny_data, tmp_path / "b", "--epochs", "3")
@@ -46,25 +46,115 @@ def test_killed_fold_resumes_to_the_same_weights(tiny_data, root, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     metrics = pd.read_csv(tmp_path / "b" / "runs" / "model1mean_0" / "metrics.csv")
     assert metrics["epoch"].tolist() == [1, 2, 3], "metrics survive the kill without duplicates"
+    assert list((tmp_path / "b" / "runs" / "model1mean_0" / "tensorboard").glob("events.*"))
     again = train(root, tiny_data, tmp_path / "b", "--epochs", "3")
     assert "already trained" in again.stdout
 
 
-def test_early_stopping_metrics_and_plots(tiny_data, root, tmp_path):
-    # lr so small that nothing improves after the first evaluation: patience 1 stops at epoch 2
-    run = train(root, tiny_data, tmp_path, "--epochs", "6", "--patience", "1", "--lr", "1e-9",
-                "--warmup_ratio", "0")
+def test_killed_mid_epoch_resumes_to_the_same_weights(tiny_data, root, tmp_path):
+    flags = ("--epochs", "2", "--eval_every", "2", "--batch_max_frames", "1500")
+    straight = train(root, tiny_data, tmp_path / "a", *flags)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    metrics = pd.read_csv(tmp_path / "a" / "runs" / "model1mean_0" / "metrics.csv")
+    assert len(metrics) > 2, "evaluations every 2 updates, not only at epoch ends"
+    killed = train(root, tiny_data, tmp_path / "b", *flags, env={"READALOUD_FAULT_DIE_AFTER_EVAL": "3"})
+    assert killed.returncode == 137
+    resumed = train(root, tiny_data, tmp_path / "b", *flags)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr
+    a, b = weights(tmp_path / "a" / "model1mean_0.pth"), weights(tmp_path / "b" / "model1mean_0.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_early_stopping_plateau_metrics_tracking_and_plots(tiny_data, root, tmp_path):
+    # lr so small that nothing improves after the first evaluation: the plateau schedule halves
+    # the learning rate after each bad evaluation and patience 2 stops at the third
+    run = train(root, tiny_data, tmp_path, "--epochs", "6", "--patience", "2", "--lr", "1e-9",
+                "--warmup_ratio", "0", "--schedule", "plateau", "--plateau_patience", "1")
     assert run.returncode == 0, run.stderr[-2000:]
-    metrics = pd.read_csv(tmp_path / "runs" / "model1mean_0" / "metrics.csv")
+    run_dir = tmp_path / "runs" / "model1mean_0"
+    metrics = pd.read_csv(run_dir / "metrics.csv")
     assert len(metrics) < 6 and "early stop" in run.stderr
+    best, expected_lr = float("inf"), 1e-9
+    for loss, lr in zip(metrics["valid_logloss"], metrics["lr"]):  # halved after every bad evaluation
+        assert lr == pytest.approx(expected_lr)
+        if loss < best - 1e-5:
+            best = loss
+        else:
+            expected_lr *= 0.5
+    assert expected_lr < 1e-9, "the plateau schedule reduced the learning rate"
     assert {"train_loss", "valid_logloss", "lr", "grad_norm", "seconds"} <= set(metrics.columns)
-    assert (tmp_path / "runs" / "model1mean_0" / "curves.png").stat().st_size > 1000
+    assert (run_dir / "curves.png").stat().st_size > 1000 and (run_dir / "confusion.png").stat().st_size > 1000
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard logs"
     summary = json.loads((tmp_path / "model1mean_0.json").read_text())
-    assert summary["config"]["optim"]["lr"] == 1e-9, "overrides reach the saved config"
-    assert summary["config"]["model"]["d_model"] == 32
+    assert summary["config"]["optim"]["lr"] == 1e-9 and summary["config"]["optim"]["schedule"] == "plateau"
     assert "git_commit" in summary["environment"] and "torch" in summary["environment"]
+    # the overrides reached the model itself, not only the saved config
+    assert weights(tmp_path / "model1mean_0.pth")["encoder.conv1.weight"].shape[0] == 32
+
+
+def test_max_updates_stops_training(tiny_data, root, tmp_path):
+    run = train(root, tiny_data, tmp_path, "--epochs", "5", "--max_updates", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    summary = json.loads((tmp_path / "model1mean_0.json").read_text())
+    assert summary["updates"] == 3 and "max_updates" in summary["stopped"]
+
+
+def test_schedules_warm_up_then_decay():
+    from types import SimpleNamespace
+    from readaloud.training import lr_factor
+    for schedule in ("cosine", "inverse_sqrt", "plateau", "constant"):
+        cfg = SimpleNamespace(warmup_ratio=0.1, schedule=schedule, min_lr_ratio=0.02)
+        f = [lr_factor(s, 100, cfg) for s in range(100)]
+        assert f[0] < f[5] < f[9] == pytest.approx(1.0), schedule
+        if schedule in ("cosine", "inverse_sqrt"):
+            assert f[99] < 0.4 and all(a >= b for a, b in zip(f[10:], f[11:]))
+        else:
+            assert f[99] == 1.0
 
 
 def test_bad_override_fails_clearly(tiny_data, root, tmp_path):
     run = train(root, tiny_data, tmp_path, "--epochs", "1", "--lrr", "3")
     assert run.returncode != 0 and "unknown option --lrr; did you mean --lr" in run.stderr
+
+
+def test_wandb_offline_without_an_account(tiny_data, root, tmp_path):
+    pytest.importorskip("wandb", reason="optional: pip install wandb")
+    env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
+    run = train(root, tiny_data, tmp_path, "--epochs", "1", "--wandb", env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert list((tmp_path / "runs" / "model1mean_0" / "wandb").glob("offline-run-*")), "offline W&B run written"
+
+
+def test_non_finite_losses_never_update_and_abort_the_fold(tiny_data, root, tmp_path):
+    from readaloud.checking import check, retrain_commands
+    # a clean first epoch, then every loss is NaN: no update may happen, the fold aborts
+    run = train(root, tiny_data, tmp_path, "--epochs", "3", env={"READALOUD_FAULT_NAN_FROM_STEP": "4"})
+    assert run.returncode == 3 and "non-finite losses in a row" in run.stderr
+    run_dir = tmp_path / "runs" / "model1mean_0"
+    last = torch.load(run_dir / "last.pth", weights_only=True)
+    assert last["state"]["epoch"] >= 1 and all(torch.isfinite(v).all() for v in last["model"].values()
+                                                 if v.is_floating_point())
+    assert not (tmp_path / "model1mean_0.pth").exists()
+    _, todo = check(tmp_path, ["model1mean"], 3)
+    reason = dict(((m, f), r) for m, f, r in todo)[("model1mean", 0)]
+    assert reason.startswith("aborted: non-finite loss")
+    cmd = retrain_commands([("model1mean", 0, reason)], 3, tiny_data, tmp_path)[0]
+    assert "--restart --seed 1" in cmd and "--fold 0" in cmd
+
+
+def test_a_corrupt_training_clip_is_listed_and_skipped(tiny_data, root, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data, ignore=shutil.ignore_patterns("cache"))
+    meta = pd.read_csv(data / "train_metadata.csv")
+    bad = meta["filename"][0]
+    (data / bad).write_bytes(b"RIFF\x00\x00\x00\x00WAVEbroken")
+    run = train(root, data, tmp_path / "assets", "--epochs", "1")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "unusable" in run.stderr and bad in (data / "cache" / "bad_clips.csv").read_text()
+    folds = pd.read_csv(data / "cache" / "folds_3.csv").set_index("filename")["fold"]
+    summary = json.loads((tmp_path / "assets" / "model1mean_0.json").read_text())
+    assert summary["skipped_clips"] == [bad]
+    if folds[bad] == 0:  # in the validation fold it still gets a (flagged) prediction
+        oof = pd.read_csv(tmp_path / "assets" / "model1mean_0_oof.csv").set_index("filename")
+        assert oof.loc[bad, "fallback"] == 1

@@ -1,0 +1,212 @@
+"""Speed benchmark: the straightforward pipeline vs the project's, same model size, same clips.
+
+    python -m readaloud.bench.speed [--data data] [--n 96] [--repeats 3] [--models 3]
+                                    [--jobs_folds 0,1] [--skip_jobs] [--out bench_out/speed.md]
+
+straightforward (the seed's way): every item decoded with librosa.load (with resampling) on every
+access, the TTS reference too; Whisper's feature extractor pads [reference | pause | response]
+to 30 s; the encoder runs on all 1500 positions; fixed-size batches; each ensemble member
+decodes and featurizes every clip again.
+project: cached float16 log-mel, the encoder on the batch's real length (positions pooled in
+pairs), batches filled by frame budget, features computed once for the whole ensemble,
+torch.inference_mode.
+
+Each path runs in its own process (so peak memory is its own); figures are medians of
+--repeats runs. Also times `train.py --jobs 1` vs `--jobs 2` on the same folds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _setup(data: str, n: int, threads: int):
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    from readaloud.config import ModelConfig
+    from readaloud.data import load_split
+    from readaloud.dataset import Categories
+    from readaloud.prepare import ensure_clip_features, ensure_references
+    from readaloud.text import Vocab
+    meta = load_split(data, "train").meta.sample(n, random_state=0).reset_index(drop=True)
+    refs = ensure_references("tts_data", "espeak:en-us+f3", meta["expected_text"].unique(), progress=False)
+    clips, _ = ensure_clip_features(data, meta["filename"].tolist(), progress=False)
+    vocab = Vocab.build(meta["expected_text"])
+    cats = Categories.from_meta(meta)
+    return meta, refs, clips, vocab, cats, ModelConfig
+
+
+def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: int, batch: int) -> dict:
+    """One measurement in this process: clips/s of `mode` (train | infer) along `path`."""
+    import torch
+    import torch.nn.functional as F
+    meta, refs, clips, vocab, cats, ModelConfig = _setup(data, n, threads)
+    from readaloud.models import build_model
+    t0 = time.perf_counter()
+    if path == "straightforward":
+        import librosa
+        from transformers import WhisperFeatureExtractor
+        from readaloud.text import normalise_text
+        fe = WhisperFeatureExtractor(feature_size=80)
+        cfg = ModelConfig(position_pool=1, score_features=False, match_features=False, bag_weight=0.0)
+        models = [build_model(cfg, len(cats.tasks), len(cats.grades), len(vocab)) for _ in range(n_models if mode == "infer" else 1)]
+
+        def features(rows):
+            out = []
+            for _, r in rows.iterrows():
+                resp, _ = librosa.load(Path(data) / r["filename"], sr=16000)
+                ref, _ = librosa.load(refs.root / refs.index[normalise_text(r["expected_text"])], sr=16000)
+                audio = np.concatenate([ref, np.zeros(3200, np.float32), resp])[: 30 * 16000]
+                out.append(fe(audio, sampling_rate=16000, return_tensors="np").input_features[0])
+            return torch.from_numpy(np.stack(out))
+
+        labels = torch.tensor(meta["score"].to_numpy(), dtype=torch.float32)
+        if mode == "train":
+            m = models[0].train()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+            for s in range(0, n, batch):
+                x = features(meta.iloc[s: s + batch])
+                hidden = m.encoder(x).last_hidden_state  # Whisper's own forward: 1500 positions
+                logit = m.head(torch.cat([hidden.mean(1), torch.zeros(len(x), m.cfg.task_dim + m.cfg.grade_dim)], 1)).squeeze(-1)
+                loss = F.binary_cross_entropy_with_logits(logit, labels[s: s + batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        else:
+            with torch.inference_mode():
+                for m in models:  # every member decodes and featurizes every clip again
+                    m.eval()
+                    for s in range(0, n, batch):
+                        m.encoder(features(meta.iloc[s: s + batch])).last_hidden_state.mean(1)
+    else:
+        from readaloud.dataset import PairDataset, bucket_batches, collate
+        from readaloud.training import predict_logits
+        cfg = ModelConfig()
+        models = [build_model(cfg, len(cats.tasks), len(cats.grades), len(vocab)) for _ in range(n_models if mode == "infer" else 1)]
+        m0 = models[0]
+        ds = PairDataset(meta, clips, refs, vocab, cats, m0.max_frames, cfg.pause_frames, m0.frames_per_position)
+        if mode == "train":
+            m0.train()
+            opt = torch.optim.AdamW(m0.parameters(), lr=1e-4)
+            for idx in bucket_batches(ds.lengths, 6000, 64, True, 0):
+                b = collate([ds.item(i) for i in idx])
+                b["ctc_response"] = b["label"] > 0.5
+                out = m0(b)
+                loss = F.binary_cross_entropy_with_logits(out["logits"], b["label"]) + \
+                    0.5 * m0.ctc_loss(out, b) + m0.bag_loss(out, b)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        else:
+            for m in models:  # features were computed once; each member only runs its forward
+                predict_logits(m, ds, torch.device("cpu"), 6000)
+    seconds = time.perf_counter() - t0
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"path": path, "mode": mode, "clips": n, "models": n_models if mode == "infer" else 1,
+            "seconds": seconds, "clips_per_s": n / seconds, "peak_rss_mb": peak_mb}
+
+
+def measure(path, mode, args) -> dict:
+    runs = []
+    for _ in range(args.repeats):
+        out = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--_one", path, mode, "--data", args.data,
+                              "--n", str(args.n), "--models", str(args.models), "--threads", str(args.threads),
+                              "--batch", str(args.batch)], cwd=ROOT, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    best = dict(runs[0])
+    best["clips_per_s"] = statistics.median(r["clips_per_s"] for r in runs)
+    best["seconds"] = statistics.median(r["seconds"] for r in runs)
+    best["peak_rss_mb"] = statistics.median(r["peak_rss_mb"] for r in runs)
+    best["all_clips_per_s"] = [round(r["clips_per_s"], 2) for r in runs]
+    return best
+
+
+def time_jobs(args) -> dict:
+    """Wall time of train.py on the same folds with --jobs 1 and --jobs 2 (fresh assets each)."""
+    out = {}
+    for jobs in (1, 2):
+        assets = ROOT / "bench_out" / f"jobs{jobs}_assets"
+        if assets.exists():
+            import shutil
+            shutil.rmtree(assets)
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "train.py", "--data", args.data, "--assets", str(assets), "--models",
+                        "model1mean", "--folds", args.jobs_folds, "--n_folds", "6", "--jobs", str(jobs),
+                        "--epochs", "1"], cwd=ROOT, check=True, capture_output=True,
+                       env={**os.environ, "TQDM_DISABLE": "1"})
+        out[jobs] = time.perf_counter() - t0
+    return {"jobs1_s": out[1], "jobs2_s": out[2], "speedup": out[1] / out[2], "folds": args.jobs_folds}
+
+
+def machine() -> str:
+    import platform
+    import torch
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="data")
+    p.add_argument("--n", type=int, default=96, help="clips per measurement")
+    p.add_argument("--models", type=int, default=3, help="ensemble members for the inference measurement")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=8, help="fixed batch size of the straightforward path")
+    p.add_argument("--jobs_folds", default="0,1")
+    p.add_argument("--skip_jobs", action="store_true")
+    p.add_argument("--out", default="bench_out/speed.md")
+    p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args._one:
+        print(json.dumps(run_path(args._one[0], args._one[1], args.data, args.n, args.models, args.threads, args.batch)))
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    rows = {(path, mode): measure(path, mode, args) for mode in ("train", "infer")
+            for path in ("straightforward", "project")}
+    jobs = None if args.skip_jobs else time_jobs(args)
+    lines = [f"# Speed benchmark\n", f"machine: {machine()}; {args.n} clips of `{args.data}`; median of "
+             f"{args.repeats} runs; inference = an ensemble of {args.models} models\n",
+             "| measurement | straightforward | project | project / straightforward |", "|---|---|---|---|"]
+    for mode, label in (("train", "training, clips/s (forward + backward)"), ("infer", "ensemble inference, clips/s")):
+        a, b = rows[("straightforward", mode)], rows[("project", mode)]
+        lines.append(f"| {label} | {a['clips_per_s']:.2f} | {b['clips_per_s']:.2f} | "
+                     f"**{b['clips_per_s'] / a['clips_per_s']:.1f}x** |")
+        lines.append(f"| peak memory during {mode}, MB | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
+                     f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f} |")
+    if jobs:
+        lines.append(f"\n`train.py --jobs 1` vs `--jobs 2` (model1mean, folds {jobs['folds']}, one epoch): "
+                     f"{jobs['jobs1_s']:.0f}s vs {jobs['jobs2_s']:.0f}s, **{jobs['speedup']:.2f}x**")
+    lines.append("\nper-run clips/s: " + "; ".join(f"{k[0]} {k[1]}: {v['all_clips_per_s']}" for k, v in rows.items()))
+    text = "\n".join(lines)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    (out.with_suffix(".json")).write_text(json.dumps({"rows": {f"{k[0]}/{k[1]}": v for k, v in rows.items()},
+                                                      "jobs": jobs, "machine": machine()}, indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
