@@ -47,3 +47,14 @@ def test_check_get_config_and_infer(chain):
     assert sub["filename"].tolist() == fmt["filename"].tolist(), "same rows, same order"
     assert np.isfinite(sub["score"]).all() and ((sub["score"] > 0) & (sub["score"] < 1)).all()
     assert tmp.with_name("submission.csv.json").exists()
+
+
+def test_preprocess_rerun_synthesizes_and_decodes_nothing_new(chain):
+    tts_files = {p: p.stat().st_mtime_ns for p in chain["tts"].rglob("*") if p.is_file()}
+    out = run(chain["root"], "preprocess.py", "--data", chain["data"], "--tts_dir", chain["tts"], "--n_folds", 2,
+              "--workers", 1)
+    assert "synthesized" not in out.stdout + out.stderr and "features" not in out.stderr
+    assert {p: p.stat().st_mtime_ns for p in tts_files} == tts_files, "the TTS cache was not rewritten"
+    index = (chain["tts"] / "espeak_en-us+f3" / "index.csv").read_text().splitlines()
+    meta = __import__("pandas").read_csv(chain["data"] / "train_metadata.csv")
+    assert len(index) - 1 >= meta["expected_text"].nunique(), "one reference per unique text"
