@@ -118,7 +118,6 @@ def test_bad_override_fails_clearly(tiny_data, root, tmp_path):
 
 
 def test_wandb_offline_without_an_account(tiny_data, root, tmp_path):
-    pytest.importorskip("wandb", reason="optional: pip install wandb")
     env = {"WANDB_MODE": "offline", "WANDB_API_KEY": "", "WANDB_SILENT": "true"}
     run = train(root, tiny_data, tmp_path, "--epochs", "1", "--wandb", env=env)
     assert run.returncode == 0, run.stderr[-2000:]
