@@ -73,8 +73,9 @@ def _warn_unseen(meta: pd.DataFrame, cats: Categories) -> None:
 
 def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "assets",
                   tts_dir: str | Path = "tts_data", out: str | Path = "submission.csv",
-                  device: str = "auto", time_limit: float | None = None, progress: bool = True) -> dict:
-    """Predict the test set with the ensemble in assets/model_configs.json; write `out`."""
+                  device: str = "auto", time_limit: float | None = None, progress: bool = True,
+                  config: dict | None = None) -> dict:
+    """Predict the test set with the ensemble in assets/model_configs.json (or `config`); write `out`."""
     start = time.time()
     data_dir, assets_dir = Path(data_dir), Path(assets_dir)
     fmt = load_submission_format(data_dir)
@@ -88,7 +89,7 @@ def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "asset
     dev = pick_device(device)
 
     try:
-        config = read_config(assets_dir)
+        config = config if config is not None else read_config(assets_dir)
         members = config["members"]
         bias = float(config.get("bias", 0.0))
         n_folds = config.get("n_folds")

@@ -73,3 +73,42 @@ def plot_confusion_by_task(oof: pd.DataFrame, out: str | Path, title: str = "") 
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return Path(out)
+
+
+def plot_reliability(y: np.ndarray, preds: dict, out: str | Path, bins: int = 10) -> Path:
+    """Observed rate of score = 1 against the predicted probability, per model (and counts)."""
+    fig, ax = plt.subplots(figsize=(5, 4.6))
+    ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1, label="perfect calibration")
+    edges = np.linspace(0, 1, bins + 1)
+    for name, p in preds.items():
+        idx = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+        xs, ys = [], []
+        for b in range(bins):
+            m = idx == b
+            if m.sum() >= 5:
+                xs.append(p[m].mean())
+                ys.append(y[m].mean())
+        ax.plot(xs, ys, "o-", label=name)
+    ax.set_xlabel("predicted P(correct)"), ax.set_ylabel("observed share correct")
+    ax.set_title("reliability (test)"), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return Path(out)
+
+
+def plot_task_losses(table: dict, out: str | Path) -> Path:
+    """Test log loss per task for each predictor (grouped bars)."""
+    names = list(table)
+    keys = [k for k in next(iter(table.values())) if k.startswith("task=")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(keys)), 3.8))
+    width = 0.8 / max(1, len(names))
+    for j, name in enumerate(names):
+        ax.bar(np.arange(len(keys)) + j * width, [table[name][k] for k in keys], width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.removeprefix("task=") for k in keys])
+    ax.set_ylabel("test log loss"), ax.set_title("per task")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,128 @@
+"""Quality benchmark: the whole pipeline on a labelled data folder, scored per task and grade.
+
+    python -m readaloud.bench.quality --data DIR [--out DIR] [--models a,b] [--n_folds 6]
+                                      [--epochs E] [--jobs 2] [--backbone PATH | --pretrain]
+
+Runs preprocess -> (pretrain) -> train.py -> get_config -> inference on any folder in the
+competition layout that has test_labels.csv, then reports test log loss overall, per task and
+per grade for the prior, every model (all its folds, alone) and the ensemble. Writes
+summary.md, summary.json and PNGs (reliability diagram, CV log loss per fold, per-task losses)
+into --out. Finished folds are reused, so a rerun only scores.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> None:
+    cmd = [sys.executable, *args]
+    print("$", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+
+
+def breakdown(y: np.ndarray, p: np.ndarray, meta: pd.DataFrame) -> dict:
+    from readaloud.metrics import log_loss
+    out = {"overall": log_loss(y, p)}
+    for col in ("task", "grade"):
+        for value in sorted(meta[col].astype(str).unique()):
+            m = (meta[col].astype(str) == value).to_numpy()
+            out[f"{col}={value}"] = log_loss(y[m], p[m])
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", default=None, help="report folder (default: <data>_quality)")
+    p.add_argument("--assets", default=None, help="models folder (default: <out>/assets)")
+    p.add_argument("--tts_dir", default="tts_data")
+    p.add_argument("--models", default=None, help="comma-separated variants (default: all)")
+    p.add_argument("--n_folds", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--backbone", default=None, help="pretrained encoder for every variant")
+    p.add_argument("--pretrain", action="store_true", help="run pretrain.py first and use its encoder")
+    args, extra = p.parse_known_args(argv)
+    from readaloud.checking import check
+    from readaloud.data import load_split
+    from readaloud.ensemble import read_config
+    from readaloud.inference import run_inference
+    from readaloud.metrics import prior_predictions, task_priors
+    from readaloud.plots import plot_cv_bars, plot_reliability, plot_task_losses
+    from readaloud.variants import VARIANTS
+
+    data = Path(args.data)
+    if not (data / "test_labels.csv").exists():
+        raise SystemExit(f"{data}/test_labels.csv not found: the quality benchmark needs test labels")
+    out = Path(args.out or f"{str(data).rstrip('/')}_quality")
+    assets = Path(args.assets or out / "assets")
+    out.mkdir(parents=True, exist_ok=True)
+    models = args.models.split(",") if args.models else list(VARIANTS)
+    common = ["--data", str(data), "--tts_dir", args.tts_dir]
+    _run("preprocess.py", *common, "--n_folds", str(args.n_folds))
+    backbone = args.backbone
+    if args.pretrain:
+        backbone = str(assets / "pretrained_encoder")
+        _run("pretrain.py", "--out", backbone, "--data", str(data))
+    train = ["train.py", *common, "--assets", str(assets), "--models", ",".join(models), "--n_folds",
+             str(args.n_folds), "--jobs", str(args.jobs), *extra]
+    train += ["--epochs", str(args.epochs)] if args.epochs else []
+    train += ["--backbone", backbone] if backbone else []
+    _run(*train)
+    _run("get_config.py", "--assets", str(assets), "--models", ",".join(models))
+
+    train_meta = load_split(data, "train", check_audio=False).meta
+    test = load_split(data, "test", check_audio=False).meta
+    fmt = pd.read_csv(data / "submission_format.csv", dtype=str)
+    test = fmt[["filename"]].merge(test, on="filename", how="left")
+    y = test["score"].to_numpy(float)
+    preds = {"prior (base rate)": np.full(len(test), train_meta["score"].mean()),
+             "prior (per task)": prior_predictions(task_priors(train_meta), test["task"])}
+    for m in models:
+        folds = sorted(int(f.stem.rsplit("_", 1)[1]) for f in assets.glob(f"{m}_*.pth") if f.stem.rsplit("_", 1)[1].isdigit())
+        if not folds:
+            continue
+        alone = {"members": [{"model": m, "weight": 1.0, "folds": folds, "checkpoints": [f"{m}_{f}.pth" for f in folds]}],
+                 "bias": 0.0, "n_folds": args.n_folds}
+        res = run_inference(data, assets, args.tts_dir, out / f"test_{m}.csv", progress=False, config=alone)
+        preds[m] = pd.read_csv(res["submission"])["score"].to_numpy()
+    res = run_inference(data, assets, args.tts_dir, out / "test_ensemble.csv", progress=False)
+    preds["ensemble"] = pd.read_csv(res["submission"])["score"].to_numpy()
+
+    table = {name: breakdown(y, p, test) for name, p in preds.items()}
+    cv, _ = check(assets, models, args.n_folds, data)
+    cv_ok = cv[cv.status == "ok"]
+    plots = {"reliability": plot_reliability(y, {k: v for k, v in preds.items() if not k.startswith("prior")},
+                                             out / "reliability.png"),
+             "per_task": plot_task_losses(table, out / "per_task.png")}
+    if len(cv_ok):
+        plots["cv"] = plot_cv_bars(cv_ok, out / "cv_logloss.png")
+    config = read_config(assets)
+    cols = list(next(iter(table.values())))
+    lines = [f"# Quality benchmark: `{data}`\n",
+             f"{len(train_meta)} training clips, {len(test)} test clips; {args.n_folds} folds; models: "
+             f"{', '.join(models)}; ensemble OOF log loss {config['oof_logloss']:.4f}\n",
+             "Test log loss:\n", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
+    lines += ["", *(f"![{k}]({Path(v).name})" for k, v in plots.items())]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    summary = {"data": str(data), "test_logloss": table, "oof_logloss": config["oof_logloss"],
+               "plots": {k: str(v) for k, v in plots.items()}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n".join(lines))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
