@@ -7,9 +7,13 @@ from conftest import run_script
 
 
 def test_quality_benchmark_reports_per_task_and_grade(chain, tmp_path):
-    out = tmp_path / "quality"
-    run_script(chain["root"], "-m", "readaloud.bench.quality", "--data", chain["data"], "--out", out,
-               "--tts_dir", chain["tts"], "--models", "model1mean", "--n_folds", 2, "--epochs", 1, "--jobs", 2)
+    import shutil
+    out, assets = tmp_path / "quality", tmp_path / "assets"
+    shutil.copytree(chain["assets"], assets)  # trained folds are reused: the benchmark only scores them
+    res = run_script(chain["root"], "-m", "readaloud.bench.quality", "--data", chain["data"], "--out", out,
+                     "--assets", assets, "--tts_dir", chain["tts"], "--models", "model1mean", "--n_folds", 2,
+                     "--epochs", 1, "--jobs", 2)
+    assert "finished already, skipped" in res.stdout
     summary = json.loads((out / "summary.json").read_text())
     table = summary["test_logloss"]
     assert {"prior (base rate)", "prior (per task)", "model1mean", "ensemble"} <= set(table)
