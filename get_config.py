@@ -16,8 +16,12 @@ def main():
     add_common(p)
     p.add_argument("--models", default=None, help="comma-separated (default: every model with OOF files)")
     p.add_argument("--max_folds", type=int, default=None, help="checkpoints to ship per model (default: all)")
+    p.add_argument("--blend", choices=("logit", "convex"), default="logit",
+                   help="logit: non-negative weights + bias (recalibrates on OOF); convex: weights sum to 1, "
+                        "no bias (safer when the test set is shifted, e.g. unseen voices)")
     args = p.parse_args()
-    config = build_config(args.assets, args.models.split(",") if args.models else None, args.max_folds)
+    config = build_config(args.assets, args.models.split(",") if args.models else None, args.max_folds,
+                          blend=args.blend)
     js, pk = write_config(config, args.assets)
     print(f"{'model':14}{'weight':>10}{'OOF log loss':>14}  folds shipped")
     for m in config["members"]:

@@ -63,6 +63,23 @@ def fit_weights(X: np.ndarray, y: np.ndarray, l2: float = 1e-4) -> tuple[np.ndar
     return res.x[:m], float(res.x[m])
 
 
+def fit_convex_weights(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Weights on the simplex (non-negative, summing to 1) and no bias: the blend can choose
+    between models but cannot sharpen or shift them, which keeps calibration learned on OOF
+    data from backfiring on a shifted test set (e.g. voices never heard in training)."""
+    m = X.shape[1]
+    y = y.astype(np.float64)
+
+    def f(w):
+        z = X @ w
+        return np.mean(np.logaddexp(0, z) - y * z), X.T @ (sigmoid(z) - y) / len(y)
+
+    res = minimize(f, np.full(m, 1.0 / m), jac=True, method="SLSQP", bounds=[(0.0, 1.0)] * m,
+                   constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1.0, "jac": lambda w: np.ones(m)}])
+    w = np.clip(res.x, 0.0, None)
+    return w / w.sum(), 0.0
+
+
 def choose_folds(assets: str | Path, model: str, available: list[int], max_folds: int | None) -> list[int]:
     """The folds whose checkpoints to ship: all, or the `max_folds` with the best validation loss."""
     if not max_folds or max_folds >= len(available):
@@ -75,14 +92,18 @@ def choose_folds(assets: str | Path, model: str, available: list[int], max_folds
 
 
 def build_config(assets: str | Path, models: list[str] | None = None, max_folds: int | None = None,
-                 min_weight: float = 1e-3) -> dict:
-    """Fit the ensemble on the OOF predictions in `assets`; returns the config dict."""
+                 min_weight: float = 1e-3, blend: str = "logit") -> dict:
+    """Fit the ensemble on the OOF predictions in `assets`; returns the config dict.
+
+    blend="logit": non-negative weights + bias (may recalibrate); "convex": weights summing to 1."""
+    if blend not in ("logit", "convex"):
+        raise ValueError(f"blend must be 'logit' or 'convex', got {blend!r}")
     oofs = collect_oof(assets, models)
     if not oofs:
         raise FileNotFoundError(f"no finished folds (<model>_<fold>.pth with _oof.csv) in {assets}; run train.py first")
     table, names = oof_matrix(oofs)
     X, y = table[names].to_numpy(np.float64), table["score"].to_numpy()
-    w, b = fit_weights(X, y)
+    w, b = fit_weights(X, y) if blend == "logit" else fit_convex_weights(X, y)
     singles = {m: log_loss(y, sigmoid(table[m])) for m in names}
     ens_pred = sigmoid(X @ w + b)
     members = []
@@ -96,7 +117,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
     if not members:  # no model adds anything over the bias: ship the best one alone, refitted
         best = min(singles, key=singles.get)
         j = names.index(best)
-        (wb,), b = fit_weights(X[:, [j]], y)
+        (wb,), b = fit_weights(X[:, [j]], y) if blend == "logit" else ((1.0,), 0.0)
         ens_pred = sigmoid(X[:, j] * wb + b)
         folds = sorted(int(f) for f in oofs[best]["fold"].unique())
         chosen = choose_folds(assets, best, folds, max_folds)
@@ -114,6 +135,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
         "best_single": min(singles, key=singles.get),
         "oof_logloss_prior": log_loss(y, np.full(len(y), prior)),
         "max_folds": max_folds,
+        "blend": blend,
         "n_folds": int(max(df["fold"].max() for df in oofs.values()) + 1),
     }
 

@@ -86,3 +86,16 @@ def test_an_ensemble_always_ships_at_least_one_model(tmp_path):
     cfg = build_config(tmp_path)
     assert len(cfg["members"]) == 1 and "note" in cfg["members"][0]
     assert cfg["oof_logloss"] <= cfg["oof_logloss_prior"] + 1e-6
+
+
+def test_convex_blend_cannot_sharpen():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 3000)
+    X = np.stack([(2 * y - 1) * 0.3 + rng.normal(0, 0.5, y.size),
+                  (2 * y - 1) * 0.3 + rng.normal(0, 0.5, y.size)], 1)  # under-confident members
+    w_free, _ = fit_weights(X, y)
+    from readaloud.ensemble import fit_convex_weights
+    w, b = fit_convex_weights(X, y)
+    assert w_free.sum() > 1.5, "the free blend sharpens under-confident members"
+    assert w.sum() == pytest.approx(1.0) and b == 0.0 and (w >= 0).all()
+    assert log_loss(y, sigmoid(X @ w)) <= min(log_loss(y, sigmoid(X[:, j])) for j in range(2)) + 1e-9
