@@ -37,22 +37,28 @@ def plot_training_curves(metrics_csv: str | Path, out: str | Path, title: str = 
     return out
 
 
-def plot_cv_bars(table: pd.DataFrame, out: str | Path) -> Path:
-    """CV log loss per model (bars = folds), from check_models' table (model, fold, logloss)."""
-    models = sorted(table["model"].unique())
-    folds = sorted(table["fold"].unique())
-    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(models)), 3.6))
-    width = 0.8 / max(1, len(folds))
-    for j, f in enumerate(folds):
-        vals = [table[(table.model == m) & (table.fold == f)]["logloss"].mean() for m in models]
-        ax.bar(np.arange(len(models)) + j * width, vals, width, label=f"fold {f}")
-    ax.set_xticks(np.arange(len(models)) + 0.4 - width / 2, models)
-    ax.set_ylabel("log loss"), ax.set_title("cross-validation log loss per fold")
+def _grouped_bars(groups: list[str], series: dict[str, list[float]], ylabel: str, title: str,
+                  out: str | Path) -> Path:
+    """Bars of several series side by side for each group, saved as a PNG."""
+    fig, ax = plt.subplots(figsize=(max(5, 1.7 * len(groups)), 3.7))
+    width = 0.8 / max(1, len(series))
+    for j, (label, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + j * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups)
+    ax.set_ylabel(ylabel), ax.set_title(title)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(out, dpi=90)
     plt.close(fig)
     return Path(out)
+
+
+def plot_cv_bars(table: pd.DataFrame, out: str | Path) -> Path:
+    """CV log loss per model (bars = folds), from check_models' table (model, fold, logloss)."""
+    models = sorted(table["model"].unique())
+    series = {f"fold {f}": [table[(table.model == m) & (table.fold == f)]["logloss"].mean() for m in models]
+              for f in sorted(table["fold"].unique())}
+    return _grouped_bars(models, series, "log loss", "cross-validation log loss per fold", out)
 
 
 def plot_confusion_by_task(oof: pd.DataFrame, out: str | Path, title: str = "") -> Path:
@@ -99,16 +105,6 @@ def plot_reliability(y: np.ndarray, preds: dict, out: str | Path, bins: int = 10
 
 def plot_task_losses(table: dict, out: str | Path) -> Path:
     """Test log loss per task for each predictor (grouped bars)."""
-    names = list(table)
     keys = [k for k in next(iter(table.values())) if k.startswith("task=")]
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(keys)), 3.8))
-    width = 0.8 / max(1, len(names))
-    for j, name in enumerate(names):
-        ax.bar(np.arange(len(keys)) + j * width, [table[name][k] for k in keys], width, label=name)
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - width / 2, [k.removeprefix("task=") for k in keys])
-    ax.set_ylabel("test log loss"), ax.set_title("per task")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-    return Path(out)
+    series = {name: [row[k] for k in keys] for name, row in table.items()}
+    return _grouped_bars([k.removeprefix("task=") for k in keys], series, "test log loss", "per task", out)
