@@ -30,6 +30,22 @@ def atomic_save(obj, path: str | Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write text or bytes to `path` through a temporary file renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_csv(df, path: str | Path) -> None:
+    """A pandas table as CSV (no index), written atomically."""
+    atomic_write(path, df.to_csv(index=False))
+
+
 def safe_load(path: str | Path, map_location="cpu", fix: str = "") -> dict:
     """torch.load with weights_only=True; a missing, empty or broken file gets a clear error."""
     path = Path(path)

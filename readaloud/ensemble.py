@@ -8,7 +8,6 @@ same weights apply. Working in logit space lets the blend also recalibrate.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
+from .checkpoints import atomic_write
 from .metrics import log_loss, sigmoid
 
 CONFIG_JSON = "model_configs.json"
@@ -144,10 +144,8 @@ def write_config(config: dict, assets: str | Path) -> tuple[Path, Path]:
     """model_configs.json (the source of truth) and model_configs.pkl (a plain-dict twin)."""
     assets = Path(assets)
     js, pk = assets / CONFIG_JSON, assets / CONFIG_PKL
-    for path, payload in ((js, json.dumps(config, indent=1).encode()), (pk, pickle.dumps(config, protocol=4))):
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
+    atomic_write(js, json.dumps(config, indent=1))
+    atomic_write(pk, pickle.dumps(config, protocol=4))
     return js, pk
 
 

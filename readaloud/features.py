@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,6 +19,7 @@ import pandas as pd
 import torch
 
 from .audio import SAMPLE_RATE, trim_silence
+from .checkpoints import atomic_write
 
 FEATURE_VERSION = 1
 
@@ -81,12 +81,6 @@ def clip_features(audio: np.ndarray, params: FeatureParams = FeatureParams()) ->
     return log_mel(audio, params).astype(np.float16)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def file_lock(path: Path):
     """Exclusive inter-process lock (parallel trainers must not append to a store at once)."""
@@ -126,7 +120,7 @@ class FeatureStore:
                 if stale:  # built with other feature settings: start over rather than mix frames
                     for p in (self.data_path, self.index_path):
                         p.unlink(missing_ok=True)
-                _atomic_write_text(self.meta_path, json.dumps(meta, indent=1))
+                atomic_write(self.meta_path, json.dumps(meta, indent=1))
         self._index = {}
         if self.index_path.exists():
             df = pd.read_csv(self.index_path, dtype={"key": str}, keep_default_na=False)
@@ -198,7 +192,7 @@ class FeatureStore:
         for key, offset, length in pending:
             self._index[key] = (offset, length)
         df = pd.DataFrame([(k, o, n) for k, (o, n) in self._index.items()], columns=["key", "offset", "length"])
-        _atomic_write_text(self.index_path, df.to_csv(index=False))
+        atomic_write(self.index_path, df.to_csv(index=False))
 
 
 def iter_clip_features(paths: list[Path], params: FeatureParams, workers: int = 1

@@ -5,11 +5,12 @@ in a file so that folds can never silently disagree between processes or version
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from .checkpoints import atomic_csv
 
 FOLD_SEED = 42
 
@@ -51,7 +52,5 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int)
         return meta["filename"].map(mapping).astype(int)
     folds = assign_folds(meta, n_folds)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    pd.DataFrame({"filename": meta["filename"], "fold": folds}).to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    atomic_csv(pd.DataFrame({"filename": meta["filename"], "fold": folds}), path)
     return folds

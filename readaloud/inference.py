@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .checkpoints import CheckpointError, safe_load
+from .checkpoints import CheckpointError, atomic_csv, safe_load
 from .config import RunConfig
 from .data import DataError, load_split, load_submission_format
 from .dataset import Categories, PairDataset
@@ -162,9 +161,7 @@ def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "asset
     sub = pd.DataFrame({"filename": fmt["filename"], "score": clip_prob(final)})
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    sub.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    atomic_csv(sub, out)
     result = {"submission": str(out), "rows": len(sub), "models_used": sorted(weights),
               "checkpoints_used": sum(len(v) for v in model_logits.values()),
               "checkpoints_listed": len(checkpoints), "fallback_rows": int(used_fallback.sum()), "seconds": time.time() - start}
@@ -224,8 +221,5 @@ def write_fallback_submission(data_dir: str | Path, assets_dir: str | Path, out:
         pass
     values = prior_predictions(priors, tasks) if priors else np.full(len(fmt), 0.5)
     sub = pd.DataFrame({"filename": fmt["filename"], "score": clip_prob(values)})
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    sub.to_csv(tmp, index=False)
-    os.replace(tmp, out)
+    atomic_csv(sub, out)
     return len(sub)

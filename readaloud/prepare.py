@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .checkpoints import atomic_csv
 from .features import FeatureParams, FeatureStore, iter_clip_features
 from .references import ReferenceBank
 
@@ -85,10 +86,7 @@ def ensure_clip_features(data_dir: str | Path, filenames: list[str], params: Fea
         bad.update(errors)
         for name, error in errors.items():
             log.warning("unusable clip skipped: %s", error)
-        path = bad_clips_path(data_dir)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        pd.DataFrame(sorted(bad.items()), columns=["filename", "error"]).to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        atomic_csv(pd.DataFrame(sorted(bad.items()), columns=["filename", "error"]), bad_clips_path(data_dir))
     listed = {f: bad[f] for f in filenames if f in bad}
     return store, listed
 

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import multiprocessing as mp
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .audio import SAMPLE_RATE, resample
+from .checkpoints import atomic_csv, atomic_write
 from .config import ModelConfig
 from .dataset import bucket_batches
 from .features import FeatureParams, FeatureStore, clip_features
@@ -107,9 +107,7 @@ def build_corpus(out_dir: str | Path, texts: list[str], n: int, seed: int = 0, w
         finally:
             index = pd.concat([index, pd.DataFrame(rows, columns=["key", "text"])]).drop_duplicates("key")
             index = index[index["key"].isin(store.keys())]
-            tmp = index_path.with_name(f".index.csv.tmp{os.getpid()}")
-            index.to_csv(tmp, index=False)
-            os.replace(tmp, index_path)
+            atomic_csv(index, index_path)
     wanted = {f"u{i:07d}" for i in range(n)}
     return store, index[index["key"].isin(wanted)].reset_index(drop=True)
 
@@ -246,9 +244,7 @@ def pretrain_encoder(out_dir: str | Path, model_cfg: ModelConfig = ModelConfig()
     result = {"settings": settings, "holdout_per": history[-1]["holdout_per"], "history": history,
               "n_utterances": len(keys), "n_texts": len(texts), "corpus_seconds": t_corpus,
               "seconds": time.time() - t0}
-    tmp = done_path.with_name(f".{done_path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, done_path)
+    atomic_write(done_path, json.dumps(result, indent=1))
     return result
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .audio import SAMPLE_RATE, resample, write_wav
+from .checkpoints import atomic_csv
 from .features import FeatureParams, FeatureStore, clip_features, file_lock
 from .text import normalise_text
 
@@ -91,9 +91,7 @@ class ReferenceBank:
         return len(made)
 
     def _save_index(self) -> None:
-        tmp = self.index_path.with_name(f".index.csv.tmp{os.getpid()}")
-        pd.DataFrame(sorted(self.index.items()), columns=["text", "file"]).to_csv(tmp, index=False)
-        os.replace(tmp, self.index_path)
+        atomic_csv(pd.DataFrame(sorted(self.index.items()), columns=["text", "file"]), self.index_path)
 
     def features(self, text: str) -> np.ndarray:
         return self.store.get(normalise_text(text))

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_save, clean_temp_files, safe_load
+from .checkpoints import atomic_csv, atomic_save, atomic_write, clean_temp_files, safe_load
 from .config import RunConfig
 from .data import load_split
 from .dataset import Categories, PairDataset, SpecAugment, bucket_batches, collate, to_device
@@ -363,9 +363,9 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 log.warning("non-finite loss at epoch %d batch %d (%d in a row): update skipped",
                             epoch + 1, bi, bad_steps)
                 if bad_steps >= MAX_BAD_STEPS:
-                    _atomic_json(paths.run_dir / "aborted.json",
-                                 {"reason": "non-finite loss", "epoch": epoch + 1, "step": state["step"],
-                                  "seed": cfg.seed, "time": time.time()})
+                    atomic_write(paths.run_dir / "aborted.json", json.dumps(
+                        {"reason": "non-finite loss", "epoch": epoch + 1, "step": state["step"],
+                         "seed": cfg.seed, "time": time.time()}, indent=1))
                     raise TrainingAborted(
                         f"{paths.stem}: {bad_steps} non-finite losses in a row; stopped, keeping the last "
                         f"good checkpoint {paths.last}. Retry with another seed or a lower --lr: "
@@ -427,7 +427,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     oof["fallback"] = (~oof["filename"].isin(by_name)).astype(int)
     oof["pred"] = sigmoid(oof["logit"].to_numpy())
     fold_loss = log_loss(oof["score"], oof["pred"])
-    _atomic_csv(oof, paths.oof)
+    atomic_csv(oof, paths.oof)
     summary = {"variant": variant, "fold": fold, "n_folds": n_folds, "valid_logloss": fold_loss,
                "valid_logloss_prior": log_loss(oof["score"], prior_predictions(priors, oof["task"])),
                "best_epoch": state["best_epoch"], "best_step": state["best_step"], "epochs_run": state["epoch"],
@@ -439,9 +439,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                  "vocab": json.dumps(vocab.to_dict()), "tasks": cats.tasks, "grades": cats.grades,
                  "priors": json.dumps(priors), "valid_logloss": fold_loss,
                  "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, paths.checkpoint)
-    tmp = paths.summary.with_name(f".{paths.summary.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=1))
-    os.replace(tmp, paths.summary)
+    atomic_write(paths.summary, json.dumps(summary, indent=1))
     try:
         from .plots import plot_confusion_by_task, plot_training_curves
         plot_training_curves(paths.metrics, paths.run_dir / "curves.png", title=paths.stem)
@@ -453,27 +451,13 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     return summary
 
 
-def _atomic_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def _write_metrics(paths: FoldPaths, history: list[dict]) -> None:
-    _atomic_csv(pd.DataFrame(history), paths.metrics)
+    atomic_csv(pd.DataFrame(history), paths.metrics)
 
 
 def _write_progress(paths: FoldPaths, state: dict, epochs: int, row: dict) -> None:
-    tmp = paths.progress.with_name(f".progress.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"epoch": state["epoch"], "epochs": epochs, "best": state["best"],
-                               "valid_logloss": row["valid_logloss"], "time": time.time()}))
-    os.replace(tmp, paths.progress)
+    atomic_write(paths.progress, json.dumps({"epoch": state["epoch"], "epochs": epochs, "best": state["best"],
+                                             "valid_logloss": row["valid_logloss"], "time": time.time()}))
 
 
 def _fresh_sums() -> dict:
