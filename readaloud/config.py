@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ModelConfig:
+    arch: str = "pair"             # pair: encoder over [TTS | pause | response] + classifier (models.py)
+                                   # encdec: 1st-place encoder-decoder teacher-forced on expected_text
+                                   # gbm: gradient boosting on alignment features (no neural network)
     backbone: str = ""             # "" = small randomly initialised Whisper below; else path or hub id
     d_model: int = 128             # encoder width (ignored with a backbone)
     encoder_layers: int = 3
@@ -38,6 +41,14 @@ class ModelConfig:
     score_features: bool = True    # feed CTC match scores and durations to the head
     match_features: bool = True    # reference/response cross-similarity (coverage, precision) to the head
     match_dim: int = 64            # learned projection the similarities are measured in
+    # encdec only
+    decoder_layers: int = 2        # transformer decoder layers over the expected text's tokens
+    # gbm only (scikit-learn HistGradientBoostingClassifier on alignment features)
+    gbm_max_iter: int = 300
+    gbm_learning_rate: float = 0.05
+    gbm_max_leaf_nodes: int = 15
+    gbm_min_samples_leaf: int = 20
+    gbm_l2: float = 1.0
 
 
 @dataclass
@@ -66,6 +77,14 @@ class DataConfig:
     spec_time_width: int = 12
     spec_freq_masks: int = 2
     spec_freq_width: int = 8
+    # waveform-style augmentation of the response, done on its cached log-mel (augment.py);
+    # each is applied to a training item with probability aug_prob, 0 switches one off
+    aug_prob: float = 0.0
+    aug_warp: float = 0.0          # vocal-tract/pitch: frequency axis warped by a factor in [1-w, 1+w]
+    aug_stretch: float = 0.0       # tempo: time axis stretched by a factor in [1-s, 1+s]
+    aug_noise_snr: float = 0.0     # noise added at an SNR (dB) drawn from [snr, snr + 20] (0 = off)
+    aug_gain_db: float = 0.0       # response level shifted by up to this many dB relative to the reference
+    aug_cutouts: int = 0           # extra silenced stretches (dropped words or syllables), up to this many
 
 
 @dataclass
@@ -156,7 +175,8 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    choices = {"model.pooling": ("mean", "attention", "attention_mean"),
+    choices = {"model.arch": ("pair", "encdec", "gbm"),
+               "model.pooling": ("mean", "attention", "attention_mean"),
                "model.ctc_unit": ("phoneme", "char"),
                "optim.schedule": ("cosine", "inverse_sqrt", "plateau", "constant"),
                "device": ("auto", "cpu", "cuda")}
