@@ -108,3 +108,10 @@ def plot_task_losses(table: dict, out: str | Path) -> Path:
     keys = [k for k in next(iter(table.values())) if k.startswith("task=")]
     series = {name: [row[k] for k in keys] for name, row in table.items()}
     return _grouped_bars([k.removeprefix("task=") for k in keys], series, "test log loss", "per task", out)
+
+
+def plot_grouped_losses(table: dict[str, dict[str, float]], out: str | Path, title: str) -> Path:
+    """{predictor: {group: loss}} as grouped bars (e.g. held-out speakers x predictors)."""
+    groups = list(next(iter(table.values())))
+    series = {name: [row[g] for g in groups] for name, row in table.items()}
+    return _grouped_bars(groups, series, "test log loss", title, out)
