@@ -101,16 +101,31 @@ class AttentionPool(nn.Module):
         return torch.einsum("bt,btd->bd", w, x)
 
 
+def make_head(cfg: ModelConfig, in_dim: int) -> nn.Sequential:
+    """The classifier head: linear (head_layers 1) or an MLP with GELU and dropout -> 1 logit."""
+    if cfg.head_layers == 1:
+        return nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(in_dim, 1))
+    layers, d = [], in_dim
+    for _ in range(cfg.head_layers - 1):
+        layers += [nn.Dropout(cfg.head_dropout), nn.Linear(d, cfg.head_hidden), nn.GELU()]
+        d = cfg.head_hidden
+    return nn.Sequential(*layers, nn.Dropout(cfg.head_dropout), nn.Linear(d, 1))
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-class PairClassifier(nn.Module):
-    """P(score = 1 | TTS reference, response, task, grade), plus CTC log-probs."""
+class SpeechEncoderModel(nn.Module):
+    """The Whisper encoder every neural variant shares, run on the batch's real length.
 
-    def __init__(self, cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
-                 whisper_config: WhisperConfig | None = None, encoder: WhisperEncoder | None = None):
+    Built fresh (`small_whisper_config`), from a checkpoint's `whisper_config`, or around a
+    pretrained `encoder`; subclasses add their heads after it (so its parameters come first).
+    """
+
+    def __init__(self, cfg: ModelConfig, whisper_config: WhisperConfig | None = None,
+                 encoder: WhisperEncoder | None = None):
         super().__init__()
         self.cfg = cfg
         if encoder is None:
@@ -119,34 +134,7 @@ class PairClassifier(nn.Module):
             encoder = WhisperEncoder(whisper_config)
         self.encoder = encoder
         self.whisper_config = encoder.config
-        dim = encoder.config.d_model
         self.max_frames = 2 * encoder.config.max_source_positions  # Whisper's 30 s window
-        # index 0 of each table is "unknown" (a value not seen in training)
-        self.task_emb = nn.Embedding(n_tasks + 1, cfg.task_dim)
-        self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
-        self.attn_pool = AttentionPool(dim) if cfg.pooling in ("attention", "attention_mean") else None
-        pooled_dim = dim * (2 if cfg.pooling == "attention_mean" else 1)
-        in_dim = pooled_dim + cfg.task_dim + cfg.grade_dim + (N_SCORE_FEATURES if cfg.score_features else 0) \
-            + (N_MATCH_FEATURES if cfg.match_features else 0) \
-            + (N_BAG_FEATURES if cfg.score_features and cfg.bag_weight > 0 else 0)
-        self.match_proj = nn.Linear(dim, cfg.match_dim) if cfg.match_features else None
-        self.match_scale = nn.Parameter(torch.tensor(10.0)) if cfg.match_features else None
-        if cfg.head_layers == 1:
-            self.head = nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(in_dim, 1))
-        else:
-            layers, d = [], in_dim
-            for _ in range(cfg.head_layers - 1):
-                layers += [nn.Dropout(cfg.head_dropout), nn.Linear(d, cfg.head_hidden), nn.GELU()]
-                d = cfg.head_hidden
-            self.head = nn.Sequential(*layers, nn.Dropout(cfg.head_dropout), nn.Linear(d, 1))
-        n_evidence = in_dim - pooled_dim - cfg.task_dim - cfg.grade_dim
-        self.evidence_head = nn.Linear(n_evidence, 1) if n_evidence else None
-        self.ctc_head = nn.Linear(dim, vocab_size) if vocab_size > 1 else None
-        # frame-level phoneme logits pooled over time: "is phoneme p said anywhere here?"
-        # (no alignment to search for, so it learns much faster than CTC from scratch)
-        self.bag_head = nn.Linear(dim, vocab_size) if vocab_size > 1 and cfg.bag_weight > 0 else None
-        self.bag_norm = FeatureScaler(N_BAG_FEATURES) if self.bag_head is not None and cfg.score_features else None
-        self.score_norm = FeatureScaler(N_SCORE_FEATURES) if cfg.score_features else None
 
     @property
     def frames_per_position(self) -> int:
@@ -174,6 +162,35 @@ class PairClassifier(nn.Module):
             out = layer(x, bias)
             x = out[0] if isinstance(out, tuple) else out
         return enc.layer_norm(x), mask
+
+
+class PairClassifier(SpeechEncoderModel):
+    """P(score = 1 | TTS reference, response, task, grade), plus CTC log-probs."""
+
+    def __init__(self, cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
+                 whisper_config: WhisperConfig | None = None, encoder: WhisperEncoder | None = None):
+        super().__init__(cfg, whisper_config, encoder)
+        encoder = self.encoder
+        dim = encoder.config.d_model
+        # index 0 of each table is "unknown" (a value not seen in training)
+        self.task_emb = nn.Embedding(n_tasks + 1, cfg.task_dim)
+        self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
+        self.attn_pool = AttentionPool(dim) if cfg.pooling in ("attention", "attention_mean") else None
+        pooled_dim = dim * (2 if cfg.pooling == "attention_mean" else 1)
+        in_dim = pooled_dim + cfg.task_dim + cfg.grade_dim + (N_SCORE_FEATURES if cfg.score_features else 0) \
+            + (N_MATCH_FEATURES if cfg.match_features else 0) \
+            + (N_BAG_FEATURES if cfg.score_features and cfg.bag_weight > 0 else 0)
+        self.match_proj = nn.Linear(dim, cfg.match_dim) if cfg.match_features else None
+        self.match_scale = nn.Parameter(torch.tensor(10.0)) if cfg.match_features else None
+        self.head = make_head(cfg, in_dim)
+        n_evidence = in_dim - pooled_dim - cfg.task_dim - cfg.grade_dim
+        self.evidence_head = nn.Linear(n_evidence, 1) if n_evidence else None
+        self.ctc_head = nn.Linear(dim, vocab_size) if vocab_size > 1 else None
+        # frame-level phoneme logits pooled over time: "is phoneme p said anywhere here?"
+        # (no alignment to search for, so it learns much faster than CTC from scratch)
+        self.bag_head = nn.Linear(dim, vocab_size) if vocab_size > 1 and cfg.bag_weight > 0 else None
+        self.bag_norm = FeatureScaler(N_BAG_FEATURES) if self.bag_head is not None and cfg.score_features else None
+        self.score_norm = FeatureScaler(N_SCORE_FEATURES) if cfg.score_features else None
 
     def forward(self, batch: dict) -> dict:
         hidden, mask = self.encode(batch["feats"], batch["frame_mask"])
@@ -339,20 +356,28 @@ def multi_hot(targets: torch.Tensor, lengths: torch.Tensor, size: int) -> torch.
 
 
 def build_model(cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
-                whisper_config: dict | None = None) -> PairClassifier:
+                whisper_config: dict | None = None) -> SpeechEncoderModel:
     """Fresh model for training (pretrained encoder when cfg.backbone), or the skeleton a
-    checkpoint's weights are loaded into (`whisper_config` from the checkpoint)."""
+    checkpoint's weights are loaded into (`whisper_config` from the checkpoint).
+
+    `cfg.arch` picks the class: "encdec" the encoder-decoder (encdec.py), else the pair classifier.
+    """
+    if cfg.arch == "encdec":
+        from .encdec import EncDecClassifier as model_class
+    else:
+        model_class = PairClassifier
     if whisper_config is not None:
-        return PairClassifier(cfg, n_tasks, n_grades, vocab_size, WhisperConfig.from_dict(whisper_config))
+        return model_class(cfg, n_tasks, n_grades, vocab_size, WhisperConfig.from_dict(whisper_config))
     if cfg.backbone:
         encoder = load_pretrained_encoder(cfg.backbone)
         if encoder.config.num_mel_bins != cfg.n_mels:
             raise ValueError(f"backbone {cfg.backbone} expects {encoder.config.num_mel_bins} mel bins; "
                              f"set --n_mels {encoder.config.num_mel_bins}")
-        return PairClassifier(cfg, n_tasks, n_grades, vocab_size, encoder=encoder)
-    return PairClassifier(cfg, n_tasks, n_grades, vocab_size)
+        return model_class(cfg, n_tasks, n_grades, vocab_size, encoder=encoder)
+    return model_class(cfg, n_tasks, n_grades, vocab_size)
 
 
-def whisper_config_dict(model: PairClassifier) -> dict:
+def whisper_config_dict(model: SpeechEncoderModel) -> dict:
+    """The model's Whisper config as JSON-safe dict (for an encdec model: encoder and decoder)."""
     d = model.whisper_config.to_dict()
     return json.loads(json.dumps(d, default=str))

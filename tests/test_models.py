@@ -1,5 +1,5 @@
-"""Every registered variant builds, runs a tiny batch forward and backward, and the
-pretrained-backbone path loads a Whisper checkpoint through from_pretrained."""
+"""Every registered variant (pair and encdec) builds, runs a tiny batch forward and backward,
+and the pretrained-backbone path loads a Whisper checkpoint through from_pretrained."""
 import numpy as np
 import pytest
 import torch
@@ -25,17 +25,23 @@ def tiny_items(n=3, n_mels=80, rng=np.random.default_rng(0)):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_variant_forward_backward(variant, root):
     cfg = variant_config(variant)
+    if cfg.model.arch == "gbm":
+        pytest.skip("gradient boosting, no network: see tests/test_gbm.py")
     model = build_model(cfg.model, n_tasks=3, n_grades=4, vocab_size=8)
     batch = collate(tiny_items())
     batch["ctc_response"] = batch["label"] > 0.5
     out = model(batch)
     assert out["logits"].shape == (3,)
     loss = torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], batch["label"])
-    loss = loss + model.ctc_loss(out, batch)
+    # the trainer's rule: a model's own auxiliary loss (encdec: token CE + CTC), else the CTC loss
+    aux = model.auxiliary_loss if hasattr(model, "auxiliary_loss") else model.ctc_loss
+    loss = loss + aux(out, batch)
     assert torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+    heads = [p.grad for n, p in model.named_parameters() if not n.startswith("encoder.") and p.grad is not None]
+    assert heads and all(torch.isfinite(g).all() for g in heads)
     assert (root / f"train_model{variant.removeprefix('model')}.py").exists(), "every variant has a script"
 
 
