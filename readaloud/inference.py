@@ -41,6 +41,7 @@ class FoldModel:
     vocab: Vocab
     cats: Categories
     priors: dict
+    arch: str = "pair"          # gbm: `model` is a gbm.GBMModel (trees on alignment features), vocab None
 
 
 def load_fold_model(path: str | Path, device: torch.device, n_folds: int | None = None) -> FoldModel:
@@ -49,6 +50,8 @@ def load_fold_model(path: str | Path, device: torch.device, n_folds: int | None 
     fix = (f"retrain it: python train_model{variant.removeprefix('model')}.py --fold {fold} "
            f"--n_folds {n_folds or 'K'} --force (see check_models.py), or drop it from the ensemble")
     ck = safe_load(path, map_location="cpu", fix=fix)
+    if ck.get("arch") == "gbm":
+        return _load_gbm(path, ck)
     try:
         cfg = RunConfig.from_dict(json.loads(ck["config"]))
         vocab = Vocab.from_dict(json.loads(ck["vocab"]))
@@ -60,6 +63,17 @@ def load_fold_model(path: str | Path, device: torch.device, n_folds: int | None 
         raise CheckpointError(f"{path}: not a usable readaloud checkpoint ({exc})") from exc
     model.to(device).eval()
     return FoldModel(ck["variant"], int(ck["fold"]), model, cfg, vocab, cats, json.loads(ck["priors"]))
+
+
+def _load_gbm(path: str | Path, ck: dict) -> FoldModel:
+    from .gbm import GBMModel
+    try:
+        cfg = RunConfig.from_dict(json.loads(ck["config"]))
+        cats = Categories(list(ck["tasks"]), list(ck["grades"]))
+        model = GBMModel(ck)
+        return FoldModel(ck["variant"], int(ck["fold"]), model, cfg, None, cats, json.loads(ck["priors"]), "gbm")
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # CheckpointError is a RuntimeError
+        raise CheckpointError(f"{path}: not a usable gbm checkpoint ({exc})") from exc
 
 
 def _warn_unseen(meta: pd.DataFrame, cats: Categories) -> None:
@@ -106,6 +120,7 @@ def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "asset
     priors_seen: list[dict] = []
     checkpoints = [(m["model"], c) for m in members for c in m["checkpoints"]]
     per_ckpt = None
+    alignment: dict[tuple, tuple] = {}  # gbm models' features, computed once per (tts, n_mels)
     for i, (name, ck_name) in enumerate(checkpoints):
         elapsed = time.time() - start
         if time_limit and per_ckpt and elapsed + 1.5 * per_ckpt > 0.9 * time_limit:
@@ -116,6 +131,19 @@ def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "asset
             fm = load_fold_model(assets_dir / ck_name, dev, n_folds)
         except Exception as exc:  # CheckpointError, or anything else a damaged file provokes
             log.warning("dropping %s: %s", ck_name, exc)
+            continue
+        if fm.arch == "gbm":
+            try:
+                logits = _predict_gbm(fm, meta, known, data_dir, tts_dir, listed, clips, alignment, progress)
+            except Exception as exc:  # a failing model must not cost the submission
+                log.warning("dropping %s: prediction failed (%s: %s)", ck_name, type(exc).__name__, exc)
+                continue
+            if not priors_seen:
+                _warn_unseen(meta[known], fm.cats)
+            model_logits.setdefault(name, []).append(logits)
+            priors_seen.append(fm.priors)
+            per_ckpt = time.time() - t0
+            log.info("%s: %d clips in %.1fs", ck_name, int(np.isfinite(logits).sum()), per_ckpt)
             continue
         params = FeatureParams(n_mels=fm.cfg.model.n_mels)
         if params != FeatureParams():
@@ -175,6 +203,24 @@ def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "asset
     if not model_logits:
         result["error"] = "no model could make a prediction: the submission holds priors only"
     return result
+
+
+def _predict_gbm(fm: FoldModel, meta: pd.DataFrame, known: np.ndarray, data_dir: Path, tts_dir, listed: list,
+                 clips, alignment: dict, progress: bool) -> np.ndarray:
+    """Logits of a gbm fold model for every row of `meta` (NaN where it cannot predict); the
+    alignment features are computed for the first gbm model and reused by the others."""
+    from .alignment import acoustic_table
+    params = FeatureParams(n_mels=fm.cfg.model.n_mels)
+    key = (fm.cfg.tts, params)
+    if key not in alignment:
+        if params != FeatureParams():
+            clips, _ = ensure_clip_features(data_dir, listed, params, progress=progress)
+        refs = ensure_references(tts_dir, fm.cfg.tts, meta.loc[known, "expected_text"].unique(), params,
+                                 progress=progress)
+        alignment[key] = acoustic_table(meta[known], clips, refs)
+    logits = np.full(len(meta), np.nan)
+    logits[np.flatnonzero(known)] = fm.model.predict(meta[known], alignment[key])
+    return logits
 
 
 def _default_members(assets_dir: Path) -> list[dict]:

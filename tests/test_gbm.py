@@ -1,0 +1,235 @@
+"""model5gbm: gradient boosting on alignment features as an ensemble member.
+
+The exported trees predict exactly what scikit-learn does (missing values included) from a
+checkpoint that loads with weights_only=True; the features are finite on real clips; a fold
+trained through train.py writes the same files as a neural fold, joins get_config's ensemble
+and infer.py's submission, and its bad clips and broken checkpoints are handled like theirs."""
+import io
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_script
+from readaloud.alignment import ACOUSTIC_NAMES, FEATURE_NAMES, acoustic_table, clip_features
+from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
+from readaloud.config import RunConfig
+from readaloud.gbm import TreeEnsemble, export_trees
+from readaloud.metrics import logit, prior_predictions, sigmoid, task_priors
+
+OOF_COLUMNS = ["filename", "fold", "task", "grade", "score", "logit", "fallback", "pred"]
+
+
+def _roundtrip(state: dict) -> dict:
+    """Through torch.save / torch.load(weights_only=True), as a checkpoint goes."""
+    buf = io.BytesIO()
+    torch.save({"state_dict": state}, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("leaves,min_leaf,early", [(15, 5, False), (4, 20, True), (31, 2, False)])
+def test_exported_trees_match_sklearn_decision_function(leaves, min_leaf, early):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    rng = np.random.default_rng(leaves)
+    n, d = 1500, 9
+    X = rng.normal(size=(n, d))
+    X[:, 2] = rng.integers(0, 4, n)                         # a code-like column
+    X[rng.random((n, d)) < 0.15] = np.nan                    # missing values in training ...
+    X[:, 5] = rng.normal(size=n)                             # ... but none in this column
+    z = np.nan_to_num(X[:, 0]) + np.nan_to_num(X[:, 1]) * np.nan_to_num(X[:, 2]) - np.isnan(X[:, 3]) + X[:, 5]
+    y = (z + rng.normal(size=n) > 0).astype(int)
+    clf = HistGradientBoostingClassifier(max_iter=60, learning_rate=0.1, max_leaf_nodes=leaves,
+                                         min_samples_leaf=min_leaf, early_stopping=early,
+                                         random_state=0).fit(X, y)
+    trees = TreeEnsemble(_roundtrip(export_trees(clf)), d)
+    Xt = rng.normal(size=(3000, d)) * 2
+    Xt[rng.random(Xt.shape) < 0.25] = np.nan                 # NaN everywhere, also where training had none
+    Xt[:5] = np.nan
+    Xt[5:10] = X[:5]
+    got, want = trees.decision_function(Xt), clf.decision_function(Xt)
+    assert trees.n_trees == clf.n_iter_ and np.abs(got - want).max() < 1e-6
+
+
+def test_tree_ensemble_refuses_broken_arrays():
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 3))
+    clf = HistGradientBoostingClassifier(max_iter=5, early_stopping=False).fit(X, X[:, 0] > 0)
+    state = export_trees(clf)
+    bad = dict(state, left=state["left"] + 10_000)
+    with pytest.raises(CheckpointError, match="outside"):
+        TreeEnsemble(bad, 3)
+    with pytest.raises(CheckpointError):
+        TreeEnsemble({k: v for k, v in state.items() if k != "value"}, 3)
+    with pytest.raises(CheckpointError, match="feature"):
+        TreeEnsemble(state, 0)
+
+
+def test_alignment_of_a_reference_with_itself_is_a_perfect_diagonal():
+    rng = np.random.default_rng(1)
+    t = np.arange(200)
+    speech = (np.sin(t / 9.0) > -0.3)[:, None]               # bursts and pauses
+    ref = np.where(speech, rng.normal(0.3, 0.25, (200, 80)), -0.4).astype(np.float16)
+    f = dict(zip(ACOUSTIC_NAMES, clip_features(ref, ref, "one two three")))
+    assert f["dtw_cost"] < 1e-6 and f["dtw_diag_frac"] == 1.0 and f["sub_ref_span"] == 1.0
+    assert f["speech_ratio"] == 1.0 and f["segs_diff_ref"] == 0 and f["n_words"] == 3
+    longer = np.concatenate([ref, ref])                       # the whole text said twice: an insertion
+    g = dict(zip(ACOUSTIC_NAMES, clip_features(longer, ref, "one two three")))
+    assert g["sub_ref_in_resp"] < 0.05 < g["dtw_cost_rel"] and g["sub_resp_span"] <= 0.55
+    assert g["speech_ratio"] == pytest.approx(2.0, rel=0.05) and g["resp_segs"] > f["resp_segs"]
+
+
+@pytest.fixture(scope="module")
+def gbm(chain, tmp_path_factory):
+    """The chain's data, references and trained neural folds copied (so nothing here touches the
+    shared fixture), then model5gbm trained on its 2 folds through train.py."""
+    base = tmp_path_factory.mktemp("gbm")
+    for key in ("data", "tts", "assets"):
+        shutil.copytree(chain[key], base / key)
+    data, assets, tts = base / "data", base / "assets", base / "tts"
+    for p in assets.glob("model_configs.*"):
+        p.unlink()
+    out = run_script(chain["root"], "train.py", "--data", data, "--assets", assets, "--tts_dir", tts,
+                     "--n_folds", 2, "--models", "model5gbm", "--jobs", 2,
+                     "--gbm_min_samples_leaf", 4)  # 24 training clips: let the trees split all the same
+    return {"root": chain["root"], "data": data, "assets": assets, "tts": tts, "base": base, "train_out": out.stdout}
+
+
+def test_features_are_finite_on_real_clips(gbm):
+    from readaloud.features import FeatureParams
+    from readaloud.prepare import ensure_clip_features, ensure_references
+    meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str).head(8)
+    refs = ensure_references(gbm["tts"], RunConfig().tts, meta["expected_text"].unique(), FeatureParams(),
+                             progress=False)
+    clips, _ = ensure_clip_features(gbm["data"], meta["filename"].tolist(), progress=False)
+    X, ok = acoustic_table(meta, clips, refs)
+    assert X.shape == (8, len(ACOUSTIC_NAMES)) and ok.all()
+    assert np.isfinite(X).all(), [n for n, bad in zip(ACOUSTIC_NAMES, ~np.isfinite(X).all(0)) if bad]
+
+
+def test_gbm_folds_write_what_a_neural_fold_writes(gbm):
+    assert "2/2 folds finished" in gbm["train_out"]
+    assets = gbm["assets"]
+    meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str)
+    oofs = []
+    for fold in (0, 1):
+        stem = f"model5gbm_{fold}"
+        ck = safe_load(assets / f"{stem}.pth")                 # weights_only=True: no pickled sklearn
+        assert ck["arch"] == "gbm" and ck["variant"] == "model5gbm" and ck["fold"] == fold
+        assert ck["feature_names"] == FEATURE_NAMES and all(torch.is_tensor(v) for v in ck["state_dict"].values())
+        TreeEnsemble(ck["state_dict"], len(FEATURE_NAMES))
+        oof = pd.read_csv(assets / f"{stem}_oof.csv", dtype={"filename": str, "grade": str})
+        assert list(oof.columns) == OOF_COLUMNS and (oof["fold"] == fold).all()
+        assert np.allclose(oof["pred"], sigmoid(oof["logit"])) and oof["pred"].between(0, 1).all()
+        summary = json.loads((assets / f"{stem}.json").read_text())
+        for key in ("valid_logloss", "valid_logloss_prior", "n_train", "n_valid", "config", "environment",
+                    "skipped_clips"):
+            assert key in summary, key
+        assert summary["n_valid"] == len(oof) and summary["config"]["model"]["arch"] == "gbm"
+        run_dir = assets / "runs" / stem
+        assert (run_dir / "config.json").exists() and (run_dir / "train.log").exists()
+        oofs.append(oof)
+    assert sorted(pd.concat(oofs)["filename"]) == sorted(meta["filename"]), "OOF covers every clip once"
+
+
+def test_finished_fold_is_skipped_unless_forced(gbm):
+    root, ck = gbm["root"], gbm["assets"] / "model5gbm_0.pth"
+    args = ["train_model5gbm.py", "--fold", 0, "--n_folds", 2, "--data", gbm["data"], "--assets", gbm["assets"],
+            "--tts_dir", gbm["tts"], "--no_progress", "--quiet"]
+    before = ck.stat().st_mtime_ns
+    assert "already trained" in run_script(root, *args).stdout and ck.stat().st_mtime_ns == before
+    run_script(root, *args, "--force")
+    assert ck.stat().st_mtime_ns != before
+    check = run_script(root, "check_models.py", "--data", gbm["data"], "--assets", gbm["assets"], "--n_folds", 2,
+                       "--models", "model5gbm")
+    assert "all folds OK" in check.stdout
+
+
+def test_bad_clip_gets_the_task_prior(gbm, tmp_path, monkeypatch):
+    """A clip that cannot be decoded is left out of training and gets its task's prior in the
+    OOF file with fallback=1, as in a neural fold."""
+    import readaloud.prepare as prepare
+    from readaloud.training import train_fold
+    meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str)
+    folds = pd.read_csv(gbm["data"] / "cache" / "folds_2.csv", dtype={"filename": str})
+    broken = folds.loc[folds["fold"] == 1, "filename"].iloc[0]
+    real = prepare.ensure_clip_features
+
+    class Without:
+        def __init__(self, store):
+            self.store = store
+
+        def __contains__(self, key):
+            return key != broken and key in self.store
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+    def fake(data_dir, filenames, *a, **k):
+        store, bad = real(data_dir, filenames, *a, **k)
+        return Without(store), {**bad, broken: "unreadable (test)"}
+
+    monkeypatch.setattr(prepare, "ensure_clip_features", fake)
+    summary = train_fold("model5gbm", 1, 2, gbm["data"], tmp_path, gbm["tts"], quiet=True, progress=False)
+    assert summary["skipped_clips"] == [broken]
+    oof = pd.read_csv(tmp_path / "model5gbm_1_oof.csv", dtype={"filename": str, "grade": str})
+    row = oof.set_index("filename").loc[broken]
+    labels = pd.read_csv(gbm["data"] / "train_labels.csv", dtype={"filename": str})
+    full = meta.merge(labels, on="filename").merge(folds, on="filename")
+    prior = prior_predictions(task_priors(full[full["fold"] != 1]), [row["task"]])
+    assert row["fallback"] == 1 and row["logit"] == pytest.approx(float(logit(prior)[0]))
+    assert oof.loc[oof["filename"] != broken, "fallback"].eq(0).all()
+
+
+def test_get_config_takes_gbm_into_the_ensemble(gbm):
+    out = run_script(gbm["root"], "get_config.py", "--assets", gbm["assets"]).stdout
+    config = json.loads((gbm["assets"] / "model_configs.json").read_text())
+    assert "model5gbm" in config["oof_logloss_single"] and "model1mean" in config["oof_logloss_single"]
+    assert config["n_oof"] == len(pd.read_csv(gbm["data"] / "train_metadata.csv")), out
+
+
+def _infer(gbm, config: dict, out_name: str) -> dict:
+    (gbm["assets"] / "model_configs.json").write_text(json.dumps(config))
+    out = gbm["base"] / out_name
+    res = run_script(gbm["root"], "infer.py", "--data", gbm["data"], "--assets", gbm["assets"], "--tts_dir",
+                     gbm["tts"], "--out", out, "--no_progress")
+    sub = pd.read_csv(out, dtype={"filename": str})
+    fmt = pd.read_csv(gbm["data"] / "submission_format.csv", dtype={"filename": str})
+    assert sub["filename"].tolist() == fmt["filename"].tolist(), "same rows, same order"
+    assert np.isfinite(sub["score"]).all() and ((sub["score"] > 0) & (sub["score"] < 1)).all()
+    assert "test log loss" in res.stdout
+    return json.loads(out.with_name(out.name + ".json").read_text())
+
+
+def test_infer_with_gbm_alone_and_in_a_blend(gbm):
+    from readaloud.ensemble import build_config
+    alone = build_config(gbm["assets"], ["model5gbm"])
+    assert [m["model"] for m in alone["members"]] == ["model5gbm"]
+    res = _infer(gbm, alone, "sub_gbm.csv")
+    assert res["models_used"] == ["model5gbm"] and res["checkpoints_used"] == 2 and res["fallback_rows"] == 0
+    blend = {"members": [{"model": "model5gbm", "weight": 0.5, "checkpoints": ["model5gbm_0.pth", "model5gbm_1.pth"]},
+                         {"model": "model1mean", "weight": 0.5, "checkpoints": ["model1mean_0.pth", "model1mean_1.pth"]}],
+             "bias": 0.0, "n_folds": 2}
+    res = _infer(gbm, blend, "sub_blend.csv")
+    assert res["models_used"] == ["model1mean", "model5gbm"] and res["checkpoints_used"] == 4
+
+
+def test_broken_gbm_checkpoint_is_dropped(gbm):
+    assets = gbm["assets"]
+    good = safe_load(assets / "model5gbm_1.pth")
+    (assets / "model5gbm_9.pth").write_bytes(b"not a checkpoint")
+    atomic_save({**good, "state_dict": {k: v for k, v in good["state_dict"].items() if k != "value"}},
+                assets / "model5gbm_8.pth")
+    config = {"members": [{"model": "model5gbm", "weight": 1.0,
+                           "checkpoints": ["model5gbm_0.pth", "model5gbm_9.pth", "model5gbm_8.pth"]}],
+              "bias": 0.0, "n_folds": 2}
+    try:
+        res = _infer(gbm, config, "sub_broken.csv")
+    finally:
+        for f in (8, 9):
+            (assets / f"model5gbm_{f}.pth").unlink()
+    assert res["checkpoints_used"] == 1 and res["checkpoints_listed"] == 3
