@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .augment import Augmenter
 from .checkpoints import atomic_csv, atomic_save, atomic_write, clean_temp_files, safe_load
 from .config import RunConfig
 from .data import load_split
@@ -191,6 +192,10 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     cfg = variant_config(variant, overrides)
     if not 0 <= fold < n_folds:
         raise ValueError(f"--fold {fold} is not in 0..{n_folds - 1}")
+    if cfg.model.arch == "gbm":  # gradient boosting on alignment features: same fold files, no network
+        from .gbm import train_gbm_fold
+        return train_gbm_fold(variant, fold, n_folds, data_dir, assets_dir, tts_dir, cfg, force=force,
+                              restart=restart, quiet=quiet, progress=progress)
     paths = FoldPaths(Path(assets_dir), variant, fold)
     if paths.finished() and not force:
         msg = f"{paths.stem}: already trained ({paths.checkpoint}); use --force to retrain"
@@ -255,7 +260,10 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
           "weight_decay": oc.weight_decay if decay else 0.0} for (new, decay), ps in sorted(groups.items())],
         lr=oc.lr, betas=(oc.beta1, oc.beta2))
     dc = cfg.data
-    n_batches = len(bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True, 0))
+    augmenter = Augmenter.from_config(dc, cfg.model.n_mels, model.frames_per_position, max_frames)
+    # batches are budgeted on the longest an item can become after time stretching
+    train_lengths = np.ceil(train_ds.lengths * augmenter.length_factor()).astype(np.int64)
+    n_batches = len(bucket_batches(train_lengths, dc.batch_max_frames, dc.max_batch_size, True, 0))
     total_updates = cfg.epochs * math.ceil(n_batches / oc.update_freq)
     if cfg.max_updates:
         total_updates = min(total_updates, cfg.max_updates)
@@ -329,14 +337,14 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
         epoch = state["epoch"]
         model.train()
         order_seed = int(np.random.default_rng([cfg.seed, fold, epoch]).integers(2**31))
-        batches = bucket_batches(train_ds.lengths, dc.batch_max_frames, dc.max_batch_size, True, seed=order_seed)
+        batches = bucket_batches(train_lengths, dc.batch_max_frames, dc.max_batch_size, True, seed=order_seed)
         bar = tqdm(total=len(batches), initial=state["batch"], desc=f"{paths.stem} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False, unit="batch")
         optimizer.zero_grad(set_to_none=True)
         for bi in range(state["batch"], len(batches)):
             idx = batches[bi]
             rng = np.random.default_rng([cfg.seed, fold, epoch, bi])  # per batch: resumable anywhere
-            batch = collate([train_ds.item(i) for i in idx],
+            batch = collate([augmenter(train_ds.item(i), rng) for i in idx],
                             spec_aug if dc.spec_time_masks or dc.spec_freq_masks else None, rng)
             if dc.task_dropout > 0:
                 drop = torch.from_numpy(rng.random(len(idx)) < dc.task_dropout)
@@ -348,8 +356,12 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 out = model(batch)
                 target = batch["label"] * (1 - oc.label_smoothing) + 0.5 * oc.label_smoothing
                 bce = F.binary_cross_entropy_with_logits(out["logits"].float(), target)
-                ctc = model.ctc_loss(out, batch) if cfg.model.ctc_weight > 0 and "ctc_log_probs" in out \
-                    else torch.zeros((), device=device)
+                if hasattr(model, "auxiliary_loss"):  # a model's own auxiliary loss (encdec: token CE + CTC)
+                    ctc = model.auxiliary_loss(out, batch) if cfg.model.ctc_weight > 0 \
+                        else torch.zeros((), device=device)
+                else:
+                    ctc = model.ctc_loss(out, batch) if cfg.model.ctc_weight > 0 and "ctc_log_probs" in out \
+                        else torch.zeros((), device=device)
                 bag = model.bag_loss(out, batch) if "bag_logits" in out else torch.zeros((), device=device)
                 loss = bce + cfg.model.ctc_weight * ctc + cfg.model.bag_weight * bag
             if os.environ.get("READALOUD_FAULT_NAN_FROM_STEP", "") not in ("",) and \
