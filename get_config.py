@@ -2,7 +2,8 @@
 
     python get_config.py [--assets assets] [--models a,b] [--max_folds K]
 
-Non-negative weights (and a bias) on the models' OOF logits minimise the OOF log loss.
+Non-negative weights on the models' OOF logits minimise the OOF log loss; by default they sum
+to 1 with no bias (--blend convex), --blend logit frees them and adds a bias.
 --max_folds K ships only each model's K best folds (for an inference time limit).
 """
 import argparse
@@ -16,9 +17,10 @@ def main():
     add_common(p)
     p.add_argument("--models", default=None, help="comma-separated (default: every model with OOF files)")
     p.add_argument("--max_folds", type=int, default=None, help="checkpoints to ship per model (default: all)")
-    p.add_argument("--blend", choices=("logit", "convex"), default="logit",
-                   help="logit: non-negative weights + bias (recalibrates on OOF); convex: weights sum to 1, "
-                        "no bias (safer when the test set is shifted, e.g. unseen voices)")
+    p.add_argument("--blend", choices=("logit", "convex"), default="convex",
+                   help="convex (default): weights sum to 1, no bias: cannot sharpen the in-speaker OOF "
+                        "confidence, so it holds up on unseen voices; logit: non-negative weights + bias "
+                        "(recalibrates on OOF; better only when test children sound like training ones)")
     args = p.parse_args()
     config = build_config(args.assets, args.models.split(",") if args.models else None, args.max_folds,
                           blend=args.blend)

@@ -83,9 +83,12 @@ def test_an_ensemble_always_ships_at_least_one_model(tmp_path):
         pd.DataFrame({"filename": [f"{i}.wav" for i in range(200)], "fold": 0, "task": "t",
                       "grade": "1", "score": y, "logit": z, "pred": sigmoid(z)}).to_csv(tmp_path / f"{m}_0_oof.csv", index=False)
         (tmp_path / f"{m}_0.pth").write_bytes(b"x")
-    cfg = build_config(tmp_path)
+    cfg = build_config(tmp_path, blend="logit")
     assert len(cfg["members"]) == 1 and "note" in cfg["members"][0]
     assert cfg["oof_logloss"] <= cfg["oof_logloss_prior"] + 1e-6
+    convex = build_config(tmp_path)  # the default blend
+    assert convex["blend"] == "convex" and convex["bias"] == 0.0
+    assert sum(m["weight"] for m in convex["members"]) == pytest.approx(1.0, abs=2e-3)
 
 
 def test_convex_blend_cannot_sharpen():
