@@ -24,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_BUILDER = ROOT.parent / "shared" / "bench" / "digit_span.py"
+BUILDER_CANDIDATES = (ROOT.parent / "shared" / "bench" / "digit_span.py",   # beside the repo
+                      Path.cwd().parent / "shared" / "bench" / "digit_span.py")
+DEFAULT_BUILDER = next((c for c in BUILDER_CANDIDATES if c.exists()), BUILDER_CANDIDATES[0])
 
 
 def build_split(builder: Path, recordings: list[str], train: list[str], test: list[str], n_train: int,
