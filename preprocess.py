@@ -25,6 +25,9 @@ def main():
     p.add_argument("--n_mels", type=int, default=80, help="mel bins (128 for whisper-large-v3)")
     p.add_argument("--workers", type=int, default=2, help="processes decoding audio")
     p.add_argument("--retry_bad", action="store_true", help="try clips listed as unusable again")
+    p.add_argument("--fold_by", choices=("stratified", "voice"), default=None,
+                   help="stratified (default): by task and score; voice: one voice cluster per fold, so "
+                        "out-of-fold scores are for unheard voices (see readaloud/folds.py)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
@@ -38,13 +41,14 @@ def main():
         names += list(test["filename"])
     bank = ensure_references(args.tts_dir, args.tts, texts, params)
     store, bad = ensure_clip_features(args.data, names, params, workers=args.workers, retry_bad=args.retry_bad)
-    folds = load_or_create_folds(args.data, train, args.n_folds)
+    folds = load_or_create_folds(args.data, train, args.n_folds, args.fold_by, clips=store)
     print(f"references: {len(bank.index)} texts in {bank.root}")
     print(f"clip features: {len(store)} clips, {store.total_frames} frames "
           f"({store.data_path.stat().st_size / 1e6:.1f} MB) in {store.data_path}")
     if bad:
         print(f"unusable clips: {len(bad)} (listed with reasons in {bad_clips_path(args.data)})")
-    print(f"folds: {args.n_folds} -> {fold_path(args.data, args.n_folds)} "
+    print(f"folds: {args.n_folds} ({args.fold_by or 'as in the fold file, else stratified'}) -> "
+          f"{fold_path(args.data, args.n_folds)} "
           f"(sizes {folds.value_counts().sort_index().tolist()})")
     print(f"done in {time.time() - t0:.1f}s")
 

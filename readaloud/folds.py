@@ -1,16 +1,26 @@
 """One fold assignment per (data set, k), written once and read by every trainer and checker.
 
-Stratified by task and score with a fixed seed, so it is deterministic; still, it is kept
-in a file so that folds can never silently disagree between processes or versions.
+Two schemes (`preprocess.py --fold_by`):
+- "stratified" (default): round-robin within (task, score) strata. Clips of one child land in
+  every fold, so out-of-fold predictions are for children the model has heard.
+- "voice": clips are clustered by voice (mean and spread of their speech frames' cepstra, which
+  carry the speaker and the microphone far more than the words) into one group per fold. A
+  fold then holds voices the other folds' models never heard, so OOF log loss, early stopping
+  and the ensemble weights measure what matters for new children. With a handful of speakers
+  (the digit-span set) each fold is whole speakers; with many it is a region of voice space.
+
+Deterministic (fixed seeds), and kept in a file so that folds can never silently disagree
+between processes or versions; `folds_<k>.json` beside it records the scheme.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .checkpoints import atomic_csv
+from .checkpoints import atomic_csv, atomic_write
 
 FOLD_SEED = 42
 
@@ -38,10 +48,54 @@ def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int = FOLD_SEED) -> pd.
     return folds
 
 
-def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int) -> pd.Series:
-    """Fold of each row of `meta` (indexed like it), from the data set's fold file."""
+def voice_embedding(frames: np.ndarray, n_ceps: int = 20) -> np.ndarray:
+    """Mean and standard deviation of cepstra c1..c{n_ceps-1} over a clip's speech frames."""
+    from scipy.fft import dct
+    frames = np.asarray(frames, np.float32)
+    if frames.shape[0] == 0:
+        return np.full(2 * (n_ceps - 1), np.nan, np.float32)
+    energy = frames.mean(1)
+    speech = frames[energy >= energy.max() - 0.5] if frames.shape[0] > 4 else frames  # ~20 dB below the peak
+    ceps = dct(speech, type=2, norm="ortho", axis=1)[:, 1:n_ceps]
+    return np.concatenate([ceps.mean(0), ceps.std(0)]).astype(np.float32)
+
+
+def assign_voice_folds(meta: pd.DataFrame, clips, n_folds: int, seed: int = FOLD_SEED) -> pd.Series:
+    """One k-means voice cluster per fold; clips without features join the nearest fold by size."""
+    from sklearn.cluster import KMeans
+    if len(meta) < n_folds:
+        raise ValueError(f"cannot split {len(meta)} training clips into {n_folds} folds")
+    emb = np.stack([voice_embedding(clips.get(f)) if f in clips else np.full(38, np.nan, np.float32)
+                    for f in meta["filename"]])
+    ok = np.isfinite(emb).all(1)
+    if ok.sum() < n_folds:
+        raise ValueError("voice folds need cached features for the training clips: run preprocess.py")
+    x = emb[ok]
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    labels = KMeans(n_clusters=n_folds, n_init=10, random_state=seed).fit_predict(x)
+    order = np.argsort(-np.bincount(labels, minlength=n_folds), kind="stable")  # fold 0 = largest voice group
+    rank = np.empty(n_folds, int)
+    rank[order] = np.arange(n_folds)
+    folds = pd.Series(-1, index=meta.index, dtype=int)
+    folds.iloc[np.flatnonzero(ok)] = rank[labels]
+    for i in np.flatnonzero(~ok):  # unusable clips: spread them over the smallest folds
+        folds.iloc[i] = int(folds[folds >= 0].value_counts().reindex(range(n_folds), fill_value=0).idxmin())
+    return folds
+
+
+def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int, fold_by: str | None = None,
+                         clips=None) -> pd.Series:
+    """Fold of each row of `meta` (indexed like it), from the data set's fold file.
+
+    The file is made once (`fold_by` "stratified", or "voice" with the clip feature store) and
+    then read by every process; asking for another scheme than the file's is an error."""
     path = fold_path(data_dir, n_folds)
+    scheme_path = path.with_suffix(".json")
     if path.exists():
+        scheme = json.loads(scheme_path.read_text())["fold_by"] if scheme_path.exists() else "stratified"
+        if fold_by and fold_by != scheme:
+            raise ValueError(f"{path} holds {scheme} folds, not {fold_by}: delete it (and the trained folds "
+                             f"in assets/) to change the scheme")
         df = pd.read_csv(path, dtype={"filename": str})
         mapping = dict(zip(df["filename"], df["fold"]))
         missing = ~meta["filename"].isin(mapping)
@@ -50,7 +104,16 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int)
                              f"(e.g. {meta.loc[missing, 'filename'].iloc[0]}); the training metadata "
                              f"changed: delete {path} and rerun preprocess.py")
         return meta["filename"].map(mapping).astype(int)
-    folds = assign_folds(meta, n_folds)
+    fold_by = fold_by or "stratified"
+    if fold_by == "voice":
+        if clips is None:
+            raise ValueError("voice folds are made by preprocess.py --fold_by voice (they need the clip features)")
+        folds = assign_voice_folds(meta, clips, n_folds)
+    elif fold_by == "stratified":
+        folds = assign_folds(meta, n_folds)
+    else:
+        raise ValueError(f"--fold_by must be 'stratified' or 'voice', got {fold_by!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_csv(pd.DataFrame({"filename": meta["filename"], "fold": folds}), path)
+    atomic_write(scheme_path, json.dumps({"fold_by": fold_by, "n_folds": n_folds}))
     return folds

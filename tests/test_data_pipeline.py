@@ -1,4 +1,6 @@
 """Features, the feature store, folds, metadata checks, batching by size, config overrides."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -53,6 +55,35 @@ def test_folds_are_stratified_and_stable(tmp_path):
     assert (load_or_create_folds(tmp_path, meta.sample(frac=1, random_state=1), 4).sort_index() == first).all()
     with pytest.raises(ValueError):
         assign_folds(meta, 1)
+
+
+class FakeStore(dict):
+    def get(self, key):
+        return self[key]
+
+
+def test_voice_folds_keep_each_speaker_in_one_fold(tmp_path):
+    """Three synthetic voices (a spectral envelope each, a microphone tilt) saying random
+    'words' (band patterns): the voice folds must not split a speaker across folds."""
+    rng = np.random.default_rng(0)
+    mel = np.arange(80)
+    voices = [np.sin(mel / (6 + 4 * v)) * 0.6 + (v - 1) * 0.004 * mel for v in range(3)]
+    store, rows = FakeStore(), []
+    for i in range(150):
+        v = i % 3
+        t = int(rng.integers(60, 200))
+        words = np.repeat(rng.normal(0, 0.3, (t // 20 + 1, 80)), 20, axis=0)[:t]
+        store[f"{i}.wav"] = (voices[v] + words + rng.normal(0, 0.1, (t, 80))).astype(np.float32)
+        rows.append((f"{i}.wav", "t", int(rng.integers(0, 2)), v))
+    meta = pd.DataFrame(rows, columns=["filename", "task", "score", "voice"])
+    folds = load_or_create_folds(tmp_path, meta, 3, "voice", clips=store)
+    table = pd.crosstab(folds, meta["voice"])
+    assert (table.max(axis=0) == 50).all() and sorted(folds.unique()) == [0, 1, 2], table
+    assert json.loads((tmp_path / "cache" / "folds_3.json").read_text())["fold_by"] == "voice"
+    again = load_or_create_folds(tmp_path, meta, 3)  # read back from the file, whatever asked
+    assert (again == folds).all()
+    with pytest.raises(ValueError, match="holds voice folds, not stratified"):
+        load_or_create_folds(tmp_path, meta, 3, "stratified")
 
 
 def write_split(d, rows, labels=True):

@@ -2,6 +2,7 @@
 
     python -m readaloud.bench.quality --data DIR [--out DIR] [--models a,b] [--n_folds 6]
                                       [--epochs E] [--jobs 2] [--backbone PATH | --pretrain]
+                                      [--fold_by stratified|voice]
 
 Runs preprocess -> (pretrain) -> train.py -> get_config -> inference on any folder in the
 competition layout that has test_labels.csv, then reports test log loss overall, per task and
@@ -52,6 +53,8 @@ def main(argv=None) -> dict:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--backbone", default=None, help="pretrained encoder for every variant")
     p.add_argument("--pretrain", action="store_true", help="run pretrain.py first and use its encoder")
+    p.add_argument("--fold_by", choices=("stratified", "voice"), default=None,
+                   help="fold scheme for a new data set (preprocess.py --fold_by); voice = unheard voices in OOF")
     args, extra = p.parse_known_args(argv)
     from readaloud.checking import check
     from readaloud.data import load_split
@@ -69,7 +72,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",") if args.models else list(VARIANTS)
     common = ["--data", str(data), "--tts_dir", args.tts_dir]
-    _run("preprocess.py", *common, "--n_folds", str(args.n_folds))
+    _run("preprocess.py", *common, "--n_folds", str(args.n_folds), *(["--fold_by", args.fold_by] if args.fold_by else []))
     backbone = args.backbone
     if args.pretrain:
         backbone = str(assets / "pretrained_encoder")
