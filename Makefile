@@ -38,7 +38,7 @@ check: train
 	$(PY) check_models.py --data $(DATA) --assets $(ASSETS) --n_folds $(FOLDS) --models $(MODELS) || true
 
 config: check
-	$(PY) get_config.py --assets $(ASSETS) --models $(MODELS)
+	$(PY) get_config.py --data $(DATA) --assets $(ASSETS) --models $(MODELS)
 
 infer: config
 	$(PY) infer.py --data $(DATA) --assets $(ASSETS) --out submission.csv

@@ -2,8 +2,9 @@
 
     python get_config.py [--assets assets] [--models a,b] [--max_folds K]
 
-Non-negative weights on the models' OOF logits minimise the OOF log loss; by default they sum
-to 1 with no bias (--blend convex), --blend logit frees them and adds a bias.
+Non-negative weights on the models' OOF logits minimise the OOF log loss: free and with a bias
+(--blend logit) when the folds are voice folds, summing to 1 without a bias (--blend convex)
+when they are stratified (--blend auto, the default; see readaloud/ensemble.py).
 --max_folds K ships only each model's K best folds (for an inference time limit).
 """
 import argparse
@@ -17,13 +18,13 @@ def main():
     add_common(p)
     p.add_argument("--models", default=None, help="comma-separated (default: every model with OOF files)")
     p.add_argument("--max_folds", type=int, default=None, help="checkpoints to ship per model (default: all)")
-    p.add_argument("--blend", choices=("logit", "convex"), default="convex",
-                   help="convex (default): weights sum to 1, no bias: cannot sharpen the in-speaker OOF "
-                        "confidence, so it holds up on unseen voices; logit: non-negative weights + bias "
-                        "(recalibrates on OOF; better only when test children sound like training ones)")
+    p.add_argument("--blend", choices=("auto", "logit", "convex"), default="auto",
+                   help="logit: non-negative weights + bias (recalibrates on OOF); convex: weights sum to 1, "
+                        "no bias (cannot sharpen); auto (default): logit with voice folds (OOF = unheard "
+                        "voices), convex with stratified folds (OOF = voices heard in training)")
     args = p.parse_args()
     config = build_config(args.assets, args.models.split(",") if args.models else None, args.max_folds,
-                          blend=args.blend)
+                          blend=args.blend, data_dir=args.data)
     js, pk = write_config(config, args.assets)
     print(f"{'model':14}{'weight':>10}{'OOF log loss':>14}  folds shipped")
     for m in config["members"]:
@@ -34,6 +35,7 @@ def main():
     best = config["best_single"]
     print(f"\nOOF log loss on {config['n_oof']} clips: ensemble {config['oof_logloss']:.4f} | "
           f"best single ({best}) {config['oof_logloss_single'][best]:.4f} | prior {config['oof_logloss_prior']:.4f}")
+    print(f"blend: {config['blend']} (folds: {config['fold_by']})")
     print(f"wrote {js} and {pk}")
 
 

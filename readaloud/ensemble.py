@@ -92,19 +92,29 @@ def choose_folds(assets: str | Path, model: str, available: list[int], max_folds
 
 
 def build_config(assets: str | Path, models: list[str] | None = None, max_folds: int | None = None,
-                 min_weight: float = 1e-3, blend: str = "convex") -> dict:
+                 min_weight: float = 1e-3, blend: str = "auto", data_dir: str | Path | None = None) -> dict:
     """Fit the ensemble on the OOF predictions in `assets`; returns the config dict.
 
-    blend="convex" (default): non-negative logit weights summing to 1, no bias. The OOF clips
-    share speakers with the training folds, so OOF predictions are more confident-and-right
-    than predictions for unseen children; a free blend learns to sharpen them (weights summing
-    to ~2 on the digit-span set) and that backfires on new voices (0.61 -> 0.83 log loss).
-    blend="logit": non-negative weights + bias (recalibrates on OOF; for same-population tests)."""
-    if blend not in ("logit", "convex"):
-        raise ValueError(f"blend must be 'logit' or 'convex', got {blend!r}")
+    blend="logit": non-negative weights + bias, free to recalibrate the members on OOF.
+    blend="convex": non-negative weights summing to 1, no bias: cannot sharpen.
+    blend="auto" (default): logit when the folds are voice folds (folds.py: OOF clips are
+    voices the fold's model never heard, like the test's children, so what OOF teaches the
+    blend holds on the test), convex when they are stratified: then OOF clips share speakers
+    with the training folds and are more confident-and-right than predictions for new
+    children; a free blend learns to sharpen them (weights summing to ~2 on the digit-span
+    set) and that backfired on a new voice (0.61 -> 0.83 log loss)."""
+    if blend not in ("auto", "logit", "convex"):
+        raise ValueError(f"blend must be 'auto', 'logit' or 'convex', got {blend!r}")
     oofs = collect_oof(assets, models)
     if not oofs:
         raise FileNotFoundError(f"no finished folds (<model>_<fold>.pth with _oof.csv) in {assets}; run train.py first")
+    n_folds = int(max(df["fold"].max() for df in oofs.values()) + 1)
+    fold_by = "unknown"
+    if data_dir is not None:
+        from .folds import fold_scheme
+        fold_by = fold_scheme(data_dir, n_folds)
+    if blend == "auto":
+        blend = "logit" if fold_by == "voice" else "convex"
     table, names = oof_matrix(oofs)
     X, y = table[names].to_numpy(np.float64), table["score"].to_numpy()
     w, b = fit_weights(X, y) if blend == "logit" else fit_convex_weights(X, y)
@@ -140,7 +150,8 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
         "oof_logloss_prior": log_loss(y, np.full(len(y), prior)),
         "max_folds": max_folds,
         "blend": blend,
-        "n_folds": int(max(df["fold"].max() for df in oofs.values()) + 1),
+        "fold_by": fold_by,
+        "n_folds": n_folds,
     }
 
 

@@ -83,6 +83,14 @@ def assign_voice_folds(meta: pd.DataFrame, clips, n_folds: int, seed: int = FOLD
     return folds
 
 
+def fold_scheme(data_dir: str | Path, n_folds: int) -> str:
+    """"voice" or "stratified": how the data set's fold file was made (stratified if unrecorded)."""
+    if not Path(data_dir).is_dir():
+        return "stratified"
+    scheme_path = fold_path(data_dir, n_folds).with_suffix(".json")
+    return json.loads(scheme_path.read_text())["fold_by"] if scheme_path.exists() else "stratified"
+
+
 def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int, fold_by: str | None = None,
                          clips=None) -> pd.Series:
     """Fold of each row of `meta` (indexed like it), from the data set's fold file.
@@ -92,7 +100,7 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
     path = fold_path(data_dir, n_folds)
     scheme_path = path.with_suffix(".json")
     if path.exists():
-        scheme = json.loads(scheme_path.read_text())["fold_by"] if scheme_path.exists() else "stratified"
+        scheme = fold_scheme(data_dir, n_folds)
         if fold_by and fold_by != scheme:
             raise ValueError(f"{path} holds {scheme} folds, not {fold_by}: delete it (and the trained folds "
                              f"in assets/) to change the scheme")

@@ -36,6 +36,14 @@ def test_build_config_from_oof_files(tmp_path):
             (tmp_path / f"{m}_{f}.pth").write_bytes(b"x")
             (tmp_path / f"{m}_{f}.json").write_text(json.dumps({"valid_logloss": float(f)}))
     cfg = build_config(tmp_path, max_folds=2)
+    assert cfg["blend"] == "convex" and cfg["bias"] == 0.0, "stratified (or unknown) folds: convex"
+    data = tmp_path / "data"
+    (data / "cache").mkdir(parents=True)
+    (data / "cache" / "folds_3.json").write_text(json.dumps({"fold_by": "voice", "n_folds": 3}))
+    voice = build_config(tmp_path, data_dir=data)
+    assert voice["blend"] == "logit" and voice["fold_by"] == "voice", "voice folds: the free blend"
+    assert voice["oof_logloss"] <= cfg["oof_logloss"] + 1e-9
+    cfg = build_config(tmp_path, max_folds=2, blend="logit")
     assert cfg["n_oof"] == 300 and cfg["oof_logloss"] <= min(cfg["oof_logloss_single"].values()) + 1e-9
     assert all(m["folds"] == [0, 1] for m in cfg["members"]), "the two best folds are shipped"
     write_config(cfg, tmp_path)

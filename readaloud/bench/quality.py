@@ -82,7 +82,7 @@ def main(argv=None) -> dict:
     train += ["--epochs", str(args.epochs)] if args.epochs else []
     train += ["--backbone", backbone] if backbone else []
     _run(*train)
-    _run("get_config.py", "--assets", str(assets), "--models", ",".join(models))
+    _run("get_config.py", "--data", str(data), "--assets", str(assets), "--models", ",".join(models))
 
     train_meta = load_split(data, "train", check_audio=False).meta
     test = load_split(data, "test", check_audio=False).meta
