@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import pandas as pd
 import torch
 
 from .alignment import ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table, category_codes
-from .checkpoints import CheckpointError, atomic_csv, atomic_save, atomic_write, clean_temp_files
+from .checkpoints import CheckpointError, atomic_csv, atomic_save, atomic_write
 from .config import ModelConfig, RunConfig
 
 log = logging.getLogger("readaloud.train")
@@ -145,26 +144,15 @@ def features_for(meta: pd.DataFrame, clips, refs, tasks: list[str], acoustic: tu
 def train_gbm_fold(variant: str, fold: int, n_folds: int, data_dir, assets_dir, tts_dir, cfg: RunConfig,
                    force: bool = False, restart: bool = False, quiet: bool = False, progress: bool = True) -> dict:
     """Fit the trees on every fold but `fold`, predict `fold`, write the fold's files."""
-    from .data import load_split
     from .dataset import Categories
-    from .features import FeatureParams
-    from .folds import load_or_create_folds
-    from .metrics import log_loss, logit, prior_predictions, sigmoid, task_priors
-    from .prepare import ensure_clip_features, ensure_references
-    from .training import CHECKPOINT_FORMAT, FoldPaths, _setup_logging, environment_info
+    from .metrics import log_loss, prior_predictions, task_priors
+    from .training import (CHECKPOINT_FORMAT, FoldPaths, environment_info, load_training_data, out_of_fold_table,
+                           start_fold_run)
 
     paths = FoldPaths(Path(assets_dir), variant, fold)
-    if paths.finished() and not force:
-        print(f"{paths.stem}: already trained ({paths.checkpoint}); use --force to retrain")
-        return json.loads(paths.summary.read_text()) if paths.summary.exists() else {"skipped": True}
-    if (force or restart) and paths.run_dir.exists():
-        shutil.rmtree(paths.run_dir)
-    if force:
-        for p in (paths.checkpoint, paths.oof, paths.summary):
-            p.unlink(missing_ok=True)
-    _setup_logging(paths.run_dir, quiet)
-    clean_temp_files(paths.run_dir)
-    clean_temp_files(paths.assets)
+    finished = start_fold_run(paths, force, restart, quiet)
+    if finished is not None:
+        return finished
     env = environment_info()
     try:
         import sklearn
@@ -177,15 +165,7 @@ def train_gbm_fold(variant: str, fold: int, n_folds: int, data_dir, assets_dir, 
                  variant, fold, n_folds, json.dumps(cfg.to_dict(), sort_keys=True), json.dumps(env))
     t0 = time.time()
 
-    split = load_split(data_dir, "train")
-    meta = split.meta
-    meta["fold"] = load_or_create_folds(data_dir, meta, n_folds).to_numpy()
-    params = FeatureParams(n_mels=cfg.model.n_mels)
-    refs = ensure_references(tts_dir, cfg.tts, meta["expected_text"].unique(), params, progress=progress)
-    clips, bad = ensure_clip_features(data_dir, meta["filename"].tolist(), params, progress=progress)
-    if bad:
-        log.warning("%d training clips are unusable and skipped (listed in %s/cache/bad_clips.csv)",
-                    len(bad), data_dir)
+    meta, refs, clips, bad = load_training_data(data_dir, tts_dir, cfg, n_folds, progress)
     cats = Categories.from_meta(meta)
     is_valid = (meta["fold"] == fold).to_numpy()
     train_meta, valid_meta = meta[~is_valid], meta[is_valid]
@@ -215,13 +195,7 @@ def train_gbm_fold(variant: str, fold: int, n_folds: int, data_dir, assets_dir, 
         history["internal_valid_logloss"] = -clf.validation_score_
     atomic_csv(history, paths.metrics)
 
-    oof = valid_meta[["filename", "task", "grade", "score"]].copy()
-    oof.insert(1, "fold", fold)
-    fallback = logit(prior_predictions(priors, oof["task"]))
-    by_name = dict(zip(meta.loc[valid_rows, "filename"], valid_logits))
-    oof["logit"] = [by_name.get(f, fb) for f, fb in zip(oof["filename"], fallback)]
-    oof["fallback"] = (~oof["filename"].isin(by_name)).astype(int)
-    oof["pred"] = sigmoid(oof["logit"].to_numpy())
+    oof = out_of_fold_table(valid_meta, fold, priors, dict(zip(meta.loc[valid_rows, "filename"], valid_logits)))
     fold_loss = log_loss(oof["score"], oof["pred"])
     atomic_csv(oof, paths.oof)
     stopped = f"early stop at iteration {n_iter} of {cfg.model.gbm_max_iter}" \

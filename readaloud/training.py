@@ -184,6 +184,48 @@ def _setup_logging(run_dir: Path, quiet: bool) -> None:
         root.addHandler(h)
 
 
+def start_fold_run(paths: FoldPaths, force: bool, restart: bool, quiet: bool) -> dict | None:
+    """A finished fold's summary (it is skipped), or None after clearing what --force and
+    --restart discard, setting up the fold's log and removing leftover temporary files."""
+    if paths.finished() and not force:
+        print(f"{paths.stem}: already trained ({paths.checkpoint}); use --force to retrain")
+        return json.loads(paths.summary.read_text()) if paths.summary.exists() else {"skipped": True}
+    if (force or restart) and paths.run_dir.exists():
+        shutil.rmtree(paths.run_dir)
+    if force:
+        for p in (paths.checkpoint, paths.oof, paths.summary):
+            p.unlink(missing_ok=True)
+    _setup_logging(paths.run_dir, quiet)
+    clean_temp_files(paths.run_dir)
+    clean_temp_files(paths.assets)
+    return None
+
+
+def load_training_data(data_dir: str | Path, tts_dir: str | Path, cfg: RunConfig, n_folds: int, progress: bool):
+    """(training metadata with its `fold` column, TTS reference bank, clip feature store, bad clips)."""
+    meta = load_split(data_dir, "train").meta
+    meta["fold"] = load_or_create_folds(data_dir, meta, n_folds).to_numpy()
+    params = FeatureParams(n_mels=cfg.model.n_mels)
+    refs = ensure_references(tts_dir, cfg.tts, meta["expected_text"].unique(), params, progress=progress)
+    clips, bad = ensure_clip_features(data_dir, meta["filename"].tolist(), params, progress=progress)
+    if bad:
+        log.warning("%d training clips are unusable and skipped (listed in %s/cache/bad_clips.csv)",
+                    len(bad), data_dir)
+    return meta, refs, clips, bad
+
+
+def out_of_fold_table(valid_meta: pd.DataFrame, fold: int, priors: dict, logits: dict) -> pd.DataFrame:
+    """The fold's OOF rows; a clip with no prediction in `logits` ({filename: logit}) gets its
+    task's prior and fallback = 1."""
+    oof = valid_meta[["filename", "task", "grade", "score"]].copy()
+    oof.insert(1, "fold", fold)
+    fallback = logit(prior_predictions(priors, oof["task"]))
+    oof["logit"] = [logits.get(f, fb) for f, fb in zip(oof["filename"], fallback)]
+    oof["fallback"] = (~oof["filename"].isin(logits)).astype(int)
+    oof["pred"] = sigmoid(oof["logit"].to_numpy())
+    return oof
+
+
 def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path = "data",
                assets_dir: str | Path = "assets", tts_dir: str | Path = "tts_data",
                overrides: dict | None = None, force: bool = False, restart: bool = False,
@@ -197,18 +239,9 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
         return train_gbm_fold(variant, fold, n_folds, data_dir, assets_dir, tts_dir, cfg, force=force,
                               restart=restart, quiet=quiet, progress=progress)
     paths = FoldPaths(Path(assets_dir), variant, fold)
-    if paths.finished() and not force:
-        msg = f"{paths.stem}: already trained ({paths.checkpoint}); use --force to retrain"
-        print(msg)
-        return json.loads(paths.summary.read_text()) if paths.summary.exists() else {"skipped": True}
-    if (force or restart) and paths.run_dir.exists():
-        shutil.rmtree(paths.run_dir)
-    if force:
-        for p in (paths.checkpoint, paths.oof, paths.summary):
-            p.unlink(missing_ok=True)
-    _setup_logging(paths.run_dir, quiet)
-    clean_temp_files(paths.run_dir)
-    clean_temp_files(paths.assets)
+    finished = start_fold_run(paths, force, restart, quiet)
+    if finished is not None:
+        return finished
     env = environment_info()
     (paths.run_dir / "config.json").write_text(cfg.to_json())
     if not quiet:
@@ -220,15 +253,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     seed_everything(cfg.seed * 1000 + fold)
 
     # ---- data --------------------------------------------------------------------------
-    split = load_split(data_dir, "train")
-    meta = split.meta
-    meta["fold"] = load_or_create_folds(data_dir, meta, n_folds).to_numpy()
-    params = FeatureParams(n_mels=cfg.model.n_mels)
-    refs = ensure_references(tts_dir, cfg.tts, meta["expected_text"].unique(), params, progress=progress)
-    clips, bad = ensure_clip_features(data_dir, meta["filename"].tolist(), params, progress=progress)
-    if bad:
-        log.warning("%d training clips are unusable and skipped (listed in %s/cache/bad_clips.csv)",
-                    len(bad), data_dir)
+    meta, refs, clips, bad = load_training_data(data_dir, tts_dir, cfg, n_folds, progress)
     vocab = Vocab.build(meta["expected_text"], cfg.model.ctc_unit)
     cats = Categories.from_meta(meta)
     train_meta, valid_meta = meta[meta["fold"] != fold], meta[meta["fold"] == fold]
@@ -431,13 +456,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     if paths.best.exists():
         model.load_state_dict(safe_load(paths.best, map_location=device)["model"])
     valid_logits = predict_logits(model, valid_ds, device, dc.batch_max_frames, dc.max_batch_size)
-    oof = valid_meta[["filename", "task", "grade", "score"]].copy()
-    oof.insert(1, "fold", fold)
-    fallback = logit(prior_predictions(priors, oof["task"]))
-    by_name = dict(zip(valid_ds.meta["filename"], valid_logits))
-    oof["logit"] = [by_name.get(f, fb) for f, fb in zip(oof["filename"], fallback)]
-    oof["fallback"] = (~oof["filename"].isin(by_name)).astype(int)
-    oof["pred"] = sigmoid(oof["logit"].to_numpy())
+    oof = out_of_fold_table(valid_meta, fold, priors, dict(zip(valid_ds.meta["filename"], valid_logits)))
     fold_loss = log_loss(oof["score"], oof["pred"])
     atomic_csv(oof, paths.oof)
     summary = {"variant": variant, "fold": fold, "n_folds": n_folds, "valid_logloss": fold_loss,

@@ -11,10 +11,10 @@ from readaloud.checkpoints import atomic_save
 from readaloud.config import ModelConfig
 from readaloud.dataset import collate
 from readaloud.encdec import EncDecClassifier
-from readaloud.models import build_model, small_whisper_config, whisper_config_dict
+from readaloud.models import build_model, whisper_config_dict
 from readaloud.text import Vocab
 from readaloud.variants import variant_config
-from test_models import tiny_items
+from test_models import assert_encoder_is_the_tiny_whisper, at_whisper_positions, save_tiny_whisper, tiny_items
 
 ENCDEC = ModelConfig(arch="encdec", ctc_unit="char")
 
@@ -109,21 +109,13 @@ def test_encdec_checkpoint_loads_through_inference(tmp_path):
 
 
 def test_encdec_pretrained_backbone_and_its_rebuild(tmp_path):
-    from transformers import WhisperModel
-    small = ModelConfig(d_model=64, encoder_layers=2, encoder_heads=2, ffn_dim=128)
-    wm = WhisperModel(small_whisper_config(small))
-    with torch.no_grad():
-        wm.encoder.conv1.weight.fill_(0.0123)
-    wm.save_pretrained(tmp_path / "tiny-whisper")
-    cfg = ModelConfig(arch="encdec", ctc_unit="char", backbone=str(tmp_path / "tiny-whisper"), position_pool=1)
+    cfg = ModelConfig(arch="encdec", ctc_unit="char", backbone=save_tiny_whisper(tmp_path / "tiny-whisper"),
+                      position_pool=1)
     model = build_model(cfg, 3, 4, 8)
     assert isinstance(model, EncDecClassifier)
-    assert model.encoder.config.d_model == 64 and len(model.encoder.layers) == 2
-    assert torch.allclose(model.encoder.conv1.weight, torch.full_like(model.encoder.conv1.weight, 0.0123))
+    assert_encoder_is_the_tiny_whisper(model.encoder)
     assert model.decoder.config.d_model == 64 and len(model.decoder.layers) == cfg.decoder_layers
-    items = varied_items()
-    for it in items:  # a real Whisper has no extra pooling: one position per 2 frames
-        it.update(ref_pos=it["ref_n"] // 2, resp_start_pos=it["resp_start"] // 2, resp_pos=it["resp_n"] // 2)
+    items = at_whisper_positions(varied_items())
     model = warmed_up(model, items, steps=1)
     batch = collate(items)
     rebuilt = build_model(cfg, 3, 4, 8, whisper_config=whisper_config_dict(model))

@@ -153,6 +153,7 @@ def test_bad_clip_gets_the_task_prior(gbm, tmp_path, monkeypatch):
     """A clip that cannot be decoded is left out of training and gets its task's prior in the
     OOF file with fallback=1, as in a neural fold."""
     import readaloud.prepare as prepare
+    import readaloud.training as training
     from readaloud.training import train_fold
     meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str)
     folds = pd.read_csv(gbm["data"] / "cache" / "folds_2.csv", dtype={"filename": str})
@@ -173,7 +174,7 @@ def test_bad_clip_gets_the_task_prior(gbm, tmp_path, monkeypatch):
         store, bad = real(data_dir, filenames, *a, **k)
         return Without(store), {**bad, broken: "unreadable (test)"}
 
-    monkeypatch.setattr(prepare, "ensure_clip_features", fake)
+    monkeypatch.setattr(training, "ensure_clip_features", fake)  # where the shared loader looks it up
     summary = train_fold("model5gbm", 1, 2, gbm["data"], tmp_path, gbm["tts"], quiet=True, progress=False)
     assert summary["skipped_clips"] == [broken]
     oof = pd.read_csv(tmp_path / "model5gbm_1_oof.csv", dtype={"filename": str, "grade": str})

@@ -67,19 +67,36 @@ def test_encoder_runs_on_the_real_length_not_30s():
     assert hidden.shape[1] == batch["feats"].shape[1] // model.frames_per_position < 1500
 
 
-def test_pretrained_backbone_loads_through_from_pretrained(tmp_path):
+MARKER = 0.0123
+
+
+def save_tiny_whisper(folder) -> str:
+    """A tiny WhisperModel (d_model 64, 2 layers, conv1 filled with MARKER) saved with save_pretrained."""
     from transformers import WhisperModel
-    cfg = ModelConfig(d_model=64, encoder_layers=2, encoder_heads=2, ffn_dim=128)
-    wm = WhisperModel(small_whisper_config(cfg))
+    wm = WhisperModel(small_whisper_config(ModelConfig(d_model=64, encoder_layers=2, encoder_heads=2, ffn_dim=128)))
     with torch.no_grad():
-        wm.encoder.conv1.weight.fill_(0.0123)
-    wm.save_pretrained(tmp_path / "tiny-whisper")
-    model = build_model(ModelConfig(backbone=str(tmp_path / "tiny-whisper"), position_pool=1), 3, 4, 8)
-    assert model.encoder.config.d_model == 64 and len(model.encoder.layers) == 2
-    assert torch.allclose(model.encoder.conv1.weight, torch.full_like(model.encoder.conv1.weight, 0.0123))
-    items = tiny_items(2)
-    for it in items:  # a real Whisper has no extra pooling: one position per 2 frames
+        wm.encoder.conv1.weight.fill_(MARKER)
+    wm.save_pretrained(folder)
+    return str(folder)
+
+
+def assert_encoder_is_the_tiny_whisper(encoder) -> None:
+    assert encoder.config.d_model == 64 and len(encoder.layers) == 2
+    assert torch.allclose(encoder.conv1.weight, torch.full_like(encoder.conv1.weight, MARKER))
+
+
+def at_whisper_positions(items: list[dict]) -> list[dict]:
+    """A real Whisper has no extra pooling: one position per 2 frames."""
+    for it in items:
         it.update(ref_pos=it["ref_n"] // 2, resp_start_pos=it["resp_start"] // 2, resp_pos=it["resp_n"] // 2)
+    return items
+
+
+def test_pretrained_backbone_loads_through_from_pretrained(tmp_path):
+    backbone = save_tiny_whisper(tmp_path / "tiny-whisper")
+    model = build_model(ModelConfig(backbone=backbone, position_pool=1), 3, 4, 8)
+    assert_encoder_is_the_tiny_whisper(model.encoder)
+    items = at_whisper_positions(tiny_items(2))
     out = model(collate(items))
     assert out["logits"].shape == (2,)
 
