@@ -48,7 +48,10 @@ def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int = FOLD_SEED) -> pd.
     return folds
 
 
-def voice_embedding(frames: np.ndarray, n_ceps: int = 20) -> np.ndarray:
+VOICE_CEPS = 20  # c1..c19: spectral envelope (speaker, microphone); c0 (level) left out
+
+
+def voice_embedding(frames: np.ndarray, n_ceps: int = VOICE_CEPS) -> np.ndarray:
     """Mean and standard deviation of cepstra c1..c{n_ceps-1} over a clip's speech frames."""
     from scipy.fft import dct
     frames = np.asarray(frames, np.float32)
@@ -65,7 +68,8 @@ def assign_voice_folds(meta: pd.DataFrame, clips, n_folds: int, seed: int = FOLD
     from sklearn.cluster import KMeans
     if len(meta) < n_folds:
         raise ValueError(f"cannot split {len(meta)} training clips into {n_folds} folds")
-    emb = np.stack([voice_embedding(clips.get(f)) if f in clips else np.full(38, np.nan, np.float32)
+    missing = np.full(2 * (VOICE_CEPS - 1), np.nan, np.float32)
+    emb = np.stack([voice_embedding(clips.get(f)) if f in clips else missing
                     for f in meta["filename"]])
     ok = np.isfinite(emb).all(1)
     if ok.sum() < n_folds:
