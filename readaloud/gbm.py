@@ -178,7 +178,10 @@ def train_gbm_fold(variant: str, fold: int, n_folds: int, data_dir, assets_dir, 
              int(is_valid.sum()), X.shape[1], 1000 * t_feat / max(1, len(meta)))
 
     from threadpoolctl import threadpool_limits
-    with threadpool_limits(limits=cfg.threads if cfg.threads > 0 else None):
+
+    from .cpu import ThreadBudget
+    threads = ThreadBudget(cfg.threads, every=0).poll()  # a core freed by a finished job while featurizing
+    with threadpool_limits(limits=threads):
         clf = fit_gbm(X[fit_rows], y[fit_rows], cfg.model, cfg.seed * 1000 + fold)
         state = export_trees(clf)
         trees = TreeEnsemble(state, len(FEATURE_NAMES))

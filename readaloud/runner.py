@@ -2,7 +2,8 @@
 
 Each job is `python train_model<v>.py --fold F ...` in its own process, so a crash or a kill
 costs one fold, not the batch; its output goes to assets/runs/<v>_<f>/stdout.log. On CPU the
-cores are split between the jobs (torch threads per job); with --gpus each job gets one GPU.
+cores are split between the jobs (torch threads per job), and once nothing is left to start, the
+cores of finished jobs go to the ones still running (readaloud.cpu); with --gpus each job gets one GPU.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .cpu import THREADS_FILE_ENV, write_budget
 from .training import FoldPaths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,11 @@ class Job:
     started: float = 0.0
     returncode: int | None = None
     env: dict = field(default_factory=dict)
+    threads: int = 1
+
+    @property
+    def budget_file(self) -> Path:
+        return self.paths.run_dir / "threads"
 
 
 def script_for(variant: str) -> Path:
@@ -59,6 +66,7 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
         return results
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(1, min(jobs, len(todo)))) if not gpus else max(1, cores // jobs)
+    fixed_threads = bool(gpus) or any(a == "--threads" for a in extra)
     total_epochs = epochs or 0
     bar = tqdm(total=len(todo), desc="folds", unit="fold", disable=not progress, dynamic_ncols=True)
     running: list[Job] = []
@@ -70,12 +78,16 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
                 job = queue.pop(0)
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
                 job.args += ["--threads", str(threads)] if not any(a == "--threads" for a in extra) else []
+                job.paths.run_dir.mkdir(parents=True, exist_ok=True)
+                job.threads = threads
+                if not fixed_threads:
+                    write_budget(job.budget_file, threads)
+                    env[THREADS_FILE_ENV] = str(job.budget_file)
                 if gpus:
                     job.env["gpu"] = gpu_free.pop(0)
                     env["CUDA_VISIBLE_DEVICES"] = job.env["gpu"]
-                job.paths.run_dir.mkdir(parents=True, exist_ok=True)
-                log = open(job.paths.run_dir / "stdout.log", "ab")
-                job.proc = subprocess.Popen(job.args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                with open(job.paths.run_dir / "stdout.log", "ab") as log:  # the child keeps its own handle
+                    job.proc = subprocess.Popen(job.args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 job.started = time.time()
                 running.append(job)
             time.sleep(poll)
@@ -96,6 +108,8 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
                     tail = _tail(job.paths.run_dir / "stdout.log")
                     tqdm.write(f"{job.paths.stem}: FAILED (exit {code}) after {took:.0f}s; "
                                f"log: {job.paths.run_dir / 'stdout.log'}\n{tail}")
+            if not queue and running and not fixed_threads:
+                _share_free_cores(running, cores)
             bar.set_postfix_str(" | ".join(_status(j, total_epochs) for j in running))
     except KeyboardInterrupt:
         for job in running:
@@ -104,6 +118,20 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
     finally:
         bar.close()
     return results
+
+
+def _share_free_cores(running: list[Job], cores: int) -> None:
+    """Nothing left to start: split all cores between the jobs still running."""
+    base, extra = divmod(cores, len(running))
+    for i, job in enumerate(sorted(running, key=lambda j: j.started)):
+        share = max(1, base + (1 if i < extra else 0))
+        if share > job.threads:
+            try:
+                write_budget(job.budget_file, share)
+            except OSError:
+                continue
+            tqdm.write(f"{job.paths.stem}: a job ended, now {share} threads")
+            job.threads = share
 
 
 def _summary_loss(paths: FoldPaths) -> str:

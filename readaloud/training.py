@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from .augment import Augmenter
 from .checkpoints import atomic_csv, atomic_save, atomic_write, clean_temp_files, safe_load
 from .config import RunConfig
+from .cpu import ThreadBudget
 from .data import load_split
 from .dataset import Categories, PairDataset, SpecAugment, bucket_batches, collate, to_device
 from .features import FeatureParams
@@ -247,8 +248,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
     if not quiet:
         log.info("%s fold %d/%d\nconfig: %s\nenvironment: %s", variant, fold, n_folds,
                  json.dumps(cfg.to_dict(), sort_keys=True), json.dumps(env))
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    threads = ThreadBudget(cfg.threads)  # train.py may raise it when a parallel job ends
     device = pick_device(cfg.device)
     seed_everything(cfg.seed * 1000 + fold)
 
@@ -368,6 +368,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
         optimizer.zero_grad(set_to_none=True)
         for bi in range(state["batch"], len(batches)):
             idx = batches[bi]
+            threads.poll()
             rng = np.random.default_rng([cfg.seed, fold, epoch, bi])  # per batch: resumable anywhere
             batch = collate([augmenter(train_ds.item(i), rng) for i in idx],
                             spec_aug if dc.spec_time_masks or dc.spec_freq_masks else None, rng)

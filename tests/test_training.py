@@ -157,3 +157,12 @@ def test_a_corrupt_training_clip_is_listed_and_skipped(tiny_data, root, tmp_path
     if folds[bad] == 0:  # in the validation fold it still gets a (flagged) prediction
         oof = pd.read_csv(tmp_path / "assets" / "model1mean_0_oof.csv").set_index("filename")
         assert oof.loc[bad, "fallback"] == 1
+
+
+def test_a_running_fold_follows_its_thread_budget(tiny_data, root, tmp_path):
+    """train.py raises a job's threads by rewriting its budget file; the fold applies it."""
+    budget = tmp_path / "threads"
+    budget.write_text("2")
+    run = train(root, tiny_data, tmp_path / "a", "--epochs", "1", env={"READALOUD_THREADS_FILE": str(budget)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "thread budget: 1 -> 2 torch threads" in run.stderr
