@@ -44,7 +44,8 @@ def main():
 
     from readaloud.prepare import prepare_training_data
     cfgs = [variant_config(m, overrides) for m in models]
-    prepare_training_data(args.data, args.tts_dir, args.n_folds, {c.tts for c in cfgs}, {c.model.n_mels for c in cfgs})
+    prepare_training_data(args.data, args.tts_dir, args.n_folds, {c.tts for c in cfgs}, {c.model.n_mels for c in cfgs},
+                          alignment={(c.tts, c.model.n_mels) for c in cfgs if c.model.arch == "gbm"})
     from readaloud.runner import run_jobs
     gpus = args.gpus.split(",") if args.gpus else None
     results = run_jobs(models, folds, args.n_folds, args.data, args.assets, args.tts_dir, args.jobs, extra,

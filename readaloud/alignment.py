@@ -24,12 +24,16 @@ takes a few milliseconds.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger("readaloud")
 
 ALIGN_VERSION = 1
 FRAME_S = 0.01          # seconds per cached frame
@@ -317,18 +321,70 @@ def clip_features(resp: np.ndarray, ref: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
-def acoustic_table(meta: pd.DataFrame, clips, refs) -> tuple[np.ndarray, np.ndarray]:
+def acoustic_table(meta: pd.DataFrame, clips, refs, cache: str | Path | None = None,
+                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """[len(meta), len(ACOUSTIC_NAMES)] features and a mask of the rows that could be computed
-    (clip in the feature store and the expected text's reference in the bank)."""
+    (clip in the feature store and the expected text's reference in the bank).
+
+    With `cache` (alignment_cache_path), rows computed before are read back instead: the
+    features depend only on the clip and its reference, so every fold and every rerun would
+    otherwise recompute the same numbers."""
+    from tqdm.auto import tqdm
+
     from .text import normalise_text
     X = np.full((len(meta), len(ACOUSTIC_NAMES)), np.nan)
     ok = np.zeros(len(meta), bool)
-    for i, (name, text) in enumerate(zip(meta["filename"], meta["expected_text"])):
+    keys = [f"{name}\t{normalise_text(text)}" for name, text in zip(meta["filename"], meta["expected_text"])]
+    known = _read_cache(Path(cache)) if cache is not None else {}
+    todo = []
+    for i, (name, text, key) in enumerate(zip(meta["filename"], meta["expected_text"], keys)):
         if name not in clips or normalise_text(text) not in refs.store:
             continue
-        X[i] = clip_features(clips.get(name), refs.features(text), text)
         ok[i] = True
+        if key in known:
+            X[i] = known[key]
+        else:
+            todo.append(i)
+    for i in tqdm(todo, desc="alignment features", unit="clip", disable=not progress or not todo):
+        text = meta["expected_text"].iloc[i]
+        X[i] = clip_features(clips.get(meta["filename"].iloc[i]), refs.features(text), text)
+    if cache is not None and todo:
+        _add_to_cache(Path(cache), {keys[i]: X[i] for i in todo})
     return X, ok
+
+
+def alignment_cache_path(data_dir: str | Path, refs) -> Path:
+    """One table per data folder, TTS voice, feature parameters and version of this module."""
+    from .prepare import cache_dir
+    return cache_dir(data_dir) / f"alignment_v{ALIGN_VERSION}_{refs.root.name}_{refs.params.key()}.npz"
+
+
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys, X = z["keys"], z["X"]
+        if X.shape != (len(keys), len(ACOUSTIC_NAMES)):
+            raise ValueError(f"table of shape {X.shape} for {len(keys)} keys")
+        return dict(zip(keys.tolist(), X))
+    except Exception as exc:  # a damaged cache costs a recomputation, never a run
+        log.warning("alignment cache %s is unreadable (%s): recomputing it", path, exc)
+        return {}
+
+
+def _add_to_cache(path: Path, rows: dict[str, np.ndarray]) -> None:
+    """Merge under a lock and replace atomically, so parallel folds never lose each other's rows."""
+    import io
+
+    from .checkpoints import atomic_write
+    from .features import file_lock
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        table = _read_cache(path)
+        table.update(rows)
+        buf = io.BytesIO()
+        np.savez(buf, keys=np.array(list(table), dtype=str), X=np.stack(list(table.values())))
+        atomic_write(path, buf.getvalue())
 
 
 def grade_code(g: str) -> float:

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .alignment import ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table, category_codes
+from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
+                        alignment_cache_path, category_codes)
 from .checkpoints import CheckpointError, atomic_csv, atomic_save, atomic_write
 from .config import ModelConfig, RunConfig
 
@@ -170,12 +171,13 @@ def train_gbm_fold(variant: str, fold: int, n_folds: int, data_dir, assets_dir, 
     is_valid = (meta["fold"] == fold).to_numpy()
     train_meta, valid_meta = meta[~is_valid], meta[is_valid]
     priors = task_priors(train_meta)
-    X, ok = features_for(meta, clips, refs, cats.tasks)
+    X, ok = features_for(meta, clips, refs, cats.tasks,
+                         acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress))
     t_feat = time.time() - t0
     y = meta["score"].to_numpy()
     fit_rows = ~is_valid & ok
-    log.info("fold %d: %d train / %d valid clips, %d features (%.1f ms per clip)", fold, int(fit_rows.sum()),
-             int(is_valid.sum()), X.shape[1], 1000 * t_feat / max(1, len(meta)))
+    log.info("fold %d: %d train / %d valid clips, %d features, data and features ready in %.1fs", fold,
+             int(fit_rows.sum()), int(is_valid.sum()), X.shape[1], t_feat)
 
     from threadpoolctl import threadpool_limits
 

@@ -209,7 +209,7 @@ def _predict_gbm(fm: FoldModel, meta: pd.DataFrame, known: np.ndarray, data_dir:
                  clips, alignment: dict, progress: bool) -> np.ndarray:
     """Logits of a gbm fold model for every row of `meta` (NaN where it cannot predict); the
     alignment features are computed for the first gbm model and reused by the others."""
-    from .alignment import acoustic_table
+    from .alignment import acoustic_table, alignment_cache_path
     params = FeatureParams(n_mels=fm.cfg.model.n_mels)
     key = (fm.cfg.tts, params)
     if key not in alignment:
@@ -217,7 +217,7 @@ def _predict_gbm(fm: FoldModel, meta: pd.DataFrame, known: np.ndarray, data_dir:
             clips, _ = ensure_clip_features(data_dir, listed, params, progress=progress)
         refs = ensure_references(tts_dir, fm.cfg.tts, meta.loc[known, "expected_text"].unique(), params,
                                  progress=progress)
-        alignment[key] = acoustic_table(meta[known], clips, refs)
+        alignment[key] = acoustic_table(meta[known], clips, refs, alignment_cache_path(data_dir, refs), progress)
     logits = np.full(len(meta), np.nan)
     logits[np.flatnonzero(known)] = fm.model.predict(meta[known], alignment[key])
     return logits

@@ -101,8 +101,9 @@ def ensure_references(tts_dir: str | Path, tts_spec: str, texts, params: Feature
 
 
 def prepare_training_data(data_dir: str | Path, tts_dir: str | Path, n_folds: int, tts_specs, n_mels_set,
-                          workers: int = 2, progress: bool = True) -> None:
-    """Everything trainers read, made once up front so parallel jobs only read caches."""
+                          workers: int = 2, progress: bool = True, alignment: set | None = None) -> None:
+    """Everything trainers read, made once up front so parallel jobs only read caches;
+    `alignment`: the (tts spec, n_mels) pairs whose alignment features gbm folds will read."""
     from .data import load_split
     from .folds import load_or_create_folds
     meta = load_split(data_dir, "train").meta
@@ -112,3 +113,9 @@ def prepare_training_data(data_dir: str | Path, tts_dir: str | Path, n_folds: in
             ensure_references(tts_dir, spec, meta["expected_text"].unique(), params, progress)
         ensure_clip_features(data_dir, meta["filename"].tolist(), params, workers, progress)
     load_or_create_folds(data_dir, meta, n_folds)
+    for spec, n_mels in sorted(alignment or ()):
+        from .alignment import acoustic_table, alignment_cache_path
+        params = FeatureParams(n_mels=n_mels)
+        refs = ensure_references(tts_dir, spec, meta["expected_text"].unique(), params, progress)
+        clips, _ = ensure_clip_features(data_dir, meta["filename"].tolist(), params, workers, progress)
+        acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress)

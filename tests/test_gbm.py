@@ -111,6 +111,38 @@ def test_features_are_finite_on_real_clips(gbm):
     assert np.isfinite(X).all(), [n for n, bad in zip(ACOUSTIC_NAMES, ~np.isfinite(X).all(0)) if bad]
 
 
+def test_alignment_features_are_cached_once_per_clip(gbm, tmp_path, monkeypatch, caplog):
+    """train.py computed the table before its jobs; reading it back gives the same numbers, and a
+    damaged cache is recomputed, never trusted."""
+    from readaloud import alignment
+    from readaloud.features import FeatureParams
+    from readaloud.prepare import ensure_clip_features, ensure_references
+    meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str)
+    refs = ensure_references(gbm["tts"], RunConfig().tts, meta["expected_text"].unique(), FeatureParams(),
+                             progress=False)
+    clips, _ = ensure_clip_features(gbm["data"], meta["filename"].tolist(), progress=False)
+    cache = alignment.alignment_cache_path(gbm["data"], refs)
+    assert cache.exists(), "train.py fills the cache before starting gbm folds"
+    fresh = acoustic_table(meta, clips, refs)
+
+    def no_compute(*a):
+        raise AssertionError("a cached row was computed again")
+    with monkeypatch.context() as m:
+        m.setattr(alignment, "clip_features", no_compute)
+        cached = acoustic_table(meta, clips, refs, cache)
+    assert np.array_equal(cached[0], fresh[0], equal_nan=True) and np.array_equal(cached[1], fresh[1])
+
+    copy = tmp_path / cache.name
+    acoustic_table(meta.head(3), clips, refs, copy)
+    acoustic_table(meta.iloc[3:5], clips, refs, copy)
+    with np.load(copy, allow_pickle=False) as z:
+        assert len(z["keys"]) == 5, "a second call adds its rows to the first's"
+    copy.write_bytes(b"not an npz")
+    with caplog.at_level("WARNING", logger="readaloud"):
+        again = acoustic_table(meta.head(3), clips, refs, copy)
+    assert "unreadable" in caplog.text and np.array_equal(again[0], fresh[0][:3], equal_nan=True)
+
+
 def test_gbm_folds_write_what_a_neural_fold_writes(gbm):
     assert "2/2 folds finished" in gbm["train_out"]
     assets = gbm["assets"]
