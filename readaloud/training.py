@@ -239,6 +239,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
         from .gbm import train_gbm_fold
         return train_gbm_fold(variant, fold, n_folds, data_dir, assets_dir, tts_dir, cfg, force=force,
                               restart=restart, quiet=quiet, progress=progress)
+    t_start = time.time()
     paths = FoldPaths(Path(assets_dir), variant, fold)
     finished = start_fold_run(paths, force, restart, quiet)
     if finished is not None:
@@ -464,8 +465,9 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                "valid_logloss_prior": log_loss(oof["score"], prior_predictions(priors, oof["task"])),
                "best_epoch": state["best_epoch"], "best_step": state["best_step"], "epochs_run": state["epoch"],
                "updates": state["step"], "stopped": state["stopped"], "n_train": len(train_ds),
-               "n_valid": len(valid_meta), "skipped_clips": sorted(bad), "config": cfg.to_dict(),
-               "environment": env, "data": str(data_dir)}
+               "n_valid": len(valid_meta), "skipped_clips": sorted(bad),
+               "seconds": time.time() - t_start,  # this run of the command (a resumed fold: since the resume)
+               "config": cfg.to_dict(), "environment": env, "data": str(data_dir)}
     atomic_save({"format": CHECKPOINT_FORMAT, "variant": variant, "fold": fold, "n_folds": n_folds,
                  "config": json.dumps(cfg.to_dict()), "whisper_config": json.dumps(whisper_config_dict(model)),
                  "vocab": json.dumps(vocab.to_dict()), "tasks": cats.tasks, "grades": cats.grades,

@@ -1,7 +1,8 @@
 """Speed benchmark: the straightforward pipeline vs the project's, same model size, same clips.
 
     python -m readaloud.bench.speed [--data data] [--n 96] [--repeats 3] [--models 3]
-                                    [--jobs_folds 0,1] [--skip_jobs] [--out bench_out/speed.md]
+                                    [--jobs_models a,b] [--jobs_folds 0,1] [--jobs_epochs 2]
+                                    [--skip_jobs] [--skip_paths] [--out bench_out/speed.md]
 
 straightforward (the seed's way): every item decoded with librosa.load (with resampling) on every
 access, the TTS reference too; Whisper's feature extractor pads [reference | pause | response]
@@ -31,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _setup(data: str, n: int, threads: int):
+def _setup(data: str, n: int, threads: int, tts_dir: str = "tts_data"):
     import torch
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -41,18 +42,19 @@ def _setup(data: str, n: int, threads: int):
     from readaloud.prepare import ensure_clip_features, ensure_references
     from readaloud.text import Vocab
     meta = load_split(data, "train").meta.sample(n, random_state=0).reset_index(drop=True)
-    refs = ensure_references("tts_data", "espeak:en-us+f3", meta["expected_text"].unique(), progress=False)
+    refs = ensure_references(tts_dir, "espeak:en-us+f3", meta["expected_text"].unique(), progress=False)
     clips, _ = ensure_clip_features(data, meta["filename"].tolist(), progress=False)
     vocab = Vocab.build(meta["expected_text"])
     cats = Categories.from_meta(meta)
     return meta, refs, clips, vocab, cats, ModelConfig
 
 
-def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: int, batch: int) -> dict:
+def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: int, batch: int,
+             tts_dir: str = "tts_data") -> dict:
     """One measurement in this process: clips/s of `mode` (train | infer) along `path`."""
     import torch
     import torch.nn.functional as F
-    meta, refs, clips, vocab, cats, ModelConfig = _setup(data, n, threads)
+    meta, refs, clips, vocab, cats, ModelConfig = _setup(data, n, threads, tts_dir)
     from readaloud.models import build_model
     t0 = time.perf_counter()
     if path == "straightforward":
@@ -121,7 +123,8 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
 def measure(path, mode, args) -> dict:
     runs = []
     for _ in range(args.repeats):
-        out = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--_one", path, mode, "--data", args.data,
+        out = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--_one", path, mode,
+                              "--data", str(Path(args.data).resolve()), "--tts_dir", str(Path(args.tts_dir).resolve()),
                               "--n", str(args.n), "--models", str(args.models), "--threads", str(args.threads),
                               "--batch", str(args.batch)], cwd=ROOT, capture_output=True, text=True)
         if out.returncode != 0:
@@ -135,21 +138,67 @@ def measure(path, mode, args) -> dict:
     return best
 
 
+DEMO_MODELS = "model1mean,model2attn,model3mapd,model5gbm"  # what `make demo` trains
+
+
 def time_jobs(args) -> dict:
-    """Wall time of train.py on the same folds with --jobs 1 and --jobs 2 (fresh assets each)."""
-    out = {}
+    """Wall time of train.py on the same variants x folds with --jobs 1 and --jobs 2 (fresh assets
+    each; the caches both read are filled first, so neither run pays for them), and each fold's
+    own time in both runs: --jobs 1 gives a fold both cores, --jobs 2 one core (until the queue
+    is empty and a finished job's core is handed over)."""
+    import shutil
+
+    from readaloud.prepare import prepare_training_data
+    from readaloud.variants import variant_config
+    models = [m.strip() for m in args.jobs_models.split(",") if m.strip()]
+    cfgs = [variant_config(m) for m in models]
+    prepare_training_data(args.data, args.tts_dir, 6, {c.tts for c in cfgs}, {c.model.n_mels for c in cfgs},
+                          progress=False, alignment={(c.tts, c.model.n_mels) for c in cfgs if c.model.arch == "gbm"})
+    out: dict = {"models": models, "folds": args.jobs_folds, "epochs": args.jobs_epochs, "fold_seconds": {}}
     for jobs in (1, 2):
-        assets = ROOT / "bench_out" / f"jobs{jobs}_assets"
-        if assets.exists():
-            import shutil
-            shutil.rmtree(assets)
+        assets = Path(args.out).resolve().parent / f"jobs{jobs}_assets"
+        shutil.rmtree(assets, ignore_errors=True)
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "train.py", "--data", args.data, "--assets", str(assets), "--models",
-                        "model1mean", "--folds", args.jobs_folds, "--n_folds", "6", "--jobs", str(jobs),
-                        "--epochs", "1"], cwd=ROOT, check=True, capture_output=True,
+        subprocess.run([sys.executable, "train.py", "--data", str(Path(args.data).resolve()), "--assets", str(assets),
+                        "--tts_dir", str(Path(args.tts_dir).resolve()), "--models",
+                        ",".join(models), "--folds", args.jobs_folds, "--n_folds", "6", "--jobs", str(jobs),
+                        "--epochs", str(args.jobs_epochs)], cwd=ROOT, check=True, capture_output=True,
                        env={**os.environ, "TQDM_DISABLE": "1"})
-        out[jobs] = time.perf_counter() - t0
-    return {"jobs1_s": out[1], "jobs2_s": out[2], "speedup": out[1] / out[2], "folds": args.jobs_folds}
+        out[f"jobs{jobs}_s"] = time.perf_counter() - t0
+        out["fold_seconds"][jobs] = {p.stem: json.loads(p.read_text())["seconds"]
+                                     for p in sorted(assets.glob("*_[0-9]*.json"))}
+    out["speedup"] = out["jobs1_s"] / out["jobs2_s"]
+    per_model = {}
+    for m in models:
+        t1 = [v for k, v in out["fold_seconds"][1].items() if k.rsplit("_", 1)[0] == m]
+        t2 = [v for k, v in out["fold_seconds"][2].items() if k.rsplit("_", 1)[0] == m]
+        if t1 and t2:
+            per_model[m] = {"jobs1_fold_s": statistics.median(t1), "jobs2_fold_s": statistics.median(t2)}
+    out["per_model"] = per_model
+    # Two one-core folds at once can beat one two-core fold at a time by at most
+    # 2 x (two-core fold time) / (one-core fold time): the bound the threads' own scaling sets.
+    sum1 = sum(out["fold_seconds"][1].values())
+    sum2 = sum(out["fold_seconds"][2].values())
+    out["bound"] = 2 * sum1 / sum2 if sum2 else float("nan")
+    return out
+
+
+def jobs_lines(jobs: dict) -> list[str]:
+    n1, n2 = sum(jobs["fold_seconds"][1].values()), sum(jobs["fold_seconds"][2].values())
+    epochs = f"{jobs['epochs']} epoch" + ("s" if jobs["epochs"] != 1 else "")
+    lines = [f"\n`train.py --jobs 1` vs `--jobs 2` ({', '.join(jobs['models'])}; folds {jobs['folds']} of 6; "
+             f"{epochs}; {len(jobs['fold_seconds'][1])} fold runs): "
+             f"{jobs['jobs1_s']:.0f}s vs {jobs['jobs2_s']:.0f}s, **{jobs['speedup']:.2f}x**\n",
+             "| variant | median fold, --jobs 1 (2 threads), s | median fold, --jobs 2 (1 thread), s | "
+             "speed-up of the second thread |", "|---|---|---|---|"]
+    for m, r in jobs["per_model"].items():
+        lines.append(f"| {m} | {r['jobs1_fold_s']:.1f} | {r['jobs2_fold_s']:.1f} | "
+                     f"{r['jobs2_fold_s'] / r['jobs1_fold_s']:.2f}x |")
+    lines.append(f"\nFold times are measured inside each fold's process (start-up excluded). On their own they "
+                 f"allow two one-thread folds at a time to be at most 2 x {n1:.0f}s / {n2:.0f}s = "
+                 f"**{jobs['bound']:.2f}x** faster than one two-thread fold at a time; overlapping the "
+                 f"processes' start-up adds to that, a lone last fold takes from it.")
+    return lines
 
 
 def machine() -> str:
@@ -174,31 +223,39 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--batch", type=int, default=8, help="fixed batch size of the straightforward path")
+    p.add_argument("--jobs_models", default=DEMO_MODELS, help="variants of the --jobs timing (default: the demo's)")
     p.add_argument("--jobs_folds", default="0,1")
-    p.add_argument("--skip_jobs", action="store_true")
+    p.add_argument("--jobs_epochs", type=int, default=2, help="epochs per fold in the --jobs timing (the demo's)")
+    p.add_argument("--skip_jobs", action="store_true", help="leave out the --jobs timing")
+    p.add_argument("--skip_paths", action="store_true", help="leave out the straightforward/project measurement")
+    p.add_argument("--tts_dir", default="tts_data")
     p.add_argument("--out", default="bench_out/speed.md")
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:
-        print(json.dumps(run_path(args._one[0], args._one[1], args.data, args.n, args.models, args.threads, args.batch)))
+        print(json.dumps(run_path(args._one[0], args._one[1], args.data, args.n, args.models, args.threads, args.batch,
+                                  args.tts_dir)))
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
-    rows = {(path, mode): measure(path, mode, args) for mode in ("train", "infer")
-            for path in ("straightforward", "project")}
+    rows = {} if args.skip_paths else {(path, mode): measure(path, mode, args) for mode in ("train", "infer")
+                                       for path in ("straightforward", "project")}
     jobs = None if args.skip_jobs else time_jobs(args)
     lines = [f"# Speed benchmark\n", f"machine: {machine()}; {args.n} clips of `{args.data}`; median of "
-             f"{args.repeats} runs; inference = an ensemble of {args.models} models\n",
-             "| measurement | straightforward | project | project / straightforward |", "|---|---|---|---|"]
+             f"{args.repeats} runs; inference = an ensemble of {args.models} models\n"]
+    if rows:
+        lines += ["| measurement | straightforward | project | project / straightforward |", "|---|---|---|---|"]
     for mode, label in (("train", "training, clips/s (forward + backward)"), ("infer", "ensemble inference, clips/s")):
+        if not rows:
+            break
         a, b = rows[("straightforward", mode)], rows[("project", mode)]
         lines.append(f"| {label} | {a['clips_per_s']:.2f} | {b['clips_per_s']:.2f} | "
                      f"**{b['clips_per_s'] / a['clips_per_s']:.1f}x** |")
         lines.append(f"| peak memory during {mode}, MB | {a['peak_rss_mb']:.0f} | {b['peak_rss_mb']:.0f} | "
                      f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f} |")
     if jobs:
-        lines.append(f"\n`train.py --jobs 1` vs `--jobs 2` (model1mean, folds {jobs['folds']}, one epoch): "
-                     f"{jobs['jobs1_s']:.0f}s vs {jobs['jobs2_s']:.0f}s, **{jobs['speedup']:.2f}x**")
-    lines.append("\nper-run clips/s: " + "; ".join(f"{k[0]} {k[1]}: {v['all_clips_per_s']}" for k, v in rows.items()))
+        lines += jobs_lines(jobs)
+    if rows:
+        lines.append("\nper-run clips/s: " + "; ".join(f"{k[0]} {k[1]}: {v['all_clips_per_s']}" for k, v in rows.items()))
     text = "\n".join(lines)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
