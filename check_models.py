@@ -1,17 +1,17 @@
 """CV log loss per model and fold; flags broken, missing and outlier folds.
 
-    python check_models.py [--assets assets] [--data data] [--n_folds 6] [--models a,b] [--retrain]
+    python check_models.py [--assets assets] [--data data] [--n_folds 6] [--models a,b] [--retrain [--jobs 2]]
 
 Prints a table (rows: models; columns: folds and the pooled out-of-fold log loss), the exact
-command that retrains each flagged fold, and with --retrain runs those commands. Writes
-assets/cv_logloss.png. Exit code 1 when a fold needs attention.
+command that retrains each flagged fold (with the options its model was trained with), and with
+--retrain runs them, --jobs at a time like train.py. Writes assets/cv_logloss.png. Exit code 1
+when a fold needs attention.
 """
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
-from readaloud.checking import check, render_table, retrain_commands
+from readaloud.checking import check, render_table, retrain_args, retrain_commands, trained_overrides
 from readaloud.cli import add_common
 from readaloud.variants import VARIANTS
 
@@ -21,7 +21,8 @@ def main():
     add_common(p)
     p.add_argument("--n_folds", type=int, default=6)
     p.add_argument("--models", default=None, help="comma-separated (default: every variant with files in assets)")
-    p.add_argument("--retrain", action="store_true", help="run the retrain commands now, one after another")
+    p.add_argument("--retrain", action="store_true", help="run the retrain commands now")
+    p.add_argument("--jobs", type=int, default=2, help="folds retrained at once (default: %(default)s)")
     args = p.parse_args()
     assets = Path(args.assets)
     if args.models:
@@ -50,10 +51,14 @@ def main():
     for (m, f, reason), cmd in zip(todo, cmds):
         print(f"  {m} fold {f}: {reason.splitlines()[0][:160]}\n    {cmd}")
     if args.retrain:
-        failed = 0
-        for cmd in dict.fromkeys(cmds):
-            print(f"\n$ {cmd}")
-            failed += subprocess.call([sys.executable] + cmd.split()[1:]) != 0
+        from readaloud.runner import run_fold_jobs
+        specs = {(m, f): trained_overrides(assets, m, f, args.n_folds) + retrain_args(reason)
+                 for m, f, reason in todo}
+        results = run_fold_jobs([(m, f, own) for (m, f), own in specs.items()], args.n_folds, args.data,
+                                args.assets, args.tts_dir, jobs=args.jobs)
+        failed = [k for k, code in results.items() if code != 0]
+        print(f"{len(results) - len(failed)}/{len(results)} folds retrained" +
+              (f"; failed: {', '.join(failed)}" if failed else ""))
         sys.exit(1 if failed else 0)
     sys.exit(1)
 

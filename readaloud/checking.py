@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -92,18 +93,54 @@ def render_table(table: pd.DataFrame, assets: str | Path) -> str:
     return "\n".join(lines)
 
 
-def retrain_commands(todo, n_folds: int, data, assets) -> list[str]:
-    """The command per flagged fold: resume what is unfinished, redo what is broken or an
-    outlier, and give a diverged (aborted or non-finite) fold a new seed."""
+def retrain_args(reason: str) -> list[str]:
+    """Resume what is unfinished, redo what is broken or an outlier, and give a diverged
+    (aborted or non-finite) fold a new seed."""
     import re
-    cmds = []
-    for m, f, reason in todo:
-        if reason.startswith(("missing", "unfinished")):
-            extra = ""
-        elif reason.startswith(("aborted", "non-finite")):
-            seed = re.search(r"seed (\d+)", reason)
-            extra = f"--restart --seed {int(seed.group(1)) + 1 if seed else 1}"
-        else:
-            extra = "--force"
-        cmds.append(retrain_command(m, f, n_folds, data, assets, extra))
-    return cmds
+    if reason.startswith(("missing", "unfinished")):
+        return []
+    if reason.startswith(("aborted", "non-finite")):
+        seed = re.search(r"seed (\d+)", reason)
+        return ["--restart", "--seed", str(int(seed.group(1)) + 1 if seed else 1)]
+    return ["--force"]
+
+
+# Set per job by train.py, not part of what a fold learns.
+RUNTIME_KEYS = {"threads"}
+
+
+def trained_overrides(assets: str | Path, variant: str, fold: int, n_folds: int) -> list[str]:
+    """The options a fold was (or its sibling folds were) trained with beyond the variant's
+    defaults, e.g. ['--epochs', '2', '--model.backbone', 'assets/pretrained_encoder'], so a
+    retrained fold matches the rest of its model rather than the bare variant."""
+    from .config import RunConfig, _leaves
+    from .variants import variant_config
+    saved = None
+    paths = [FoldPaths(Path(assets), variant, f) for f in [fold] + [f for f in range(n_folds) if f != fold]]
+    for fp in paths:
+        for source in (fp.run_dir / "config.json", fp.summary):
+            try:
+                d = json.loads(source.read_text())
+                saved = RunConfig.from_dict(d.get("config", d) if source == fp.summary else d)
+                break
+            except Exception:
+                continue
+        if saved is not None:
+            break
+    if saved is None:
+        return []
+    default = {k: getattr(o, f.name) for k, (o, f) in _leaves(variant_config(variant)).items()}
+    out = []
+    for key, (owner, f) in _leaves(saved).items():
+        value = getattr(owner, f.name)
+        if key not in RUNTIME_KEYS and default.get(key) != value:
+            out += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
+
+
+def retrain_commands(todo, n_folds: int, data, assets) -> list[str]:
+    """The command per flagged fold (see retrain_args), with the options it was trained with."""
+    return [retrain_command(m, f, n_folds, data, assets,
+                            " ".join(shlex.quote(a) for a in trained_overrides(assets, m, f, n_folds)
+                                     + retrain_args(reason)))
+            for m, f, reason in todo]

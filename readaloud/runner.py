@@ -35,10 +35,6 @@ class Job:
     env: dict = field(default_factory=dict)
     threads: int = 1
 
-    @property
-    def budget_file(self) -> Path:
-        return self.paths.run_dir / "threads"
-
 
 def script_for(variant: str) -> Path:
     return ROOT / f"train_model{variant.removeprefix('model')}.py"
@@ -48,9 +44,7 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
              jobs: int = 2, extra: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
              epochs: int | None = None, progress: bool = True, poll: float = 2.0) -> dict[str, int]:
     """Train every (variant, fold) not finished yet, `jobs` at a time. Returns {stem: exit code}."""
-    extra = list(extra or [])
-    todo: list[Job] = []
-    results: dict[str, int] = {}
+    specs, results = [], {}
     for v in variants:
         for f in folds:
             paths = FoldPaths(Path(assets), v, f)
@@ -58,15 +52,27 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
                 print(f"{paths.stem}: finished already, skipped (--force to retrain)")
                 results[paths.stem] = 0
                 continue
-            args = [sys.executable, str(script_for(v)), "--fold", str(f), "--n_folds", str(n_folds),
-                    "--data", data, "--assets", assets, "--tts_dir", tts_dir, "--no_progress", "--quiet"]
-            args += (["--force"] if force else []) + extra
-            todo.append(Job(v, f, args, paths))
+            specs.append((v, f, ["--force"] if force else []))
+    return results | run_fold_jobs(specs, n_folds, data, assets, tts_dir, jobs, extra, gpus, epochs, progress, poll)
+
+
+def run_fold_jobs(specs: list[tuple[str, int, list[str]]], n_folds: int, data: str, assets: str, tts_dir: str,
+                  jobs: int = 2, extra: list[str] | None = None, gpus: list[str] | None = None,
+                  epochs: int | None = None, progress: bool = True, poll: float = 2.0) -> dict[str, int]:
+    """Run train_model<variant>.py for each (variant, fold, its own options), `jobs` at a time;
+    `extra` options go to every job. Returns {stem: exit code}."""
+    extra = list(extra or [])
+    results: dict[str, int] = {}
+    todo: list[Job] = []
+    for v, f, own in specs:
+        args = [sys.executable, str(script_for(v)), "--fold", str(f), "--n_folds", str(n_folds),
+                "--data", str(data), "--assets", str(assets), "--tts_dir", str(tts_dir), "--no_progress", "--quiet"]
+        todo.append(Job(v, f, args + list(own) + extra, FoldPaths(Path(assets), v, f)))
     if not todo:
         return results
     cores = os.cpu_count() or 1
     threads = max(1, cores // max(1, min(jobs, len(todo)))) if not gpus else max(1, cores // jobs)
-    fixed_threads = bool(gpus) or any(a == "--threads" for a in extra)
+    fixed_threads = bool(gpus) or any(a == "--threads" for a in extra)  # the user's choice stays
     total_epochs = epochs or 0
     bar = tqdm(total=len(todo), desc="folds", unit="fold", disable=not progress, dynamic_ncols=True)
     running: list[Job] = []
@@ -77,16 +83,16 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
             while queue and len(running) < jobs:
                 job = queue.pop(0)
                 env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-                job.args += ["--threads", str(threads)] if not any(a == "--threads" for a in extra) else []
+                job.args += ["--threads", str(threads)] if "--threads" not in job.args else []
                 job.paths.run_dir.mkdir(parents=True, exist_ok=True)
                 job.threads = threads
                 if not fixed_threads:
-                    write_budget(job.budget_file, threads)
-                    env[THREADS_FILE_ENV] = str(job.budget_file)
+                    write_budget(job.paths.thread_budget, threads)
+                    env[THREADS_FILE_ENV] = str(job.paths.thread_budget)
                 if gpus:
                     job.env["gpu"] = gpu_free.pop(0)
                     env["CUDA_VISIBLE_DEVICES"] = job.env["gpu"]
-                with open(job.paths.run_dir / "stdout.log", "ab") as log:  # the child keeps its own handle
+                with open(job.paths.stdout_log, "ab") as log:  # the child keeps its own handle
                     job.proc = subprocess.Popen(job.args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 job.started = time.time()
                 running.append(job)
@@ -105,9 +111,9 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
                     loss = _summary_loss(job.paths)
                     tqdm.write(f"{job.paths.stem}: done in {took:.0f}s, valid log loss {loss}")
                 else:
-                    tail = _tail(job.paths.run_dir / "stdout.log")
+                    tail = _tail(job.paths.stdout_log)
                     tqdm.write(f"{job.paths.stem}: FAILED (exit {code}) after {took:.0f}s; "
-                               f"log: {job.paths.run_dir / 'stdout.log'}\n{tail}")
+                               f"log: {job.paths.stdout_log}\n{tail}")
             if not queue and running and not fixed_threads:
                 _share_free_cores(running, cores)
             bar.set_postfix_str(" | ".join(_status(j, total_epochs) for j in running))
@@ -127,7 +133,7 @@ def _share_free_cores(running: list[Job], cores: int) -> None:
         share = max(1, base + (1 if i < extra else 0))
         if share > job.threads:
             try:
-                write_budget(job.budget_file, share)
+                write_budget(job.paths.thread_budget, share)
             except OSError:
                 continue
             tqdm.write(f"{job.paths.stem}: a job ended, now {share} threads")

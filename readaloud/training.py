@@ -93,6 +93,17 @@ class FoldPaths:
     def progress(self) -> Path:
         return self.run_dir / "progress.json"
 
+    # written by train.py's runner, kept when --force/--restart clear the run folder
+    RUNNER_FILES = ("stdout.log", "threads")
+
+    @property
+    def stdout_log(self) -> Path:
+        return self.run_dir / "stdout.log"
+
+    @property
+    def thread_budget(self) -> Path:
+        return self.run_dir / "threads"
+
     def finished(self) -> bool:
         return self.checkpoint.exists() and self.oof.exists()
 
@@ -192,7 +203,9 @@ def start_fold_run(paths: FoldPaths, force: bool, restart: bool, quiet: bool) ->
         print(f"{paths.stem}: already trained ({paths.checkpoint}); use --force to retrain")
         return json.loads(paths.summary.read_text()) if paths.summary.exists() else {"skipped": True}
     if (force or restart) and paths.run_dir.exists():
-        shutil.rmtree(paths.run_dir)
+        for p in paths.run_dir.iterdir():
+            if p.name not in FoldPaths.RUNNER_FILES:  # train.py's log of this very process, its thread budget
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
     if force:
         for p in (paths.checkpoint, paths.oof, paths.summary):
             p.unlink(missing_ok=True)

@@ -166,3 +166,36 @@ def test_a_running_fold_follows_its_thread_budget(tiny_data, root, tmp_path):
     run = train(root, tiny_data, tmp_path / "a", "--epochs", "1", env={"READALOUD_THREADS_FILE": str(budget)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert "thread budget: 1 -> 2 torch threads" in run.stderr
+
+
+def test_check_models_retrains_flagged_folds_with_their_models_options(tiny_data, root, tmp_path):
+    """A retrained fold must match its siblings (same epochs, size, lr), not the bare variant;
+    --retrain runs the flagged folds in parallel through train.py's runner."""
+    assets = tmp_path / "assets"
+    common = ["--data", str(tiny_data), "--assets", str(assets), "--tts_dir", str(tiny_data.parent / "tts"),
+              "--n_folds", "3"]
+    i = TINY.index("--threads")
+    opts = TINY[:i] + TINY[i + 2:] + ["--epochs", "1", "--lr", "0.002"]
+    first = subprocess.run([sys.executable, "train.py", *common, "--models", "model1mean", "--folds", "0,1",
+                            "--jobs", "2", *opts], cwd=root, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    for p in assets.glob("model1mean_1*"):  # fold 1 lost, fold 2 never trained, fold 0 broken
+        p.unlink()
+    (assets / "model1mean_0.pth").write_bytes(b"")
+    log = assets / "runs" / "model1mean_0" / "stdout.log"
+    log.write_text("the first run's log\n")
+    check = [sys.executable, "check_models.py", *common, "--models", "model1mean"]
+    report = subprocess.run(check, cwd=root, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 1
+    line = next(l for l in report.stdout.splitlines() if "train_model1mean.py --fold 2" in l)
+    for option in ("--epochs 1", "--optim.lr 0.002", "--model.d_model 32", "--data.batch_max_frames 3000"):
+        assert option in line, f"{option} missing from {line}"
+    assert "--threads" not in line, "threads are the runner's business, not the model's"
+    retrain = subprocess.run(check + ["--retrain", "--jobs", "2"], cwd=root, capture_output=True, text=True,
+                             timeout=600)
+    assert retrain.returncode == 0, retrain.stdout[-2000:] + retrain.stderr[-2000:]
+    assert "3/3 folds retrained" in retrain.stdout
+    for fold in (0, 1, 2):
+        cfg = json.loads((assets / f"model1mean_{fold}.json").read_text())["config"]
+        assert (cfg["epochs"], cfg["optim"]["lr"], cfg["model"]["d_model"]) == (1, 0.002, 32)
+    assert log.read_text().startswith("the first run's log"), "--force clears the run folder but not the job's log"
