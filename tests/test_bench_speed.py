@@ -19,6 +19,7 @@ def test_speed_benchmark_measures_both_paths_and_both_job_counts(tiny, root):
     run = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--data", str(tiny / "data"),
                           "--tts_dir", str(tiny / "tts"), "--n", "8", "--repeats", "1", "--models", "2",
                           "--jobs_models", "model1mean,model5gbm", "--jobs_folds", "0", "--jobs_epochs", "1",
+                          "--thread_scaling", "small", "--scaling_n", "8",
                           "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.with_suffix(".json").read_text())
@@ -31,6 +32,10 @@ def test_speed_benchmark_measures_both_paths_and_both_job_counts(tiny, root):
     assert jobs["bound"] == pytest.approx(2 * sum(jobs["fold_seconds"]["1"].values())
                                           / sum(jobs["fold_seconds"]["2"].values()))
     assert set(jobs["per_model"]) == {"model1mean", "model5gbm"}
+    small = result["thread_scaling"]["small"]
+    assert small["threads1_clips_per_s"] > 0 and small["speedup"] == pytest.approx(
+        small["threads2_clips_per_s"] / small["threads1_clips_per_s"])
     text = out.read_text()
+    assert "| small (d_model 128, 3 layers) |" in text
     assert "project / straightforward" in text and "`train.py --jobs 1` vs `--jobs 2`" in text
     assert (tiny / "bench" / "jobs2_assets" / "model5gbm_0.pth").exists(), "job assets beside the report"

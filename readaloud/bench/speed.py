@@ -2,7 +2,8 @@
 
     python -m readaloud.bench.speed [--data data] [--n 96] [--repeats 3] [--models 3]
                                     [--jobs_models a,b] [--jobs_folds 0,1] [--jobs_epochs 2]
-                                    [--skip_jobs] [--skip_paths] [--out bench_out/speed.md]
+                                    [--thread_scaling small,base] [--skip_jobs] [--skip_paths]
+                                    [--out bench_out/speed.md]
 
 straightforward (the seed's way): every item decoded with librosa.load (with resampling) on every
 access, the TTS reference too; Whisper's feature extractor pads [reference | pause | response]
@@ -50,7 +51,7 @@ def _setup(data: str, n: int, threads: int, tts_dir: str = "tts_data"):
 
 
 def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: int, batch: int,
-             tts_dir: str = "tts_data") -> dict:
+             tts_dir: str = "tts_data", dims: dict | None = None) -> dict:
     """One measurement in this process: clips/s of `mode` (train | infer) along `path`."""
     import torch
     import torch.nn.functional as F
@@ -95,7 +96,7 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
     else:
         from readaloud.dataset import PairDataset, bucket_batches, collate
         from readaloud.training import predict_logits
-        cfg = ModelConfig()
+        cfg = ModelConfig(**(dims or {}))
         models = [build_model(cfg, len(cats.tasks), len(cats.grades), len(vocab)) for _ in range(n_models if mode == "infer" else 1)]
         m0 = models[0]
         ds = PairDataset(meta, clips, refs, vocab, cats, m0.max_frames, cfg.pause_frames, m0.frames_per_position)
@@ -120,13 +121,14 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
             "seconds": seconds, "clips_per_s": n / seconds, "peak_rss_mb": peak_mb}
 
 
-def measure(path, mode, args) -> dict:
+def measure(path, mode, args, threads: int | None = None, dims: dict | None = None, n: int | None = None) -> dict:
     runs = []
     for _ in range(args.repeats):
         out = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--_one", path, mode,
                               "--data", str(Path(args.data).resolve()), "--tts_dir", str(Path(args.tts_dir).resolve()),
-                              "--n", str(args.n), "--models", str(args.models), "--threads", str(args.threads),
-                              "--batch", str(args.batch)], cwd=ROOT, capture_output=True, text=True)
+                              "--n", str(n or args.n), "--models", str(args.models),
+                              "--threads", str(threads or args.threads), "--batch", str(args.batch),
+                              "--_dims", json.dumps(dims or {})], cwd=ROOT, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -201,6 +203,36 @@ def jobs_lines(jobs: dict) -> list[str]:
     return lines
 
 
+# Encoder sizes for --thread_scaling: the project's default and Whisper-base's encoder.
+SCALING_SIZES = {"small": {}, "base": dict(d_model=512, encoder_layers=6, encoder_heads=8, ffn_dim=2048)}
+
+
+def thread_scaling(args) -> dict:
+    """Training clips/s of the project's path at 1 and 2 threads per encoder size: how much a
+    single fold already gets from the second core, which is what --jobs 2 cannot gain again."""
+    out = {}
+    for name in [s.strip() for s in args.thread_scaling.split(",") if s.strip()]:
+        dims = SCALING_SIZES[name]
+        r1, r2 = (measure("project", "train", args, threads=t, dims=dims, n=args.scaling_n) for t in (1, 2))
+        out[name] = {"dims": dims, "threads1_clips_per_s": r1["clips_per_s"], "threads2_clips_per_s": r2["clips_per_s"],
+                     "speedup": r2["clips_per_s"] / r1["clips_per_s"]}
+    return out
+
+
+def scaling_lines(scaling: dict, n: int) -> list[str]:
+    lines = [f"\nThread scaling of one training process (project path, {n} clips, forward + backward):\n",
+             "| encoder | clips/s, 1 thread | clips/s, 2 threads | second thread | most --jobs 2 can gain |",
+             "|---|---|---|---|---|"]
+    for name, r in scaling.items():
+        from readaloud.config import ModelConfig
+        default = ModelConfig()
+        d = {"d_model": default.d_model, "encoder_layers": default.encoder_layers, **r["dims"]}
+        lines.append(f"| {name} (d_model {d['d_model']}, {d['encoder_layers']} layers) | "
+                     f"{r['threads1_clips_per_s']:.1f} | {r['threads2_clips_per_s']:.1f} | {r['speedup']:.2f}x | "
+                     f"{2 / r['speedup']:.2f}x |")
+    return lines
+
+
 def machine() -> str:
     import platform
     import torch
@@ -229,19 +261,28 @@ def main(argv=None):
     p.add_argument("--skip_jobs", action="store_true", help="leave out the --jobs timing")
     p.add_argument("--skip_paths", action="store_true", help="leave out the straightforward/project measurement")
     p.add_argument("--tts_dir", default="tts_data")
+    p.add_argument("--thread_scaling", default="", metavar="SIZES",
+                   help=f"also time training at 1 and 2 threads for these encoder sizes ({', '.join(SCALING_SIZES)})")
+    p.add_argument("--scaling_n", type=int, default=48, help="clips per thread-scaling measurement")
+    p.add_argument("--_dims", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench_out/speed.md")
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:
         print(json.dumps(run_path(args._one[0], args._one[1], args.data, args.n, args.models, args.threads, args.batch,
-                                  args.tts_dir)))
+                                  args.tts_dir, json.loads(args._dims))))
         return
+    unknown = [x for x in args.thread_scaling.split(",") if x.strip() and x.strip() not in SCALING_SIZES]
+    if unknown:
+        p.error(f"--thread_scaling: unknown size(s) {unknown}; known: {', '.join(SCALING_SIZES)}")
     os.environ.setdefault("TQDM_DISABLE", "1")
     rows = {} if args.skip_paths else {(path, mode): measure(path, mode, args) for mode in ("train", "infer")
                                        for path in ("straightforward", "project")}
     jobs = None if args.skip_jobs else time_jobs(args)
-    lines = [f"# Speed benchmark\n", f"machine: {machine()}; {args.n} clips of `{args.data}`; median of "
-             f"{args.repeats} runs; inference = an ensemble of {args.models} models\n"]
+    scaling = thread_scaling(args) if args.thread_scaling else None
+    lines = [f"# Speed benchmark\n", f"machine: {machine()}; data `{args.data}`; medians of {args.repeats} runs" +
+             (f"; {args.n} clips per path measurement; inference = an ensemble of {args.models} models" if rows else "")
+             + "\n"]
     if rows:
         lines += ["| measurement | straightforward | project | project / straightforward |", "|---|---|---|---|"]
     for mode, label in (("train", "training, clips/s (forward + backward)"), ("infer", "ensemble inference, clips/s")):
@@ -254,6 +295,8 @@ def main(argv=None):
                      f"{b['peak_rss_mb'] / a['peak_rss_mb']:.2f} |")
     if jobs:
         lines += jobs_lines(jobs)
+    if scaling:
+        lines += scaling_lines(scaling, args.scaling_n)
     if rows:
         lines.append("\nper-run clips/s: " + "; ".join(f"{k[0]} {k[1]}: {v['all_clips_per_s']}" for k, v in rows.items()))
     text = "\n".join(lines)
@@ -261,7 +304,8 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
     (out.with_suffix(".json")).write_text(json.dumps({"rows": {f"{k[0]}/{k[1]}": v for k, v in rows.items()},
-                                                      "jobs": jobs, "machine": machine()}, indent=1))
+                                                      "jobs": jobs, "thread_scaling": scaling,
+                                                      "machine": machine()}, indent=1))
     print(text)
 
 
