@@ -14,10 +14,12 @@ import logging
 import math
 import os
 import platform
+import queue
 import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +242,55 @@ def out_of_fold_table(valid_meta: pd.DataFrame, fold: int, priors: dict, logits:
     return oof
 
 
+class BatchesAhead:
+    """Yields (i, make(i)) for i in `indices`; with depth > 0 the batches are built that many
+    ahead in a background thread, so a GPU does not wait for augmentation and collation. Each
+    batch has its own seeded generator, so the stream is identical either way."""
+
+    def __init__(self, make, indices, depth: int = 0):
+        self.make, self.indices, self.depth = make, list(indices), depth
+        self._stop = threading.Event()
+        if depth > 0:
+            self._queue: queue.Queue = queue.Queue(maxsize=depth)
+            self._thread = threading.Thread(target=self._produce, daemon=True, name="batches-ahead")
+            self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for i in self.indices:
+                if self._stop.is_set() or not self._put((i, self.make(i), None)):
+                    return
+        except BaseException as exc:  # handed to the training loop, raised there
+            self._put((None, None, exc))
+
+    def __iter__(self):
+        if self.depth <= 0:
+            for i in self.indices:
+                yield i, self.make(i)
+            return
+        try:
+            for _ in self.indices:
+                i, batch, exc = self._queue.get()
+                if exc is not None:
+                    raise exc
+                yield i, batch
+        finally:  # the loop ended, broke or raised: stop building
+            self._stop.set()
+
+    def close(self) -> None:
+        """Stop building (a loop that breaks early leaves no thread working)."""
+        self._stop.set()
+
+
 def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path = "data",
                assets_dir: str | Path = "assets", tts_dir: str | Path = "tts_data",
                overrides: dict | None = None, force: bool = False, restart: bool = False,
@@ -264,6 +315,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                  json.dumps(cfg.to_dict(), sort_keys=True), json.dumps(env))
     threads = ThreadBudget(cfg.threads)  # train.py may raise it when a parallel job ends
     device = pick_device(cfg.device)
+    prefetch = cfg.data.prefetch if cfg.data.prefetch >= 0 else (2 if device.type == "cuda" else 0)
     seed_everything(cfg.seed * 1000 + fold)
 
     # ---- data --------------------------------------------------------------------------
@@ -380,9 +432,9 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
         bar = tqdm(total=len(batches), initial=state["batch"], desc=f"{paths.stem} epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, leave=False, unit="batch")
         optimizer.zero_grad(set_to_none=True)
-        for bi in range(state["batch"], len(batches)):
+
+        def make_batch(bi: int, epoch: int = epoch, batches: list = batches) -> dict:
             idx = batches[bi]
-            threads.poll()
             rng = np.random.default_rng([cfg.seed, fold, epoch, bi])  # per batch: resumable anywhere
             batch = collate([augmenter(train_ds.item(i), rng) for i in idx],
                             spec_aug if dc.spec_time_masks or dc.spec_freq_masks else None, rng)
@@ -391,6 +443,12 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 batch["task"] = batch["task"].masked_fill(drop, 0)
                 batch["grade"] = batch["grade"].masked_fill(drop, 0)
             batch["ctc_response"] = batch["label"] > 0.5
+            return batch
+
+        stream = BatchesAhead(make_batch, range(state["batch"], len(batches)), prefetch)
+        for bi, batch in stream:
+            idx = batches[bi]
+            threads.poll()
             batch = to_device(batch, device)
             with autocast(device):
                 out = model(batch)
@@ -455,6 +513,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 if state["bad_evals"] >= cfg.patience:
                     state["stopped"] = f"early stop: {cfg.patience} evaluations without improvement"
                     break
+        stream.close()
         bar.close()
         epoch_done = state["batch"] >= len(batches)
         if epoch_done:

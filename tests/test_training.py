@@ -199,3 +199,34 @@ def test_check_models_retrains_flagged_folds_with_their_models_options(tiny_data
         cfg = json.loads((assets / f"model1mean_{fold}.json").read_text())["config"]
         assert (cfg["epochs"], cfg["optim"]["lr"], cfg["model"]["d_model"]) == (1, 0.002, 32)
     assert log.read_text().startswith("the first run's log"), "--force clears the run folder but not the job's log"
+
+
+def test_batches_built_ahead_train_the_same_weights(tiny_data, root, tmp_path):
+    """--prefetch (a background thread building batches, the default on GPU) changes nothing
+    but timing: the same augmentation draws, the same order, the same weights."""
+    flags = ("--epochs", "2", "--aug_prob", "0.5", "--aug_noise_snr", "10", "--eval_every", "3")
+    plain = train(root, tiny_data, tmp_path / "a", *flags, "--prefetch", "0")
+    ahead = train(root, tiny_data, tmp_path / "b", *flags, "--prefetch", "3")
+    assert plain.returncode == 0 and ahead.returncode == 0, ahead.stderr[-2000:]
+    a, b = weights(tmp_path / "a" / "model1mean_0.pth"), weights(tmp_path / "b" / "model1mean_0.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_batches_ahead_stops_and_hands_on_errors():
+    from readaloud.training import BatchesAhead
+
+    def make(i):
+        if i == 3:
+            raise ValueError("clip 3 is broken")
+        return i * 10
+    got = []
+    with pytest.raises(ValueError, match="clip 3"):
+        for i, b in BatchesAhead(make, range(6), depth=2):
+            got.append(b)
+    assert got == [0, 10, 20]
+    stream = BatchesAhead(lambda i: i, range(1000), depth=2)
+    for i, _ in stream:
+        if i == 1:
+            break
+    stream._thread.join(timeout=5)
+    assert not stream._thread.is_alive(), "a loop that breaks early leaves no thread building"
