@@ -334,11 +334,12 @@ def acoustic_table(meta: pd.DataFrame, clips, refs, cache: str | Path | None = N
     from .text import normalise_text
     X = np.full((len(meta), len(ACOUSTIC_NAMES)), np.nan)
     ok = np.zeros(len(meta), bool)
-    keys = [f"{name}\t{normalise_text(text)}" for name, text in zip(meta["filename"], meta["expected_text"])]
+    norm = [normalise_text(text) for text in meta["expected_text"]]
+    keys = [f"{name}\t{text}" for name, text in zip(meta["filename"], norm)]
     known = _read_cache(Path(cache)) if cache is not None else {}
     todo = []
-    for i, (name, text, key) in enumerate(zip(meta["filename"], meta["expected_text"], keys)):
-        if name not in clips or normalise_text(text) not in refs.store:
+    for i, (name, text, key) in enumerate(zip(meta["filename"], norm, keys)):
+        if name not in clips or text not in refs.store:
             continue
         ok[i] = True
         if key in known:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import atomic_write
+
 log = logging.getLogger("readaloud")
 
 THREADS_FILE_ENV = "READALOUD_THREADS_FILE"
@@ -21,9 +23,7 @@ THREADS_FILE_ENV = "READALOUD_THREADS_FILE"
 
 def write_budget(path: Path, threads: int) -> None:
     """Atomically replace the budget file, so a job never reads half a number."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(str(int(threads)))
-    os.replace(tmp, path)
+    atomic_write(path, str(int(threads)))
 
 
 class ThreadBudget:

@@ -104,18 +104,17 @@ def prepare_training_data(data_dir: str | Path, tts_dir: str | Path, n_folds: in
                           workers: int = 2, progress: bool = True, alignment: set | None = None) -> None:
     """Everything trainers read, made once up front so parallel jobs only read caches;
     `alignment`: the (tts spec, n_mels) pairs whose alignment features gbm folds will read."""
+    from .alignment import acoustic_table, alignment_cache_path
     from .data import load_split
     from .folds import load_or_create_folds
     meta = load_split(data_dir, "train").meta
-    for n_mels in sorted(n_mels_set):
+    banks, stores = {}, {}
+    for n_mels in sorted(set(n_mels_set) | {n for _, n in alignment or ()}):
         params = FeatureParams(n_mels=n_mels)
-        for spec in sorted(tts_specs):
-            ensure_references(tts_dir, spec, meta["expected_text"].unique(), params, progress)
-        ensure_clip_features(data_dir, meta["filename"].tolist(), params, workers, progress)
+        for spec in sorted(set(tts_specs) | {t for t, _ in alignment or ()}):
+            banks[spec, n_mels] = ensure_references(tts_dir, spec, meta["expected_text"].unique(), params, progress)
+        stores[n_mels], _ = ensure_clip_features(data_dir, meta["filename"].tolist(), params, workers, progress)
     load_or_create_folds(data_dir, meta, n_folds)
     for spec, n_mels in sorted(alignment or ()):
-        from .alignment import acoustic_table, alignment_cache_path
-        params = FeatureParams(n_mels=n_mels)
-        refs = ensure_references(tts_dir, spec, meta["expected_text"].unique(), params, progress)
-        clips, _ = ensure_clip_features(data_dir, meta["filename"].tolist(), params, workers, progress)
-        acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress)
+        refs = banks[spec, n_mels]
+        acoustic_table(meta, stores[n_mels], refs, alignment_cache_path(data_dir, refs), progress)

@@ -95,9 +95,7 @@ class FoldPaths:
     def progress(self) -> Path:
         return self.run_dir / "progress.json"
 
-    # written by train.py's runner, kept when --force/--restart clear the run folder
-    RUNNER_FILES = ("stdout.log", "threads")
-
+    # the two files train.py's runner writes: kept when --force/--restart clear the run folder
     @property
     def stdout_log(self) -> Path:
         return self.run_dir / "stdout.log"
@@ -205,8 +203,9 @@ def start_fold_run(paths: FoldPaths, force: bool, restart: bool, quiet: bool) ->
         print(f"{paths.stem}: already trained ({paths.checkpoint}); use --force to retrain")
         return json.loads(paths.summary.read_text()) if paths.summary.exists() else {"skipped": True}
     if (force or restart) and paths.run_dir.exists():
+        keep = {paths.stdout_log, paths.thread_budget}  # train.py's log of this very process, its thread budget
         for p in paths.run_dir.iterdir():
-            if p.name not in FoldPaths.RUNNER_FILES:  # train.py's log of this very process, its thread budget
+            if p not in keep:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
     if force:
         for p in (paths.checkpoint, paths.oof, paths.summary):
@@ -285,10 +284,6 @@ class BatchesAhead:
                 yield i, batch
         finally:  # the loop ended, broke or raised: stop building
             self._stop.set()
-
-    def close(self) -> None:
-        """Stop building (a loop that breaks early leaves no thread working)."""
-        self._stop.set()
 
 
 def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path = "data",
@@ -445,8 +440,7 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
             batch["ctc_response"] = batch["label"] > 0.5
             return batch
 
-        stream = BatchesAhead(make_batch, range(state["batch"], len(batches)), prefetch)
-        for bi, batch in stream:
+        for bi, batch in BatchesAhead(make_batch, range(state["batch"], len(batches)), prefetch):
             idx = batches[bi]
             threads.poll()
             batch = to_device(batch, device)
@@ -513,7 +507,6 @@ def train_fold(variant: str, fold: int, n_folds: int = 6, data_dir: str | Path =
                 if state["bad_evals"] >= cfg.patience:
                     state["stopped"] = f"early stop: {cfg.patience} evaluations without improvement"
                     break
-        stream.close()
         bar.close()
         epoch_done = state["batch"] >= len(batches)
         if epoch_done:
