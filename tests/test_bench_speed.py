@@ -35,6 +35,8 @@ def test_speed_benchmark_measures_both_paths_and_both_job_counts(tiny, root):
     small = result["thread_scaling"]["small"]
     assert small["threads1_clips_per_s"] > 0 and small["speedup"] == pytest.approx(
         small["threads2_clips_per_s"] / small["threads1_clips_per_s"])
+    assert small["two_at_once_clips_per_s"] > 0 and small["jobs_gain"] == pytest.approx(
+        small["two_at_once_clips_per_s"] / small["threads2_clips_per_s"])
     text = out.read_text()
     assert "| small (d_model 128, 3 layers) |" in text
     assert "project / straightforward" in text and "`train.py --jobs 1` vs `--jobs 2`" in text

@@ -51,12 +51,17 @@ def _setup(data: str, n: int, threads: int, tts_dir: str = "tts_data"):
 
 
 def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: int, batch: int,
-             tts_dir: str = "tts_data", dims: dict | None = None) -> dict:
-    """One measurement in this process: clips/s of `mode` (train | infer) along `path`."""
+             tts_dir: str = "tts_data", dims: dict | None = None, barrier: bool = False) -> dict:
+    """One measurement in this process: clips/s of `mode` (train | infer) along `path`. With
+    `barrier`, the process says "ready" on stdout once set up and waits for a line on stdin
+    before its timed part, so that processes started together also measure together."""
     import torch
     import torch.nn.functional as F
     meta, refs, clips, vocab, cats, ModelConfig = _setup(data, n, threads, tts_dir)
     from readaloud.models import build_model
+    if barrier:
+        print("ready", flush=True)
+        sys.stdin.readline()
     t0 = time.perf_counter()
     if path == "straightforward":
         import librosa
@@ -121,17 +126,25 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
             "seconds": seconds, "clips_per_s": n / seconds, "peak_rss_mb": peak_mb}
 
 
+def _one_command(path, mode, args, threads, dims, n, barrier: bool = False) -> list[str]:
+    return [sys.executable, "-m", "readaloud.bench.speed", "--_one", path, mode,
+            "--data", str(Path(args.data).resolve()), "--tts_dir", str(Path(args.tts_dir).resolve()),
+            "--n", str(n or args.n), "--models", str(args.models),
+            "--threads", str(threads or args.threads), "--batch", str(args.batch),
+            "--_dims", json.dumps(dims or {})] + (["--_barrier"] if barrier else [])
+
+
+def _result(returncode: int, stdout: str, stderr: str) -> dict:
+    if returncode != 0:
+        raise RuntimeError(stderr[-3000:])
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
 def measure(path, mode, args, threads: int | None = None, dims: dict | None = None, n: int | None = None) -> dict:
     runs = []
     for _ in range(args.repeats):
-        out = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--_one", path, mode,
-                              "--data", str(Path(args.data).resolve()), "--tts_dir", str(Path(args.tts_dir).resolve()),
-                              "--n", str(n or args.n), "--models", str(args.models),
-                              "--threads", str(threads or args.threads), "--batch", str(args.batch),
-                              "--_dims", json.dumps(dims or {})], cwd=ROOT, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(out.stderr[-3000:])
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        out = subprocess.run(_one_command(path, mode, args, threads, dims, n), cwd=ROOT, capture_output=True, text=True)
+        runs.append(_result(out.returncode, out.stdout, out.stderr))
     best = dict(runs[0])
     best["clips_per_s"] = statistics.median(r["clips_per_s"] for r in runs)
     best["seconds"] = statistics.median(r["seconds"] for r in runs)
@@ -207,29 +220,64 @@ def jobs_lines(jobs: dict) -> list[str]:
 SCALING_SIZES = {"small": {}, "base": dict(d_model=512, encoder_layers=6, encoder_heads=8, ffn_dim=2048)}
 
 
+def measure_two_at_once(args, dims: dict, n: int) -> dict:
+    """Two one-thread training processes on the two cores, their timed parts started together
+    once both are set up: the throughput --jobs 2 has at best on this machine, contention for
+    memory and cache included. Each repeat counts both processes' clips over the slower one's time."""
+    import tempfile
+    runs = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryFile("w+") as err0, tempfile.TemporaryFile("w+") as err1:
+            procs = [subprocess.Popen(_one_command("project", "train", args, 1, dims, n, barrier=True), cwd=ROOT,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+                     for err in (err0, err1)]
+            for proc in procs:  # both set up (or failed: EOF) ...
+                while proc.stdout.readline() not in ("ready\n", ""):
+                    pass
+            for proc in procs:  # ... then both go
+                try:
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                except BrokenPipeError:  # it failed; its stderr is reported below
+                    pass
+            pair = []
+            for proc, err in zip(procs, (err0, err1)):
+                out = proc.communicate()[0]
+                err.seek(0)
+                pair.append(_result(proc.returncode, out, err.read()))
+        runs.append(sum(r["clips"] for r in pair) / max(r["seconds"] for r in pair))
+    return {"clips_per_s": statistics.median(runs), "all_clips_per_s": [round(r, 2) for r in runs]}
+
+
 def thread_scaling(args) -> dict:
-    """Training clips/s of the project's path at 1 and 2 threads per encoder size: how much a
-    single fold already gets from the second core, which is what --jobs 2 cannot gain again."""
+    """Training clips/s of the project's path per encoder size: one process at 1 and at 2 threads
+    (how much a single fold already gets from the second core), and two one-thread processes at
+    once (what --jobs 2 runs). Their ratio to the two-thread process is the most --jobs 2 can gain
+    over --jobs 1, measured rather than derived."""
     out = {}
     for name in [s.strip() for s in args.thread_scaling.split(",") if s.strip()]:
         dims = SCALING_SIZES[name]
         r1, r2 = (measure("project", "train", args, threads=t, dims=dims, n=args.scaling_n) for t in (1, 2))
+        pair = measure_two_at_once(args, dims, args.scaling_n)
         out[name] = {"dims": dims, "threads1_clips_per_s": r1["clips_per_s"], "threads2_clips_per_s": r2["clips_per_s"],
-                     "speedup": r2["clips_per_s"] / r1["clips_per_s"]}
+                     "speedup": r2["clips_per_s"] / r1["clips_per_s"],
+                     "two_at_once_clips_per_s": pair["clips_per_s"], "two_at_once_runs": pair["all_clips_per_s"],
+                     "jobs_gain": pair["clips_per_s"] / r2["clips_per_s"]}
     return out
 
 
 def scaling_lines(scaling: dict, n: int) -> list[str]:
-    lines = [f"\nThread scaling of one training process (project path, {n} clips, forward + backward):\n",
-             "| encoder | clips/s, 1 thread | clips/s, 2 threads | second thread | most --jobs 2 can gain |",
-             "|---|---|---|---|---|"]
+    lines = [f"\nThread scaling of training (project path, {n} clips per process, forward + backward):\n",
+             "| encoder | clips/s, 1 process x 1 thread | clips/s, 1 process x 2 threads | second thread | "
+             "clips/s, 2 processes x 1 thread at once | most --jobs 2 can gain over --jobs 1 |",
+             "|---|---|---|---|---|---|"]
     for name, r in scaling.items():
         from readaloud.config import ModelConfig
         default = ModelConfig()
         d = {"d_model": default.d_model, "encoder_layers": default.encoder_layers, **r["dims"]}
         lines.append(f"| {name} (d_model {d['d_model']}, {d['encoder_layers']} layers) | "
                      f"{r['threads1_clips_per_s']:.1f} | {r['threads2_clips_per_s']:.1f} | {r['speedup']:.2f}x | "
-                     f"{2 / r['speedup']:.2f}x |")
+                     f"{r['two_at_once_clips_per_s']:.1f} | **{r['jobs_gain']:.2f}x** |")
     return lines
 
 
@@ -263,14 +311,15 @@ def main(argv=None):
     p.add_argument("--tts_dir", default="tts_data")
     p.add_argument("--thread_scaling", default="", metavar="SIZES",
                    help=f"also time training at 1 and 2 threads for these encoder sizes ({', '.join(SCALING_SIZES)})")
-    p.add_argument("--scaling_n", type=int, default=48, help="clips per thread-scaling measurement")
+    p.add_argument("--scaling_n", type=int, default=192, help="clips per thread-scaling measurement")
+    p.add_argument("--_barrier", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_dims", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench_out/speed.md")
     p.add_argument("--_one", nargs=2, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args._one:
         print(json.dumps(run_path(args._one[0], args._one[1], args.data, args.n, args.models, args.threads, args.batch,
-                                  args.tts_dir, json.loads(args._dims))))
+                                  args.tts_dir, json.loads(args._dims), args._barrier)))
         return
     unknown = [x for x in args.thread_scaling.split(",") if x.strip() and x.strip() not in SCALING_SIZES]
     if unknown:
