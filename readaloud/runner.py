@@ -1,13 +1,20 @@
 """Run (variant, fold) training jobs in parallel processes with one progress display.
 
-Each job is `python train_model<v>.py --fold F ...` in its own process, so a crash or a kill
-costs one fold, not the batch; its output goes to assets/runs/<v>_<f>/stdout.log. On CPU the
-cores are split between the jobs (torch threads per job), and once nothing is left to start, the
-cores of finished jobs go to the ones still running (readaloud.cpu); with --gpus each job gets one GPU.
+Each job is `train_model<v>.py --fold F ...` in its own process, so a crash or a kill costs one
+fold, not the batch; its output goes to assets/runs/<v>_<f>/stdout.log. On CPU the cores are
+split between the jobs (torch threads per job), and once nothing is left to start, the cores of
+finished jobs go to the ones still running (readaloud.cpu); with --gpus each job gets one GPU.
+
+Launching: importing torch and transformers takes a fresh Python about 8 s, paid by every fold.
+On CPU the jobs are therefore forked from a fork server that has imported them once
+(multiprocessing's "forkserver": the server is single-threaded and never runs torch, so its
+children start clean); each child runs the script exactly as `python train_model<v>.py` would.
+With CUDA, or READALOUD_LAUNCH=exec, every job is a fresh `python train_model<v>.py` instead.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -29,7 +36,7 @@ class Job:
     fold: int
     args: list[str]
     paths: FoldPaths
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | "ForkedScript" | None = None
     started: float = 0.0
     returncode: int | None = None
     env: dict = field(default_factory=dict)
@@ -38,6 +45,77 @@ class Job:
 
 def script_for(variant: str) -> Path:
     return ROOT / f"train_model{variant.removeprefix('model')}.py"
+
+
+LAUNCH_ENV = "READALOUD_LAUNCH"  # "fork" | "exec"; default: fork on CPU, exec with CUDA
+_PRELOAD = ["readaloud.cli", "readaloud.training", "readaloud.gbm"]
+_fork_context = None
+
+
+def launch_mode(gpus: list[str] | None) -> str:
+    """How jobs are started: "fork" (from the fork server) or "exec" (a fresh interpreter)."""
+    chosen = os.environ.get(LAUNCH_ENV, "").strip().lower()
+    if chosen in ("fork", "exec"):
+        return chosen
+    if chosen:
+        raise ValueError(f"${LAUNCH_ENV}={chosen!r}: expected 'fork' or 'exec'")
+    if gpus or "forkserver" not in multiprocessing.get_all_start_methods():
+        return "exec"
+    import torch
+    return "exec" if torch.cuda.is_available() else "fork"  # CUDA and forking do not mix
+
+
+def _forkserver():
+    global _fork_context
+    if _fork_context is None:
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(_PRELOAD)
+        _fork_context = ctx
+    return _fork_context
+
+
+class ForkedScript:
+    """A script run in a child of the fork server, with a Popen-like poll() and terminate()."""
+
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str], threads: int):
+        self.process = _forkserver().Process(target=_run_script, args=(argv, str(log), env, threads), daemon=False)
+        self.process.start()
+        self.pid = self.process.pid
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def terminate(self) -> None:
+        self.process.terminate()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+
+def _run_script(argv: list[str], log: str, env: dict[str, str], threads: int) -> None:
+    """In the forked child: what `python <argv>` with environment `env`, stdout and stderr to `log`, does."""
+    import atexit
+    import runpy
+    os.environ.clear()
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    try:  # OMP_NUM_THREADS is read once, by the server: limit numpy's BLAS here, as the env does for exec
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=threads, user_api="blas")
+    except Exception:  # noqa: BLE001 (threadpoolctl missing or a BLAS it cannot drive: not worth a fold)
+        pass
+    os.chdir(ROOT)
+    sys.argv = argv[1:]
+    try:
+        runpy.run_path(argv[1], run_name="__main__")
+    finally:
+        atexit._run_exitfuncs()  # what interpreter exit does; forked children skip it
 
 
 def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, assets: str, tts_dir: str,
@@ -74,6 +152,7 @@ def run_fold_jobs(specs: list[tuple[str, int, list[str]]], n_folds: int, data: s
     threads = max(1, cores // max(1, min(jobs, len(todo)))) if not gpus else max(1, cores // jobs)
     fixed_threads = bool(gpus) or any(a == "--threads" for a in extra)  # the user's choice stays
     total_epochs = epochs or 0
+    launch = launch_mode(gpus)
     bar = tqdm(total=len(todo), desc="folds", unit="fold", disable=not progress, dynamic_ncols=True)
     running: list[Job] = []
     queue = list(todo)
@@ -92,8 +171,11 @@ def run_fold_jobs(specs: list[tuple[str, int, list[str]]], n_folds: int, data: s
                 if gpus:
                     job.env["gpu"] = gpu_free.pop(0)
                     env["CUDA_VISIBLE_DEVICES"] = job.env["gpu"]
-                with open(job.paths.stdout_log, "ab") as log:  # the child keeps its own handle
-                    job.proc = subprocess.Popen(job.args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                if launch == "fork":
+                    job.proc = ForkedScript(job.args, job.paths.stdout_log, env, threads)
+                else:
+                    with open(job.paths.stdout_log, "ab") as log:  # the child keeps its own handle
+                        job.proc = subprocess.Popen(job.args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 job.started = time.time()
                 running.append(job)
             time.sleep(poll)
