@@ -48,7 +48,7 @@ demo:
 	echo "make demo finished in $$(( $$(date +%s) - start ))s"
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(ASSETS) tts_data submission.csv submission.csv.json

@@ -48,7 +48,8 @@ def script_for(variant: str) -> Path:
 
 
 LAUNCH_ENV = "READALOUD_LAUNCH"  # "fork" | "exec"; default: fork on CPU, exec with CUDA
-_PRELOAD = ["readaloud.cli", "readaloud.training", "readaloud.gbm"]
+# What every fold would import anyway; the fork server imports it once.
+_PRELOAD = ["readaloud.cli", "readaloud.training", "readaloud.gbm", "readaloud.plots", "sklearn.ensemble"]
 _fork_context = None
 
 
@@ -72,6 +73,17 @@ def _forkserver():
         ctx.set_forkserver_preload(_PRELOAD)
         _fork_context = ctx
     return _fork_context
+
+
+def start_launcher(gpus: list[str] | None = None) -> None:
+    """Start the fork server in the background (it takes as long as one fold's imports), so that
+    it is ready when the first job starts; a no-op when jobs are exec'd."""
+    if launch_mode(gpus) != "fork":
+        return
+    import threading
+    from multiprocessing import forkserver
+    _forkserver()
+    threading.Thread(target=forkserver.ensure_running, daemon=True, name="forkserver-start").start()
 
 
 class ForkedScript:
