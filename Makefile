@@ -10,6 +10,8 @@ EPOCHS  ?= 2
 # model4encdec (the encoder-decoder) learns slowest: left out of the 30-minute demo, add it here
 MODELS  ?= model1mean,model2attn,model3mapd,model5gbm
 BACKBONE ?= $(ASSETS)/pretrained_encoder
+# test files run TEST_WORKERS at a time (pytest-xdist; each file stays in one worker for its fixtures)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test venv data preprocess pretrain train check config infer submission clean
 
@@ -48,7 +50,7 @@ demo:
 	echo "make demo finished in $$(( $$(date +%s) - start ))s"
 
 test: venv
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 clean:
 	rm -rf $(ASSETS) tts_data submission.csv submission.csv.json
