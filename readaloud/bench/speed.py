@@ -209,7 +209,8 @@ def jobs_lines(jobs: dict) -> list[str]:
     for m, r in jobs["per_model"].items():
         lines.append(f"| {m} | {r['jobs1_fold_s']:.1f} | {r['jobs2_fold_s']:.1f} | "
                      f"{r['jobs2_fold_s'] / r['jobs1_fold_s']:.2f}x |")
-    lines.append(f"\nFold times are measured inside each fold's process (start-up excluded). On their own they "
+    lines.append(f"\nFold times are measured inside each fold's process (its start-up excluded: a few seconds "
+                 f"when forked from the fork server, 10-15 s for a fresh interpreter). On their own they "
                  f"allow two one-thread folds at a time to be at most 2 x {n1:.0f}s / {n2:.0f}s = "
                  f"**{jobs['bound']:.2f}x** faster than one two-thread fold at a time; overlapping the "
                  f"processes' start-up adds to that, a lone last fold takes from it.")
