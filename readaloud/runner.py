@@ -184,8 +184,13 @@ def run_fold_jobs(specs: list[tuple[str, int, list[str]]], n_folds: int, data: s
                     job.env["gpu"] = gpu_free.pop(0)
                     env["CUDA_VISIBLE_DEVICES"] = job.env["gpu"]
                 if launch == "fork":
-                    job.proc = ForkedScript(job.args, job.paths.stdout_log, env, threads)
-                else:
+                    try:
+                        job.proc = ForkedScript(job.args, job.paths.stdout_log, env, threads)
+                    except (OSError, EOFError, RuntimeError) as exc:  # the fork server died (e.g. killed for memory)
+                        tqdm.write(f"{job.paths.stem}: could not fork from the fork server ({exc!r}); "
+                                   f"starting this and the remaining folds in fresh interpreters")
+                        launch = "exec"
+                if launch == "exec":
                     with open(job.paths.stdout_log, "ab") as log:  # the child keeps its own handle
                         job.proc = subprocess.Popen(job.args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 job.started = time.time()

@@ -139,3 +139,14 @@ def test_launch_mode_refuses_an_unknown_choice_and_execs_for_gpus(monkeypatch):
     monkeypatch.delenv(runner.LAUNCH_ENV)
     assert runner.launch_mode(["0"]) == "exec"
     assert runner.launch_mode(None) == ("exec" if torch.cuda.is_available() else "fork")
+
+
+def test_a_dead_fork_server_falls_back_to_fresh_interpreters(tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise EOFError("fork server gone")
+    monkeypatch.setenv(runner.LAUNCH_ENV, "fork")
+    monkeypatch.setattr(runner, "ForkedScript", broken)
+    results, assets = run_fake_jobs(tmp_path, monkeypatch)
+    assert results == {"quick_0": 0, "slow_0": 0}, "both folds ran, exec'd"
+    assert (assets / "slow_seen.txt").read_text() == "1 2 budget"
+    assert "could not fork from the fork server" in capsys.readouterr().out
