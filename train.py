@@ -9,7 +9,6 @@ unknown options are passed to every job as config overrides (e.g. --lr 5e-4).
 """
 import argparse
 import sys
-from pathlib import Path
 
 from readaloud.cli import add_common, parse_overrides
 from readaloud.config import ConfigError
@@ -44,10 +43,9 @@ def main():
         p.error(str(exc))
 
     from readaloud.prepare import prepare_training_data
-    from readaloud.runner import run_jobs, start_launcher
+    from readaloud.runner import run_jobs, start_launcher, unfinished
     gpus = args.gpus.split(",") if args.gpus else None
-    from readaloud.training import FoldPaths
-    if args.force or not all(FoldPaths(Path(args.assets), m, f).finished() for m in models for f in folds):
+    if unfinished(models, folds, args.assets, args.force):
         start_launcher(gpus)  # the fork server imports torch while the data is checked
     cfgs = [variant_config(m, overrides) for m in models]
     prepare_training_data(args.data, args.tts_dir, args.n_folds, {c.tts for c in cfgs}, {c.model.n_mels for c in cfgs},

@@ -89,10 +89,9 @@ def start_launcher(gpus: list[str] | None = None) -> None:
 class ForkedScript:
     """A script run in a child of the fork server, with a Popen-like poll() and terminate()."""
 
-    def __init__(self, argv: list[str], log: Path, env: dict[str, str], threads: int):
-        self.process = _forkserver().Process(target=_run_script, args=(argv, str(log), env, threads), daemon=False)
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str]):
+        self.process = _forkserver().Process(target=_run_script, args=(argv, str(log), env), daemon=False)
         self.process.start()
-        self.pid = self.process.pid
 
     def poll(self) -> int | None:
         return self.process.exitcode
@@ -100,12 +99,8 @@ class ForkedScript:
     def terminate(self) -> None:
         self.process.terminate()
 
-    def wait(self, timeout: float | None = None) -> int | None:
-        self.process.join(timeout)
-        return self.process.exitcode
 
-
-def _run_script(argv: list[str], log: str, env: dict[str, str], threads: int) -> None:
+def _run_script(argv: list[str], log: str, env: dict[str, str]) -> None:
     """In the forked child: what `python <argv>` with environment `env`, stdout and stderr to `log`, does."""
     import atexit
     import runpy
@@ -117,11 +112,12 @@ def _run_script(argv: list[str], log: str, env: dict[str, str], threads: int) ->
     os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
-    try:  # OMP_NUM_THREADS is read once, by the server: limit numpy's BLAS here, as the env does for exec
-        from threadpoolctl import threadpool_limits
-        threadpool_limits(limits=threads, user_api="blas")
-    except Exception:  # noqa: BLE001 (threadpoolctl missing or a BLAS it cannot drive: not worth a fold)
-        pass
+    if env.get("OMP_NUM_THREADS"):  # BLAS read it once, in the server: apply it here, as a fresh process would
+        try:
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(limits=int(env["OMP_NUM_THREADS"]), user_api="blas")
+        except Exception:  # noqa: BLE001 (threadpoolctl missing or a BLAS it cannot drive: not worth a fold)
+            pass
     os.chdir(ROOT)
     sys.argv = argv[1:]
     try:
@@ -134,16 +130,19 @@ def run_jobs(variants: list[str], folds: list[int], n_folds: int, data: str, ass
              jobs: int = 2, extra: list[str] | None = None, force: bool = False, gpus: list[str] | None = None,
              epochs: int | None = None, progress: bool = True, poll: float = 2.0) -> dict[str, int]:
     """Train every (variant, fold) not finished yet, `jobs` at a time. Returns {stem: exit code}."""
-    specs, results = [], {}
-    for v in variants:
-        for f in folds:
-            paths = FoldPaths(Path(assets), v, f)
-            if paths.finished() and not force:
-                print(f"{paths.stem}: finished already, skipped (--force to retrain)")
-                results[paths.stem] = 0
-                continue
-            specs.append((v, f, ["--force"] if force else []))
+    todo = unfinished(variants, folds, assets, force)
+    results = {}
+    for v, f in [(v, f) for v in variants for f in folds if (v, f) not in todo]:
+        stem = FoldPaths(Path(assets), v, f).stem
+        print(f"{stem}: finished already, skipped (--force to retrain)")
+        results[stem] = 0
+    specs = [(v, f, ["--force"] if force else []) for v, f in todo]
     return results | run_fold_jobs(specs, n_folds, data, assets, tts_dir, jobs, extra, gpus, epochs, progress, poll)
+
+
+def unfinished(variants: list[str], folds: list[int], assets: str, force: bool = False) -> list[tuple[str, int]]:
+    """The (variant, fold) pairs run_jobs would train: all with `force`, else those not finished."""
+    return [(v, f) for v in variants for f in folds if force or not FoldPaths(Path(assets), v, f).finished()]
 
 
 def run_fold_jobs(specs: list[tuple[str, int, list[str]]], n_folds: int, data: str, assets: str, tts_dir: str,
@@ -185,7 +184,7 @@ def run_fold_jobs(specs: list[tuple[str, int, list[str]]], n_folds: int, data: s
                     env["CUDA_VISIBLE_DEVICES"] = job.env["gpu"]
                 if launch == "fork":
                     try:
-                        job.proc = ForkedScript(job.args, job.paths.stdout_log, env, threads)
+                        job.proc = ForkedScript(job.args, job.paths.stdout_log, env)
                     except (OSError, EOFError, RuntimeError) as exc:  # the fork server died (e.g. killed for memory)
                         tqdm.write(f"{job.paths.stem}: could not fork from the fork server ({exc!r}); "
                                    f"starting this and the remaining folds in fresh interpreters")

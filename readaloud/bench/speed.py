@@ -272,9 +272,9 @@ def scaling_lines(scaling: dict, n: int) -> list[str]:
              "| encoder | clips/s, 1 process x 1 thread | clips/s, 1 process x 2 threads | second thread | "
              "clips/s, 2 processes x 1 thread at once | most --jobs 2 can gain over --jobs 1 |",
              "|---|---|---|---|---|---|"]
+    from readaloud.config import ModelConfig
+    default = ModelConfig()
     for name, r in scaling.items():
-        from readaloud.config import ModelConfig
-        default = ModelConfig()
         d = {"d_model": default.d_model, "encoder_layers": default.encoder_layers, **r["dims"]}
         lines.append(f"| {name} (d_model {d['d_model']}, {d['encoder_layers']} layers) | "
                      f"{r['threads1_clips_per_s']:.1f} | {r['threads2_clips_per_s']:.1f} | {r['speedup']:.2f}x | "
