@@ -500,6 +500,7 @@ def make_tts(spec: str) -> TTS:
 
     - ``"espeak"``, ``"espeak:VOICE"``, ``"espeak:VOICE:rate=170:pitch=60"`` -> EspeakTTS
       (``"espeak:rate=170"`` keeps the default voice);
+    - ``"piper"``, ``"piper:voice=en_US-joe-medium:length_scale=1.1"`` -> readaloud.piper_tts.PiperTTS;
     - ``"package.module:ClassName"`` with optional ``":key=value"`` arguments imports a
       user-supplied engine (e.g. a neural TTS) and instantiates it with those arguments.
       Values are parsed as bool, int or float when they look like one.
@@ -524,6 +525,8 @@ def make_tts(spec: str) -> TTS:
         except TypeError as exc:  # an unknown keyword
             raise ValueError(f"bad TTS spec {spec!r}: {exc}") from exc
 
+    if head.lower() == "piper":  # the neural voice of readaloud.piper_tts, e.g. "piper:voice=en_US-joe-medium"
+        return make_tts(":".join(["readaloud.piper_tts", "PiperTTS", *rest]))
     if not rest or not rest[0]:
         raise ValueError(
             f"bad TTS spec {spec!r}: expected 'espeak[:VOICE][:key=value...]' "
