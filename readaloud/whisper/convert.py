@@ -331,7 +331,8 @@ def convert_ct2_folder(source: str | Path, target: str | Path, force: bool = Fal
                   "english_prompt_ids": generation.english_prompt_ids,
                   "seconds": round(time.perf_counter() - started, 2)}
         (tmp / CONVERSION_RECORD).write_text(json.dumps(record, indent=1), encoding="utf-8")
-        replace_folder(tmp, target)
+        if not is_current(target, fingerprint):  # another process may have just made it
+            replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
