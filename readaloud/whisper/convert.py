@@ -16,16 +16,16 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
                           WhisperForConditionalGeneration, WhisperProcessor, WhisperTokenizer)
 
-from readaloud.whisper.ct2 import CT2FormatError, dequantize, read_model_bin
+from readaloud.whisper.ct2 import dequantize, read_model_bin
 
 CONVERTER_VERSION = 1
 CONVERSION_RECORD = "readaloud_conversion.json"
@@ -304,6 +304,7 @@ def convert_ct2_folder(source: str | Path, target: str | Path, force: bool = Fal
     if not force and is_current(target, fingerprint):
         return target
     started = time.perf_counter()
+    print(f"converting the CTranslate2 Whisper {source} -> {target}", file=sys.stderr, flush=True)
     model_bin = read_model_bin(source / "model.bin")
     if model_bin.spec != "WhisperSpec":
         raise ConversionError(f"{source / 'model.bin'}: spec {model_bin.spec!r}, not WhisperSpec")

@@ -93,12 +93,13 @@ def _read_variable(r: _Reader, version: int) -> tuple[str, np.ndarray]:
     if dtype == "bfloat16":
         array = bfloat16_to_float32(np.frombuffer(raw, dtype="<u2"))
     else:
-        array = np.frombuffer(raw, dtype=dtype).copy()
+        array = np.frombuffer(raw, dtype=dtype)  # a read-only view: no second copy of the file
     return name, array.reshape(shape)
 
 
 def read_model_bin(path: str | Path) -> CT2Model:
-    """All variables of a model.bin (bf16 widened to f32, others as stored), aliases resolved."""
+    """All variables of a model.bin (bf16 widened to f32, others as stored, read-only), aliases
+    resolved."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such CTranslate2 model file")
@@ -135,6 +136,9 @@ def read_model_bin(path: str | Path) -> CT2Model:
             raise CT2FormatError(f"{path}: alias {alias!r} points to {target!r}, "
                                  f"which is not a variable of the file")
         variables[alias] = variables[target]
+        # An alias is the same variable, scale included, even when the scale has no alias.
+        if target + "_scale" in variables and alias + "_scale" not in variables:
+            variables[alias + "_scale"] = variables[target + "_scale"]
     return CT2Model(spec, revision, version, variables, aliases)
 
 
