@@ -318,16 +318,20 @@ def converted(tmp_path_factory):
     return assets, folders
 
 
-def transcribe(folder: str, audio: np.ndarray) -> tuple[str, list[int]]:
+def transcribe(folder: str, audios: dict[str, np.ndarray]) -> tuple[dict[str, str], list[int]]:
+    """Greedy transcripts of each clip with the English prompt of the generation config."""
     processor = WhisperProcessor.from_pretrained(folder)
     model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
-    features = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
-    assert features.shape[-1] == 3000  # the normal 30 s window
     prompt = model.generation_config.english_prompt_ids
-    with torch.no_grad():
-        ids = model.generate(features, decoder_input_ids=torch.tensor([prompt]), max_new_tokens=30,
-                             num_beams=1, do_sample=False)
-    return processor.tokenizer.decode(ids[0], skip_special_tokens=True), prompt
+    texts = {}
+    for key, audio in audios.items():
+        features = processor.feature_extractor(audio, sampling_rate=16000, return_tensors="pt").input_features
+        assert features.shape[-1] == 3000  # the normal 30 s window
+        with torch.no_grad():
+            ids = model.generate(features, decoder_input_ids=torch.tensor([prompt]), max_new_tokens=30,
+                                 num_beams=1, do_sample=False)
+        texts[key] = processor.tokenizer.decode(ids[0], skip_special_tokens=True)
+    return texts, prompt
 
 
 @pytest.mark.parametrize("name, prompt", [("whisper-tiny.en", [50257, 50362]),
@@ -337,10 +341,9 @@ def test_named_backbone_transcribes_espeak(converted, espeak_audio, name, prompt
     assert folders[name] == str(assets / "backbones" / name)
     record = json.loads((assets / "backbones" / name / CONVERSION_RECORD).read_text())
     assert record["aliases"] == {"decoder/projection/weight": "decoder/embeddings/weight"}
-    for sentence, audio in espeak_audio.items():
-        text, used_prompt = transcribe(folders[name], audio)
-        assert used_prompt == prompt
-        assert normalise(text) == normalise(sentence), (name, sentence, text)
+    texts, used_prompt = transcribe(folders[name], espeak_audio)
+    assert used_prompt == prompt
+    assert {s: normalise(t) for s, t in texts.items()} == {s: normalise(s) for s in texts}, texts
 
 
 def test_named_backbone_is_converted_once(converted):
@@ -364,6 +367,28 @@ def test_ctranslate2_runs_the_joined_base_folder(converted, espeak_audio):
                             [[50258, 50259, 50359, 50363]], beam_size=1, max_length=40)
     text = WhisperTokenizer.from_pretrained(folders["whisper-base"]).decode(result[0].sequences_ids[0])
     assert normalise(text) == normalise(SENTENCES[0]), text
+
+
+@pytest.mark.parametrize("name, prompt", [("whisper-tiny.en", [50257, 50362]),
+                                          ("whisper-base", [50258, 50259, 50359, 50363])])
+def test_converted_logits_match_ctranslate2(converted, espeak_audio, name, prompt):
+    """The converted model computes what CTranslate2 computes from the same file (float32 both)."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    assets, folders = converted
+    features = WhisperFeatureExtractor(feature_size=80)(
+        espeak_audio[SENTENCES[0]], sampling_rate=16000, return_tensors="np").input_features.astype(np.float32)
+    ct2 = ctranslate2.models.Whisper(str(ct2_model_dir(name, assets / "backbones" / "ct2")),
+                                     compute_type="float32", intra_threads=2)
+    result = ct2.generate(ctranslate2.StorageView.from_array(features), [prompt], beam_size=1, max_length=40,
+                          return_logits_vocab=True, suppress_tokens=[], suppress_blank=False)[0]
+    expected = np.array(result.logits[0])  # [steps, vocabulary]: raw logits of each generated token
+    model = WhisperForConditionalGeneration.from_pretrained(folders[name]).eval()
+    tokens = prompt + result.sequences_ids[0]
+    with torch.no_grad():
+        logits = model(input_features=torch.from_numpy(features),
+                       decoder_input_ids=torch.tensor([tokens])).logits[0].numpy()
+    assert len(result.sequences_ids[0]) >= 4
+    np.testing.assert_allclose(logits[len(prompt) - 1:][:len(expected)], expected, atol=1e-3, rtol=1e-4)
 
 
 def test_transformers_dir_passes_folders_and_hub_ids(converted, tmp_path, monkeypatch):
