@@ -187,13 +187,15 @@ class PiperTTS:
 
     ``noise_scale`` and ``noise_w`` default to 0 (deterministic, see the module docstring);
     ``length_scale`` defaults to the voice's (> 1 is slower). Non-zero noise needs ``seed``.
-    ``sentence_silence`` is the pause (s) put between sentences; ``threads`` 0 lets
-    onnxruntime choose.
+    ``sentence_silence`` is the pause (s) put between sentences. ``threads`` is onnxruntime's
+    intra-op thread count (0 = one per core). It defaults to 1 because a forked child cannot
+    build a session once its parent built one with a thread pool (measured: it hangs), and the
+    project forks workers; such a child gets a clear error instead.
     """
 
     def __init__(self, voice: str = DEFAULT_VOICE, noise_scale: float = 0.0, length_scale: float | None = None,
                  noise_w: float = 0.0, seed: int | None = None, sentence_silence: float = 0.2,
-                 threads: int = 0) -> None:
+                 threads: int = 1) -> None:
         if not isinstance(voice, str) or not voice.strip():
             raise ValueError(f"voice must be a Piper voice name or .onnx path, got {voice!r}")
         self.voice = voice.strip()
@@ -249,6 +251,9 @@ class PiperTTS:
         with _SESSION_LOCK:
             if self.seed is not None:
                 return self._new_session()
+            if self._session is not None and self._session_pid != os.getpid() and self.threads != 1:
+                raise RuntimeError(f"{self!r} was built with threads={self.threads} before this process "
+                                   "was forked; onnxruntime would hang here: use threads=1 or build it in the child")
             if self._session is None or self._session_pid != os.getpid():
                 self._session, self._session_pid = self._new_session(), os.getpid()
             return self._session
