@@ -12,6 +12,7 @@ in the transcript as its spoken digits ("8062" = "eight zero six two").
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import statistics
 import time
@@ -119,16 +120,18 @@ def measure(spec: str, asr: WhisperTinyEn, repeats: int) -> dict:
 
 
 def report(rows: list[dict], repeats: int) -> str:
-    lines = [f"{len(SENTENCES)} sentences, best of {repeats} synthesize() calls each; Whisper tiny.en greedy.", "",
-             "| engine | set-up + first call (s) | ms / sentence (mean) | median | audio s / sentence "
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    lines = [f"{len(SENTENCES)} sentences, best of {repeats} synthesize() calls each; Whisper tiny.en greedy; "
+             f"{os.cpu_count()} CPUs, load average at the end {load}.", "",
+             "| spec | engine name | set-up + first call (s) | ms / sentence (mean) | median | audio s / sentence "
              "| real-time factor | tiny.en WER | sentences heard exactly |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['name']}` | {r['setup_s']:.2f} | {r['mean_ms']:.1f} | {r['median_ms']:.1f} | "
+        lines.append(f"| `{r['spec']}` | `{r['name']}` | {r['setup_s']:.2f} | {r['mean_ms']:.1f} | {r['median_ms']:.1f} | "
                      f"{r['audio_s']:.2f} | {r['rtf']:.3f} | {r['wer']:.3f} | {r['exact']:.0%} |")
     for r in rows:
         if r["misheard"]:
-            lines += ["", f"{r['name']} misheard:"] + [f"- {m}" for m in r["misheard"]]
+            lines += ["", f"{r['spec']} misheard:"] + [f"- {m}" for m in r["misheard"]]
     return "\n".join(lines) + "\n"
 
 
