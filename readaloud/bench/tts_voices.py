@@ -127,7 +127,8 @@ def report(rows: list[dict], repeats: int) -> str:
              "| real-time factor | tiny.en WER | sentences heard exactly |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| `{r['spec']}` | `{r['name']}` | {r['setup_s']:.2f} | {r['mean_ms']:.1f} | {r['median_ms']:.1f} | "
+        lines.append(f"| `{r['spec']}` | `{r['name']}` | {r['setup_s']:.2f} | {r['mean_ms']:.1f} | "
+                     f"{r['median_ms']:.1f} | "
                      f"{r['audio_s']:.2f} | {r['rtf']:.3f} | {r['wer']:.3f} | {r['exact']:.0%} |")
     for r in rows:
         if r["misheard"]:
