@@ -4,6 +4,7 @@
 PY      ?= .venv/bin/python
 DATA    ?= data
 ASSETS  ?= assets
+# preprocess.py writes the fold file; every later step reads the fold count from it
 FOLDS   ?= 6
 JOBS    ?= 2
 EPOCHS  ?= 2
@@ -34,10 +35,10 @@ pretrain: preprocess
 	$(PY) pretrain.py --out $(BACKBONE) --data $(DATA) --threads 2
 
 train: pretrain
-	$(PY) train.py --data $(DATA) --assets $(ASSETS) --n_folds $(FOLDS) --jobs $(JOBS) --epochs $(EPOCHS) --backbone $(BACKBONE) --models $(MODELS)
+	$(PY) train.py --data $(DATA) --assets $(ASSETS) --jobs $(JOBS) --epochs $(EPOCHS) --backbone $(BACKBONE) --models $(MODELS)
 
 check: train
-	$(PY) check_models.py --data $(DATA) --assets $(ASSETS) --n_folds $(FOLDS) --models $(MODELS) || true
+	$(PY) check_models.py --data $(DATA) --assets $(ASSETS) --models $(MODELS) || true
 
 config: check
 	$(PY) get_config.py --data $(DATA) --assets $(ASSETS) --models $(MODELS)

@@ -1,40 +1,61 @@
 """CV log loss per model and fold; flags broken, missing and outlier folds.
 
-    python check_models.py [--assets assets] [--data data] [--n_folds 6] [--models a,b] [--retrain [--jobs 2]]
+    python check_models.py [--assets assets] [--data data] [--models a,b] [--retrain [--jobs 2]]
 
 Prints a table (rows: models; columns: folds and the pooled out-of-fold log loss), the exact
-command that retrains each flagged fold (with the options its model was trained with), and with
---retrain runs them, --jobs at a time like train.py. Writes assets/cv_logloss.png. Exit code 1
-when a fold needs attention.
+command that retrains each flagged fold (with the saved config its model was trained with),
+and with --retrain runs them, --jobs at a time like train.py. Writes assets/cv_logloss.png.
+Exit code 1 when a fold needs attention. The fold count is the data set's fold file's
+(--n_folds, if given, must agree); without a fold file, the one the folds' summaries record.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from readaloud.checking import check, render_table, retrain_args, retrain_commands, trained_overrides
 from readaloud.cli import add_common
+from readaloud.layout import FoldPaths, saved_folds
+from readaloud.pipeline.checking import check, render_table, retrain_commands, retrain_specs
+from readaloud.prep.folds import FoldFileError, resolve_n_folds
 from readaloud.variants import VARIANTS
+
+
+def fold_count(data: str, asked: int | None, assets: Path) -> int:
+    """The fold file's count; with no fold file, the largest the trained folds' summaries record."""
+    try:
+        return resolve_n_folds(data, asked)
+    except FoldFileError:
+        recorded = [(p.read_summary() or {}).get("n_folds") for p in saved_folds(assets)]
+        recorded = [k for k in recorded if isinstance(k, int)]
+        if asked is None and recorded:
+            return max(recorded)
+        raise
+
+
+def trained_models(assets: Path, n_folds: int) -> list[str]:
+    """Registered variants with any fold's files or run folder, then others the summaries name."""
+    found = [m for m in VARIANTS if any(FoldPaths(assets, m, f).checkpoint.exists()
+                                        or FoldPaths(assets, m, f).run_dir.exists() for f in range(n_folds))]
+    return found + sorted({p.variant for p in saved_folds(assets)} - set(VARIANTS))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common(p)
-    p.add_argument("--n_folds", type=int, default=6)
+    p.add_argument("--n_folds", type=int, default=None, help="a check: the fold file's count (default: read from it)")
     p.add_argument("--models", default=None, help="comma-separated (default: every variant with files in assets)")
     p.add_argument("--retrain", action="store_true", help="run the retrain commands now")
     p.add_argument("--jobs", type=int, default=2, help="folds retrained at once (default: %(default)s)")
     args = p.parse_args()
     assets = Path(args.assets)
-    if args.models:
-        models = args.models.split(",")
-    else:
-        found = {f.name.rsplit("_", 1)[0] for f in assets.glob("*_*.pth")} | \
-                {d.name.rsplit("_", 1)[0] for d in (assets / "runs").glob("*_*")}
-        models = [m for m in VARIANTS if m in found] + sorted(found - set(VARIANTS))
+    try:
+        n_folds = fold_count(args.data, args.n_folds, assets)
+    except FoldFileError as exc:
+        p.error(str(exc))
+    models = args.models.split(",") if args.models else trained_models(assets, n_folds)
     if not models:
         print(f"no trained models in {assets}; run train.py first")
         sys.exit(1)
-    table, todo = check(assets, models, args.n_folds, args.data)
+    table, todo = check(assets, models, n_folds, args.data)
     print(render_table(table, assets))
     try:
         from readaloud.plots import plot_cv_bars
@@ -46,16 +67,13 @@ def main():
     if not todo:
         print("all folds OK")
         return
-    cmds = retrain_commands(todo, args.n_folds, args.data, args.assets)
     print("\nfolds to retrain:")
-    for (m, f, reason), cmd in zip(todo, cmds):
-        print(f"  {m} fold {f}: {reason.splitlines()[0][:160]}\n    {cmd}")
+    for issue, cmd in zip(todo, retrain_commands(todo, n_folds, args.data, args.assets)):
+        print(f"  {issue.model} fold {issue.fold}: {str(issue).splitlines()[0][:160]}\n    {cmd}")
     if args.retrain:
-        from readaloud.runner import run_fold_jobs
-        specs = {(m, f): trained_overrides(assets, m, f, args.n_folds) + retrain_args(reason)
-                 for m, f, reason in todo}
-        results = run_fold_jobs([(m, f, own) for (m, f), own in specs.items()], args.n_folds, args.data,
-                                args.assets, args.tts_dir, jobs=args.jobs)
+        from readaloud.pipeline.runner import run_fold_jobs
+        results = run_fold_jobs(retrain_specs(todo, n_folds, assets), args.data, args.assets, args.tts_dir,
+                                jobs=args.jobs)
         failed = [k for k, code in results.items() if code != 0]
         print(f"{len(results) - len(failed)}/{len(results)} folds retrained" +
               (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -10,7 +10,7 @@ when they are stratified (--blend auto, the default; see readaloud/ensemble.py).
 import argparse
 
 from readaloud.cli import add_common
-from readaloud.ensemble import build_config, write_config
+from readaloud.pipeline.ensemble import build_config, write_config
 
 
 def main():

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from readaloud.cli import add_common
-from readaloud.inference import run_inference, write_fallback_submission
+from readaloud.pipeline.inference import run_inference, write_fallback_submission
 
 
 def main():

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from readaloud import demo
+from readaloud.demo import generator as demo
 
 
 def main(argv: list[str] | None = None) -> int:

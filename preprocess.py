@@ -12,15 +12,17 @@ from pathlib import Path
 from readaloud.cli import add_common
 from readaloud.data import load_split
 from readaloud.features import FeatureParams
-from readaloud.folds import fold_path, load_or_create_folds
-from readaloud.prepare import bad_clips_path, ensure_clip_features, ensure_references
-from readaloud.references import DEFAULT_TTS
+from readaloud.layout import bad_clips_path, fold_path
+from readaloud.prep.folds import load_or_create_folds, mark_current
+from readaloud.prep.prepare import ensure_clip_features, ensure_references
+from readaloud.prep.references import DEFAULT_TTS
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common(p)
-    p.add_argument("--n_folds", type=int, default=6)
+    p.add_argument("--n_folds", type=int, default=6,
+                   help="folds of the data set (the fold file every later step reads; default: %(default)s)")
     p.add_argument("--tts", default=DEFAULT_TTS, help="TTS engine spec (default: %(default)s)")
     p.add_argument("--n_mels", type=int, default=80, help="mel bins (128 for whisper-large-v3)")
     p.add_argument("--workers", type=int, default=2, help="processes decoding audio")
@@ -42,6 +44,7 @@ def main():
     bank = ensure_references(args.tts_dir, args.tts, texts, params)
     store, bad = ensure_clip_features(args.data, names, params, workers=args.workers, retry_bad=args.retry_bad)
     folds = load_or_create_folds(args.data, train, args.n_folds, args.fold_by, clips=store)
+    mark_current(args.data, args.n_folds)  # train, check_models, get_config read the fold count from here
     print(f"references: {len(bank.index)} texts in {bank.root}")
     print(f"clip features: {len(store)} clips, {store.total_frames} frames "
           f"({store.data_path.stat().st_size / 1e6:.1f} MB) in {store.data_path}")

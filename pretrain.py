@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 
 from readaloud.config import ModelConfig
-from readaloud.pretraining import PretrainConfig, pretrain_encoder
+from readaloud.pipeline.pretraining import PretrainConfig, pretrain_encoder
 
 
 def main():

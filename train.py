@@ -1,17 +1,22 @@
 """Train the chosen model variants x folds, several at a time, then list what finished.
 
-    python train.py [--models model1mean,model3mapd] [--folds 0,2] [--n_folds 6] [--jobs 2]
+    python train.py [--models model1mean,model3mapd] [--folds 0,2] [--jobs 2]
                     [--epochs E] [--force] [--gpus 0,1] [--data data] [--assets assets] [any --key value]
 
-Data is prepared first (TTS, features, folds: a no-op after preprocess.py), then each job runs
-`train_model<variant>.py` in its own process. Finished folds are skipped unless --force;
-unknown options are passed to every job as config overrides (e.g. --lr 5e-4).
+The fold count is the data set's fold file's (preprocess.py --n_folds K made it); --n_folds,
+if given, must agree with it (with no fold file yet, it is the count to make). Data is
+prepared first (TTS, features, folds and what the member families share: a no-op after
+preprocess.py), then each job runs `train_model<variant>.py` in its own process. Finished
+folds are skipped unless --force; unknown options are passed to every job as config
+overrides (e.g. --lr 5e-4).
 """
 import argparse
 import sys
 
 from readaloud.cli import add_common, parse_overrides
 from readaloud.config import ConfigError
+from readaloud.layout import FoldPaths
+from readaloud.prep.folds import FoldFileError, resolve_n_folds
 from readaloud.variants import VARIANTS, variant_config
 
 
@@ -21,7 +26,7 @@ def main():
     add_common(p)
     p.add_argument("--models", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
     p.add_argument("--folds", default=None, help="comma-separated folds (default: all)")
-    p.add_argument("--n_folds", type=int, default=6)
+    p.add_argument("--n_folds", type=int, default=None, help="a check: the fold file's count (default: read from it)")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time (default 2)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--force", action="store_true", help="retrain finished folds")
@@ -31,27 +36,34 @@ def main():
     unknown = [m for m in models if m not in VARIANTS]
     if unknown:
         p.error(f"unknown model(s) {unknown}; registered: {', '.join(VARIANTS)}")
-    folds = list(range(args.n_folds)) if args.folds is None else [int(f) for f in args.folds.split(",")]
-    if any(not 0 <= f < args.n_folds for f in folds):
-        p.error(f"--folds must be within 0..{args.n_folds - 1}")
+    try:
+        n_folds = resolve_n_folds(args.data, args.n_folds)
+    except FoldFileError as exc:
+        p.error(str(exc))
+    folds = list(range(n_folds)) if args.folds is None else [int(f) for f in args.folds.split(",")]
+    if any(not 0 <= f < n_folds for f in folds):
+        p.error(f"--folds must be within 0..{n_folds - 1}")
     extra = list(rest) + (["--epochs", str(args.epochs)] if args.epochs else [])
     try:
         overrides = parse_overrides(extra)
-        for m in models:
-            variant_config(m, overrides)  # refuse bad overrides before starting any job
+        cfgs = [variant_config(m, overrides) for m in models]  # refuse bad overrides before starting any job
     except ConfigError as exc:
         p.error(str(exc))
 
-    from readaloud.prepare import prepare_training_data
-    from readaloud.runner import run_jobs, start_launcher, unfinished
+    from readaloud.pipeline.launch import start_launcher
     gpus = args.gpus.split(",") if args.gpus else None
-    if unfinished(models, folds, args.assets, args.force):
-        start_launcher(gpus)  # the fork server imports torch while the data is checked
-    cfgs = [variant_config(m, overrides) for m in models]
-    prepare_training_data(args.data, args.tts_dir, args.n_folds, {c.tts for c in cfgs}, {c.model.n_mels for c in cfgs},
-                          alignment={(c.tts, c.model.n_mels) for c in cfgs if c.model.arch == "gbm"})
-    results = run_jobs(models, folds, args.n_folds, args.data, args.assets, args.tts_dir, args.jobs, extra,
-                       args.force, gpus, args.epochs)
+    if args.force or any(not FoldPaths(args.assets, m, f).finished() for m in models for f in folds):
+        start_launcher(gpus)  # the fork server imports torch while this process does and checks the data
+
+    from readaloud.members.registry import member_for
+    from readaloud.pipeline.runner import prepare_for_jobs, run_jobs
+    try:
+        for cfg in cfgs:
+            member_for(cfg)  # a family that is not registered
+    except ConfigError as exc:
+        p.error(str(exc))
+    prepare_for_jobs(args.data, args.tts_dir, n_folds, cfgs)
+    results = run_jobs(models, folds, args.data, args.assets, args.tts_dir, args.jobs, extra, args.force, gpus)
     failed = [k for k, v in results.items() if v != 0]
     print(f"{len(results) - len(failed)}/{len(results)} folds finished" +
           (f"; failed: {', '.join(failed)} (see check_models.py)" if failed else ""))

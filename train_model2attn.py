@@ -1,5 +1,5 @@
 """Train variant model2attn (see readaloud/variants.py) on one fold: python train_model2attn.py --fold 0 --n_folds 6"""
-from readaloud.cli import train_variant_main
+from readaloud.pipeline.fold_run import train_variant_main
 
 if __name__ == "__main__":
     train_variant_main("model2attn")

@@ -11,13 +11,15 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "pair"             # pair: encoder over [TTS | pause | response] + classifier (models.py)
-                                   # encdec: 1st-place encoder-decoder teacher-forced on expected_text
-                                   # gbm: gradient boosting on alignment features (no neural network)
+    arch: str = "pair"             # the member family (members/registry.py): pair: encoder over
+                                   # [TTS | pause | response] + classifier (members/pair.py); encdec: 1st-place
+                                   # encoder-decoder teacher-forced on expected_text; gbm: gradient
+                                   # boosting on alignment features (no neural network)
     backbone: str = ""             # "" = small randomly initialised Whisper below; else path or hub id
     d_model: int = 128             # encoder width (ignored with a backbone)
     encoder_layers: int = 3
@@ -176,8 +178,7 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
 
 
 def validate(cfg: RunConfig) -> None:
-    choices = {"model.arch": ("pair", "encdec", "gbm"),
-               "model.pooling": ("mean", "attention", "attention_mean"),
+    choices = {"model.pooling": ("mean", "attention", "attention_mean"),
                "model.ctc_unit": ("phoneme", "char"),
                "optim.schedule": ("cosine", "inverse_sqrt", "plateau", "constant"),
                "device": ("auto", "cpu", "cuda")}
@@ -209,3 +210,22 @@ def _from_dict(cls, d: dict):
 
 
 RunConfig.from_dict = classmethod(lambda cls, d: _from_dict(cls, d))  # type: ignore[attr-defined]
+
+
+RUNTIME_KEYS = {"threads"}  # set per job by the runner, not part of what a fold learns
+
+
+def saved_config_dict(path: str | Path) -> dict:
+    """The config saved in a fold's runs/<stem>/config.json, or in its summary (under "config")."""
+    d = json.loads(Path(path).read_text())
+    return d["config"] if isinstance(d, dict) and isinstance(d.get("config"), dict) else d
+
+
+def load_saved_config(path: str | Path) -> RunConfig:
+    """A saved config with the runtime keys back at their defaults (the runner sets those per job)."""
+    try:
+        cfg = RunConfig.from_dict(saved_config_dict(path))
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"--config {path}: not a readable saved config ({exc})") from exc
+    default = RunConfig()
+    return apply_overrides(cfg, {k: getattr(default, k) for k in RUNTIME_KEYS})

@@ -42,26 +42,24 @@ def read_csv(path: Path, columns: list[str]) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def _row_checks(df: pd.DataFrame) -> list[tuple[pd.Series, str]]:
+    """(mask, what is wrong) for each problem a single row can have."""
+    empty_name = df["filename"].str.strip() == ""
+    checks = [(df["filename"].duplicated(keep=False), "duplicate filenames"),
+              (empty_name, "empty filename")]
+    for column in ("expected_text", "task"):
+        if column in df:
+            checks.append((df[column].str.strip() == "", f"empty {column}"))
+    return checks
+
+
 def check_metadata(df: pd.DataFrame, path: Path, audio_dir: Path | None = None) -> list[str]:
     """Every problem in a metadata table, as readable lines (empty list = fine)."""
-    problems = []
-    dup = df["filename"].duplicated(keep=False)
-    if dup.any():
-        problems.append(f"{path}: duplicate filenames at {_show_rows(df, dup, 'filename')}")
-    empty_name = df["filename"].str.strip() == ""
-    if empty_name.any():
-        problems.append(f"{path}: empty filename at {_show_rows(df, empty_name, 'filename')}")
-    if "expected_text" in df:
-        empty = df["expected_text"].str.strip() == ""
-        if empty.any():
-            problems.append(f"{path}: empty expected_text at {_show_rows(df, empty, 'filename')}")
-    if "task" in df:
-        empty = df["task"].str.strip() == ""
-        if empty.any():
-            problems.append(f"{path}: empty task at {_show_rows(df, empty, 'filename')}")
+    problems = [f"{path}: {what} at {_show_rows(df, mask, 'filename')}" for mask, what in _row_checks(df)
+                if mask.any()]
     if audio_dir is not None:
         absent = ~df["filename"].map(lambda f: (audio_dir / f).is_file())
-        absent &= ~empty_name
+        absent &= df["filename"].str.strip() != ""
         if absent.any():
             problems.append(f"{path}: listed audio not found in {audio_dir} at "
                             f"{_show_rows(df, absent, 'filename')}")
@@ -114,9 +112,7 @@ def _attach_labels(meta: pd.DataFrame, labels_path: Path, meta_path: Path) -> pd
     return meta
 
 
-def load_split(data_dir: str | Path, split: str, check_audio: bool = True) -> Split:
-    """Load `train` (metadata + labels) or `test` (metadata, + test_labels.csv when present)."""
-    data_dir = Path(data_dir)
+def _read_metadata(data_dir: Path, split: str) -> tuple[pd.DataFrame, Path]:
     meta_path = data_dir / f"{split}_metadata.csv"
     meta = read_csv(meta_path, META_COLUMNS)
     for col in META_COLUMNS:
@@ -124,9 +120,10 @@ def load_split(data_dir: str | Path, split: str, check_audio: bool = True) -> Sp
     meta["task"] = meta["task"].str.strip()
     meta["grade"] = meta["grade"].map(normalise_grade)
     meta["expected_text"] = meta["expected_text"].str.strip()
-    problems = check_metadata(meta, meta_path, data_dir if check_audio else None)
-    if problems:
-        raise DataError("\n".join(problems))
+    return meta, meta_path
+
+
+def _labelled(data_dir: Path, split: str, meta: pd.DataFrame, meta_path: Path) -> pd.DataFrame:
     odd = ~meta["grade"].isin(KNOWN_GRADES)
     if odd.any():  # accepted (every value seen in training becomes a category), but worth a look
         logging.getLogger("readaloud.data").warning(
@@ -134,7 +131,34 @@ def load_split(data_dir: str | Path, split: str, check_audio: bool = True) -> Sp
     labels_path = data_dir / ("train_labels.csv" if split == "train" else "test_labels.csv")
     if split == "train" or labels_path.exists():
         meta = _attach_labels(meta, labels_path, meta_path)
-    return Split(meta=meta, audio_dir=data_dir)
+    return meta
+
+
+def load_split(data_dir: str | Path, split: str, check_audio: bool = True) -> Split:
+    """Load `train` (metadata + labels) or `test` (metadata, + test_labels.csv when present)."""
+    data_dir = Path(data_dir)
+    meta, meta_path = _read_metadata(data_dir, split)
+    problems = check_metadata(meta, meta_path, data_dir if check_audio else None)
+    if problems:
+        raise DataError("\n".join(problems))
+    return Split(meta=_labelled(data_dir, split, meta, meta_path), audio_dir=data_dir)
+
+
+def load_test_rows(data_dir: str | Path) -> tuple[Split, dict[str, str]]:
+    """The test metadata for inference, where one bad row must not cost the others: a row with
+    a problem of its own (empty expected_text or task, a filename listed twice) is left out and
+    returned as {filename: why}; a problem of the whole file (missing, unparsable, a column
+    missing) still raises."""
+    data_dir = Path(data_dir)
+    meta, meta_path = _read_metadata(data_dir, "test")
+    bad_rows = pd.Series(False, index=meta.index)
+    problems: dict[str, str] = {}
+    for mask, what in _row_checks(meta):
+        for name in meta.loc[mask, "filename"]:
+            problems.setdefault(name, f"{what} in {meta_path.name}")
+        bad_rows |= mask
+    meta = meta[~bad_rows].reset_index(drop=True)
+    return Split(meta=_labelled(data_dir, "test", meta, meta_path), audio_dir=data_dir), problems
 
 
 def load_submission_format(data_dir: str | Path) -> pd.DataFrame:

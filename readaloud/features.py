@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .audio import SAMPLE_RATE, trim_silence
+from .audio import SAMPLE_RATE, AudioError, load_audio, trim_silence
 from .checkpoints import atomic_write
 
 FEATURE_VERSION = 1
@@ -216,7 +216,6 @@ def _worker_init() -> None:
 
 
 def _featurize_one(args: tuple[Path, FeatureParams]) -> tuple[Path, np.ndarray | None, str | None]:
-    from .audio import AudioError, load_audio
     path, params = args
     try:
         audio = load_audio(path, params.sample_rate)

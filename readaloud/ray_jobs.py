@@ -35,8 +35,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .runner import script_for, unfinished
-from .training import FoldPaths
+from .layout import FoldPaths
+from .pipeline.runner import fold_specs, script_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY_PIN = "ray[default]==2.60.0"
@@ -227,13 +227,7 @@ def run_jobs_on_ray(variants: list[str], folds: list[int], n_folds: int, data: s
                     cpus_per_fold: float = 1.0, gpus_per_fold: float = 0.0, progress: bool = True,
                     poll: float = 2.0) -> dict[str, int]:
     """train.py --ray: every (variant, fold) not finished yet as a Ray task. Returns {stem: exit code}."""
-    todo = unfinished(variants, folds, assets, force)
-    results = {}
-    for v, f in [(v, f) for v in variants for f in folds if (v, f) not in todo]:
-        stem = FoldPaths(Path(assets), v, f).stem
-        print(f"{stem}: finished already, skipped (--force to retrain)")
-        results[stem] = 0
-    specs = [(v, f, ["--force"] if force else []) for v, f in todo]
+    specs, results = fold_specs(variants, folds, assets, force)
     return results | run_fold_jobs_on_ray(specs, n_folds, data, assets, tts_dir, extra, address,
                                           cpus_per_fold, gpus_per_fold, progress, poll)
 

@@ -11,6 +11,8 @@ import re
 import unicodedata
 from functools import lru_cache
 
+from .tts import phonemize
+
 BLANK = "<blank>"
 
 
@@ -25,7 +27,6 @@ def text_units(text: str, unit: str = "phoneme") -> tuple[str, ...]:
     """The token sequence of a text: espeak IPA phonemes, or letters (`unit="char"`)."""
     text = normalise_text(text)
     if unit == "phoneme":
-        from .tts import phonemize
         units = tuple(phonemize(text))
         if units:
             return units

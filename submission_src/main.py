@@ -18,7 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def main() -> int:
-    from readaloud.inference import run_inference, write_fallback_submission
+    from readaloud.pipeline.inference import run_inference, write_fallback_submission
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import espeakng_loader
     logging.info("espeak-ng from %s", Path(espeakng_loader.__file__).parent)

@@ -4,7 +4,7 @@ augmentation off is bit-identical to one without the augmenter."""
 import numpy as np
 import pytest
 
-from readaloud.augment import Augmenter, add_noise, mel_centres, stretch_time, warp_frequency
+from readaloud.prep.augment import Augmenter, add_noise, mel_centres, stretch_time, warp_frequency
 from readaloud.config import DataConfig, RunConfig, apply_overrides
 
 

@@ -8,9 +8,9 @@ import pytest
 from readaloud.audio import AudioError, load_audio, write_wav
 from readaloud.config import ConfigError, RunConfig, apply_overrides
 from readaloud.data import DataError, load_split
-from readaloud.dataset import bucket_batches
+from readaloud.prep.dataset import bucket_batches
 from readaloud.features import FeatureParams, FeatureStore, log_mel
-from readaloud.folds import assign_folds, load_or_create_folds
+from readaloud.prep.folds import assign_folds, load_or_create_folds
 
 
 def test_log_mel_matches_whisper_feature_extractor():

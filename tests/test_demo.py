@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from readaloud import demo
+from readaloud.demo import generator as demo
 from readaloud.tts import EspeakTTS
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,9 +9,10 @@ import torch
 
 from readaloud.checkpoints import atomic_save
 from readaloud.config import ModelConfig
-from readaloud.dataset import collate
-from readaloud.encdec import EncDecClassifier
-from readaloud.models import build_model, whisper_config_dict
+from readaloud.prep.dataset import collate
+from readaloud.members.encdec import EncDecClassifier
+from readaloud.members.encoder import whisper_config_dict
+from readaloud.members.registry import build_model
 from readaloud.text import Vocab
 from readaloud.variants import variant_config
 from test_models import assert_encoder_is_the_tiny_whisper, at_whisper_positions, save_tiny_whisper, tiny_items
@@ -89,7 +90,7 @@ def test_encdec_auxiliary_loss_reference_and_correct_responses():
 
 
 def test_encdec_checkpoint_loads_through_inference(tmp_path):
-    from readaloud.inference import load_fold_model
+    from readaloud.pipeline.inference import load_fold_model
     cfg = variant_config("model4encdec", {"d_model": 32, "encoder_layers": 1, "encoder_heads": 2,
                                           "ffn_dim": 64, "decoder_layers": 1})
     vocab = Vocab(list("abcdefg"), "char")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
-from readaloud.ensemble import build_config, fit_weights, read_config, write_config
+from readaloud.pipeline.ensemble import build_config, fit_weights, read_config, write_config
 from readaloud.metrics import log_loss, sigmoid
 
 
@@ -34,7 +34,7 @@ def test_build_config_from_oof_files(tmp_path):
             pd.DataFrame({"filename": [f"{i}.wav" for i in idx], "fold": f, "task": "t", "grade": "1",
                           "score": y[idx], "logit": z, "pred": sigmoid(z)}).to_csv(tmp_path / f"{m}_{f}_oof.csv", index=False)
             (tmp_path / f"{m}_{f}.pth").write_bytes(b"x")
-            (tmp_path / f"{m}_{f}.json").write_text(json.dumps({"valid_logloss": float(f)}))
+            (tmp_path / f"{m}_{f}.json").write_text(json.dumps({"variant": m, "fold": f, "valid_logloss": float(f)}))
     cfg = build_config(tmp_path, max_folds=2)
     assert cfg["blend"] == "convex" and cfg["bias"] == 0.0, "stratified (or unknown) folds: convex"
     data = tmp_path / "data"
@@ -91,6 +91,7 @@ def test_an_ensemble_always_ships_at_least_one_model(tmp_path):
         pd.DataFrame({"filename": [f"{i}.wav" for i in range(200)], "fold": 0, "task": "t",
                       "grade": "1", "score": y, "logit": z, "pred": sigmoid(z)}).to_csv(tmp_path / f"{m}_0_oof.csv", index=False)
         (tmp_path / f"{m}_0.pth").write_bytes(b"x")
+        (tmp_path / f"{m}_0.json").write_text(json.dumps({"variant": m, "fold": 0}))  # what says which fold it is
     cfg = build_config(tmp_path, blend="logit")
     assert len(cfg["members"]) == 1 and "note" in cfg["members"][0]
     assert cfg["oof_logloss"] <= cfg["oof_logloss_prior"] + 1e-6
@@ -105,7 +106,7 @@ def test_convex_blend_cannot_sharpen():
     X = np.stack([(2 * y - 1) * 0.3 + rng.normal(0, 0.5, y.size),
                   (2 * y - 1) * 0.3 + rng.normal(0, 0.5, y.size)], 1)  # under-confident members
     w_free, _ = fit_weights(X, y)
-    from readaloud.ensemble import fit_convex_weights
+    from readaloud.pipeline.ensemble import fit_convex_weights
     w, b = fit_convex_weights(X, y)
     assert w_free.sum() > 1.5, "the free blend sharpens under-confident members"
     assert w.sum() == pytest.approx(1.0) and b == 0.0 and (w >= 0).all()

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from readaloud.alignment import ACOUSTIC_NAMES, FEATURE_NAMES, acoustic_table, clip_features
+from readaloud.members.alignment import ACOUSTIC_NAMES, FEATURE_NAMES, acoustic_table, clip_features
 from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
 from readaloud.config import RunConfig
-from readaloud.gbm import TreeEnsemble, export_trees
+from readaloud.members.gbm import TreeEnsemble, export_trees
 from readaloud.metrics import logit, prior_predictions, sigmoid, task_priors
 
 OOF_COLUMNS = ["filename", "fold", "task", "grade", "score", "logit", "fallback", "pred"]
@@ -101,7 +101,7 @@ def gbm(chain, tmp_path_factory):
 
 def test_features_are_finite_on_real_clips(gbm):
     from readaloud.features import FeatureParams
-    from readaloud.prepare import ensure_clip_features, ensure_references
+    from readaloud.prep.prepare import ensure_clip_features, ensure_references
     meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str).head(8)
     refs = ensure_references(gbm["tts"], RunConfig().tts, meta["expected_text"].unique(), FeatureParams(),
                              progress=False)
@@ -114,9 +114,9 @@ def test_features_are_finite_on_real_clips(gbm):
 def test_alignment_features_are_cached_once_per_clip(gbm, tmp_path, monkeypatch, caplog):
     """train.py computed the table before its jobs; reading it back gives the same numbers, and a
     damaged cache is recomputed, never trusted."""
-    from readaloud import alignment
+    from readaloud.members import alignment
     from readaloud.features import FeatureParams
-    from readaloud.prepare import ensure_clip_features, ensure_references
+    from readaloud.prep.prepare import ensure_clip_features, ensure_references
     meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str)
     refs = ensure_references(gbm["tts"], RunConfig().tts, meta["expected_text"].unique(), FeatureParams(),
                              progress=False)
@@ -184,9 +184,9 @@ def test_finished_fold_is_skipped_unless_forced(gbm):
 def test_bad_clip_gets_the_task_prior(gbm, tmp_path, monkeypatch):
     """A clip that cannot be decoded is left out of training and gets its task's prior in the
     OOF file with fallback=1, as in a neural fold."""
-    import readaloud.prepare as prepare
-    import readaloud.training as training
-    from readaloud.training import train_fold
+    import readaloud.pipeline.fold_run as fold_run
+    import readaloud.prep.prepare as prepare
+    from readaloud.pipeline.fold_run import run_fold
     meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str)
     folds = pd.read_csv(gbm["data"] / "cache" / "folds_2.csv", dtype={"filename": str})
     broken = folds.loc[folds["fold"] == 1, "filename"].iloc[0]
@@ -206,8 +206,8 @@ def test_bad_clip_gets_the_task_prior(gbm, tmp_path, monkeypatch):
         store, bad = real(data_dir, filenames, *a, **k)
         return Without(store), {**bad, broken: "unreadable (test)"}
 
-    monkeypatch.setattr(training, "ensure_clip_features", fake)  # where the shared loader looks it up
-    summary = train_fold("model5gbm", 1, 2, gbm["data"], tmp_path, gbm["tts"], quiet=True, progress=False)
+    monkeypatch.setattr(fold_run, "ensure_clip_features", fake)  # where the shared loader looks it up
+    summary = run_fold("model5gbm", 1, gbm["data"], tmp_path, gbm["tts"], quiet=True, progress=False)
     assert summary["skipped_clips"] == [broken]
     oof = pd.read_csv(tmp_path / "model5gbm_1_oof.csv", dtype={"filename": str, "grade": str})
     row = oof.set_index("filename").loc[broken]
@@ -239,7 +239,7 @@ def _infer(gbm, config: dict, out_name: str) -> dict:
 
 
 def test_infer_with_gbm_alone_and_in_a_blend(gbm):
-    from readaloud.ensemble import build_config
+    from readaloud.pipeline.ensemble import build_config
     alone = build_config(gbm["assets"], ["model5gbm"])
     assert [m["model"] for m in alone["members"]] == ["model5gbm"]
     res = _infer(gbm, alone, "sub_gbm.csv")

@@ -154,3 +154,32 @@ def test_unseen_task_and_grade_fall_back_with_a_warning(chain, tmp_path):
     result = json.loads(out.with_name("sub.csv.json").read_text())
     assert result["fallback_rows"] == 0, "the model predicts them, with its 'unknown' task/grade"
     valid_submission(out, data)
+
+
+def test_bad_rows_get_the_prior_and_every_other_row_a_prediction(chain, tmp_path):
+    """One row with an empty expected_text and one unreadable clip cost those two rows, named,
+    not the models: every other row gets the same prediction as with a clean test set."""
+    clean_out = tmp_path / "clean.csv"
+    infer(chain, chain["assets"], clean_out)
+    clean = pd.read_csv(clean_out).set_index("filename")["score"]
+    data = tmp_path / "data"
+    shutil.copytree(chain["data"], data, ignore=shutil.ignore_patterns("cache"))
+    test = pd.read_csv(data / "test_metadata.csv", dtype=str, keep_default_na=False)
+    no_text, unreadable = test["filename"][0], test["filename"][1]
+    test.loc[0, "expected_text"] = ""
+    test.to_csv(data / "test_metadata.csv", index=False)
+    (data / unreadable).write_bytes(b"RIFF....WAVEnot really")
+    out = tmp_path / "sub.csv"
+    res = infer(chain, chain["assets"], out, data=data)
+    assert res.returncode == 0, "a bad row is not a failed run"
+    result = json.loads(out.with_name("sub.csv.json").read_text())
+    assert result["fallback_rows"] == 2 and set(result["fallback"]) == {no_text, unreadable}
+    assert "empty expected_text" in result["fallback"][no_text]
+    assert "cannot be decoded" in result["fallback"][unreadable]
+    assert no_text in res.stderr and unreadable in res.stderr, "the bad rows are named"
+    assert result["checkpoints_used"] == result["checkpoints_listed"], "no model was dropped"
+    sub = valid_submission(out, data).set_index("filename")["score"]
+    others = [f for f in sub.index if f not in (no_text, unreadable)]
+    assert np.allclose(sub[others], clean[others], atol=1e-5), "the other rows: the models' predictions"
+    priors = sub[[no_text, unreadable]]
+    assert not np.allclose(priors, clean[[no_text, unreadable]], atol=1e-5), "the bad rows: the task prior"

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from readaloud.config import ModelConfig
-from readaloud.dataset import collate
-from readaloud.models import build_model, small_whisper_config
+from readaloud.prep.dataset import collate
+from readaloud.members.encoder import small_whisper_config
+from readaloud.members.registry import build_model
 from readaloud.variants import VARIANTS, variant_config
 
 

@@ -58,3 +58,22 @@ def test_preprocess_rerun_synthesizes_and_decodes_nothing_new(chain):
     index = (chain["tts"] / "espeak_en-us+f3" / "index.csv").read_text().splitlines()
     meta = __import__("pandas").read_csv(chain["data"] / "train_metadata.csv")
     assert len(index) - 1 >= meta["expected_text"].nunique(), "one reference per unique text"
+
+
+def test_after_preprocess_no_step_needs_the_fold_count(chain):
+    """preprocess.py --n_folds 2 wrote the fold file: train, check_models, get_config and infer
+    read the count from it and find nothing missing (no folds 2-5 of a six-fold default)."""
+    root, data, assets, tts = chain["root"], chain["data"], chain["assets"], chain["tts"]
+    common = ["--data", data, "--assets", assets, "--tts_dir", tts]
+    train = run(root, "train.py", *common, "--models", "model1mean,model3mapd", "--jobs", 1)
+    assert train.stdout.count("finished already, skipped") == 4 and "4/4 folds finished" in train.stdout
+    check = run(root, "check_models.py", *common)
+    assert "all folds OK" in check.stdout and "missing" not in check.stdout
+    assert check.stdout.splitlines()[0].split() == ["model", "fold", "0", "fold", "1", "OOF"]
+    config = run(root, "get_config.py", "--data", data, "--assets", assets)
+    assert "wrote" in config.stdout
+    out = data.parent / "submission_no_fold_count.csv"
+    res = run(root, "infer.py", *common, "--out", out, "--no_progress")
+    assert "test log loss" in res.stdout and "0 prior fallbacks" in res.stdout
+    wrong = run(root, "check_models.py", *common, "--n_folds", 6, ok=False)
+    assert wrong.returncode == 2 and "--n_folds 6 disagrees with the fold file" in wrong.stderr

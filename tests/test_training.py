@@ -21,8 +21,10 @@ def tiny_data(tmp_path_factory, root):
     return data
 
 
-def train(root, data, assets, *extra, env=None):
-    cmd = [sys.executable, "train_model1mean.py", "--fold", "0", "--n_folds", "3", "--data", str(data),
+def train(root, data, assets, *extra, env=None, fault=None):
+    """train_model1mean.py on fold 0 of 3; `fault` = (kind, n) runs it through tests/fault_injection.py."""
+    inject = ["tests/fault_injection.py", fault[0], str(fault[1])] if fault else []
+    cmd = [sys.executable, *inject, "train_model1mean.py", "--fold", "0", "--n_folds", "3", "--data", str(data),
            "--assets", str(assets), "--tts_dir", str(data.parent / "tts"), "--no_progress", *TINY, *extra]
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
                           env={**os.environ, **(env or {})})
@@ -35,8 +37,7 @@ def weights(path):
 def test_killed_fold_resumes_to_the_same_weights(tiny_data, root, tmp_path):
     straight = train(root, tiny_data, tmp_path / "a", "--epochs", "3")
     assert straight.returncode == 0, straight.stderr[-2000:]
-    killed = train(root, tiny_data, tmp_path / "b", "--epochs", "3",
-                   env={"READALOUD_FAULT_DIE_AFTER_EVAL": "2"})
+    killed = train(root, tiny_data, tmp_path / "b", "--epochs", "3", fault=("die_after_eval", 2))
     assert killed.returncode == 137
     assert not (tmp_path / "b" / "model1mean_0.pth").exists(), "a killed fold is not finished"
     resumed = train(root, tiny_data, tmp_path / "b", "--epochs", "3")
@@ -57,7 +58,7 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(tiny_data, root, tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
     metrics = pd.read_csv(tmp_path / "a" / "runs" / "model1mean_0" / "metrics.csv")
     assert len(metrics) > 2, "evaluations every 2 updates, not only at epoch ends"
-    killed = train(root, tiny_data, tmp_path / "b", *flags, env={"READALOUD_FAULT_DIE_AFTER_EVAL": "3"})
+    killed = train(root, tiny_data, tmp_path / "b", *flags, fault=("die_after_eval", 3))
     assert killed.returncode == 137
     resumed = train(root, tiny_data, tmp_path / "b", *flags)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr
@@ -101,7 +102,7 @@ def test_max_updates_stops_training(tiny_data, root, tmp_path):
 
 def test_schedules_warm_up_then_decay():
     from types import SimpleNamespace
-    from readaloud.training import lr_factor
+    from readaloud.pipeline.trainer import lr_factor
     for schedule in ("cosine", "inverse_sqrt", "plateau", "constant"):
         cfg = SimpleNamespace(warmup_ratio=0.1, schedule=schedule, min_lr_ratio=0.02)
         f = [lr_factor(s, 100, cfg) for s in range(100)]
@@ -125,9 +126,9 @@ def test_wandb_offline_without_an_account(tiny_data, root, tmp_path):
 
 
 def test_non_finite_losses_never_update_and_abort_the_fold(tiny_data, root, tmp_path):
-    from readaloud.checking import check, retrain_commands
+    from readaloud.pipeline.checking import check, retrain_commands
     # a clean first epoch, then every loss is NaN: no update may happen, the fold aborts
-    run = train(root, tiny_data, tmp_path, "--epochs", "3", env={"READALOUD_FAULT_NAN_FROM_STEP": "4"})
+    run = train(root, tiny_data, tmp_path, "--epochs", "3", fault=("nan_from_step", 4))
     assert run.returncode == 3 and "non-finite losses in a row" in run.stderr
     run_dir = tmp_path / "runs" / "model1mean_0"
     last = torch.load(run_dir / "last.pth", weights_only=True)
@@ -135,9 +136,10 @@ def test_non_finite_losses_never_update_and_abort_the_fold(tiny_data, root, tmp_
                                                  if v.is_floating_point())
     assert not (tmp_path / "model1mean_0.pth").exists()
     _, todo = check(tmp_path, ["model1mean"], 3)
-    reason = dict(((m, f), r) for m, f, r in todo)[("model1mean", 0)]
-    assert reason.startswith("aborted: non-finite loss")
-    cmd = retrain_commands([("model1mean", 0, reason)], 3, tiny_data, tmp_path)[0]
+    reason = {(r.model, r.fold): r for r in todo}[("model1mean", 0)]
+    assert str(reason).startswith("aborted: non-finite loss")
+    assert reason.kind == "aborted" and reason.seed == 0, "a record: what happened and with which seed"
+    cmd = retrain_commands([reason], 3, tiny_data, tmp_path)[0]
     assert "--restart --seed 1" in cmd and "--fold 0" in cmd
 
 
@@ -159,13 +161,16 @@ def test_a_corrupt_training_clip_is_listed_and_skipped(tiny_data, root, tmp_path
         assert oof.loc[bad, "fallback"] == 1
 
 
-def test_a_running_fold_follows_its_thread_budget(tiny_data, root, tmp_path):
-    """train.py raises a job's threads by rewriting its budget file; the fold applies it."""
-    budget = tmp_path / "threads"
-    budget.write_text("2")
-    run = train(root, tiny_data, tmp_path / "a", "--epochs", "1", env={"READALOUD_THREADS_FILE": str(budget)})
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "thread budget: 1 -> 2 torch threads" in run.stderr
+def test_the_same_command_gives_the_same_numbers(tiny_data, root, tmp_path):
+    """Nothing in a fold depends on timing (its thread count is fixed for the whole run): the
+    same command twice gives the same weights and the same out-of-fold predictions."""
+    first = train(root, tiny_data, tmp_path / "a", "--epochs", "1")
+    second = train(root, tiny_data, tmp_path / "b", "--epochs", "1")
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    a, b = weights(tmp_path / "a" / "model1mean_0.pth"), weights(tmp_path / "b" / "model1mean_0.pth")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    oof_a, oof_b = (pd.read_csv(tmp_path / d / "model1mean_0_oof.csv") for d in "ab")
+    assert oof_a["logit"].tolist() == oof_b["logit"].tolist()
 
 
 def test_check_models_retrains_flagged_folds_with_their_models_options(tiny_data, root, tmp_path):
@@ -191,6 +196,7 @@ def test_check_models_retrains_flagged_folds_with_their_models_options(tiny_data
     for option in ("--epochs 1", "--optim.lr 0.002", "--model.d_model 32", "--data.batch_max_frames 3000"):
         assert option in line, f"{option} missing from {line}"
     assert "--threads" not in line, "threads are the runner's business, not the model's"
+    assert "--config" in line, "the retrained fold reads the saved config, not options rebuilt from it"
     retrain = subprocess.run(check + ["--retrain", "--jobs", "2"], cwd=root, capture_output=True, text=True,
                              timeout=600)
     assert retrain.returncode == 0, retrain.stdout[-2000:] + retrain.stderr[-2000:]
@@ -199,6 +205,7 @@ def test_check_models_retrains_flagged_folds_with_their_models_options(tiny_data
         cfg = json.loads((assets / f"model1mean_{fold}.json").read_text())["config"]
         assert (cfg["epochs"], cfg["optim"]["lr"], cfg["model"]["d_model"]) == (1, 0.002, 32)
     assert log.read_text().startswith("the first run's log"), "--force clears the run folder but not the job's log"
+    assert (assets / "runs" / "model1mean_2" / "requested_config.json").exists(), "fold 2 got its own copy"
 
 
 def test_batches_built_ahead_train_the_same_weights(tiny_data, root, tmp_path):
@@ -213,7 +220,7 @@ def test_batches_built_ahead_train_the_same_weights(tiny_data, root, tmp_path):
 
 
 def test_batches_ahead_stops_and_hands_on_errors():
-    from readaloud.training import BatchesAhead
+    from readaloud.pipeline.batches import BatchesAhead
 
     def make(i):
         if i == 3:

@@ -56,10 +56,11 @@ def main(argv=None) -> dict:
     p.add_argument("--fold_by", choices=("stratified", "voice"), default=None,
                    help="fold scheme for a new data set (preprocess.py --fold_by); voice = unheard voices in OOF")
     args, extra = p.parse_known_args(argv)
-    from readaloud.checking import check
+    from readaloud.pipeline.checking import check
     from readaloud.data import load_split
-    from readaloud.ensemble import read_config
-    from readaloud.inference import run_inference
+    from readaloud.layout import FoldPaths, saved_folds
+    from readaloud.pipeline.ensemble import read_config
+    from readaloud.pipeline.inference import run_inference
     from readaloud.metrics import prior_predictions, task_priors
     from readaloud.plots import plot_cv_bars, plot_reliability, plot_task_losses
     from readaloud.variants import VARIANTS
@@ -91,11 +92,13 @@ def main(argv=None) -> dict:
     y = test["score"].to_numpy(float)
     preds = {"prior (base rate)": np.full(len(test), train_meta["score"].mean()),
              "prior (per task)": prior_predictions(task_priors(train_meta), test["task"])}
+    trained = [p for p in saved_folds(assets) if p.checkpoint.exists()]
     for m in models:
-        folds = sorted(int(f.stem.rsplit("_", 1)[1]) for f in assets.glob(f"{m}_*.pth") if f.stem.rsplit("_", 1)[1].isdigit())
+        folds = sorted(p.fold for p in trained if p.variant == m)
         if not folds:
             continue
-        alone = {"members": [{"model": m, "weight": 1.0, "folds": folds, "checkpoints": [f"{m}_{f}.pth" for f in folds]}],
+        alone = {"members": [{"model": m, "weight": 1.0, "folds": folds,
+                              "checkpoints": [FoldPaths(assets, m, f).checkpoint.name for f in folds]}],
                  "bias": 0.0, "n_folds": args.n_folds}
         res = run_inference(data, assets, args.tts_dir, out / f"test_{m}.csv", progress=False, config=alone)
         preds[m] = pd.read_csv(res["submission"])["score"].to_numpy()

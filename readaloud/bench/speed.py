@@ -39,8 +39,8 @@ def _setup(data: str, n: int, threads: int, tts_dir: str = "tts_data"):
     torch.manual_seed(0)
     from readaloud.config import ModelConfig
     from readaloud.data import load_split
-    from readaloud.dataset import Categories
-    from readaloud.prepare import ensure_clip_features, ensure_references
+    from readaloud.prep.dataset import Categories
+    from readaloud.prep.prepare import ensure_clip_features, ensure_references
     from readaloud.text import Vocab
     meta = load_split(data, "train").meta.sample(n, random_state=0).reset_index(drop=True)
     refs = ensure_references(tts_dir, "espeak:en-us+f3", meta["expected_text"].unique(), progress=False)
@@ -58,7 +58,7 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
     import torch
     import torch.nn.functional as F
     meta, refs, clips, vocab, cats, ModelConfig = _setup(data, n, threads, tts_dir)
-    from readaloud.models import build_model
+    from readaloud.members.registry import build_model
     if barrier:
         print("ready", flush=True)
         sys.stdin.readline()
@@ -99,8 +99,8 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
                     for s in range(0, n, batch):
                         m.encoder(features(meta.iloc[s: s + batch])).last_hidden_state.mean(1)
     else:
-        from readaloud.dataset import PairDataset, bucket_batches, collate
-        from readaloud.training import predict_logits
+        from readaloud.prep.dataset import PairDataset, bucket_batches, collate
+        from readaloud.members.neural import predict_logits
         cfg = ModelConfig(**(dims or {}))
         models = [build_model(cfg, len(cats.tasks), len(cats.grades), len(vocab)) for _ in range(n_models if mode == "infer" else 1)]
         m0 = models[0]
@@ -159,16 +159,17 @@ DEMO_MODELS = "model1mean,model2attn,model3mapd,model5gbm"  # what `make demo` t
 def time_jobs(args) -> dict:
     """Wall time of train.py on the same variants x folds with --jobs 1 and --jobs 2 (fresh assets
     each; the caches both read are filled first, so neither run pays for them), and each fold's
-    own time in both runs: --jobs 1 gives a fold both cores, --jobs 2 one core (until the queue
-    is empty and a finished job's core is handed over)."""
+    own time in both runs: --jobs 1 gives a fold both cores, --jobs 2 one core."""
     import shutil
 
-    from readaloud.prepare import prepare_training_data
+    from readaloud.layout import fold_files, saved_folds
+    from readaloud.pipeline.runner import prepare_for_jobs
+    from readaloud.prep.folds import resolve_n_folds
     from readaloud.variants import variant_config
     models = [m.strip() for m in args.jobs_models.split(",") if m.strip()]
     cfgs = [variant_config(m) for m in models]
-    prepare_training_data(args.data, args.tts_dir, 6, {c.tts for c in cfgs}, {c.model.n_mels for c in cfgs},
-                          progress=False, alignment={(c.tts, c.model.n_mels) for c in cfgs if c.model.arch == "gbm"})
+    n_folds = resolve_n_folds(args.data, None if fold_files(args.data) else 6)
+    prepare_for_jobs(args.data, args.tts_dir, n_folds, cfgs, progress=False)
     out: dict = {"models": models, "folds": args.jobs_folds, "epochs": args.jobs_epochs, "fold_seconds": {}}
     for jobs in (1, 2):
         assets = Path(args.out).resolve().parent / f"jobs{jobs}_assets"
@@ -176,17 +177,17 @@ def time_jobs(args) -> dict:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "train.py", "--data", str(Path(args.data).resolve()), "--assets", str(assets),
                         "--tts_dir", str(Path(args.tts_dir).resolve()), "--models",
-                        ",".join(models), "--folds", args.jobs_folds, "--n_folds", "6", "--jobs", str(jobs),
+                        ",".join(models), "--folds", args.jobs_folds, "--jobs", str(jobs),
                         "--epochs", str(args.jobs_epochs)], cwd=ROOT, check=True, capture_output=True,
                        env={**os.environ, "TQDM_DISABLE": "1"})
         out[f"jobs{jobs}_s"] = time.perf_counter() - t0
-        out["fold_seconds"][jobs] = {p.stem: json.loads(p.read_text())["seconds"]
-                                     for p in sorted(assets.glob("*_[0-9]*.json"))}
+        out["fold_seconds"][jobs] = {p.stem: (p.read_summary() or {})["seconds"] for p in saved_folds(assets)}
+        variant_of = {p.stem: p.variant for p in saved_folds(assets)}
     out["speedup"] = out["jobs1_s"] / out["jobs2_s"]
     per_model = {}
     for m in models:
-        t1 = [v for k, v in out["fold_seconds"][1].items() if k.rsplit("_", 1)[0] == m]
-        t2 = [v for k, v in out["fold_seconds"][2].items() if k.rsplit("_", 1)[0] == m]
+        t1 = [v for k, v in out["fold_seconds"][1].items() if variant_of.get(k) == m]
+        t2 = [v for k, v in out["fold_seconds"][2].items() if variant_of.get(k) == m]
         if t1 and t2:
             per_model[m] = {"jobs1_fold_s": statistics.median(t1), "jobs2_fold_s": statistics.median(t2)}
     out["per_model"] = per_model

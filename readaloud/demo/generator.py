@@ -670,7 +670,7 @@ def speak_like_a_child(text: str, rng: np.random.Generator, grade: str | None = 
     """`text` said by a random child-like espeak voice, recorded as the demo's clips are.
 
     Returns (int16 audio, sample rate). Used to make unlimited labelled speech for
-    pretraining (readaloud.pretraining), with the same voices, noise and levels as the demo.
+    pretraining (readaloud.pipeline.pretraining), with the same voices, noise and levels as the demo.
     """
     grade = grade or _pick(rng, GRADES)
     voice = _choose_voice(rng, grade)

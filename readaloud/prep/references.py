@@ -15,10 +15,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .audio import SAMPLE_RATE, resample, write_wav
-from .checkpoints import atomic_csv
-from .features import FeatureParams, FeatureStore, clip_features, file_lock
-from .text import normalise_text
+from ..audio import SAMPLE_RATE, load_audio, resample, write_wav
+from ..checkpoints import atomic_csv
+from ..features import FeatureParams, FeatureStore, clip_features, file_lock
+from ..text import normalise_text
+from ..tts import make_tts
 
 log = logging.getLogger(__name__)
 DEFAULT_TTS = "espeak:en-us+f3"
@@ -47,7 +48,6 @@ class ReferenceBank:
     @property
     def tts(self):
         if self._tts is None:  # lazily: a complete cache needs no TTS engine at all
-            from .tts import make_tts
             self._tts = make_tts(self.tts_spec)
         return self._tts
 
@@ -69,7 +69,6 @@ class ReferenceBank:
         def generate():
             for key in tqdm(todo, desc=f"TTS {self.tts_spec}", disable=not progress, unit="text"):
                 if key in self.index and (self.root / self.index[key]).exists():
-                    from .audio import load_audio
                     audio = load_audio(self.root / self.index[key])
                 else:
                     raw = np.asarray(self.tts.synthesize(key), dtype=np.float32)

@@ -15,23 +15,20 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from .checkpoints import atomic_write
-from .metrics import log_loss, sigmoid
-
-CONFIG_JSON = "model_configs.json"
-CONFIG_PKL = "model_configs.pkl"
+from ..checkpoints import atomic_write
+from ..layout import ENSEMBLE_JSON, ENSEMBLE_PKL, FoldPaths, saved_folds
+from ..metrics import log_loss, sigmoid
+from ..prep.folds import fold_scheme
 
 
 def collect_oof(assets: str | Path, models: list[str] | None = None) -> dict[str, pd.DataFrame]:
-    """{model: its OOF rows from every finished fold}, from assets/<model>_<fold>_oof.csv."""
+    """{model: its OOF rows from every finished fold}; the folds are those whose saved summary
+    names them (layout.saved_folds)."""
     out: dict[str, list[pd.DataFrame]] = {}
-    for path in sorted(Path(assets).glob("*_oof.csv")):
-        model, fold = path.name[: -len("_oof.csv")].rsplit("_", 1)
-        if models and model not in models:
+    for paths in sorted(saved_folds(assets), key=lambda p: (p.variant, p.fold)):
+        if (models and paths.variant not in models) or not paths.finished():
             continue
-        if not (Path(assets) / f"{model}_{fold}.pth").exists():
-            continue
-        out.setdefault(model, []).append(pd.read_csv(path, dtype={"filename": str, "grade": str}))
+        out.setdefault(paths.variant, []).append(pd.read_csv(paths.oof, dtype={"filename": str, "grade": str}))
     return {m: pd.concat(dfs, ignore_index=True) for m, dfs in out.items()}
 
 
@@ -84,10 +81,8 @@ def choose_folds(assets: str | Path, model: str, available: list[int], max_folds
     """The folds whose checkpoints to ship: all, or the `max_folds` with the best validation loss."""
     if not max_folds or max_folds >= len(available):
         return sorted(available)
-    losses = {}
-    for f in available:
-        s = Path(assets) / f"{model}_{f}.json"
-        losses[f] = json.loads(s.read_text()).get("valid_logloss", np.inf) if s.exists() else np.inf
+    losses = {f: (FoldPaths(Path(assets), model, f).read_summary() or {}).get("valid_logloss", np.inf)
+              for f in available}
     return sorted(sorted(available, key=lambda f: losses[f])[:max_folds])
 
 
@@ -109,10 +104,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
     if not oofs:
         raise FileNotFoundError(f"no finished folds (<model>_<fold>.pth with _oof.csv) in {assets}; run train.py first")
     n_folds = int(max(df["fold"].max() for df in oofs.values()) + 1)
-    fold_by = "unknown"
-    if data_dir is not None:
-        from .folds import fold_scheme
-        fold_by = fold_scheme(data_dir, n_folds)
+    fold_by = fold_scheme(data_dir, n_folds) if data_dir is not None else "unknown"
     if blend == "auto":
         blend = "logit" if fold_by == "voice" else "convex"
     table, names = oof_matrix(oofs)
@@ -127,7 +119,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
         folds = sorted(int(f) for f in oofs[m]["fold"].unique())
         chosen = choose_folds(assets, m, folds, max_folds)
         members.append({"model": m, "weight": float(wm), "folds": chosen,
-                        "checkpoints": [f"{m}_{f}.pth" for f in chosen], "oof_logloss": singles[m]})
+                        "checkpoints": [FoldPaths(Path(assets), m, f).checkpoint.name for f in chosen], "oof_logloss": singles[m]})
     if not members:  # no model adds anything over the bias: ship the best one alone, refitted
         best = min(singles, key=singles.get)
         j = names.index(best)
@@ -136,7 +128,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
         folds = sorted(int(f) for f in oofs[best]["fold"].unique())
         chosen = choose_folds(assets, best, folds, max_folds)
         members = [{"model": best, "weight": float(wb), "folds": chosen,
-                    "checkpoints": [f"{best}_{f}.pth" for f in chosen], "oof_logloss": singles[best],
+                    "checkpoints": [FoldPaths(Path(assets), best, f).checkpoint.name for f in chosen], "oof_logloss": singles[best],
                     "note": "no model earned weight in the blend: the best single model, refitted alone"}]
     prior = float(y.mean())
     return {
@@ -158,7 +150,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
 def write_config(config: dict, assets: str | Path) -> tuple[Path, Path]:
     """model_configs.json (the source of truth) and model_configs.pkl (a plain-dict twin)."""
     assets = Path(assets)
-    js, pk = assets / CONFIG_JSON, assets / CONFIG_PKL
+    js, pk = assets / ENSEMBLE_JSON, assets / ENSEMBLE_PKL
     atomic_write(js, json.dumps(config, indent=1))
     atomic_write(pk, pickle.dumps(config, protocol=4))
     return js, pk
@@ -174,10 +166,10 @@ class _PlainUnpickler(pickle.Unpickler):
 def read_config(assets: str | Path) -> dict:
     """The ensemble config: from the JSON; from the pickle (plain data only) if no JSON."""
     assets = Path(assets)
-    js, pk = assets / CONFIG_JSON, assets / CONFIG_PKL
+    js, pk = assets / ENSEMBLE_JSON, assets / ENSEMBLE_PKL
     if js.exists():
         return json.loads(js.read_text())
     if pk.exists():
         with open(pk, "rb") as f:
             return _PlainUnpickler(f).load()
-    raise FileNotFoundError(f"no {CONFIG_JSON} in {assets}; run get_config.py")
+    raise FileNotFoundError(f"no {ENSEMBLE_JSON} in {assets}; run get_config.py")

@@ -23,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .audio import SAMPLE_RATE, resample
-from .checkpoints import atomic_csv, atomic_write
-from .config import ModelConfig
-from .dataset import bucket_batches
-from .features import FeatureParams, FeatureStore, clip_features
-from .text import Vocab, normalise_text
+from ..audio import SAMPLE_RATE, resample
+from ..checkpoints import atomic_csv, atomic_write
+from ..config import ModelConfig
+from ..demo.generator import lexicon, speak_like_a_child
+from ..features import FeatureParams, FeatureStore, clip_features
+from ..layout import BACKBONE_HEADS, BACKBONE_VOCAB
+from ..members.pair import PairClassifier, multi_hot, segment_presence
+from ..prep.dataset import bucket_batches
+from ..text import Vocab, normalise_text
 
 log = logging.getLogger("readaloud.pretrain")
 DIGITS = "zero one two three four five six seven eight nine".split()
@@ -49,7 +52,6 @@ class PretrainConfig:
 
 def corpus_texts(extra: list[str] | tuple = ()) -> list[str]:
     """Texts to speak: the demo item bank, digits, and any texts given (e.g. training texts)."""
-    from .demo import lexicon
     texts = {normalise_text(t) for t in list(lexicon()) + DIGITS + list(extra) if str(t).strip()}
     return sorted(texts)
 
@@ -66,7 +68,6 @@ def _sample_text(texts: list[str], rng: np.random.Generator) -> str:
 
 
 def _speak(args: tuple[int, int, str, FeatureParams]) -> tuple[str, str, np.ndarray]:
-    from .demo import speak_like_a_child
     seed, index, text, params = args
     rng = np.random.default_rng([seed, index])
     audio, sr = speak_like_a_child(text, rng, sample_rate=params.sample_rate)
@@ -117,7 +118,6 @@ class CTCEncoder(torch.nn.Module):
 
     def __init__(self, model_cfg: ModelConfig, vocab_size: int):
         super().__init__()
-        from .models import PairClassifier
         self.body = PairClassifier(model_cfg, 1, 1, vocab_size)
 
     def forward(self, feats, frame_mask):
@@ -127,7 +127,6 @@ class CTCEncoder(torch.nn.Module):
 
     def loss(self, feats, frame_mask, targets, target_lengths) -> torch.Tensor:
         """CTC + the phoneme-presence (bag) loss, the same objectives the classifier keeps."""
-        from .models import multi_hot, segment_presence
         lp, mask, bag = self(feats, frame_mask)
         n = mask.sum(1)
         loss = F.ctc_loss(lp.transpose(0, 1), targets, n, target_lengths, zero_infinity=True)
@@ -272,29 +271,5 @@ def save_backbone(model: CTCEncoder, vocab: Vocab, out_dir: Path) -> None:
     whisper.save_pretrained(out_dir)
     heads = {"ctc": body.ctc_head, "bag": body.bag_head}
     save_file({f"{name}.{p}": getattr(h, p).detach().contiguous() for name, h in heads.items() if h is not None
-               for p in ("weight", "bias")}, str(out_dir / "ctc_head.safetensors"))
-    (out_dir / "ctc_vocab.json").write_text(json.dumps(vocab.to_dict()))
-
-
-def init_heads_from_backbone(model, vocab: Vocab, backbone: str | Path) -> int:
-    """Copy the pretrained rows (CTC and phoneme-presence heads) of tokens both vocabularies
-    share; returns how many rows were copied."""
-    backbone = Path(backbone)
-    head_path, vocab_path = backbone / "ctc_head.safetensors", backbone / "ctc_vocab.json"
-    if not (head_path.exists() and vocab_path.exists()):
-        return 0
-    from safetensors.torch import load_file
-    weights = load_file(str(head_path))
-    pre = Vocab.from_dict(json.loads(vocab_path.read_text()))
-    n = 0
-    with torch.no_grad():
-        for name, head in (("ctc", model.ctc_head), ("bag", getattr(model, "bag_head", None))):
-            if head is None or f"{name}.weight" not in weights or weights[f"{name}.weight"].shape[1] != head.weight.shape[1]:
-                continue
-            for tok, i in vocab.ids.items():
-                j = pre.ids.get(tok)
-                if j is not None:
-                    head.weight[i] = weights[f"{name}.weight"][j]
-                    head.bias[i] = weights[f"{name}.bias"][j]
-                    n += 1
-    return n
+               for p in ("weight", "bias")}, str(out_dir / BACKBONE_HEADS))
+    (out_dir / BACKBONE_VOCAB).write_text(json.dumps(vocab.to_dict()))

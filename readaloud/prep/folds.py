@@ -10,7 +10,8 @@ Two schemes (`preprocess.py --fold_by`):
   (the digit-span set) each fold is whole speakers; with many it is a region of voice space.
 
 Deterministic (fixed seeds), and kept in a file so that folds can never silently disagree
-between processes or versions; `folds_<k>.json` beside it records the scheme.
+between processes or versions; `folds_<k>.json` beside it records the scheme, and `folds.json`
+which k is the data set's: every step after preprocess.py reads the fold count from there.
 """
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .checkpoints import atomic_csv, atomic_write
+from ..checkpoints import atomic_csv, atomic_write
+from ..layout import current_folds_path, fold_files, fold_path, fold_scheme_path
 
 FOLD_SEED = 42
 
 
-def fold_path(data_dir: str | Path, n_folds: int) -> Path:
-    from .prepare import cache_dir
-    return cache_dir(data_dir) / f"folds_{n_folds}.csv"
+class FoldFileError(ValueError):
+    """No fold file, or not the one asked for: says which exist and how to make one."""
 
 
 def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int = FOLD_SEED) -> pd.Series:
@@ -91,8 +92,46 @@ def fold_scheme(data_dir: str | Path, n_folds: int) -> str:
     """"voice" or "stratified": how the data set's fold file was made (stratified if unrecorded)."""
     if not Path(data_dir).is_dir():
         return "stratified"
-    scheme_path = fold_path(data_dir, n_folds).with_suffix(".json")
+    scheme_path = fold_scheme_path(data_dir, n_folds)
     return json.loads(scheme_path.read_text())["fold_by"] if scheme_path.exists() else "stratified"
+
+
+def data_set_n_folds(data_dir: str | Path) -> int:
+    """The fold count of the data set's fold file (the one preprocess.py made or confirmed last)."""
+    files = fold_files(data_dir)
+    if not files:
+        raise FoldFileError(f"no fold file in {Path(data_dir) / 'cache'}: run preprocess.py --data {data_dir} "
+                            f"--n_folds K first")
+    if len(files) == 1:
+        return next(iter(files))
+    try:
+        k = int(json.loads(current_folds_path(data_dir).read_text())["n_folds"])
+        if k in files:
+            return k
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    raise FoldFileError(f"{Path(data_dir) / 'cache'} holds fold files for k = {sorted(files)} and none is marked "
+                        f"as the data set's: rerun preprocess.py --data {data_dir} --n_folds K for the one to use")
+
+
+def resolve_n_folds(data_dir: str | Path, asked: int | None = None) -> int:
+    """The fold count every step after preprocess.py uses: the fold file's. `asked` (an
+    --n_folds given anyway) must agree with it; with no fold file yet it is the count to make."""
+    if asked is None:
+        return data_set_n_folds(data_dir)
+    if asked < 2:
+        raise FoldFileError(f"--n_folds must be at least 2, got {asked}")
+    files = fold_files(data_dir)
+    if files and asked not in files:
+        raise FoldFileError(f"--n_folds {asked} disagrees with the fold file of {data_dir} "
+                            f"({data_set_n_folds(data_dir)} folds): leave --n_folds out, or run "
+                            f"preprocess.py --data {data_dir} --n_folds {asked} to make that split")
+    return asked
+
+
+def mark_current(data_dir: str | Path, n_folds: int) -> None:
+    """Record `folds_<n_folds>.csv` as the data set's fold file."""
+    atomic_write(current_folds_path(data_dir), json.dumps({"n_folds": n_folds}))
 
 
 def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int, fold_by: str | None = None,
@@ -102,7 +141,7 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
     The file is made once (`fold_by` "stratified", or "voice" with the clip feature store) and
     then read by every process; asking for another scheme than the file's is an error."""
     path = fold_path(data_dir, n_folds)
-    scheme_path = path.with_suffix(".json")
+    scheme_path = fold_scheme_path(data_dir, n_folds)
     if path.exists():
         scheme = fold_scheme(data_dir, n_folds)
         if fold_by and fold_by != scheme:
@@ -128,4 +167,5 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_csv(pd.DataFrame({"filename": meta["filename"], "fold": folds}), path)
     atomic_write(scheme_path, json.dumps({"fold_by": fold_by, "n_folds": n_folds}))
+    mark_current(data_dir, n_folds)
     return folds

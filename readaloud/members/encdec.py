@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
-from .config import ModelConfig
-from .models import FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
+from ..config import ModelConfig
+from .encoder import FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
+from .neural import NeuralMember
 
 MAX_TOKENS = 448        # decoder positions (Whisper's own); longer texts are cut (EOS included)
 N_TOKEN_FEATURES = 10
@@ -61,8 +62,6 @@ class EncDecClassifier(SpeechEncoderModel):
     Whisper's pretraining. In training the reference segment is encoded separately (about a
     third of the pair's frames) for the auxiliary ASR loss, where it is a clean transcript.
     """
-
-    ctc_head = None  # no CTC head (training.py's backbone CTC-head warm start does not apply)
 
     def __init__(self, cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
                  whisper_config: WhisperConfig | None = None, encoder: WhisperEncoder | None = None):
@@ -173,11 +172,19 @@ class EncDecClassifier(SpeechEncoderModel):
         nll = F.ctc_loss(lp.transpose(0, 1), batch["targets"], positions, tl, reduction="none", zero_infinity=True)
         return nll / tl.clamp(min=1).float()
 
+    def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """BCE on batch["target"] (the label, smoothed by the trainer) + ctc_weight x the
+        auxiliary ASR losses (logged as `ctc`; `bag` stays 0: this family has no presence head)."""
+        bce = F.binary_cross_entropy_with_logits(out["logits"].float(), batch["target"])
+        zero = torch.zeros((), device=bce.device)
+        ctc = self.auxiliary_loss(out, batch) if self.cfg.ctc_weight > 0 else zero
+        return bce + self.cfg.ctc_weight * ctc + self.cfg.bag_weight * zero, {"bce": bce, "ctc": ctc, "bag": zero}
+
     def auxiliary_loss(self, out: dict, batch: dict) -> torch.Tensor:
         """The ASR losses, on responses scored correct (batch["ctc_response"]) and, in training
         forwards, on the TTS reference: the decoder's token cross-entropy of the expected text
         + EOS (per item averaged over tokens) plus the joint CTC loss of the encoder (per
-        token). The trainer weighs the sum by `model.ctc_weight` (logged as `train_ctc`)."""
+        token). `loss` weighs the sum by `model.ctc_weight` (logged as `train_ctc`)."""
         has = (batch["target_lengths"] > 0).float()
         correct = batch["ctc_response"].float() * has
         ref_ok = has * (batch["tts_positions"] > 0).float()
@@ -189,3 +196,8 @@ class EncDecClassifier(SpeechEncoderModel):
             ctc = (out["ctc_nll"] * correct).sum() + (out["ref_ctc_nll"] * ref_ok).sum()
             loss = loss + ctc / (correct.sum() + ref_ok.sum()).clamp(min=1.0)
         return loss
+
+
+class EncDecMember(NeuralMember):
+    family = "encdec"
+    model_class = EncDecClassifier

@@ -1,8 +1,8 @@
 """Gradient boosting on alignment features: a fast, non-neural ensemble member (model.arch=gbm).
 
-`train_gbm_fold` trains one fold exactly where a neural fold would (same folds, same bad-clip
-handling, same files: `<variant>_<fold>.pth`, `_oof.csv`, `.json`, `runs/<variant>_<fold>/`),
-so check_models.py, get_config.py and infer.py treat it like any other model.
+`GBMMember.fit` fits one fold; run_fold writes it exactly where a neural fold goes (same
+folds, same bad-clip handling, same files: `<variant>_<fold>.pth`, `_oof.csv`, `.json`,
+`runs/<variant>_<fold>/`), so check_models.py, get_config.py and infer.py treat it like any other model.
 
 The classifier is scikit-learn's HistGradientBoostingClassifier on the features of
 alignment.py. The checkpoint holds no pickled scikit-learn object: the fitted trees are
@@ -16,16 +16,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
+from ..checkpoints import CheckpointError, atomic_csv
+from ..config import ModelConfig, RunConfig
+from ..prep.dataset import Categories
+from ..prep.prepare import TrainingInputs
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
-from .checkpoints import CheckpointError, atomic_csv, atomic_save, atomic_write
-from .config import ModelConfig, RunConfig
+from .base import FitContext, FitResult, FoldData, Member, TestInputs
 
 log = logging.getLogger("readaloud.train")
 NODE_FIELDS = ("feature", "threshold", "missing_go_to_left", "left", "right", "is_leaf", "value")
@@ -133,7 +137,7 @@ def fit_gbm(X: np.ndarray, y: np.ndarray, mc: ModelConfig, seed: int):
     return clf.fit(X, y.astype(int))
 
 
-# ---- a fold, as train_fold writes it ----------------------------------------------------------
+# ---- the member ----------------------------------------------------------
 
 def features_for(meta: pd.DataFrame, clips, refs, tasks: list[str], acoustic: tuple | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -142,89 +146,71 @@ def features_for(meta: pd.DataFrame, clips, refs, tasks: list[str], acoustic: tu
     return np.hstack([A, category_codes(meta, tasks)]), ok
 
 
-def train_gbm_fold(variant: str, fold: int, n_folds: int, data_dir, assets_dir, tts_dir, cfg: RunConfig,
-                   force: bool = False, restart: bool = False, quiet: bool = False, progress: bool = True) -> dict:
-    """Fit the trees on every fold but `fold`, predict `fold`, write the fold's files."""
-    from .dataset import Categories
-    from .metrics import log_loss, prior_predictions, task_priors
-    from .training import (CHECKPOINT_FORMAT, FoldPaths, environment_info, load_training_data, out_of_fold_table,
-                           start_fold_run)
+class GBMMember(Member):
+    """Gradient boosting on alignment features (model.arch = gbm): same folds, same fold files, no network."""
+    family = "gbm"
 
-    paths = FoldPaths(Path(assets_dir), variant, fold)
-    finished = start_fold_run(paths, force, restart, quiet)
-    if finished is not None:
-        return finished
-    env = environment_info()
-    try:
-        import sklearn
-        env["sklearn"] = sklearn.__version__
-    except ImportError:
-        raise RuntimeError("model.arch=gbm needs scikit-learn: pip install scikit-learn") from None
-    (paths.run_dir / "config.json").write_text(cfg.to_json())
-    if not quiet:
-        log.info("%s fold %d/%d (gradient boosting on alignment features)\nconfig: %s\nenvironment: %s",
-                 variant, fold, n_folds, json.dumps(cfg.to_dict(), sort_keys=True), json.dumps(env))
-    t0 = time.time()
+    def environment(self) -> dict:
+        try:
+            import sklearn
+        except ImportError:
+            raise RuntimeError("model.arch=gbm needs scikit-learn: pip install scikit-learn") from None
+        return {"sklearn": sklearn.__version__}
 
-    meta, refs, clips, bad = load_training_data(data_dir, tts_dir, cfg, n_folds, progress)
-    cats = Categories.from_meta(meta)
-    is_valid = (meta["fold"] == fold).to_numpy()
-    train_meta, valid_meta = meta[~is_valid], meta[is_valid]
-    priors = task_priors(train_meta)
-    X, ok = features_for(meta, clips, refs, cats.tasks,
-                         acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress))
-    t_feat = time.time() - t0
-    y = meta["score"].to_numpy()
-    fit_rows = ~is_valid & ok
-    log.info("fold %d: %d train / %d valid clips, %d features, data and features ready in %.1fs", fold,
-             int(fit_rows.sum()), int(is_valid.sum()), X.shape[1], t_feat)
+    def prepare_shared(self, inputs: TrainingInputs, cfgs: list[RunConfig], data_dir: Path,
+                       progress: bool = True) -> None:
+        """The alignment features of every training clip, once per (TTS, n_mels): every fold reads them."""
+        for tts, n_mels in sorted({(c.tts, c.model.n_mels) for c in cfgs}):
+            refs = inputs.banks[tts, n_mels]
+            acoustic_table(inputs.meta, inputs.stores[n_mels], refs, alignment_cache_path(data_dir, refs), progress)
 
-    from threadpoolctl import threadpool_limits
+    def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
+        """Fit the trees on every fold but `data.fold`, predict it."""
+        t0 = time.time()
+        cfg, meta, is_valid = data.cfg, data.meta, data.is_valid
+        X, ok = features_for(meta, data.clips, data.refs, data.cats.tasks,
+                             acoustic_table(meta, data.clips, data.refs, alignment_cache_path(data.data_dir, data.refs),
+                                            data.progress))
+        t_feat = time.time() - t0
+        y = meta["score"].to_numpy()
+        fit_rows = ~is_valid & ok
+        log.info("fold %d: %d train / %d valid clips, %d features, data and features ready in %.1fs", data.fold,
+                 int(fit_rows.sum()), int(is_valid.sum()), X.shape[1], t_feat)
+        from threadpoolctl import threadpool_limits  # comes with scikit-learn, which environment() checked
+        threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
+        with threadpool_limits(limits=threads):
+            clf = fit_gbm(X[fit_rows], y[fit_rows], cfg.model, data.seed)
+            state = export_trees(clf)
+            trees = TreeEnsemble(state, len(FEATURE_NAMES))
+            valid_rows = is_valid & ok
+            valid_logits = trees.decision_function(X[valid_rows])
+            if valid_rows.any():
+                ref = clf.decision_function(X[valid_rows])
+                if not np.allclose(valid_logits, ref, rtol=0, atol=1e-6):
+                    raise RuntimeError(f"exported trees disagree with scikit-learn by "
+                                       f"{np.abs(valid_logits - ref).max():.2e}")
+        n_iter = int(clf.n_iter_)
+        history = pd.DataFrame({"step": np.arange(len(clf.train_score_)), "train_logloss": -clf.train_score_})
+        if len(getattr(clf, "validation_score_", [])):
+            history["internal_valid_logloss"] = -clf.validation_score_
+        atomic_csv(history, ctx.paths.metrics)
+        stopped = f"early stop at iteration {n_iter} of {cfg.model.gbm_max_iter}" \
+            if clf.do_early_stopping_ and n_iter < cfg.model.gbm_max_iter else ""
+        summary = {"best_epoch": 1, "best_step": n_iter, "epochs_run": 1, "updates": n_iter, "stopped": stopped,
+                   "n_train": int(fit_rows.sum()), "n_trees": trees.n_trees, "n_features": len(FEATURE_NAMES),
+                   "feature_seconds": t_feat}
+        payload = {"feature_names": list(FEATURE_NAMES), "align_version": ALIGN_VERSION, "n_iter": n_iter,
+                   "state_dict": state}
+        log.info("%s: %d trees", ctx.paths.stem, trees.n_trees)
+        return FitResult(dict(zip(meta.loc[valid_rows, "filename"], valid_logits)), payload, summary)
 
-    from .cpu import ThreadBudget
-    threads = ThreadBudget(cfg.threads, every=0).poll()  # a core freed by a finished job while featurizing
-    with threadpool_limits(limits=threads):
-        clf = fit_gbm(X[fit_rows], y[fit_rows], cfg.model, cfg.seed * 1000 + fold)
-        state = export_trees(clf)
-        trees = TreeEnsemble(state, len(FEATURE_NAMES))
-        valid_rows = is_valid & ok
-        valid_logits = trees.decision_function(X[valid_rows])
-        if valid_rows.any():
-            ref = clf.decision_function(X[valid_rows])
-            if not np.allclose(valid_logits, ref, rtol=0, atol=1e-6):
-                raise RuntimeError(f"exported trees disagree with scikit-learn by "
-                                   f"{np.abs(valid_logits - ref).max():.2e}")
-    n_iter = int(clf.n_iter_)
-    history = pd.DataFrame({"step": np.arange(len(clf.train_score_)), "train_logloss": -clf.train_score_})
-    if len(getattr(clf, "validation_score_", [])):
-        history["internal_valid_logloss"] = -clf.validation_score_
-    atomic_csv(history, paths.metrics)
-
-    oof = out_of_fold_table(valid_meta, fold, priors, dict(zip(meta.loc[valid_rows, "filename"], valid_logits)))
-    fold_loss = log_loss(oof["score"], oof["pred"])
-    atomic_csv(oof, paths.oof)
-    stopped = f"early stop at iteration {n_iter} of {cfg.model.gbm_max_iter}" \
-        if clf.do_early_stopping_ and n_iter < cfg.model.gbm_max_iter else ""
-    summary = {"variant": variant, "fold": fold, "n_folds": n_folds, "valid_logloss": fold_loss,
-               "valid_logloss_prior": log_loss(oof["score"], prior_predictions(priors, oof["task"])),
-               "best_epoch": 1, "best_step": n_iter, "epochs_run": 1, "updates": n_iter, "stopped": stopped,
-               "n_train": int(fit_rows.sum()), "n_valid": len(valid_meta), "skipped_clips": sorted(bad),
-               "arch": "gbm", "n_trees": trees.n_trees, "n_features": len(FEATURE_NAMES),
-               "seconds": time.time() - t0, "feature_seconds": t_feat,
-               "config": cfg.to_dict(), "environment": env, "data": str(data_dir)}
-    atomic_save({"format": CHECKPOINT_FORMAT, "arch": "gbm", "variant": variant, "fold": fold, "n_folds": n_folds,
-                 "config": json.dumps(cfg.to_dict()), "tasks": cats.tasks, "grades": cats.grades,
-                 "priors": json.dumps(priors), "valid_logloss": fold_loss, "feature_names": list(FEATURE_NAMES),
-                 "align_version": ALIGN_VERSION, "n_iter": n_iter, "state_dict": state}, paths.checkpoint)
-    atomic_write(paths.summary, json.dumps(summary, indent=1))
-    try:
-        from .plots import plot_confusion_by_task
-        plot_confusion_by_task(oof, paths.run_dir / "confusion.png", title=f"{paths.stem} out-of-fold")
-    except Exception as exc:  # a plot must never cost a trained fold
-        log.warning("could not plot: %s", exc)
-    log.info("%s: finished, %d trees, valid log loss %.4f (task prior %.4f) in %.0fs -> %s", paths.stem,
-             trees.n_trees, fold_loss, summary["valid_logloss_prior"], summary["seconds"], paths.checkpoint)
-    return summary
+    def load(self, ck: dict, device=None) -> "GBMPredictor":
+        try:
+            cfg = RunConfig.from_dict(json.loads(ck["config"]))
+            cats = Categories(list(ck["tasks"]), list(ck["grades"]))
+            return GBMPredictor(GBMModel(ck), cfg, cats, json.loads(ck["priors"]))
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # CheckpointError is a RuntimeError
+            raise CheckpointError(f"not a usable gbm checkpoint ({exc})") from exc
 
 
 # ---- inference ---------------------------------------------------------------------------------
@@ -258,3 +244,24 @@ class GBMModel:
 
 
 assert FEATURE_NAMES == ACOUSTIC_NAMES + CATEGORY_NAMES
+
+
+@dataclass
+class GBMPredictor:
+    """A loaded gbm fold; the alignment features of the test rows are computed for the first
+    gbm fold and reused by the others (TestInputs.shared)."""
+    model: GBMModel
+    cfg: RunConfig
+    cats: Categories
+    priors: dict
+
+    def predict(self, inputs: TestInputs) -> np.ndarray:
+        n_mels = self.cfg.model.n_mels
+        key = ("gbm alignment", self.cfg.tts, n_mels)
+        if key not in inputs.shared:
+            refs = inputs.refs(self.cfg.tts, n_mels)
+            inputs.shared[key] = acoustic_table(inputs.rows, inputs.clips(n_mels), refs,
+                                                alignment_cache_path(inputs.data_dir, refs), inputs.progress)
+        out = np.full(len(inputs.meta), np.nan)
+        out[inputs.rows.index] = self.model.predict(inputs.rows, inputs.shared[key])
+        return out

@@ -24,6 +24,7 @@ takes a few milliseconds.
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import re
@@ -32,6 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
+
+from ..checkpoints import atomic_write
+from ..features import file_lock
+from ..layout import alignment_cache_path as layout_alignment_cache_path
+from ..text import normalise_text, text_units
 
 log = logging.getLogger("readaloud")
 
@@ -58,7 +65,6 @@ def text_features(text: str) -> tuple[tuple[str, float], ...]:
     letters = sum(len(w) for w in words)
     syll = sum(max(1, len(re.findall(r"[aeiouy]+", w))) for w in words)
     try:
-        from .text import text_units
         phonemes = text_units(norm, "phoneme")
     except Exception:  # no espeak: the spelling is the fallback
         phonemes = ()
@@ -329,9 +335,6 @@ def acoustic_table(meta: pd.DataFrame, clips, refs, cache: str | Path | None = N
     With `cache` (alignment_cache_path), rows computed before are read back instead: the
     features depend only on the clip and its reference, so every fold and every rerun would
     otherwise recompute the same numbers."""
-    from tqdm.auto import tqdm
-
-    from .text import normalise_text
     X = np.full((len(meta), len(ACOUSTIC_NAMES)), np.nan)
     ok = np.zeros(len(meta), bool)
     norm = [normalise_text(text) for text in meta["expected_text"]]
@@ -356,8 +359,7 @@ def acoustic_table(meta: pd.DataFrame, clips, refs, cache: str | Path | None = N
 
 def alignment_cache_path(data_dir: str | Path, refs) -> Path:
     """One table per data folder, TTS voice, feature parameters and version of this module."""
-    from .prepare import cache_dir
-    return cache_dir(data_dir) / f"alignment_v{ALIGN_VERSION}_{refs.root.name}_{refs.params.key()}.npz"
+    return layout_alignment_cache_path(data_dir, ALIGN_VERSION, refs.root.name, refs.params.key())
 
 
 def _read_cache(path: Path) -> dict[str, np.ndarray]:
@@ -376,10 +378,6 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 
 def _add_to_cache(path: Path, rows: dict[str, np.ndarray]) -> None:
     """Merge under a lock and replace atomically, so parallel folds never lose each other's rows."""
-    import io
-
-    from .checkpoints import atomic_write
-    from .features import file_lock
     with file_lock(path.with_name(f".{path.name}.lock")):
         table = _read_cache(path)
         table.update(rows)

@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .features import FeatureStore
+from ..features import FeatureStore
 from .references import ReferenceBank
-from .text import Vocab, normalise_text
+from ..text import Vocab, normalise_text
 
 log = logging.getLogger(__name__)
 UNKNOWN = 0

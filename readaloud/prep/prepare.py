@@ -7,51 +7,24 @@ cheap, and a clip that cannot be decoded is listed (file and reason), never sile
 from __future__ import annotations
 
 import logging
-import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .checkpoints import atomic_csv
-from .features import FeatureParams, FeatureStore, iter_clip_features
+from ..checkpoints import atomic_csv
+from ..data import load_split
+from ..features import FeatureParams, FeatureStore, iter_clip_features
+from ..layout import bad_clips_path, cache_dir, clip_store_name, writable_dir
+from .folds import load_or_create_folds
 from .references import ReferenceBank
 
 log = logging.getLogger(__name__)
 
 
-def writable_dir(preferred: str | Path, tag: str) -> Path:
-    """`preferred` if it can be written, else a stable folder under the system temp dir.
-
-    A competition runtime mounts data/ read-only; caches then go to /tmp instead of failing.
-    """
-    preferred = Path(preferred)
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        probe = preferred / f".write_probe{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-        return preferred
-    except OSError:
-        import hashlib
-        import tempfile
-        key = hashlib.sha1(str(preferred.resolve()).encode()).hexdigest()[:10]
-        fallback = Path(tempfile.gettempdir()) / f"readaloud-{tag}-{key}"
-        fallback.mkdir(parents=True, exist_ok=True)
-        log.warning("%s is not writable: caching in %s", preferred, fallback)
-        return fallback
-
-
-def cache_dir(data_dir: str | Path) -> Path:
-    return writable_dir(Path(data_dir) / "cache", "cache")
-
-
 def clip_store(data_dir: str | Path, params: FeatureParams = FeatureParams()) -> FeatureStore:
-    return FeatureStore(cache_dir(data_dir), f"clips_{params.key()}", params)
-
-
-def bad_clips_path(data_dir: str | Path) -> Path:
-    return cache_dir(data_dir) / "bad_clips.csv"
+    return FeatureStore(cache_dir(data_dir), clip_store_name(params.key()), params)
 
 
 def read_bad_clips(data_dir: str | Path) -> dict[str, str]:
@@ -101,20 +74,24 @@ def ensure_references(tts_dir: str | Path, tts_spec: str, texts, params: Feature
 
 
 def prepare_training_data(data_dir: str | Path, tts_dir: str | Path, n_folds: int, tts_specs, n_mels_set,
-                          workers: int = 2, progress: bool = True, alignment: set | None = None) -> None:
-    """Everything trainers read, made once up front so parallel jobs only read caches;
-    `alignment`: the (tts spec, n_mels) pairs whose alignment features gbm folds will read."""
-    from .alignment import acoustic_table, alignment_cache_path
-    from .data import load_split
-    from .folds import load_or_create_folds
+                          workers: int = 2, progress: bool = True) -> TrainingInputs:
+    """Everything trainers read, made once up front so parallel jobs only read caches: the
+    references of every (TTS, n_mels), the clip features of every n_mels, the fold file."""
     meta = load_split(data_dir, "train").meta
     banks, stores = {}, {}
-    for n_mels in sorted(set(n_mels_set) | {n for _, n in alignment or ()}):
+    for n_mels in sorted(set(n_mels_set)):
         params = FeatureParams(n_mels=n_mels)
-        for spec in sorted(set(tts_specs) | {t for t, _ in alignment or ()}):
+        for spec in sorted(set(tts_specs)):
             banks[spec, n_mels] = ensure_references(tts_dir, spec, meta["expected_text"].unique(), params, progress)
         stores[n_mels], _ = ensure_clip_features(data_dir, meta["filename"].tolist(), params, workers, progress)
     load_or_create_folds(data_dir, meta, n_folds)
-    for spec, n_mels in sorted(alignment or ()):
-        refs = banks[spec, n_mels]
-        acoustic_table(meta, stores[n_mels], refs, alignment_cache_path(data_dir, refs), progress)
+    return TrainingInputs(meta, banks, stores)
+
+
+@dataclass
+class TrainingInputs:
+    """The training metadata with its reference banks {(tts spec, n_mels): bank} and clip
+    feature stores {n_mels: store}, as prepare_training_data left them."""
+    meta: pd.DataFrame
+    banks: dict
+    stores: dict

@@ -1,15 +1,14 @@
-"""The pair classifier: Whisper encoder over [TTS reference | pause | child response].
+"""The pair classifier (`model.arch = "pair"`): Whisper encoder over [TTS reference | pause | child response].
 
-The encoder runs on the batch's real length (positional table sliced, padding masked), not
-on Whisper's fixed 30 s window. Besides P(correct), the model has a CTC head that learns
-the expected text's phonemes from the TTS half and from responses scored correct; its match
-score for the expected phonemes in the response is handed to the classifier as evidence.
+Besides P(correct), the model has a CTC head that learns the expected text's phonemes from
+the TTS half and from responses scored correct; its match score for the expected phonemes
+in the response is handed to the classifier as evidence. A pretrained backbone's phoneme
+heads (pretrain.py) give the CTC and presence heads a start (`init_heads_from_backbone`).
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -18,150 +17,17 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .config import ModelConfig
+from ..config import ModelConfig, RunConfig
+from ..layout import BACKBONE_HEADS, BACKBONE_VOCAB
+from ..text import Vocab
+from .encoder import AttentionPool, FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
+from .neural import NeuralMember
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("readaloud.train")
 N_SCORE_FEATURES = 6
 N_MATCH_FEATURES = 4
 N_BAG_FEATURES = 4
 BAG_SHARPNESS = 5.0  # presence = a smooth maximum over time of a phoneme's frame logits
-
-
-def small_whisper_config(cfg: ModelConfig) -> WhisperConfig:
-    """A Whisper config of the size in `cfg`, trainable from scratch on a CPU."""
-    return WhisperConfig(
-        num_mel_bins=cfg.n_mels, d_model=cfg.d_model, encoder_layers=cfg.encoder_layers,
-        encoder_attention_heads=cfg.encoder_heads, encoder_ffn_dim=cfg.ffn_dim,
-        decoder_layers=1, decoder_attention_heads=cfg.encoder_heads, decoder_ffn_dim=cfg.ffn_dim,
-        max_source_positions=cfg.max_source_positions, dropout=cfg.dropout,
-        attention_dropout=0.0, activation_dropout=0.0, vocab_size=64, max_target_positions=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-        suppress_tokens=None, begin_suppress_tokens=None,
-    )
-
-
-def load_pretrained_encoder(backbone: str) -> WhisperEncoder:
-    """The encoder of a Whisper checkpoint, through `from_pretrained`.
-
-    A local folder is read with local_files_only; a hub id is tried from the local cache
-    first and from the hub only when HF_HUB_OFFLINE is not set (it cannot download here).
-    """
-    from transformers import WhisperModel
-    local = Path(backbone).expanduser()
-    if local.exists():
-        model = WhisperModel.from_pretrained(str(local), local_files_only=True)
-    else:
-        try:
-            model = WhisperModel.from_pretrained(backbone, local_files_only=True)
-        except OSError:
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
-                raise OSError(f"backbone {backbone!r}: not a local folder and not in the Hugging Face "
-                              f"cache, and HF_HUB_OFFLINE is set") from None
-            model = WhisperModel.from_pretrained(backbone)
-    encoder = model.get_encoder()
-    encoder.config._attn_implementation = "sdpa"
-    return encoder
-
-
-class FeatureScaler(nn.Module):
-    """Standardises each evidence feature by running statistics (not per item, not per batch).
-
-    The features have unrelated scales (a log-likelihood, a duration, a probability), so each
-    is centred and scaled on its own; running estimates make the output independent of the
-    batch, and are saved with the weights.
-    """
-
-    def __init__(self, n: int, momentum: float = 0.01):
-        super().__init__()
-        self.momentum = momentum
-        self.register_buffer("mean", torch.zeros(n))
-        self.register_buffer("var", torch.ones(n))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            with torch.no_grad():
-                m = max(self.momentum, 1.0 / float(self.seen + 1))  # exact average at first
-                self.mean.lerp_(x.mean(0), m)
-                self.var.lerp_(x.var(0, unbiased=False) + (x.mean(0) - self.mean) ** 2, m)
-                self.seen += 1
-        return ((x - self.mean) / torch.sqrt(self.var + 1e-4)).clamp(-6.0, 6.0)
-
-
-class AttentionPool(nn.Module):
-    """Learned softmax weights over time (masked), a weighted mean of the frames."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.score = nn.Sequential(nn.Linear(dim, dim // 2), nn.Tanh(), nn.Linear(dim // 2, 1))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        s = self.score(x).squeeze(-1).masked_fill(~mask, torch.finfo(x.dtype).min)
-        w = torch.softmax(s.float(), dim=1).to(x.dtype)
-        return torch.einsum("bt,btd->bd", w, x)
-
-
-def make_head(cfg: ModelConfig, in_dim: int) -> nn.Sequential:
-    """The classifier head: linear (head_layers 1) or an MLP with GELU and dropout -> 1 logit."""
-    if cfg.head_layers == 1:
-        return nn.Sequential(nn.Dropout(cfg.head_dropout), nn.Linear(in_dim, 1))
-    layers, d = [], in_dim
-    for _ in range(cfg.head_layers - 1):
-        layers += [nn.Dropout(cfg.head_dropout), nn.Linear(d, cfg.head_hidden), nn.GELU()]
-        d = cfg.head_hidden
-    return nn.Sequential(*layers, nn.Dropout(cfg.head_dropout), nn.Linear(d, 1))
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-class SpeechEncoderModel(nn.Module):
-    """The Whisper encoder every neural variant shares, run on the batch's real length.
-
-    Built fresh (`small_whisper_config`), from a checkpoint's `whisper_config`, or around a
-    pretrained `encoder`; subclasses add their heads after it (so its parameters come first).
-    """
-
-    def __init__(self, cfg: ModelConfig, whisper_config: WhisperConfig | None = None,
-                 encoder: WhisperEncoder | None = None):
-        super().__init__()
-        self.cfg = cfg
-        if encoder is None:
-            whisper_config = whisper_config or small_whisper_config(cfg)
-            whisper_config._attn_implementation = "sdpa"
-            encoder = WhisperEncoder(whisper_config)
-        self.encoder = encoder
-        self.whisper_config = encoder.config
-        self.max_frames = 2 * encoder.config.max_source_positions  # Whisper's 30 s window
-
-    @property
-    def frames_per_position(self) -> int:
-        """Mel frames behind one encoder position: Whisper's stride 2 times our pooling."""
-        return 2 * self.cfg.position_pool
-
-    def encode(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whisper encoder on [B, T, n_mels] (T a multiple of frames_per_position) -> [B, n, D] + mask."""
-        enc = self.encoder
-        # padded frames and conv1's outputs past each clip's end are zeroed, so every clip's
-        # edge sees the convolutions' own zero padding whether it is batched or alone
-        keep = frame_mask[:, None, :].to(feats.dtype)
-        x = F.gelu(enc.conv1(feats.transpose(1, 2) * keep)) * keep
-        x = F.gelu(enc.conv2(x))
-        if self.cfg.position_pool > 1:
-            x = F.avg_pool1d(x, self.cfg.position_pool, self.cfg.position_pool)
-        x = x.transpose(1, 2)
-        n = x.shape[1]
-        x = x + enc.embed_positions.weight[:n].to(x.dtype)
-        x = F.dropout(x, p=enc.dropout, training=self.training)
-        mask = frame_mask[:, :: self.frames_per_position][:, :n]
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :]  # broadcast, no copy
-        for layer in enc.layers:
-            out = layer(x, bias)
-            x = out[0] if isinstance(out, tuple) else out
-        return enc.layer_norm(x), mask
 
 
 class PairClassifier(SpeechEncoderModel):
@@ -299,6 +165,15 @@ class PairClassifier(SpeechEncoderModel):
             f[:, :2] = torch.where(expected.any(1, keepdim=True), f[:, :2], torch.zeros_like(f[:, :2]))
         return f
 
+    def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss and its parts: BCE on batch["target"] (the label, smoothed by the
+        trainer), + ctc_weight x phoneme CTC, + bag_weight x phoneme presence."""
+        bce = F.binary_cross_entropy_with_logits(out["logits"].float(), batch["target"])
+        zero = torch.zeros((), device=bce.device)
+        ctc = self.ctc_loss(out, batch) if self.cfg.ctc_weight > 0 and "ctc_log_probs" in out else zero
+        bag = self.bag_loss(out, batch) if "bag_logits" in out else zero
+        return bce + self.cfg.ctc_weight * ctc + self.cfg.bag_weight * bag, {"bce": bce, "ctc": ctc, "bag": bag}
+
     def bag_loss(self, out: dict, batch: dict) -> torch.Tensor:
         """Phoneme presence BCE on the reference half and on responses scored correct."""
         logits = out["bag_logits"]
@@ -329,14 +204,6 @@ class PairClassifier(SpeechEncoderModel):
         return total / (has.sum() + correct.sum()).clamp(min=1.0)
 
 
-def segment(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
-    """x[b, start_b : start_b + length_b] left-aligned into [B, max(length), ...] (rest: last valid)."""
-    t = torch.arange(int(length.max().clamp(min=1)), device=x.device)
-    idx = torch.minimum(start[:, None] + t[None], (start + length - 1).clamp(min=0)[:, None])
-    idx = idx.clamp(max=x.shape[1] - 1)
-    return torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
-
-
 def segment_presence(frame_logits: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     """Log-mean-exp (a smooth maximum) over positions [start, start + length) of [B, T, V] logits -> [B, V]."""
     pos = torch.arange(frame_logits.shape[1], device=frame_logits.device)[None]
@@ -355,29 +222,38 @@ def multi_hot(targets: torch.Tensor, lengths: torch.Tensor, size: int) -> torch.
     return out
 
 
-def build_model(cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
-                whisper_config: dict | None = None) -> SpeechEncoderModel:
-    """Fresh model for training (pretrained encoder when cfg.backbone), or the skeleton a
-    checkpoint's weights are loaded into (`whisper_config` from the checkpoint).
-
-    `cfg.arch` picks the class: "encdec" the encoder-decoder (encdec.py), else the pair classifier.
-    """
-    if cfg.arch == "encdec":
-        from .encdec import EncDecClassifier as model_class
-    else:
-        model_class = PairClassifier
-    if whisper_config is not None:
-        return model_class(cfg, n_tasks, n_grades, vocab_size, WhisperConfig.from_dict(whisper_config))
-    if cfg.backbone:
-        encoder = load_pretrained_encoder(cfg.backbone)
-        if encoder.config.num_mel_bins != cfg.n_mels:
-            raise ValueError(f"backbone {cfg.backbone} expects {encoder.config.num_mel_bins} mel bins; "
-                             f"set --n_mels {encoder.config.num_mel_bins}")
-        return model_class(cfg, n_tasks, n_grades, vocab_size, encoder=encoder)
-    return model_class(cfg, n_tasks, n_grades, vocab_size)
 
 
-def whisper_config_dict(model: SpeechEncoderModel) -> dict:
-    """The model's Whisper config as JSON-safe dict (for an encdec model: encoder and decoder)."""
-    d = model.whisper_config.to_dict()
-    return json.loads(json.dumps(d, default=str))
+def init_heads_from_backbone(model: PairClassifier, vocab: Vocab, backbone: str | Path) -> int:
+    """Copy the pretrained rows (CTC and phoneme-presence heads) of tokens both vocabularies
+    share; returns how many rows were copied."""
+    backbone = Path(backbone)
+    head_path, vocab_path = backbone / BACKBONE_HEADS, backbone / BACKBONE_VOCAB
+    if not (head_path.exists() and vocab_path.exists()):
+        return 0
+    from safetensors.torch import load_file
+    weights = load_file(str(head_path))
+    pre = Vocab.from_dict(json.loads(vocab_path.read_text()))
+    n = 0
+    with torch.no_grad():
+        for name, head in (("ctc", model.ctc_head), ("bag", model.bag_head)):
+            if head is None or f"{name}.weight" not in weights or weights[f"{name}.weight"].shape[1] != head.weight.shape[1]:
+                continue
+            for tok, i in vocab.ids.items():
+                j = pre.ids.get(tok)
+                if j is not None:
+                    head.weight[i] = weights[f"{name}.weight"][j]
+                    head.bias[i] = weights[f"{name}.bias"][j]
+                    n += 1
+    return n
+
+
+class PairMember(NeuralMember):
+    family = "pair"
+    model_class = PairClassifier
+
+    def warm_start(self, model: PairClassifier, vocab: Vocab, cfg: RunConfig) -> None:
+        if cfg.model.backbone and model.ctc_head is not None:
+            n = init_heads_from_backbone(model, vocab, cfg.model.backbone)
+            if n:
+                log.info("phoneme heads: %d rows start from the backbone's pretrained heads", n)

@@ -1,0 +1,1 @@
+"""Data preparation: a data folder -> cached inputs (TTS references, clip features, folds, pair batches)."""
