@@ -3,7 +3,7 @@
     python get_config.py [--assets assets] [--models a,b] [--max_folds K]
 
 Non-negative weights on the models' OOF logits minimise the OOF log loss: free and with a bias
-(--blend logit) when the folds are voice folds, summing to 1 without a bias (--blend convex)
+(--blend logit) when the folds are voice or groups folds, summing to 1 without a bias (--blend convex)
 when they are stratified (--blend auto, the default; see readaloud/ensemble.py).
 --max_folds K ships only each model's K best folds (for an inference time limit).
 """
@@ -20,8 +20,9 @@ def main():
     p.add_argument("--max_folds", type=int, default=None, help="checkpoints to ship per model (default: all)")
     p.add_argument("--blend", choices=("auto", "logit", "convex"), default="auto",
                    help="logit: non-negative weights + bias (recalibrates on OOF); convex: weights sum to 1, "
-                        "no bias (cannot sharpen); auto (default): logit with voice folds (OOF = unheard "
-                        "voices), convex with stratified folds (OOF = voices heard in training)")
+                        "no bias (cannot sharpen); auto (default): logit with voice or groups folds "
+                        "(OOF = unheard voices or children), convex with stratified folds "
+                        "(OOF = voices heard in training)")
     args = p.parse_args()
     config = build_config(args.assets, args.models.split(",") if args.models else None, args.max_folds,
                           blend=args.blend, data_dir=args.data)

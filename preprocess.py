@@ -1,6 +1,7 @@
 """Prepare a data folder once: TTS references, cached log-mel features, the fold file.
 
     python preprocess.py [--data data] [--tts_dir tts_data] [--n_folds 6] [--tts espeak:en-us+f3] [--workers 2]
+                         [--fold_by stratified|voice | --groups FILE]
 
 Idempotent: a rerun synthesizes and decodes only what is not cached yet.
 """
@@ -13,7 +14,7 @@ from readaloud.cli import add_common
 from readaloud.data import load_split
 from readaloud.features import FeatureParams
 from readaloud.layout import bad_clips_path, fold_path
-from readaloud.prep.folds import load_or_create_folds, mark_current
+from readaloud.prep.folds import SCHEMES, load_or_create_folds, mark_current, read_groups
 from readaloud.prep.prepare import ensure_clip_features, ensure_references
 from readaloud.prep.references import DEFAULT_TTS
 
@@ -27,14 +28,30 @@ def main():
     p.add_argument("--n_mels", type=int, default=80, help="mel bins (128 for whisper-large-v3)")
     p.add_argument("--workers", type=int, default=2, help="processes decoding audio")
     p.add_argument("--retry_bad", action="store_true", help="try clips listed as unusable again")
-    p.add_argument("--fold_by", choices=("stratified", "voice"), default=None,
+    p.add_argument("--fold_by", choices=SCHEMES, default=None,
                    help="stratified (default): by task and score; voice: one voice cluster per fold, so "
-                        "out-of-fold scores are for unheard voices (see readaloud/folds.py)")
+                        "out-of-fold scores are for unheard voices; groups: see --groups "
+                        "(readaloud/prep/folds.py)")
+    p.add_argument("--groups", default=None, metavar="FILE",
+                   help="CSV with columns filename,group (or filename,speaker): each group (e.g. a child) "
+                        "lies inside one fold, so out-of-fold scores are for unheard children")
     args = p.parse_args()
+    if args.groups and args.fold_by not in (None, "groups"):
+        p.error(f"--groups makes 'groups' folds; it cannot be combined with --fold_by {args.fold_by}")
+    if args.fold_by == "groups" and not args.groups:
+        p.error("--fold_by groups needs --groups FILE")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     params = FeatureParams(n_mels=args.n_mels)
     train = load_split(args.data, "train").meta
+    groups = None
+    if args.groups:
+        try:  # checked before the slow part: every training clip needs its group
+            groups = read_groups(args.groups)
+            n_groups = groups.for_meta(train).nunique()
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"preprocess.py --groups: {exc}") from None
+        print(f"groups: column '{groups.column}' of {groups.path} ({n_groups} groups in the training clips)")
     texts = list(train["expected_text"])
     names = list(train["filename"])
     if (Path(args.data) / "test_metadata.csv").exists():
@@ -43,14 +60,15 @@ def main():
         names += list(test["filename"])
     bank = ensure_references(args.tts_dir, args.tts, texts, params)
     store, bad = ensure_clip_features(args.data, names, params, workers=args.workers, retry_bad=args.retry_bad)
-    folds = load_or_create_folds(args.data, train, args.n_folds, args.fold_by, clips=store)
+    folds = load_or_create_folds(args.data, train, args.n_folds, args.fold_by, clips=store, groups=groups)
     mark_current(args.data, args.n_folds)  # train, check_models, get_config read the fold count from here
     print(f"references: {len(bank.index)} texts in {bank.root}")
     print(f"clip features: {len(store)} clips, {store.total_frames} frames "
           f"({store.data_path.stat().st_size / 1e6:.1f} MB) in {store.data_path}")
     if bad:
         print(f"unusable clips: {len(bad)} (listed with reasons in {bad_clips_path(args.data)})")
-    print(f"folds: {args.n_folds} ({args.fold_by or 'as in the fold file, else stratified'}) -> "
+    scheme = "groups" if groups is not None else args.fold_by or "as in the fold file, else stratified"
+    print(f"folds: {args.n_folds} ({scheme}) -> "
           f"{fold_path(args.data, args.n_folds)} "
           f"(sizes {folds.value_counts().sort_index().tolist()})")
     print(f"done in {time.time() - t0:.1f}s")

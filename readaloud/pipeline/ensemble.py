@@ -18,7 +18,7 @@ from scipy.optimize import minimize
 from ..checkpoints import atomic_write
 from ..layout import ENSEMBLE_JSON, ENSEMBLE_PKL, FoldPaths, saved_folds
 from ..metrics import log_loss, sigmoid
-from ..prep.folds import fold_scheme
+from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
 
 
 def collect_oof(assets: str | Path, models: list[str] | None = None) -> dict[str, pd.DataFrame]:
@@ -92,8 +92,8 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
 
     blend="logit": non-negative weights + bias, free to recalibrate the members on OOF.
     blend="convex": non-negative weights summing to 1, no bias: cannot sharpen.
-    blend="auto" (default): logit when the folds are voice folds (folds.py: OOF clips are
-    voices the fold's model never heard, like the test's children, so what OOF teaches the
+    blend="auto" (default): logit when the folds are voice or groups folds (folds.py: OOF clips
+    are voices or children the fold's model never heard, like the test's children, so what OOF teaches the
     blend holds on the test), convex when they are stratified: then OOF clips share speakers
     with the training folds and are more confident-and-right than predictions for new
     children; a free blend learns to sharpen them (weights summing to ~2 on the digit-span
@@ -106,7 +106,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
     n_folds = int(max(df["fold"].max() for df in oofs.values()) + 1)
     fold_by = fold_scheme(data_dir, n_folds) if data_dir is not None else "unknown"
     if blend == "auto":
-        blend = "logit" if fold_by == "voice" else "convex"
+        blend = "logit" if fold_by in UNHEARD_SCHEMES else "convex"
     table, names = oof_matrix(oofs)
     X, y = table[names].to_numpy(np.float64), table["score"].to_numpy()
     w, b = fit_weights(X, y) if blend == "logit" else fit_convex_weights(X, y)

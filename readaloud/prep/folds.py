@@ -1,6 +1,6 @@
 """One fold assignment per (data set, k), written once and read by every trainer and checker.
 
-Two schemes (`preprocess.py --fold_by`):
+Three schemes (`preprocess.py --fold_by`, `--groups`):
 - "stratified" (default): round-robin within (task, score) strata. Clips of one child land in
   every fold, so out-of-fold predictions are for children the model has heard.
 - "voice": clips are clustered by voice (mean and spread of their speech frames' cepstra, which
@@ -8,6 +8,9 @@ Two schemes (`preprocess.py --fold_by`):
   fold then holds voices the other folds' models never heard, so OOF log loss, early stopping
   and the ensemble weights measure what matters for new children. With a handful of speakers
   (the digit-span set) each fold is whole speakers; with many it is a region of voice space.
+- "groups" (`preprocess.py --groups FILE`, a CSV of filename and group, e.g. each child's id):
+  every group lies inside one fold, folds balanced by size and by (task, score) as far as the
+  groups allow. With children's ids this is the exact form of "voice": OOF = unheard children.
 
 Deterministic (fixed seeds), and kept in a file so that folds can never silently disagree
 between processes or versions; `folds_<k>.json` beside it records the scheme, and `folds.json`
@@ -16,6 +19,7 @@ which k is the data set's: every step after preprocess.py reads the fold count f
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,8 @@ from ..checkpoints import atomic_csv, atomic_write
 from ..layout import current_folds_path, fold_files, fold_path, fold_scheme_path
 
 FOLD_SEED = 42
+SCHEMES = ("stratified", "voice", "groups")
+UNHEARD_SCHEMES = ("voice", "groups")  # schemes whose OOF clips are speakers the fold's model never heard
 
 
 class FoldFileError(ValueError):
@@ -47,6 +53,80 @@ def assign_folds(meta: pd.DataFrame, n_folds: int, seed: int = FOLD_SEED) -> pd.
         folds.loc[idx] = (np.arange(len(idx)) + offset) % n_folds
         offset += len(idx)  # rotate so small strata do not all start at fold 0
     return folds
+
+
+@dataclass(frozen=True)
+class ClipGroups:
+    """Each clip's group (e.g. its child), read from `path`'s column `column`."""
+    path: Path
+    column: str
+    of: dict[str, str]
+
+    def for_meta(self, meta: pd.DataFrame) -> pd.Series:
+        """The group of each row of `meta`; a clip the file does not name is an error naming both."""
+        missing = [f for f in meta["filename"] if f not in self.of]
+        if missing:
+            raise ValueError(f"{self.path} names no group for {len(missing)} of {len(meta)} training clips "
+                             f"(first: {', '.join(missing[:5])}): every clip needs a row "
+                             f"'filename,{self.column}'")
+        return meta["filename"].map(self.of).astype(str)
+
+
+def read_groups(path: str | Path) -> ClipGroups:
+    """A groups file: a CSV with `filename` and `group` (else `speaker`, as speakers.csv has).
+
+    A file that gives one clip two groups, or has neither column, is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"groups file {path} not found")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    column = next((c for c in ("group", "speaker") if c in df.columns), None)
+    if "filename" not in df.columns or column is None:
+        raise ValueError(f"{path} needs columns 'filename' and 'group' (or 'speaker'); it has {list(df.columns)}")
+    empty = df[df[column].str.strip() == ""]
+    if len(empty):
+        raise ValueError(f"{path} row {empty.index[0] + 2}: empty {column} for {empty['filename'].iloc[0]}")
+    clashes = df.groupby("filename")[column].nunique()
+    clashes = clashes[clashes > 1]
+    if len(clashes):
+        raise ValueError(f"{path} gives {clashes.index[0]} more than one {column} "
+                         f"({sorted(df.loc[df['filename'] == clashes.index[0], column].unique())})")
+    return ClipGroups(path, column, dict(zip(df["filename"], df[column])))
+
+
+def assign_group_folds(meta: pd.DataFrame, groups: pd.Series, n_folds: int, seed: int = FOLD_SEED) -> pd.Series:
+    """Whole groups to folds, largest first (ties in a seeded shuffle), each to the fold where it
+    least unbalances the fold sizes and the (task, score) strata; the first k fill the k folds."""
+    if n_folds < 2:
+        raise ValueError(f"--n_folds must be at least 2, got {n_folds}")
+    names = sorted(groups.unique())
+    if len(names) < n_folds:
+        raise ValueError(f"cannot split {len(names)} groups into {n_folds} folds: every fold needs a whole group")
+    strata = meta["task"].astype(str) + "|" + meta["score"].astype(str)
+    counts = pd.crosstab(groups.to_numpy(), strata.to_numpy()).reindex(names).to_numpy(float)  # group x stratum
+    sizes = counts.sum(1)
+    order = np.random.default_rng(seed).permutation(len(names))
+    order = order[np.argsort(-sizes[order], kind="stable")]
+    target_strata, target_size = counts.sum(0) / n_folds, sizes.sum() / n_folds
+    fold_strata, fold_size = np.zeros((n_folds, counts.shape[1])), np.zeros(n_folds)
+    fold_of = np.empty(len(names), int)
+    for g in order:
+        # growth of the squared excess over the targets (the term every fold shares left out)
+        cost = (fold_strata - target_strata) @ counts[g] + sizes[g] * (fold_size - target_size)
+        if (fold_size == 0).any():  # every fold gets one of the k largest groups first
+            cost[fold_size > 0] = np.inf
+        f = int(np.argmin(cost))
+        fold_of[g] = f
+        fold_strata[f] += counts[g]
+        fold_size[f] += sizes[g]
+    fold_by_name = dict(zip(names, fold_of))
+    return pd.Series(groups.map(fold_by_name).to_numpy(int), index=meta.index, dtype=int)
+
+
+def split_groups(folds: pd.Series, groups: pd.Series) -> list[str]:
+    """Groups whose clips lie in more than one fold."""
+    n = pd.Series(folds.to_numpy()).groupby(groups.to_numpy()).nunique()
+    return sorted(n[n > 1].index)
 
 
 VOICE_CEPS = 20  # c1..c19: spectral envelope (speaker, microphone); c0 (level) left out
@@ -89,7 +169,7 @@ def assign_voice_folds(meta: pd.DataFrame, clips, n_folds: int, seed: int = FOLD
 
 
 def fold_scheme(data_dir: str | Path, n_folds: int) -> str:
-    """"voice" or "stratified": how the data set's fold file was made (stratified if unrecorded)."""
+    """"stratified", "voice" or "groups": how the data set's fold file was made (stratified if unrecorded)."""
     if not Path(data_dir).is_dir():
         return "stratified"
     scheme_path = fold_scheme_path(data_dir, n_folds)
@@ -135,13 +215,18 @@ def mark_current(data_dir: str | Path, n_folds: int) -> None:
 
 
 def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int, fold_by: str | None = None,
-                         clips=None) -> pd.Series:
+                         clips=None, groups: ClipGroups | None = None) -> pd.Series:
     """Fold of each row of `meta` (indexed like it), from the data set's fold file.
 
-    The file is made once (`fold_by` "stratified", or "voice" with the clip feature store) and
-    then read by every process; asking for another scheme than the file's is an error."""
+    The file is made once (`fold_by` "stratified"; "voice" with the clip feature store; "groups"
+    with `groups`, the default when they are given) and then read by every process; asking for
+    another scheme than the file's is an error, and so is a groups file the folds split."""
     path = fold_path(data_dir, n_folds)
     scheme_path = fold_scheme_path(data_dir, n_folds)
+    if groups is not None:
+        if fold_by not in (None, "groups"):
+            raise ValueError(f"a groups file ({groups.path}) makes 'groups' folds, not {fold_by!r}")
+        fold_by = "groups"
     if path.exists():
         scheme = fold_scheme(data_dir, n_folds)
         if fold_by and fold_by != scheme:
@@ -154,18 +239,29 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
             raise ValueError(f"{path} has no fold for {int(missing.sum())} training clips "
                              f"(e.g. {meta.loc[missing, 'filename'].iloc[0]}); the training metadata "
                              f"changed: delete {path} and rerun preprocess.py")
-        return meta["filename"].map(mapping).astype(int)
+        folds = meta["filename"].map(mapping).astype(int)
+        split = split_groups(folds, groups.for_meta(meta)) if groups is not None else []
+        if split:
+            raise ValueError(f"{path} splits {len(split)} groups of {groups.path} over several folds "
+                             f"(first: {', '.join(split[:5])}): delete it (and the trained folds) to regroup")
+        return folds
     fold_by = fold_by or "stratified"
+    scheme = {"fold_by": fold_by, "n_folds": n_folds}
     if fold_by == "voice":
         if clips is None:
             raise ValueError("voice folds are made by preprocess.py --fold_by voice (they need the clip features)")
         folds = assign_voice_folds(meta, clips, n_folds)
     elif fold_by == "stratified":
         folds = assign_folds(meta, n_folds)
+    elif fold_by == "groups":
+        if groups is None:
+            raise ValueError("groups folds are made by preprocess.py --groups FILE (a CSV of filename,group)")
+        folds = assign_group_folds(meta, groups.for_meta(meta), n_folds)
+        scheme |= {"groups_file": str(groups.path), "group_column": groups.column}
     else:
-        raise ValueError(f"--fold_by must be 'stratified' or 'voice', got {fold_by!r}")
+        raise ValueError(f"--fold_by must be one of {', '.join(SCHEMES)}, got {fold_by!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_csv(pd.DataFrame({"filename": meta["filename"], "fold": folds}), path)
-    atomic_write(scheme_path, json.dumps({"fold_by": fold_by, "n_folds": n_folds}))
+    atomic_write(scheme_path, json.dumps(scheme))
     mark_current(data_dir, n_folds)
     return folds
