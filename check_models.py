@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from readaloud.cli import add_common
+from readaloud.cli import add_common, add_ray_options
 from readaloud.layout import FoldPaths, saved_folds
 from readaloud.pipeline.checking import check, render_table, retrain_commands, retrain_specs
 from readaloud.prep.folds import FoldFileError, resolve_n_folds
@@ -45,6 +45,7 @@ def main():
     p.add_argument("--models", default=None, help="comma-separated (default: every variant with files in assets)")
     p.add_argument("--retrain", action="store_true", help="run the retrain commands now")
     p.add_argument("--jobs", type=int, default=2, help="folds retrained at once (default: %(default)s)")
+    add_ray_options(p)  # --retrain --ray [ADDRESS]: the folds as Ray tasks, like train.py --ray
     args = p.parse_args()
     assets = Path(args.assets)
     try:
@@ -72,8 +73,13 @@ def main():
         print(f"  {issue.model} fold {issue.fold}: {str(issue).splitlines()[0][:160]}\n    {cmd}")
     if args.retrain:
         from readaloud.pipeline.runner import run_fold_jobs
-        results = run_fold_jobs(retrain_specs(todo, n_folds, assets), args.data, args.assets, args.tts_dir,
-                                jobs=args.jobs)
+        from readaloud.ray_jobs import run_fold_jobs_on_ray
+        specs = retrain_specs(todo, n_folds, assets)
+        if args.ray is not None:
+            results = run_fold_jobs_on_ray(specs, args.data, args.assets, args.tts_dir, address=args.ray,
+                                           cpus_per_fold=args.cpus_per_fold, gpus_per_fold=args.gpus_per_fold)
+        else:
+            results = run_fold_jobs(specs, args.data, args.assets, args.tts_dir, jobs=args.jobs)
         failed = [k for k, code in results.items() if code != 0]
         print(f"{len(results) - len(failed)}/{len(results)} folds retrained" +
               (f"; failed: {', '.join(failed)}" if failed else ""))

@@ -10,8 +10,9 @@ import json
 import logging
 import sys
 
-from readaloud.cli import add_common
+from readaloud.cli import add_common, add_ray_options
 from readaloud.pipeline.inference import run_inference, write_fallback_submission
+from readaloud.ray_jobs import read_rows, run_inference_on_ray
 
 
 def main():
@@ -21,11 +22,19 @@ def main():
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--time_limit", type=float, default=None, help="seconds; fewer models when time runs short")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--rows", default=None, help="only the submission rows listed in this CSV (a filename column)")
+    add_ray_options(p, unit="shard")  # --ray [ADDRESS]: the rows split over Ray tasks, merged into one --out
+    p.add_argument("--ray_shards", type=int, default=None, help="shards with --ray (default: as many as run at once)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = run_inference(args.data, args.assets, args.tts_dir, args.out, args.device, args.time_limit,
-                               progress=not args.no_progress)
+        if args.ray is not None:
+            result = run_inference_on_ray(args.data, args.assets, args.tts_dir, args.out, args.device, args.time_limit,
+                                          args.ray, args.ray_shards, args.cpus_per_shard, args.gpus_per_shard,
+                                          progress=not args.no_progress)
+        else:
+            result = run_inference(args.data, args.assets, args.tts_dir, args.out, args.device, args.time_limit,
+                                   progress=not args.no_progress, rows=read_rows(args.rows) if args.rows else None)
     except Exception:  # the file must exist whatever happened: priors, and a non-zero exit
         logging.exception("inference failed; writing a fallback submission of task priors")
         try:

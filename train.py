@@ -13,7 +13,7 @@ overrides (e.g. --lr 5e-4).
 import argparse
 import sys
 
-from readaloud.cli import add_common, parse_overrides
+from readaloud.cli import add_common, add_ray_options, parse_overrides
 from readaloud.config import ConfigError
 from readaloud.layout import FoldPaths
 from readaloud.prep.folds import FoldFileError, resolve_n_folds
@@ -31,6 +31,7 @@ def main():
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--force", action="store_true", help="retrain finished folds")
     p.add_argument("--gpus", default=None, help="e.g. 0,1: one GPU per job via CUDA_VISIBLE_DEVICES")
+    add_ray_options(p)  # --ray [ADDRESS] --cpus_per_fold --gpus_per_fold: the folds as Ray tasks instead of --jobs
     args, rest = p.parse_known_args()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in VARIANTS]
@@ -52,7 +53,8 @@ def main():
 
     from readaloud.pipeline.launch import start_launcher
     gpus = args.gpus.split(",") if args.gpus else None
-    if args.force or any(not FoldPaths(args.assets, m, f).finished() for m in models for f in folds):
+    unfinished = args.force or any(not FoldPaths(args.assets, m, f).finished() for m in models for f in folds)
+    if unfinished and args.ray is None:
         start_launcher(gpus)  # the fork server imports torch while this process does and checks the data
 
     from readaloud.members.registry import member_for
@@ -63,7 +65,12 @@ def main():
     except ConfigError as exc:
         p.error(str(exc))
     prepare_for_jobs(args.data, args.tts_dir, n_folds, cfgs)
-    results = run_jobs(models, folds, args.data, args.assets, args.tts_dir, args.jobs, extra, args.force, gpus)
+    if args.ray is not None:
+        from readaloud.ray_jobs import run_jobs_on_ray
+        results = run_jobs_on_ray(models, folds, args.data, args.assets, args.tts_dir, extra, args.force, args.ray,
+                                  args.cpus_per_fold, args.gpus_per_fold)
+    else:
+        results = run_jobs(models, folds, args.data, args.assets, args.tts_dir, args.jobs, extra, args.force, gpus)
     failed = [k for k, v in results.items() if v != 0]
     print(f"{len(results) - len(failed)}/{len(results)} folds finished" +
           (f"; failed: {', '.join(failed)} (see check_models.py)" if failed else ""))

@@ -12,6 +12,17 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tts_dir", default="tts_data", help="cache of synthesized references (default: tts_data)")
 
 
+def add_ray_options(p: argparse.ArgumentParser, unit: str = "fold") -> None:
+    """--ray [ADDRESS], --cpus_per_<unit>, --gpus_per_<unit>: run each <unit> as a Ray task (readaloud.ray_jobs)."""
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=f"run each {unit} as a Ray task: without a value on a local cluster of this machine's cores, "
+                        "'auto' joins the running cluster, or give its address (host:port)")
+    p.add_argument(f"--cpus_per_{unit}", type=float, default=1.0,
+                   help=f"with --ray: CPUs reserved per {unit} (default 1; also its torch threads, at least 1)")
+    p.add_argument(f"--gpus_per_{unit}", type=float, default=0.0,
+                   help=f"with --ray: GPUs per {unit}, fractions allowed: 0.5 puts two on one GPU (default 0)")
+
+
 def parse_overrides(rest: list[str]) -> dict[str, str]:
     """['--lr', '2e-5', '--optim.weight_decay=0.1'] -> {'lr': '2e-5', 'optim.weight_decay': '0.1'}."""
     out, i = {}, 0

@@ -1,4 +1,5 @@
-"""Run the folds on a Ray cluster: `train.py --ray`, `check_models.py --retrain --ray`, `infer.py --ray`.
+"""Run the folds, and inference, on a Ray cluster: `train.py --ray`, `check_models.py --retrain --ray`,
+`infer.py --ray`.
 
 Why Ray: a competition run is 10 variants x 6 folds of Whisper small/medium, tens of GPU-hours.
 The folds are independent, so an existing scheduler places them on the machines of a cluster
@@ -6,7 +7,7 @@ The folds are independent, so an existing scheduler places them on the machines 
 whose worker or node dies and reports the others, instead of a launcher of our own.
 
 A fold task runs exactly the command train.py's runner runs for that fold,
-`python train_model<v>.py --fold K --n_folds N --data ... --assets ... <overrides>`, as a
+`python train_model<v>.py --fold K --data ... --assets ... <overrides>`, as a
 subprocess in the repo root of its node, output appended to assets/runs/<v>_<K>/stdout.log.
 The fold script resumes from its last checkpoint (bit-identically), so a retried fold goes on
 where the dead one stopped; a retry drops --force/--restart/--resume once the first attempt
@@ -17,6 +18,10 @@ absolute paths on every node (shared storage such as NFS; a local cluster shares
 trivially). Each task first reads a token the driver wrote into assets/.ray/ and refuses to
 start a fold that could not write where the driver reads.
 
+`infer.py --ray` splits the submission's rows into contiguous shards, runs `infer.py --rows <shard>`
+for each the same way and merges the shards' files into one submission in the format's order.
+Run preprocess.py first: the shards then only read the feature and reference caches.
+
 The task functions are shipped to the workers by value and use only the standard library, so
 a worker neither imports torch nor needs the package on its path: the fold script does that.
 """
@@ -25,17 +30,25 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 from tqdm.auto import tqdm
 
+from .checkpoints import atomic_csv, atomic_write
+from .data import load_submission_format
 from .layout import FoldPaths
+from .metrics import log_loss
+from .pipeline.inference import write_fallback_submission
 from .pipeline.runner import fold_specs, script_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,17 +67,6 @@ class RayJobError(RuntimeError):
     """The cluster cannot run the request (Ray missing, no node fits a fold, assets not shared)."""
 
 
-def add_ray_options(p, unit: str = "fold") -> None:
-    """--ray [ADDRESS], --cpus_per_<unit>, --gpus_per_<unit> on an entry point's parser."""
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run each %s as a Ray task: without a value on a local cluster (this machine's cores, "
-                        "loopback), 'auto' joins the running cluster, or give its address (host:port)" % unit)
-    p.add_argument(f"--cpus_per_{unit}", type=float, default=1.0,
-                   help=f"CPUs Ray reserves per {unit} (default 1; also its torch threads, at least 1)")
-    p.add_argument(f"--gpus_per_{unit}", type=float, default=0.0,
-                   help=f"GPUs per {unit}, fractions allowed: 0.5 puts two on one GPU (default 0: CPU)")
-
-
 def import_ray():
     try:
         import ray
@@ -75,13 +77,14 @@ def import_ray():
 
 def connect(address: str | None, local_cpus: int | None = None):
     """Join the cluster at `address` ('auto': the running one) or start a local one ('local' or
-    None: `local_cpus` CPUs, default all, on loopback, no dashboard). Returns the ray module."""
+    None: `local_cpus` CPUs, default all, no dashboard; Ray 2.60 guards a local cluster with a
+    token it generates in ~/.ray/auth_token). Returns the ray module."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
     if address in (None, "", "local"):
         ray.init(address="local", num_cpus=local_cpus or os.cpu_count() or 1, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE)
+                 object_store_memory=LOCAL_OBJECT_STORE)
     else:
         ray.init(address=address)
     return ray
@@ -102,7 +105,6 @@ def check_fits(ray, cpus: float, gpus: float, unit: str = "fold") -> None:
 
 def write_driver_token(assets: Path) -> tuple[Path, str]:
     """A fresh token in assets/.ray/driver: a task that cannot read it is not on the driver's storage."""
-    from .checkpoints import atomic_write  # torch with it; the driver has imported it already
     folder = assets / RAY_DIR
     folder.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
@@ -110,11 +112,11 @@ def write_driver_token(assets: Path) -> tuple[Path, str]:
     return folder / "driver", token
 
 
-def fold_argv(variant: str, fold: int, n_folds: int, data: str, assets: str, tts_dir: str,
-              own: list[str], extra: list[str], threads: int) -> list[str]:
+def fold_argv(variant: str, fold: int, data: str, assets: str, tts_dir: str, own: list[str], extra: list[str],
+              threads: int) -> list[str]:
     """The fold's command after the interpreter, as train.py's runner builds it."""
-    argv = [str(script_for(variant)), "--fold", str(fold), "--n_folds", str(n_folds), "--data", str(data),
-            "--assets", str(assets), "--tts_dir", str(tts_dir), "--no_progress", "--quiet", *own, *extra]
+    argv = [str(script_for(variant)), "--fold", str(fold), "--data", str(data), "--assets", str(assets),
+            "--tts_dir", str(tts_dir), "--no_progress", "--quiet", *own, *extra]
     return argv + ([] if "--threads" in argv else ["--threads", str(threads)])
 
 
@@ -183,11 +185,12 @@ def _tail_of(path: str, n: int = 15) -> str:
         return ""
 
 
-def run_fold_process(argv: list[str], cwd: str, env: dict, log: str, record: str, last: str,
-                     token_file: str, token: str) -> dict:
-    """One attempt at one fold, on a Ray worker: `python <argv>` in `cwd`, output appended to `log`.
-    Raises CalledProcessError when the process was killed (Ray retries it); returns its exit code
-    otherwise, with the tail of its log."""
+def run_script_attempt(argv: list[str], cwd: str, env: dict, log: str, record: str, last: str,
+                       token_file: str, token: str) -> dict:
+    """One attempt at one task (a fold, a shard of inference) on a Ray worker: `python <argv>` in
+    `cwd`, output appended to `log`. Raises CalledProcessError when the process was killed (Ray
+    retries it); returns its exit code otherwise, with the tail of its log. `last`: the file a
+    retry resumes from (a fold's last.pth; '' for none)."""
     host = socket.gethostname()
     try:
         with open(token_file) as f:
@@ -210,71 +213,96 @@ def run_fold_process(argv: list[str], cwd: str, env: dict, log: str, record: str
                                 env={**os.environ, **env}, preexec_fn=_die_with_parent)
     try:
         code = proc.wait()
-    except BaseException:  # cancelled: the fold goes with the task
+    except BaseException:  # cancelled: the process goes with the task
         proc.kill()
         raise
     if code < 0 or code in KILLED_EXIT_CODES:
         with open(log, "ab") as out:
-            out.write(f"[ray] the fold process was killed (exit {code}): Ray retries it\n".encode())
+            out.write(f"[ray] the process was killed (exit {code}): Ray retries it\n".encode())
         raise subprocess.CalledProcessError(code, argv)
     return {"code": code, "node": host, "seconds": time.time() - start, "tail": _tail_of(log) if code else ""}
 
 
 # ---- driver side -------------------------------------------------------------------------------
 
-def run_jobs_on_ray(variants: list[str], folds: list[int], n_folds: int, data: str, assets: str, tts_dir: str,
+@dataclass
+class Submitted:
+    """A task the driver waits for: its name, log, and for a fold its files (progress, summary)."""
+    name: str
+    log: Path
+    fold: FoldPaths | None = None
+
+
+class Cluster:
+    """The driver's handle: the connection, the token every task checks, the task function."""
+
+    def __init__(self, address: str | None, assets: Path, cpus: float, gpus: float, unit: str):
+        self.ray = connect(address)
+        check_fits(self.ray, cpus, gpus, unit)
+        self.token_file, self.token = write_driver_token(assets)
+        self.ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import us
+        self.task = self.ray.remote(run_script_attempt)
+        self.resources = {"num_cpus": cpus, "num_gpus": gpus, "max_retries": MAX_RETRIES,
+                          "retry_exceptions": [subprocess.CalledProcessError]}  # killed: retried; other exits: final
+        self.started = time.time()
+
+    def submit(self, name: str, argv: list[str], env: dict, log: Path, record: Path, last: str = ""):
+        return self.task.options(name=name, **self.resources).remote(
+            argv, str(ROOT), env, str(log), str(record), last, str(self.token_file), self.token)
+
+    def describe(self) -> str:
+        res = self.ray.cluster_resources()
+        nodes = sum(1 for n in self.ray.nodes() if n.get("Alive"))
+        return f"{nodes} node{'s' if nodes != 1 else ''}, {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+
+
+def run_jobs_on_ray(variants: list[str], folds: list[int], data: str, assets: str, tts_dir: str,
                     extra: list[str] | None = None, force: bool = False, address: str | None = None,
                     cpus_per_fold: float = 1.0, gpus_per_fold: float = 0.0, progress: bool = True,
                     poll: float = 2.0) -> dict[str, int]:
     """train.py --ray: every (variant, fold) not finished yet as a Ray task. Returns {stem: exit code}."""
     specs, results = fold_specs(variants, folds, assets, force)
-    return results | run_fold_jobs_on_ray(specs, n_folds, data, assets, tts_dir, extra, address,
-                                          cpus_per_fold, gpus_per_fold, progress, poll)
+    return results | run_fold_jobs_on_ray(specs, data, assets, tts_dir, extra, address, cpus_per_fold, gpus_per_fold,
+                                          progress, poll)
 
 
-def run_fold_jobs_on_ray(specs: list[tuple[str, int, list[str]]], n_folds: int, data: str, assets: str,
-                         tts_dir: str, extra: list[str] | None = None, address: str | None = None,
+def run_fold_jobs_on_ray(specs: list[tuple[str, int, list[str]]], data: str, assets: str, tts_dir: str,
+                         extra: list[str] | None = None, address: str | None = None,
                          cpus_per_fold: float = 1.0, gpus_per_fold: float = 0.0, progress: bool = True,
-                         poll: float = 2.0, max_retries: int = MAX_RETRIES) -> dict[str, int]:
+                         poll: float = 2.0) -> dict[str, int]:
     """Each (variant, fold, its own options) as a Ray task with the resources asked for; `extra`
     options go to every fold. Returns {stem: exit code} (-1: no exit code, e.g. the node died)."""
     if not specs:
         return {}
     data, assets, tts_dir = (str(Path(p).resolve()) for p in (data, assets, tts_dir))
-    ray = connect(address)
-    check_fits(ray, cpus_per_fold, gpus_per_fold)
-    token_file, token = write_driver_token(Path(assets))
+    cluster = Cluster(address, Path(assets), cpus_per_fold, gpus_per_fold, "fold")
     threads = max(1, int(cpus_per_fold))
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the package
-    task = ray.remote(run_fold_process)
-    resources = {"num_cpus": cpus_per_fold, "num_gpus": gpus_per_fold, "max_retries": max_retries,
-                 "retry_exceptions": [subprocess.CalledProcessError]}  # killed: retried; other exits: final
-    started = time.time()
     pending: dict = {}
     for v, f, own in specs:
         paths = FoldPaths(Path(assets), v, f)
-        argv = fold_argv(v, f, n_folds, data, assets, tts_dir, list(own), list(extra or []), threads)
-        ref = task.options(name=f"fold {paths.stem}", **resources).remote(
-            argv, str(ROOT), forwarded_env(threads), str(paths.stdout_log),
-            str(Path(assets) / RAY_DIR / f"{paths.stem}.attempt.json"), str(paths.last), str(token_file), token)
-        pending[ref] = paths
+        argv = fold_argv(v, f, data, assets, tts_dir, list(own), list(extra or []), threads)
+        ref = cluster.submit(f"fold {paths.stem}", argv, forwarded_env(threads), paths.stdout_log,
+                             Path(assets) / RAY_DIR / f"{paths.stem}.attempt.json", str(paths.last))
+        pending[ref] = Submitted(paths.stem, paths.stdout_log, paths)
     print(f"{len(pending)} folds submitted to Ray ({cpus_per_fold:g} CPU, {gpus_per_fold:g} GPU each; "
-          f"cluster: {_describe(ray)})")
-    return _collect(ray, pending, started, max_retries, progress, poll)
+          f"cluster: {cluster.describe()})")
+    return {name: out["code"] for name, out in _collect(cluster, pending, "folds", progress, poll).items()}
 
 
-def _collect(ray, pending: dict, started: float, max_retries: int, progress: bool, poll: float) -> dict[str, int]:
-    """Wait for the fold tasks, reporting each as it ends, with the running folds on the bar."""
-    results: dict[str, int] = {}
-    bar = tqdm(total=len(pending), desc="folds (ray)", unit="fold", disable=not progress, dynamic_ncols=True)
+def _collect(cluster: Cluster, pending: dict, unit: str, progress: bool, poll: float) -> dict[str, dict]:
+    """Wait for the tasks, reporting each as it ends, with the running folds on the progress bar.
+    Returns {name: the attempt's outcome}."""
+    ray, results = cluster.ray, {}
+    bar = tqdm(total=len(pending), desc=f"{unit} (ray)", unit=unit.rstrip("s"), disable=not progress,
+               dynamic_ncols=True)
     try:
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=poll)
             for ref in ready:
-                paths = pending.pop(ref)
-                results[paths.stem] = _report(ray, ref, paths, started, max_retries)
+                job = pending.pop(ref)
+                results[job.name] = _report(cluster, ref, job)
                 bar.update(1)
-            bar.set_postfix_str(" | ".join(s for s in (_status(p, started) for p in pending.values()) if s))
+            bar.set_postfix_str(" | ".join(s for s in (_status(j, cluster.started) for j in pending.values()) if s))
     except KeyboardInterrupt:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -284,35 +312,29 @@ def _collect(ray, pending: dict, started: float, max_retries: int, progress: boo
     return results
 
 
-def _report(ray, ref, paths: FoldPaths, started: float, max_retries: int) -> int:
-    """One ended fold task: print its outcome (a failure with the tail of its log); its exit code."""
+def _report(cluster: Cluster, ref, job: Submitted) -> dict:
+    """One ended task: print its outcome (a failure with the tail of its log); the outcome."""
+    ray = cluster.ray
     try:
         out = ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         cause = getattr(exc, "cause", None)
         code = cause.returncode if isinstance(cause, subprocess.CalledProcessError) else -1
-        why = f"killed (exit {code}) on each of its {max_retries + 1} attempts" if code != -1 else \
+        why = f"killed (exit {code}) on each of its {MAX_RETRIES + 1} attempts" if code != -1 else \
             f"task error: {str(exc).strip().splitlines()[-1][:300]}"
-        out = {"code": code, "node": "?", "seconds": time.time() - started, "error": why}
+        out = {"code": code, "node": "?", "seconds": time.time() - cluster.started, "error": why}
     except ray.exceptions.RayError as exc:  # the worker or node died more often than retried, cancelled
-        out = {"code": -1, "node": "?", "seconds": time.time() - started,
+        out = {"code": -1, "node": "?", "seconds": time.time() - cluster.started,
                "error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"}
-    code = out["code"]
-    if code == 0:
-        tqdm.write(f"{paths.stem}: done in {out['seconds']:.0f}s on {out['node']}, "
-                   f"valid log loss {_summary_loss(paths)}")
+    if out["code"] == 0:
+        loss = f", valid log loss {_summary_loss(job.fold)}" if job.fold else ""
+        tqdm.write(f"{job.name}: done in {out['seconds']:.0f}s on {out['node']}{loss}")
     else:
-        tail = out.get("tail") or _tail_of(str(paths.stdout_log))
+        tail = out.get("tail") or _tail_of(str(job.log))
         reason = f" ({out['error']})" if out.get("error") else ""
-        tqdm.write(f"{paths.stem}: FAILED (exit {code}) after {out['seconds']:.0f}s on {out['node']}{reason}; "
-                   f"log: {paths.stdout_log}\n{tail}")
-    return code
-
-
-def _describe(ray) -> str:
-    res = ray.cluster_resources()
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-    return f"{nodes} node{'s' if nodes != 1 else ''}, {res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU"
+        tqdm.write(f"{job.name}: FAILED (exit {out['code']}) after {out['seconds']:.0f}s on {out['node']}{reason}; "
+                   f"log: {job.log}\n{tail}")
+    return out
 
 
 def _summary_loss(paths: FoldPaths) -> str:
@@ -322,12 +344,139 @@ def _summary_loss(paths: FoldPaths) -> str:
         return "?"
 
 
-def _status(paths: FoldPaths, started: float) -> str:
+def _status(job: Submitted, started: float) -> str:
     """A running fold's epoch and validation loss, from the progress file it writes this run."""
+    if job.fold is None:
+        return ""
     try:
-        if paths.progress.stat().st_mtime < started:
+        if job.fold.progress.stat().st_mtime < started:
             return ""
-        p = json.loads(paths.progress.read_text())
-        return f"{paths.stem} ep {p['epoch']}/{p['epochs']} val {p['valid_logloss']:.3f}"
+        p = json.loads(job.fold.progress.read_text())
+        return f"{job.name} ep {p['epoch']}/{p['epochs']} val {p['valid_logloss']:.3f}"
     except Exception:  # noqa: BLE001 (not started yet, or a file being replaced)
         return ""
+
+
+# ---- inference fan-out -------------------------------------------------------------------------
+
+def read_rows(path: str | Path) -> list[str]:
+    """The filenames of an `infer.py --rows` file (a CSV with a filename column)."""
+    rows = pd.read_csv(path)
+    if "filename" not in rows.columns:
+        raise ValueError(f"{path}: no 'filename' column (columns: {list(rows.columns)})")
+    return rows["filename"].astype(str).tolist()
+
+
+def shard_count(cluster: Cluster, n_rows: int, shards: int | None, cpus: float, gpus: float) -> int:
+    """As many shards as the cluster runs at once (CPUs, and GPUs when asked for), at most one per row."""
+    if shards:
+        return max(1, min(shards, n_rows))
+    res = cluster.ray.cluster_resources()
+    fit = int(res.get("CPU", 1) // cpus)
+    if gpus > 0:
+        fit = min(fit, int(res.get("GPU", 0) // gpus))
+    return max(1, min(fit, n_rows))
+
+
+def run_inference_on_ray(data: str, assets: str, tts_dir: str, out: str, device: str = "auto",
+                         time_limit: float | None = None, address: str | None = None, shards: int | None = None,
+                         cpus_per_shard: float = 1.0, gpus_per_shard: float = 0.0, progress: bool = True,
+                         poll: float = 2.0) -> dict:
+    """infer.py --ray: the submission's rows in contiguous shards, each predicted by `infer.py --rows`
+    as a Ray task, merged into one `out` with the submission format's rows and order. A shard that
+    fails for good leaves its rows to the task priors (as infer.py does) and sets "error"."""
+    start = time.time()
+    data, assets, tts_dir = (str(Path(p).resolve()) for p in (data, assets, tts_dir))
+    fmt = load_submission_format(data)
+    cluster = Cluster(address, Path(assets), cpus_per_shard, gpus_per_shard, "shard")
+    n = shard_count(cluster, len(fmt), shards, cpus_per_shard, gpus_per_shard)
+    folder = Path(assets) / RAY_DIR / f"infer-{cluster.token[:8]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    env = forwarded_env(max(1, int(cpus_per_shard)))
+    pending, parts = {}, {}
+    for k, idx in enumerate(np.array_split(np.arange(len(fmt)), n)):
+        name, rows = f"shard {k + 1}/{n}", folder / f"rows_{k}.csv"
+        atomic_csv(fmt.iloc[idx][["filename"]], rows)
+        argv = [str(ROOT / "infer.py"), "--data", data, "--assets", assets, "--tts_dir", tts_dir, "--rows", str(rows),
+                "--out", str(folder / f"shard_{k}.csv"), "--device", device, "--no_progress"]
+        argv += ["--time_limit", str(time_limit)] if time_limit else []
+        pending[cluster.submit(name, argv, env, folder / f"shard_{k}.log", folder / f"shard_{k}.attempt.json")] = \
+            Submitted(name, folder / f"shard_{k}.log")
+        parts[name] = (folder / f"shard_{k}.csv", fmt["filename"].iloc[idx].tolist())
+    print(f"{len(fmt)} rows in {n} shards submitted to Ray ({cpus_per_shard:g} CPU, {gpus_per_shard:g} GPU each; "
+          f"cluster: {cluster.describe()})")
+    outcomes = _collect(cluster, pending, "shards", progress, poll)
+    result = merge_shards(fmt, parts, outcomes, data, assets, out, folder)
+    result["seconds"] = time.time() - start
+    if "error" not in result:
+        shutil.rmtree(folder, ignore_errors=True)  # kept on failure: the shards' logs
+    return result
+
+
+def merge_shards(fmt: pd.DataFrame, parts: dict, outcomes: dict, data: str, assets: str, out: str,
+                 folder: Path) -> dict:
+    """One submission from the shards' files, in the format's order; a shard without a usable file
+    gets the task priors of infer.py's own fallback. The result infer.py prints."""
+    scores, results, failed, fallback = [], [], [], None
+    for name, (path, rows) in parts.items():
+        shard = _shard_scores(path, rows)
+        if shard is None:
+            if fallback is None:
+                write_fallback_submission(data, assets, folder / "fallback.csv")
+                fallback = pd.read_csv(folder / "fallback.csv").set_index("filename")["score"]
+            shard = fallback.loc[rows]
+            failed.append(f"{name} (exit {outcomes.get(name, {}).get('code')})")
+        else:
+            results.append((rows, json.loads(Path(f"{path}.json").read_text())))
+        scores.append(shard)
+    merged = pd.concat(scores)
+    sub = pd.DataFrame({"filename": fmt["filename"], "score": merged.loc[fmt["filename"]].to_numpy()})
+    atomic_csv(sub, out)
+    result = _merged_result(sub, results, data)
+    result["submission"], result["shards"] = str(out), len(parts)
+    for name, (_, rows) in parts.items():
+        if any(f.startswith(name + " ") for f in failed):
+            result["fallback_rows"] += len(rows)
+            result["fallback"].update({f: f"{name} of infer.py --ray failed" for f in rows})
+    if failed:
+        result["error"] = f"shard(s) {', '.join(failed)} failed: their rows hold task priors; logs in {folder}"
+    return result
+
+
+def _shard_scores(path: Path, rows: list[str]) -> pd.Series | None:
+    """A shard's scores by filename, or None when its file is missing or not exactly its rows."""
+    try:
+        shard = pd.read_csv(path)
+    except (OSError, ValueError):
+        return None
+    if shard["filename"].astype(str).tolist() != rows or not Path(f"{path}.json").exists():
+        return None
+    return shard.set_index("filename")["score"]
+
+
+def _merged_result(sub: pd.DataFrame, results: list[tuple[list[str], dict]], data: str) -> dict:
+    """infer.py's result keys over all shards; test log losses are the shards' means weighted by
+    their labelled rows (the merged ensemble's is computed from the merged submission)."""
+    used = [r["checkpoints_used"] for _, r in results]
+    out = {"rows": len(sub), "checkpoints_used": min(used) if used else 0,
+           "checkpoints_listed": max((r["checkpoints_listed"] for _, r in results), default=0),
+           "models_used": sorted(set().union(*(r["models_used"] for _, r in results))) if results else [],
+           "fallback_rows": sum(r["fallback_rows"] for _, r in results),
+           "fallback": {f: why for _, r in results for f, why in r.get("fallback", {}).items()}}
+    labels_path = Path(data) / "test_labels.csv"
+    if not labels_path.exists() or not results or any("test_logloss" not in r for _, r in results):
+        return out
+    labels = pd.read_csv(labels_path).set_index("filename")["score"]
+    labelled = sub[sub["filename"].isin(labels.index)]
+    y = labels.loc[labelled["filename"]].to_numpy(dtype=float)
+    ok = np.isfinite(y)
+    out["test_logloss"] = log_loss(y[ok], labelled["score"].to_numpy()[ok])
+    counts = [int(np.isfinite(labels.reindex(rows).to_numpy(dtype=float)).sum()) for rows, _ in results]
+
+    def weighted(values):  # shards without a labelled row have no log loss to weigh
+        pairs = [(v, c) for v, c in zip(values, counts) if c]
+        return float(sum(v * c for v, c in pairs) / sum(c for _, c in pairs)) if pairs else float("nan")
+    out["test_logloss_prior"] = weighted([r["test_logloss_prior"] for _, r in results])
+    models = set.intersection(*(set(r["test_logloss_single"]) for _, r in results))
+    out["test_logloss_single"] = {m: weighted([r["test_logloss_single"][m] for _, r in results]) for m in models}
+    return out

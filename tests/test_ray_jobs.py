@@ -1,7 +1,8 @@
-"""Folds as Ray tasks (train.py --ray, check_models.py --retrain --ray) on a real local Ray cluster
-(this machine's cores, loopback): the weights equal those of the same folds run with --jobs 1;
-a fold whose process or whose Ray worker is killed is retried and resumes to the same weights;
-a fold that fails for good is reported with its log while the others finish."""
+"""Folds and inference as Ray tasks (train.py --ray, check_models.py --retrain --ray, infer.py --ray)
+on a real local Ray cluster of 2 CPUs (the one train.py --ray starts, and one the scripts join by
+address): the weights equal those of the same folds run with --jobs 1; a fold whose process or
+whose Ray worker is killed is retried and resumes to the same weights; a fold that fails for good
+is reported with its log while the others finish; sharded inference gives one process's submission."""
 import json
 import os
 import shutil
@@ -40,6 +41,15 @@ def train(tiny, assets, *extra, env=None, ok=True):
 
 
 @pytest.fixture(scope="module")
+def cluster():
+    """A running local Ray cluster of 2 CPUs that scripts join with --ray ADDRESS."""
+    import ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=ray_jobs.LOCAL_OBJECT_STORE)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
 def baseline(tiny):
     assets = tiny["base"] / "jobs1"
     train(tiny, assets, "--jobs", 1)
@@ -75,12 +85,18 @@ def test_ray_folds_train_the_same_weights_as_jobs_1(tiny, baseline, ray_run):
         assert_same_fold(baseline, assets, fold)
         stdout_log, _ = logs(assets, fold)
         assert stdout_log.startswith("[ray] attempt 1 on ") and "attempt 2" not in stdout_log
-    again = train(tiny, assets, "--ray")
-    assert again.stdout.count("finished already, skipped") == 2 and "submitted to Ray" not in again.stdout
 
 
-def _fold_process(assets: Path, fold: int, timeout: float = 120) -> int:
-    """The pid of the running `train_model1mean.py --fold <fold>` writing to `assets`."""
+
+def test_finished_folds_are_skipped_without_a_cluster(tiny, ray_run, capsys, monkeypatch):
+    monkeypatch.setattr(ray_jobs, "connect", lambda *a, **k: pytest.fail("no fold left: no cluster needed"))
+    codes = ray_jobs.run_jobs_on_ray(["model1mean"], list(FOLDS), tiny["data"], ray_run[0], tiny["tts"])
+    assert codes == {"model1mean_0": 0, "model1mean_1": 0}
+    assert capsys.readouterr().out.count("finished already, skipped") == 2
+
+
+def _fold_process(assets: Path, fold: int, not_pid: int | None = None, timeout: float = 120) -> int:
+    """The pid of the running `train_model1mean.py --fold <fold>` writing to `assets` (not `not_pid`)."""
     want = ["train_model1mean.py", "--fold", str(fold), "--assets", str(assets)]
     end = time.time() + timeout
     while time.time() < end:
@@ -89,7 +105,7 @@ def _fold_process(assets: Path, fold: int, timeout: float = 120) -> int:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
             except OSError:
                 continue
-            if any(a.endswith(want[0]) for a in argv) and all(w in argv for w in want[1:]):
+            if int(pid) != not_pid and any(a.endswith(want[0]) for a in argv) and all(w in argv for w in want[1:]):
                 return int(pid)
         time.sleep(0.05)
     raise AssertionError(f"no fold process for {want} within {timeout}s")
@@ -115,27 +131,30 @@ def _wait_for(condition, proc, what: str, timeout: float = 180) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the Ray worker through /proc")
-def test_killed_folds_and_workers_are_retried_and_resume_while_a_failing_fold_is_reported(tiny, baseline, tmp_path):
-    """Fold 0's process dies like a killed one (exit 137) after its first checkpoint; the retry
-    resumes, and the Ray worker running it is killed after its second; the third attempt
-    resumes again and ends with the weights of an uninterrupted fold. Fold 1 cannot resume
-    (its last.pth is damaged): it fails for good, is not retried, and comes with its log."""
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the processes through /proc")
+def test_killed_folds_and_workers_are_retried_and_resume_while_a_failing_fold_is_reported(tiny, baseline, cluster,
+                                                                                         tmp_path):
+    """Fold 0's process is killed after its first checkpoint; the retry resumes, and the Ray worker
+    running it is killed after the retry's own checkpoint; the third attempt resumes again and
+    ends with the weights of an uninterrupted fold. Fold 1 cannot resume (its last.pth is
+    damaged): it fails for good, is not retried, and is reported with its log."""
     broken = tmp_path / "runs" / "model1mean_1" / "last.pth"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"not a checkpoint")
     cmd = [sys.executable, "train.py", "--data", str(tiny["data"]), "--tts_dir", str(tiny["tts"]), "--assets",
-           str(tmp_path), "--n_folds", "2", "--models", "model1mean", "--epochs", str(EPOCHS), *TINY, "--ray"]
-    env = {**os.environ, "TQDM_DISABLE": "1", "READALOUD_FAULT_DIE_AFTER_EVAL": "1"}
+           str(tmp_path), "--n_folds", "2", "--models", "model1mean", "--epochs", str(EPOCHS), *TINY, "--ray", cluster]
     proc = subprocess.Popen(cmd, cwd=tiny["root"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+                            env={**os.environ, "TQDM_DISABLE": "1"})
     log0, last0 = tmp_path / "runs" / "model1mean_0" / "stdout.log", tmp_path / "runs" / "model1mean_0" / "last.pth"
     try:
-        _wait_for(lambda: log0.exists() and "[ray] attempt 2 on " in log0.read_text(), proc, "fold 0's retry")
-        first = _state(last0)  # the killed attempt's checkpoint; the retry needs seconds to write its own
-        worker = _parent(_fold_process(tmp_path, 0))
-        _wait_for(lambda: _state(last0) != first, proc, "the retry's checkpoint")
-        os.kill(worker, signal.SIGKILL)
+        first = _fold_process(tmp_path, 0)
+        _wait_for(last0.exists, proc, "fold 0's first checkpoint")
+        os.kill(first, signal.SIGKILL)  # the fold process dies mid-fold
+        _wait_for(lambda: "[ray] attempt 2 on " in log0.read_text(), proc, "fold 0's retry")
+        before = _state(last0)  # the killed attempt's checkpoint; the retry needs seconds to write its own
+        worker = _parent(_fold_process(tmp_path, 0, not_pid=first))
+        _wait_for(lambda: _state(last0) != before, proc, "the retry's checkpoint")
+        os.kill(worker, signal.SIGKILL)  # the Ray worker running the retry dies
         out, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -143,7 +162,7 @@ def test_killed_folds_and_workers_are_retried_and_resume_while_a_failing_fold_is
     assert proc.returncode == 1, out[-3000:]
     assert "1/2 folds finished; failed: model1mean_1" in out
     stdout_log, train_log = logs(tmp_path, 0)
-    assert "killed (exit 137): Ray retries it" in stdout_log and "[ray] attempt 3 on " in stdout_log
+    assert "killed (exit -9): Ray retries it" in stdout_log and "[ray] attempt 3 on " in stdout_log
     assert train_log.count("resumed from") == 2 and "at epoch 1" in train_log and "at epoch 2" in train_log
     assert_same_fold(baseline, tmp_path, 0)
     report = out[out.index("model1mean_1: FAILED"):]
@@ -151,12 +170,12 @@ def test_killed_folds_and_workers_are_retried_and_resume_while_a_failing_fold_is
     assert "[ray] attempt 2" not in logs(tmp_path, 1)[0], "an ordinary failure is not retried"
 
 
-def test_check_models_retrains_a_broken_fold_on_ray(tiny, baseline, ray_run, tmp_path):
+def test_check_models_retrains_a_broken_fold_on_ray(tiny, baseline, ray_run, cluster, tmp_path):
     assets = tmp_path / "assets"
     shutil.copytree(ray_run[0], assets)
     (assets / "model1mean_1.pth").write_bytes(b"")
     common = ["--data", tiny["data"], "--assets", assets, "--tts_dir", tiny["tts"], "--n_folds", 2]
-    run = run_script(tiny["root"], "check_models.py", *common, "--retrain", "--ray")
+    run = run_script(tiny["root"], "check_models.py", *common, "--retrain", "--ray", cluster)
     assert "1 folds submitted to Ray" in run.stdout and "1/1 folds retrained" in run.stdout
     assert_same_fold(baseline, assets, 1)
 
@@ -180,7 +199,7 @@ def test_a_retry_resumes_only_from_a_checkpoint_of_its_own(tmp_path):
 def test_a_node_without_the_drivers_files_refuses_the_fold(tmp_path):
     token = tmp_path / "driver"
     token.write_text("the driver's token")
-    out = ray_jobs.run_fold_process(["never_run.py"], str(tmp_path), {}, str(tmp_path / "log"),
+    out = ray_jobs.run_script_attempt(["never_run.py"], str(tmp_path), {}, str(tmp_path / "log"),
                                     str(tmp_path / "rec"), str(tmp_path / "last"), str(token), "another token")
     assert out["code"] == -1 and "does not see the driver's files" in out["error"]
     assert not (tmp_path / "log").exists()
@@ -194,3 +213,49 @@ def test_a_request_no_node_fits_is_refused():
     ray_jobs.check_fits(FakeRay, 2, 0)
     with pytest.raises(ray_jobs.RayJobError, match=r"no node .* 1 CPUs and 0.5 GPUs .*10.0.0.1: 8 CPU 0 GPU"):
         ray_jobs.check_fits(FakeRay, 1, 0.5)
+
+
+@pytest.fixture(scope="module")
+def ensemble(tiny, ray_run):
+    """The Ray-trained folds with ensemble weights, and infer.py's submission in one process."""
+    assets = tiny["base"] / "ensemble"
+    shutil.copytree(ray_run[0], assets)
+    run_script(tiny["root"], "get_config.py", "--data", tiny["data"], "--assets", assets)
+    single = run_script(tiny["root"], "infer.py", "--data", tiny["data"], "--assets", assets, "--tts_dir", tiny["tts"],
+                        "--out", tiny["base"] / "single.csv", "--no_progress")
+    return assets, single
+
+
+def test_infer_on_ray_merges_its_shards_into_the_submission_of_one_process(tiny, ensemble, cluster, tmp_path):
+    assets, single = ensemble
+    out = tmp_path / "submission.csv"
+    fanned = run_script(tiny["root"], "infer.py", "--data", tiny["data"], "--assets", assets, "--tts_dir", tiny["tts"],
+                        "--out", out, "--ray", cluster, "--ray_shards", 2, "--no_progress")
+    assert "14 rows in 2 shards submitted to Ray" in fanned.stdout
+    fmt = pd.read_csv(tiny["data"] / "submission_format.csv")
+    a, b = pd.read_csv(tiny["base"] / "single.csv"), pd.read_csv(out)
+    assert b["filename"].tolist() == fmt["filename"].tolist(), "the submission format's rows, in its order"
+    gap = float((a["score"] - b["score"]).abs().max())
+    assert gap < 1e-6, f"shards predict what one process predicts (largest difference {gap:.2e})"
+    loss = [line for line in single.stdout.splitlines() if line.startswith("test log loss")]
+    assert loss and loss[0] in fanned.stdout, "the same test log losses, computed over every shard"
+    assert not list((assets / ray_jobs.RAY_DIR).glob("infer-*")), "the shards' files are removed once merged"
+
+
+def test_a_failed_shard_leaves_its_rows_to_the_task_priors(tiny, ensemble, tmp_path):
+    assets, _ = ensemble
+    fmt = pd.read_csv(tiny["data"] / "submission_format.csv")
+    names = fmt["filename"].tolist()
+    good = tmp_path / "shard_0.csv"
+    pd.DataFrame({"filename": names[:8], "score": 0.25}).to_csv(good, index=False)
+    good.with_name("shard_0.csv.json").write_text(json.dumps(
+        {"checkpoints_used": 2, "checkpoints_listed": 2, "models_used": ["model1mean"], "fallback_rows": 0}))
+    parts = {"shard 1/2": (good, names[:8]), "shard 2/2": (tmp_path / "shard_1.csv", names[8:])}
+    out = tmp_path / "submission.csv"
+    result = ray_jobs.merge_shards(fmt, parts, {"shard 2/2": {"code": 1}}, str(tiny["data"]), str(assets), out,
+                                   tmp_path)
+    sub = pd.read_csv(out)
+    assert sub["filename"].tolist() == names and (sub["score"][:8] == 0.25).all()
+    priors = pd.read_csv(tmp_path / "fallback.csv").set_index("filename")["score"]
+    assert sub["score"][8:].tolist() == priors.loc[names[8:]].tolist()
+    assert "shard 2/2 (exit 1)" in result["error"] and result["fallback_rows"] == len(names) - 8

@@ -181,11 +181,14 @@ def ensemble_members(assets_dir: Path, config: dict | None) -> tuple[list[dict],
 def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "assets",
                   tts_dir: str | Path = "tts_data", out: str | Path = "submission.csv",
                   device: str = "auto", time_limit: float | None = None, progress: bool = True,
-                  config: dict | None = None) -> dict:
-    """Predict the test set with the ensemble in assets/model_configs.json (or `config`); write `out`."""
+                  config: dict | None = None, rows: list[str] | None = None) -> dict:
+    """Predict the test set with the ensemble in assets/model_configs.json (or `config`); write `out`.
+    `rows`: only these filenames of the submission format, in its order (a shard of infer.py --ray)."""
     start = time.time()
     data_dir, assets_dir = Path(data_dir), Path(assets_dir)
     fmt = load_submission_format(data_dir)
+    if rows is not None:
+        fmt = fmt[fmt["filename"].isin(set(rows))].reset_index(drop=True)
     inputs, test_meta, problems = test_inputs(data_dir, tts_dir, fmt, pick_device(device), progress)
     members, bias, n_folds = ensemble_members(assets_dir, config)
     preds = predict_checkpoints(members, inputs, assets_dir, n_folds, time_limit, start)
