@@ -1,0 +1,534 @@
+"""ASR evidence for the gradient-boosted member: what a pretrained Whisper hears in a clip, and how
+likely it finds the expected text, as a fixed vector of numbers per (clip, expected text).
+
+Runs a CTranslate2 Whisper folder (`ctranslate2.models.Whisper`; int8 on CPU, float16 on CUDA).
+Per clip: Whisper's log-mel of the audio padded to a fixed window (`AsrSettings.window_s`; Whisper
+was trained on 30 s windows, CTranslate2 also takes shorter ones), the encoder run once, then
+
+- the greedy transcript (beam 1, no timestamps, English prompt: <|startoftranscript|>
+  <|notimestamps|> for English-only models, <|startoftranscript|><|en|><|transcribe|>
+  <|notimestamps|> for multilingual ones; ids read from the tokenizer);
+- teacher forcing (`Whisper.align`, same encoder output) of the transcript's own tokens and of the
+  expected text's: per-token probabilities, softmax over the text tokens only (CTranslate2's
+  `text_token_probs`). The expected text is written the way Whisper writes: where a stretch of it
+  agrees with the transcript after normalisation ("seven" / "7,", "kate" / "Kate"), Whisper's own
+  spelling of that stretch is used, elsewhere the expected words as given (first letter of the
+  sentence capitalised), then a sentence-final mark whose log p says whether the text ends there.
+
+`FEATURES` lists the numbers and what each means. Per-word log p (the sum over a word's BPE tokens)
+is kept beside them for explanations. `asr_table` does a whole metadata table, batched, with a
+progress bar, reading and filling a per-data-folder cache: one decode per clip, one teacher-forced
+pass per (clip, expected text).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..audio import SAMPLE_RATE, AudioError, load_audio
+from ..checkpoints import atomic_write
+from ..features import FeatureParams, file_lock, log_mel
+from ..layout import cache_dir
+from ..text import text_units
+from .backbones import NAMED_BACKBONES, ct2_model_dir
+from .normalise import (edit_distance, matched_pairs, normalise_tokens, spoken_text, surface_words)
+
+log = logging.getLogger("readaloud")
+
+ASR_VERSION = 1
+LOW_WORD_P = 0.1  # an expected word less likely than this counts as "low" in exp_low_word_frac
+SENTENCE_MARKS = ".?!"
+
+FEATURES: dict[str, str] = {
+    "exact_match": "1 if the normalised transcript equals the normalised expected text, else 0",
+    "word_edits": "word edit distance between the normalised transcript and expected text",
+    "word_edit_rate": "word_edits / number of normalised expected words",
+    "char_edits": "character edit distance between the two normalised texts (words joined by spaces)",
+    "char_edit_rate": "char_edits / characters of the normalised expected text",
+    "phone_edits": "espeak-phoneme edit distance of transcript vs expected (nonwords have no spelling "
+                   "Whisper knows, but sound alike)",
+    "phone_edit_rate": "phone_edits / phonemes of the expected text",
+    "n_expected_words": "normalised expected words",
+    "len_diff": "normalised transcript words minus expected words (> 0: words added, < 0: dropped)",
+    "exp_mean_logp": "teacher-forced mean log p of the expected text's BPE tokens",
+    "exp_min_logp": "log p of its least likely token",
+    "exp_sum_logp": "sum of its tokens' log p",
+    "exp_min_word_logp": "log p of the least likely expected word (sum over the word's tokens)",
+    "exp_low_word_frac": f"share of expected words with p < {LOW_WORD_P}",
+    "end_logp": "log p of the sentence-final mark right after the expected text (low: it goes on)",
+    "tr_mean_logp": "teacher-forced mean log p of the transcript's own tokens (NaN: empty transcript)",
+    "tr_sum_logp": "sum of the transcript tokens' log p",
+    "margin_mean_logp": "exp_mean_logp - tr_mean_logp: how much less likely the expected text is "
+                        "than what Whisper heard",
+    "margin_sum_logp": "exp_sum_logp - tr_sum_logp",
+    "gen_avg_logprob": "the greedy decode's score (mean log p with end of text, full vocabulary)",
+    "no_speech_prob": "Whisper's probability that the clip holds no speech",
+}
+FEATURE_NAMES: list[str] = list(FEATURES)
+CLIP_STATS = ("gen_avg_logprob", "no_speech_prob", "tr_mean_logp", "tr_sum_logp")
+
+
+@dataclass(frozen=True)
+class AsrSettings:
+    """How clips are decoded; part of the cache's name, so changing it recomputes."""
+    window_s: float = 30.0   # padded input window (Whisper's training window is 30 s)
+    max_length: int = 128    # decode at most this many tokens (a hallucinating loop stops here)
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "version": ASR_VERSION}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+@dataclass
+class ClipDecode:
+    """What the greedy decode says about one clip (independent of any expected text)."""
+    transcript: str
+    token_ids: list[int]
+    stats: dict[str, float]
+
+
+@dataclass
+class RowEvidence:
+    """The evidence for one (clip, expected text): the feature vector and per-word log p."""
+    features: np.ndarray                   # float32 [len(FEATURE_NAMES)]
+    words: list[tuple[str, float]]         # (expected surface word, its log p)
+    transcript: str = ""
+
+
+@dataclass
+class AsrTable:
+    """`asr_table`'s result, row for row with the metadata."""
+    X: np.ndarray                          # float32 [rows, len(FEATURE_NAMES)], NaN where not ok
+    ok: np.ndarray                         # bool [rows]: the clip could be read and scored
+    transcripts: list[str] = field(default_factory=list)
+    words: list[list[tuple[str, float]]] = field(default_factory=list)
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+def resolve_device(device: str = "auto", compute_type: str = "auto") -> tuple[str, str]:
+    """("cuda", "float16") when a CUDA device is visible (or asked for), else ("cpu", "int8")."""
+    import ctranslate2
+    if device == "auto":
+        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if compute_type == "auto":
+        compute_type = "float16" if device == "cuda" else "int8"
+    return device, compute_type
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=8)
+def _content_hash(model_bin: str, size: int, mtime_ns: int, config: bytes) -> str:
+    digest = hashlib.sha1(config)
+    with open(model_bin, "rb") as f:
+        for chunk in iter(lambda: f.read(16 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def model_identity(model_dir: Path) -> str:
+    """A short id of the weights in a CTranslate2 folder (hash of model.bin and config.json)."""
+    model_bin = model_dir / "model.bin"
+    stat = model_bin.stat()
+    return _content_hash(str(model_bin), stat.st_size, stat.st_mtime_ns, (model_dir / "config.json").read_bytes())
+
+
+class WhisperEvidence:
+    """A CTranslate2 Whisper and its tokenizer, turning batches of clips into `RowEvidence`."""
+
+    def __init__(self, model: str | Path, device: str = "auto", compute_type: str = "auto",
+                 threads: int = 0, settings: AsrSettings = AsrSettings()):
+        import ctranslate2
+        import tokenizers
+        self.name = str(model) if str(model) in NAMED_BACKBONES else Path(model).name
+        self.model_dir = ct2_model_dir(str(model)) if str(model) in NAMED_BACKBONES else Path(model)
+        missing = [n for n in ("model.bin", "config.json", "tokenizer.json") if not (self.model_dir / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{self.model_dir}: not a CTranslate2 Whisper folder (missing "
+                                    f"{', '.join(missing)})")
+        self.settings = settings
+        self.device, self.compute_type = resolve_device(device, compute_type)
+        threads = threads if threads > 0 else available_cores()
+        self.model = ctranslate2.models.Whisper(str(self.model_dir), device=self.device,
+                                                compute_type=self.compute_type, intra_threads=threads)
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        self.eot = self._special("<|endoftext|>")
+        sot, no_timestamps = self._special("<|startoftranscript|>"), self._special("<|notimestamps|>")
+        language = [self._special("<|en|>"), self._special("<|transcribe|>")] if self.model.is_multilingual else []
+        self.start_sequence = [sot, *language]          # align() adds <|notimestamps|> itself
+        self.prompt = [*self.start_sequence, no_timestamps]
+        self.params = FeatureParams(n_mels=self.model.n_mels)
+        self.identity = (f"{self.name}_{model_identity(self.model_dir)}_{self.compute_type}_{settings.key()}")
+
+    def _special(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"{self.model_dir}/tokenizer.json has no {token} token")
+        return token_id
+
+    # -- audio in, encoder out --
+    def window_features(self, audio: np.ndarray) -> np.ndarray:
+        """[n_mels, frames] log-mel of `audio` cut or zero-padded to the window, as Whisper does."""
+        n = int(round(self.settings.window_s * SAMPLE_RATE))
+        audio = np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32)
+        return np.ascontiguousarray(log_mel(audio, self.params).T)
+
+    def encode(self, audios: list[np.ndarray]):
+        import ctranslate2
+        mels = np.stack([self.window_features(a) for a in audios])
+        return self.model.encode(ctranslate2.StorageView.from_array(mels), to_cpu=True)
+
+    def decode(self, encoded) -> list[ClipDecode]:
+        """Greedy transcripts of encoded clips (beam 1, no timestamps)."""
+        results = self.model.generate(encoded, [self.prompt] * encoded.shape[0], beam_size=1,
+                                      max_length=self.settings.max_length, return_scores=True,
+                                      return_no_speech_prob=True)
+        out = []
+        for r in results:
+            ids = [t for t in r.sequences_ids[0] if t < self.eot]
+            out.append(ClipDecode(self.tokenizer.decode(ids).strip(), ids,
+                                  {"gen_avg_logprob": float(r.scores[0]), "no_speech_prob": float(r.no_speech_prob)}))
+        return out
+
+    def token_logprobs(self, encoded: np.ndarray, rows: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
+        """Teacher-forced log p of each token sequence given encoder output row rows[k]."""
+        import ctranslate2
+        out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
+        todo = [k for k, s in enumerate(sequences) if s]
+        if not todo:
+            return out
+        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[[rows[k] for k in todo]]))
+        frames = int(round(self.settings.window_s * 100))
+        results = self.model.align(features, self.start_sequence, [sequences[k] for k in todo], frames)
+        for k, r in zip(todo, results):
+            out[k] = np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)).astype(np.float32)
+        return out
+
+    def word_token_ids(self, pieces: list[str]) -> list[list[int]]:
+        """BPE ids of each piece as it appears after a space (how Whisper spells a word in a sentence)."""
+        return [self.tokenizer.encode(" " + p, add_special_tokens=False).ids for p in pieces]
+
+    def mark_ids(self, mark: str) -> list[int]:
+        return self.tokenizer.encode(mark, add_special_tokens=False).ids
+
+    # -- clips in, evidence out --
+    def evidence(self, audios: list[np.ndarray], texts: list[list[str]],
+                 decodes: list[ClipDecode | None] | None = None) -> tuple[list[ClipDecode], list[list[RowEvidence]]]:
+        """Evidence for each clip and each of its expected texts; `decodes` given for a clip are reused."""
+        encoded_view = self.encode(audios)
+        encoded = np.asarray(encoded_view)
+        decodes = list(decodes) if decodes is not None else [None] * len(audios)
+        need = [i for i, d in enumerate(decodes) if d is None]
+        if need:
+            import ctranslate2
+            sub = encoded_view if len(need) == len(audios) else \
+                ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[need]))
+            for i, d in zip(need, self.decode(sub)):
+                decodes[i] = d
+        rows, sequences, plans = [], [], []
+        for i in need:                        # the transcript's own log p, once per decoded clip
+            rows.append(i)
+            sequences.append(decodes[i].token_ids)
+            plans.append(None)
+        for i, clip_texts in enumerate(texts):
+            for text in clip_texts:
+                plan = ExpectedRendering.build(text, decodes[i].transcript, self)
+                rows.append(i)
+                sequences.append(plan.token_ids)
+                plans.append(plan)
+        logps = self.token_logprobs(encoded, rows, sequences)
+        for i, lp, plan in zip(rows, logps, plans):
+            if plan is None:
+                decodes[i].stats.update(tr_mean_logp=float(lp.mean()) if lp.size else np.nan,
+                                        tr_sum_logp=float(lp.sum()) if lp.size else np.nan)
+        out: list[list[RowEvidence]] = [[] for _ in audios]
+        for i, lp, plan in zip(rows, logps, plans):
+            if plan is not None:
+                out[i].append(row_evidence(plan, lp, decodes[i]))
+        return decodes, out
+
+
+# ---- the expected text as Whisper would write it ----------------------------------------------------
+
+@dataclass
+class ExpectedRendering:
+    """The expected text in pieces (each covering one or more expected surface words) with their
+    BPE ids, followed by a sentence-final mark."""
+    expected: str
+    words: list[str]                  # expected surface words
+    pieces: list[str]                 # what is teacher-forced, in order
+    piece_words: list[list[int]]      # expected word indices each piece stands for
+    piece_ids: list[list[int]]
+    mark_ids: list[int]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for ids in self.piece_ids for t in ids] + self.mark_ids
+
+    @classmethod
+    def build(cls, expected: str, transcript: str, model: WhisperEvidence) -> "ExpectedRendering":
+        pieces, piece_words = render_expected(expected, transcript)
+        mark = transcript.rstrip()[-1:] if transcript.rstrip()[-1:] in SENTENCE_MARKS and transcript.strip() else "."
+        return cls(expected, surface_words(expected), pieces, piece_words, model.word_token_ids(pieces),
+                   model.mark_ids(mark))
+
+
+def render_expected(expected: str, transcript: str) -> tuple[list[str], list[list[int]]]:
+    """Pieces of the expected text to teacher-force, and the expected words each stands for.
+
+    A run of expected words whose normalised tokens all match (one minimal-edit alignment) a run of
+    transcript words, with nothing else in either run, is written as the transcript writes it
+    ("seven two nine" heard as "7, 2, 9." -> "7,", "2,", "9"; "kate" -> "Kate"); other words stay
+    as given, the first capitalised, a lone "i" as "I". The last piece loses a sentence-final mark
+    (the rendering adds its own).
+    """
+    e_words, t_words = surface_words(expected), surface_words(transcript)
+    e_tok, t_tok = normalise_tokens(expected), normalise_tokens(transcript)
+    pairs = matched_pairs([t.text for t in e_tok], [t.text for t in t_tok])
+    blocks = _agreeing_blocks(e_tok, t_tok, pairs)
+    pieces: list[str] = []
+    piece_words: list[list[int]] = []
+    i = 0
+    while i < len(e_words):
+        block = blocks.get(i)
+        if block is not None:
+            (e0, e1), (t0, t1) = block
+            pieces.append(" ".join(t_words[t0:t1 + 1]))
+            piece_words.append(list(range(e0, e1 + 1)))
+            i = e1 + 1
+        else:
+            word = e_words[i]
+            if word.lower() in ("i", "i'm", "i'll", "i've", "i'd"):
+                word = "I" + word[1:]
+            pieces.append(word[:1].upper() + word[1:] if not pieces else word)
+            piece_words.append([i])
+            i += 1
+    if pieces:
+        pieces[-1] = pieces[-1].rstrip(SENTENCE_MARKS) or pieces[-1]
+    return pieces, piece_words
+
+
+def _agreeing_blocks(e_tok, t_tok, pairs) -> dict[int, tuple[tuple[int, int], tuple[int, int]]]:
+    """{first expected word: ((e0, e1), (t0, t1))} for runs of words that agree completely."""
+    e_of_t = {j: i for i, j in pairs}
+    t_of_e = dict(pairs)
+    parent: dict = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    def union(a, b):
+        parent[find(a)] = find(b)
+    for tok_list, side in ((e_tok, "e"), (t_tok, "t")):
+        for tok in tok_list:
+            for w in range(tok.first, tok.last + 1):
+                union((side, tok.first), (side, w))
+    for i, j in pairs:
+        union(("e", e_tok[i].first), ("t", t_tok[j].first))
+    groups: dict = {}
+    for side, tok_list in (("e", e_tok), ("t", t_tok)):
+        for k, tok in enumerate(tok_list):
+            groups.setdefault(find((side, tok.first)), []).append((side, k))
+    blocks = {}
+    for members in groups.values():
+        e_idx = [k for s, k in members if s == "e"]
+        t_idx = [k for s, k in members if s == "t"]
+        if not e_idx or not t_idx:
+            continue
+        if any(k not in t_of_e for k in e_idx) or any(k not in e_of_t for k in t_idx):
+            continue  # something in this stretch disagrees
+        e_span = (min(e_tok[k].first for k in e_idx), max(e_tok[k].last for k in e_idx))
+        t_span = (min(t_tok[k].first for k in t_idx), max(t_tok[k].last for k in t_idx))
+        blocks[e_span[0]] = (e_span, t_span)
+    return blocks
+
+
+# ---- features ------------------------------------------------------------------------------------------
+
+def text_comparison(expected: str, transcript: str) -> dict[str, float]:
+    """Exact match and word / character / phoneme edit distances of the normalised texts."""
+    e = [t.text for t in normalise_tokens(expected)]
+    t = [t.text for t in normalise_tokens(transcript)]
+    e_chars, t_chars = " ".join(e), " ".join(t)
+    e_ph = text_units(spoken_text(e), "phoneme") if e else ()
+    t_ph = text_units(spoken_text(t), "phoneme") if t else ()
+    word_edits, char_edits, phone_edits = edit_distance(e, t), edit_distance(e_chars, t_chars), edit_distance(e_ph, t_ph)
+    return {"exact_match": float(e == t),
+            "word_edits": float(word_edits), "word_edit_rate": word_edits / max(1, len(e)),
+            "char_edits": float(char_edits), "char_edit_rate": char_edits / max(1, len(e_chars)),
+            "phone_edits": float(phone_edits), "phone_edit_rate": phone_edits / max(1, len(e_ph)),
+            "n_expected_words": float(len(e)), "len_diff": float(len(t) - len(e))}
+
+
+def row_evidence(plan: ExpectedRendering, logp: np.ndarray, decode: ClipDecode) -> RowEvidence:
+    """Features and per-word log p from the teacher-forced log p of a rendering's tokens."""
+    n_text = sum(len(ids) for ids in plan.piece_ids)
+    text_lp, end_lp = logp[:n_text], logp[n_text:]
+    word_lp = np.zeros(len(plan.words), np.float64)
+    at = 0
+    for ids, covered in zip(plan.piece_ids, plan.piece_words):
+        piece_lp = float(text_lp[at: at + len(ids)].sum())
+        at += len(ids)
+        for w in covered:                      # a piece standing for k words gives each 1/k of it
+            word_lp[w] = piece_lp / len(covered)
+    f = dict(text_comparison(plan.expected, decode.transcript))
+    has_text = text_lp.size > 0
+    f.update(exp_mean_logp=float(text_lp.mean()) if has_text else np.nan,
+             exp_min_logp=float(text_lp.min()) if has_text else np.nan,
+             exp_sum_logp=float(text_lp.sum()) if has_text else np.nan,
+             exp_min_word_logp=float(word_lp.min()) if word_lp.size else np.nan,
+             exp_low_word_frac=float(np.mean(word_lp < np.log(LOW_WORD_P))) if word_lp.size else np.nan,
+             end_logp=float(end_lp.sum()) if end_lp.size else np.nan)
+    f.update({k: decode.stats.get(k, np.nan) for k in CLIP_STATS})
+    f["margin_mean_logp"] = f["exp_mean_logp"] - f["tr_mean_logp"]
+    f["margin_sum_logp"] = f["exp_sum_logp"] - f["tr_sum_logp"]
+    vector = np.array([f[name] for name in FEATURE_NAMES], np.float32)
+    return RowEvidence(vector, [(w, float(lp)) for w, lp in zip(plan.words, word_lp)], decode.transcript)
+
+
+# ---- the cache ------------------------------------------------------------------------------------------
+# Like the alignment table's (members/alignment.py): one npz per data folder and model identity,
+# merged under a lock and replaced atomically; a damaged file is recomputed, never trusted. The
+# two could share one keyed-table helper; this one holds two tables (clips and rows).
+
+def asr_cache_path(data_dir: str | Path, model: WhisperEvidence) -> Path:
+    """One table per data folder, model weights, compute type, decode settings and version."""
+    return cache_dir(data_dir) / f"asr_v{ASR_VERSION}_{model.identity}.npz"
+
+
+def row_key(filename: str, expected: str) -> str:
+    return f"{filename}\t{' '.join(str(expected).split())}"
+
+
+@dataclass
+class AsrCache:
+    clips: dict[str, ClipDecode] = field(default_factory=dict)
+    rows: dict[str, RowEvidence] = field(default_factory=dict)
+
+
+def read_asr_cache(path: Path) -> AsrCache:
+    if not path.exists():
+        return AsrCache()
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            names = z["feature_names"].tolist()
+            if names != FEATURE_NAMES:
+                raise ValueError("written with other feature names")
+            clip_keys, clip_text, clip_ids, clip_stats = z["clip_keys"], z["clip_text"], z["clip_ids"], z["clip_stats"]
+            row_keys, row_x, row_words = z["row_keys"], z["row_X"], z["row_words"]
+        if clip_stats.shape != (len(clip_keys), len(CLIP_STATS)) or row_x.shape != (len(row_keys), len(names)):
+            raise ValueError(f"tables of shape {clip_stats.shape} and {row_x.shape} for "
+                             f"{len(clip_keys)} clips and {len(row_keys)} rows")
+        clips = {k: ClipDecode(t, json.loads(ids), dict(zip(CLIP_STATS, map(float, s))))
+                 for k, t, ids, s in zip(clip_keys.tolist(), clip_text.tolist(), clip_ids.tolist(), clip_stats)}
+        rows = {}
+        for k, x, words in zip(row_keys.tolist(), row_x, row_words.tolist()):
+            rows[k] = RowEvidence(x.astype(np.float32), [(w, float(p)) for w, p in json.loads(words)],
+                                  clips[k.split("\t", 1)[0]].transcript)
+        return AsrCache(clips, rows)
+    except Exception as exc:  # a damaged cache costs a recomputation, never a run
+        log.warning("ASR evidence cache %s is unreadable (%s): recomputing it", path, exc)
+        return AsrCache()
+
+
+def add_to_asr_cache(path: Path, new: AsrCache) -> None:
+    """Merge under a lock and replace atomically, so parallel processes never lose each other's rows."""
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        table = read_asr_cache(path)
+        table.clips.update(new.clips)
+        table.rows.update(new.rows)
+        clips, rows = table.clips, table.rows
+        buf = io.BytesIO()
+        np.savez(buf, feature_names=np.array(FEATURE_NAMES, dtype=str),
+                 clip_keys=np.array(list(clips), dtype=str),
+                 clip_text=np.array([c.transcript for c in clips.values()], dtype=str),
+                 clip_ids=np.array([json.dumps(c.token_ids) for c in clips.values()], dtype=str),
+                 clip_stats=np.array([[c.stats.get(s, np.nan) for s in CLIP_STATS] for c in clips.values()],
+                                     np.float32).reshape(len(clips), len(CLIP_STATS)),
+                 row_keys=np.array(list(rows), dtype=str),
+                 row_X=np.array([r.features for r in rows.values()], np.float32).reshape(len(rows), len(FEATURE_NAMES)),
+                 row_words=np.array([json.dumps(r.words) for r in rows.values()], dtype=str))
+        atomic_write(path, buf.getvalue())
+
+
+# ---- a whole table ------------------------------------------------------------------------------------
+
+def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, cache: str | Path | None = None,
+              batch_size: int = 8, progress: bool = True, flush_every: int = 256) -> AsrTable:
+    """Evidence for every row of a metadata table (filename, expected_text), in its order.
+
+    Rows known to `cache` (asr_cache_path) are read back; the rest are computed in batches of
+    clips (each clip decoded once, whatever the number of its rows) and added to the cache every
+    `flush_every` clips, so an interrupted run keeps what it did. A clip that cannot be read, or a
+    row without expected text, is left out of `ok` with a warning naming it.
+    """
+    for column in ("filename", "expected_text"):
+        if column not in meta.columns:
+            raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
+    names = meta["filename"].astype(str).tolist()
+    texts = ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
+    keys = [row_key(n, t) for n, t in zip(names, texts)]
+    known = read_asr_cache(Path(cache)) if cache is not None else AsrCache()
+    todo: dict[str, list[str]] = {}
+    for row, (name, text, key) in enumerate(zip(names, texts, keys)):
+        if not text:
+            log.warning("row %d (%s): empty expected_text, no ASR evidence", row, name)
+        elif key not in known.rows and text not in todo.setdefault(name, []):
+            todo[name].append(text)
+    todo = {n: t for n, t in todo.items() if t}
+    found = AsrCache(dict(known.clips), dict(known.rows))
+    fresh = AsrCache()
+    clip_names = list(todo)
+    bar = tqdm(total=len(clip_names), desc=f"ASR evidence ({model.name})", unit="clip",
+               disable=not progress or not clip_names)
+    for start in range(0, len(clip_names), batch_size):
+        batch, audios = [], []
+        for name in clip_names[start: start + batch_size]:
+            try:
+                audios.append(load_audio(Path(audio_dir) / name))
+                batch.append(name)
+            except AudioError as exc:
+                log.warning("no ASR evidence for %s: %s", name, exc)
+        if batch:
+            decodes, evidence = model.evidence(audios, [todo[n] for n in batch], [found.clips.get(n) for n in batch])
+            for name, decode, rows in zip(batch, decodes, evidence):
+                fresh.clips[name] = found.clips[name] = decode
+                for text, ev in zip(todo[name], rows):
+                    fresh.rows[row_key(name, text)] = found.rows[row_key(name, text)] = ev
+        bar.update(len(clip_names[start: start + batch_size]))
+        if cache is not None and fresh.rows and (len(fresh.clips) >= flush_every or start + batch_size >= len(clip_names)):
+            add_to_asr_cache(Path(cache), fresh)
+            fresh = AsrCache()
+    bar.close()
+    X = np.full((len(meta), len(FEATURE_NAMES)), np.nan, np.float32)
+    ok = np.zeros(len(meta), bool)
+    transcripts, words = [""] * len(meta), [[] for _ in range(len(meta))]
+    for row, key in enumerate(keys):
+        ev = found.rows.get(key)
+        if ev is not None:
+            X[row], ok[row], transcripts[row], words[row] = ev.features, True, ev.transcript, ev.words
+    return AsrTable(X, ok, transcripts, words)
+
+
+def clip_evidence(model: WhisperEvidence, audio: np.ndarray, expected: str) -> tuple[list[str], np.ndarray, RowEvidence]:
+    """(FEATURE_NAMES, float32 feature vector, the full evidence) of one clip and expected text."""
+    _, evidence = model.evidence([np.asarray(audio, np.float32)], [[" ".join(str(expected).split())]])
+    return list(FEATURE_NAMES), evidence[0][0].features, evidence[0][0]
