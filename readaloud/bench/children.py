@@ -1,0 +1,226 @@
+"""Children reading aloud: the quality benchmark on real children, held out by speaker.
+
+    python -m readaloud.bench.children --out DIR [--source ../shared/data/speechocean_kids]
+        [--test-speakers 8] [--seed 0] [--models a,b] [--n_folds 4] [any quality/train option...]
+
+Builds a `sentence_repetition` screening set from children reading sentences (the source
+folder's utterances.csv and audio) with ../shared/bench/read_aloud_set.py (`--both`: every test
+clip once with its own sentence, once changed) into DIR/data, then runs readaloud.bench.quality
+on it with folds grouped by child (`--groups DIR/data/speakers.csv`), so no child is both in a
+fold's training part and in its scored part, and no test child anywhere in training. Options
+this command does not know go to the quality benchmark (and from there to train.py) unchanged.
+
+Writes DIR/children.md and children.json: for the prior, each member and the ensemble, test log
+loss, AUC, log loss per grade and per change type (own, swap, drop, add, other), and the fold
+training time; reliability.png and changes.png beside them. A rerun reuses the set and every
+finished fold.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import quality
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED_CANDIDATES = (ROOT.parent / "shared", Path.cwd().parent / "shared")  # beside the repo, or the caller's
+CHANGES = ("own", "swap", "drop", "add", "other")
+
+
+def shared_path(relative: str) -> Path:
+    """`relative` under the first shared folder that has it (else under the one beside the repo)."""
+    return next((c / relative for c in SHARED_CANDIDATES if (c / relative).exists()),
+                SHARED_CANDIDATES[0] / relative)
+
+
+def build_set(builder: Path, source: Path, data: Path, test_speakers: int, seed: int) -> Path:
+    """The screening set in `data`, built once per recipe (a different recipe in the same folder is an error)."""
+    recipe = {"builder": str(builder), "source": str(source), "test_speakers": test_speakers, "seed": seed,
+              "both": True}
+    recipe_path = data / "bench_recipe.json"
+    if (data / "speakers.csv").exists() and recipe_path.exists():
+        built = json.loads(recipe_path.read_text())
+        if {k: built.get(k) for k in ("test_speakers", "seed", "both")} != \
+                {k: recipe[k] for k in ("test_speakers", "seed", "both")}:
+            raise SystemExit(f"{data} was built with {built}, not {recipe}: use another --out")
+        return data
+    if not builder.is_file():
+        raise SystemExit(f"data set builder {builder} not found (pass --builder)")
+    if not (source / "utterances.csv").is_file():
+        raise SystemExit(f"{source}/utterances.csv not found: --source must be a folder of children's "
+                         f"utterances (utt,speaker,age,gender,text) and their audio")
+    cmd = [sys.executable, str(builder), str(source), "--out", str(data), "--test-speakers", str(test_speakers),
+           "--both", "--seed", str(seed)]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    recipe_path.write_text(json.dumps(recipe, indent=1))
+    return data
+
+
+def test_table(data: Path) -> pd.DataFrame:
+    """Test clips in submission order with score, grade, speaker and change type."""
+    fmt = pd.read_csv(data / "submission_format.csv", dtype=str)[["filename"]]
+    meta = pd.read_csv(data / "test_metadata.csv", dtype=str)
+    labels = pd.read_csv(data / "test_labels.csv", dtype={"filename": str})
+    speakers = pd.read_csv(data / "speakers.csv", dtype=str)
+    table = fmt.merge(meta, on="filename", how="left").merge(labels, on="filename", how="left")
+    table = table.merge(speakers, on="filename", how="left")
+    unnamed = table[table["speaker"].isna() | table["change"].isna()]
+    if len(unnamed):
+        raise ValueError(f"{data / 'speakers.csv'} has no speaker or change for test clip "
+                         f"{unnamed['filename'].iloc[0]}")
+    return table
+
+
+def held_out_check(data: Path) -> dict:
+    """Training and test children, which must not overlap (else the benchmark measures heard voices)."""
+    speakers = pd.read_csv(data / "speakers.csv", dtype=str).set_index("filename")["speaker"]
+    train = set(speakers.reindex(pd.read_csv(data / "train_metadata.csv", dtype=str)["filename"]))
+    test = set(speakers.reindex(pd.read_csv(data / "test_metadata.csv", dtype=str)["filename"]))
+    both = sorted(train & test)
+    if both:
+        raise ValueError(f"{data}: children in both training and test: {both[:5]}")
+    return {"train": sorted(train), "test": sorted(test)}
+
+
+def fold_seconds(assets: Path) -> dict[str, dict]:
+    """Per variant: its finished folds and their training seconds (from the fold summaries)."""
+    from readaloud.layout import saved_folds
+    out: dict[str, dict] = {}
+    for paths in saved_folds(assets):
+        summary = paths.read_summary() or {}
+        entry = out.setdefault(paths.variant, {"folds": 0, "seconds": 0.0, "max_fold_seconds": 0.0})
+        entry["folds"] += 1
+        entry["seconds"] += float(summary.get("seconds", float("nan")))
+        entry["max_fold_seconds"] = max(entry["max_fold_seconds"], float(summary.get("seconds", float("nan"))))
+    return out
+
+
+def predictor_report(table: pd.DataFrame, pred: np.ndarray) -> dict:
+    """Overall scores, and scores per grade and per change type, of one predictor's test predictions."""
+    y = table["score"].to_numpy(float)
+    return {**quality.scores(y, pred), "grade": quality.metrics_by(y, pred, table["grade"]),
+            "change": quality.metrics_by(y, pred, table["change"])}
+
+
+def children_report(data: Path, summary: dict) -> dict:
+    """Every predictor of a quality run scored on the test children, with training times and checks."""
+    from readaloud.data import load_split
+    from readaloud.pipeline.ensemble import read_config
+    table = test_table(data)
+    train_meta = load_split(data, "train", check_audio=False).meta
+    preds = {"prior (base rate)": np.full(len(table), train_meta["score"].mean())}
+    for name, path in summary["predictions"].items():
+        sub = pd.read_csv(path, dtype={"filename": str})
+        if list(sub["filename"]) != list(table["filename"]):
+            raise ValueError(f"{path} does not list the test clips in submission order")
+        preds[name] = sub["score"].to_numpy(float)
+    assets = Path(summary["assets"])
+    config = read_config(assets)
+    seconds = fold_seconds(assets)
+    seconds["ensemble"] = {"folds": sum(s["folds"] for s in seconds.values()),  # every member it was fitted on
+                           "seconds": sum(s["seconds"] for s in seconds.values())}
+    unseen = sorted(set(table["grade"]) - set(train_meta["grade"].astype(str)), key=grade_order)
+    return {"data": str(data), "children": held_out_check(data), "n_train": len(train_meta), "n_test": len(table),
+            "grades_unseen_in_training": unseen, "step_seconds": summary.get("seconds", {}),
+            "changes_in_test": table["change"].value_counts().reindex(CHANGES, fill_value=0).to_dict(),
+            "predictors": {name: predictor_report(table, p) for name, p in preds.items()},
+            "fold_seconds": seconds, "oof_logloss": summary["oof_logloss"],
+            "blend": config.get("blend"), "fold_by": config.get("fold_by"),
+            "weights": {m["model"]: m["weight"] for m in config["members"]}}
+
+
+def grade_order(grade: str) -> tuple:
+    """KG before 1, 2, 3 (then anything else by name)."""
+    return (0, 0, "") if grade == "KG" else (1, int(grade), "") if grade.isdigit() else (2, 0, grade)
+
+
+def _cell(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"
+
+
+def report_lines(report: dict, options: list[str], wall: float) -> list[str]:
+    """children.md: one row per predictor, columns overall, AUC, grades, change types, training time."""
+    first = next(iter(report["predictors"].values()))
+    grades = sorted(first["grade"], key=grade_order)
+    unseen = set(report["grades_unseen_in_training"])
+    changes = [c for c in CHANGES if c in first["change"]] + [c for c in first["change"] if c not in CHANGES]
+    kids = report["children"]
+    lines = ["# Children reading aloud: speaker-held-out test\n",
+             f"{report['n_train']} training clips from {len(kids['train'])} children, {report['n_test']} test "
+             f"clips from {len(kids['test'])} other children (each clip once with its own sentence, once "
+             f"changed); folds grouped by child ({report['fold_by']}); ensemble blend {report['blend']}, OOF log "
+             f"loss {report['oof_logloss']:.4f}; options `{' '.join(options) or '(defaults)'}`; "
+             f"this run {wall:.0f} s wall on {os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f} at the end).\n",
+             "Test log loss (AUC overall), per grade and per change type; fold seconds = training time "
+             "summed over the member's folds (the ensemble's: over all members); test seconds = inference on "
+             "the test clips:\n"]
+    cols = ["log loss", "AUC", *(f"grade {g}" + ("*" if g in unseen else "") for g in grades), *changes,
+            "fold seconds", "test seconds"]
+    lines += ["| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, r in report["predictors"].items():
+        secs = report["fold_seconds"].get(name, {}).get("seconds")
+        cells = [r["logloss"], r["auc"], *(r["grade"][g]["logloss"] for g in grades),
+                 *(r["change"][c]["logloss"] for c in changes)]
+        test_secs = report["step_seconds"].get(f"inference {name}")
+        lines.append(f"| {name} | " + " | ".join(map(_cell, cells))
+                     + "".join(f" | {'-' if v is None else f'{v:.0f}'}" for v in (secs, test_secs)) + " |")
+    counts = ", ".join(f"{c} {n}" for c, n in report["changes_in_test"].items())
+    if unseen:
+        lines += ["", f"\\* no training child of grade {', '.join(sorted(unseen, key=grade_order))}: "
+                      f"those clips get the model's 'unknown' grade."]
+    steps = ", ".join(f"{k} {v:.0f}" for k, v in report["step_seconds"].items())
+    lines += ["", f"Wall seconds per step of this run (a rerun skips finished folds): {steps}."]
+    lines += ["", f"Test clips per change type: {counts}. Ensemble weights: "
+              + ", ".join(f"{m} {w:.3f}" for m, w in report["weights"].items()) + ".",
+              "", "![reliability](reliability.png)", "", "![changes](changes.png)"]
+    return lines
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder for the set (DIR/data), the models and the report")
+    p.add_argument("--source", default=str(shared_path("data/speechocean_kids")),
+                   help="children's utterances.csv and audio (default: %(default)s)")
+    p.add_argument("--builder", default=str(shared_path("bench/read_aloud_set.py")))
+    p.add_argument("--test-speakers", type=int, default=8, help="children held out for the test")
+    p.add_argument("--seed", type=int, default=0, help="the builder's seed (which children, which changes)")
+    p.add_argument("--models", default=None, help="comma-separated variants (default: all)")
+    p.add_argument("--n_folds", type=int, default=4)
+    p.add_argument("--tts_dir", default=None, help="reference cache (default: DIR/tts)")
+    args, passthrough = p.parse_known_args(argv)
+    from readaloud.plots import plot_grouped_losses
+    t0 = time.time()
+    out = Path(args.out).resolve()
+    if out == ROOT or ROOT in out.parents:
+        raise SystemExit(f"--out {out} is inside the repository: the set's recordings never go there")
+    data = build_set(Path(args.builder).resolve(), Path(args.source).resolve(), out / "data", args.test_speakers,
+                     args.seed)
+    held_out_check(data)  # before any training
+    options = [*(["--models", args.models] if args.models else []), "--n_folds", str(args.n_folds), *passthrough]
+    options += ["--tts_dir", str(Path(args.tts_dir).resolve() if args.tts_dir else out / "tts")]
+    summary = quality.main(["--data", str(data), "--out", str(out), "--groups", str(data / "speakers.csv"),
+                            *options])
+    report = children_report(data, summary)
+    wall = time.time() - t0
+    report |= {"options": options, "wall_seconds": wall, "load_average": os.getloadavg()[0]}
+    change_losses = {name: {c: r["change"][c]["logloss"] for c in CHANGES if c in r["change"]}
+                     for name, r in report["predictors"].items()}
+    plot_grouped_losses(change_losses, out / "changes.png", title="Test log loss per change type")
+    lines = report_lines(report, options, wall)
+    (out / "children.md").write_text("\n".join(lines) + "\n")
+    (out / "children.json").write_text(json.dumps(report, indent=1))
+    print("\n".join(lines))
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""The children benchmark end to end on a tiny fake source: espeak "children" (one voice each)
+reading sentences, the shared set builder, grouped folds, one fast member, the report."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import run_script
+from readaloud.audio import write_wav
+from readaloud.bench import children
+from readaloud.tts import EspeakTTS
+
+SENTENCES = ("we call it bear", "tom gives up boxing", "he hates shooting", "mandy has a big arm",
+             "look at the red pants", "what about the bus", "kate got the tomato", "tina loves eggplant",
+             "mark lived in new york", "bob lives in cairo now")
+VOICES = (("en-us+f3", 85), ("en-gb+f1", 80), ("en-us+m3", 95), ("en-029+f4", 75),
+          ("en-gb-scotland+f2", 90), ("en-us+Annie", 70), ("en-gb-x-rp+m1", 92), ("en-us-nyc+f5", 78))
+
+
+def fake_children(folder, clips_each: int = 8):
+    """utterances.csv and one wav per utterance: child i always speaks with voice i."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, (voice, pitch) in enumerate(VOICES):
+        tts = EspeakTTS(voice, pitch=pitch, rate=140 + 10 * (i % 3))
+        for j in rng.choice(len(SENTENCES), clips_each, replace=False):
+            utt = f"{i + 1:04d}{j:05d}"
+            write_wav(folder / f"{utt}.wav", tts.synthesize(SENTENCES[j]) * 0.8, tts.sample_rate)
+            rows.append({"utt": utt, "speaker": f"{i + 1:04d}", "age": 6 + i % 4, "gender": "f",
+                         "text": SENTENCES[j].upper()})
+    pd.DataFrame(rows).to_csv(folder / "utterances.csv", index=False)
+    return folder
+
+
+@pytest.mark.skipif(not children.shared_path("bench/read_aloud_set.py").exists(),
+                    reason="../shared/bench/read_aloud_set.py not beside the repo")
+def test_children_bench_end_to_end(tmp_path, root):
+    source = fake_children(tmp_path / "source")
+    out = tmp_path / "bench"
+    run_script(root, "-m", "readaloud.bench.children", "--out", out, "--source", source, "--test-speakers", 2,
+               "--models", "model5gbm", "--n_folds", 2, "--epochs", 1, "--jobs", 1, "--tts_dir", tmp_path / "tts")
+    report = json.loads((out / "children.json").read_text())
+    speakers = pd.read_csv(out / "data" / "speakers.csv", dtype=str).set_index("filename")
+    train = pd.read_csv(out / "data" / "train_metadata.csv", dtype=str)
+    test = pd.read_csv(out / "data" / "test_metadata.csv", dtype=str)
+    train_children = set(speakers.loc[train["filename"], "speaker"])
+    test_children = set(speakers.loc[test["filename"], "speaker"])
+    assert len(test_children) == 2 and len(train_children) == 6 and not train_children & test_children
+    assert report["children"] == {"train": sorted(train_children), "test": sorted(test_children)}
+    folds = pd.read_csv(out / "data" / "cache" / "folds_2.csv", dtype=str)
+    per_child = folds.assign(child=speakers.loc[folds["filename"], "speaker"].to_numpy()).groupby("child")["fold"]
+    assert set(per_child.groups) == train_children and (per_child.nunique() == 1).all(), "a child in two folds"
+    assert report["fold_by"] == "groups" and report["blend"] == "logit"
+
+    assert set(report["predictors"]) == {"prior (base rate)", "model5gbm", "ensemble"}
+    grades = sorted(set(test["grade"]))
+    for name, r in report["predictors"].items():
+        assert set(r["change"]) == set(children.CHANGES), (name, r["change"])
+        assert sorted(r["grade"]) == grades
+        assert sum(c["n"] for c in r["change"].values()) == r["n"] == len(test)
+        assert r["logloss"] > 0 and all(c["logloss"] > 0 for c in r["change"].values())
+    assert report["predictors"]["ensemble"]["auc"] is not None
+    assert report["predictors"]["prior (base rate)"]["auc"] == pytest.approx(0.5)
+    assert report["predictors"]["ensemble"]["change"]["own"]["auc"] is None, "one class only: no AUC"
+    assert report["fold_seconds"]["model5gbm"]["folds"] == 2 and report["fold_seconds"]["model5gbm"]["seconds"] > 0
+    assert {"preprocess", "train", "inference model5gbm", "inference ensemble"} <= set(report["step_seconds"])
+    assert all(v > 0 for v in report["step_seconds"].values())
+    md = (out / "children.md").read_text()
+    assert "| ensemble |" in md and "| model5gbm |" in md and "swap" in md and "grade " in md
+    for png in ("reliability.png", "changes.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_children_bench_refuses_an_out_folder_inside_the_repo(root):
+    with pytest.raises(SystemExit, match="inside the repository"):
+        children.main(["--out", str(root / "bench_out" / "children")])
