@@ -1,0 +1,234 @@
+"""ASR evidence (readaloud/whisper/asr.py): text normalisation, the installed tiny.en on espeak speech,
+and the per-clip cache (read back without recomputing, merged across calls, recomputed if damaged)."""
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from readaloud.whisper.normalise import (edit_distance, matched_pairs, normalise_tokens, normalise_words,
+                                         spoken_text)
+
+# ---- normalisation --------------------------------------------------------------------------------------
+
+SAME = [
+    ("five one five four", "5154"),
+    ("five one five four", "5, 1, 5, 4."),
+    ("five one five four", " Five, one, five, four."),
+    ("twenty one", "21"),
+    ("twenty-one", "21"),
+    ("eight", "Eight."),
+    ("eight", "8."),
+    ("two hundred and five", "205"),
+    ("one thousand", "1,000"),
+    ("nineteen eighty four", "1984"),
+    ("the first day", "The 1st day."),
+    ("twenty first", "21st"),
+    ("ann's dog", "Ann\u2019s dog."),
+    ("let's go", "Let's go!"),
+    ("i don't know", "I don't know..."),
+    ("ice cream", "ice-cream"),
+    ("the cat", "Um, the cat."),
+    ("ok", "Okay."),
+    ("five dollars", "$5"),
+    ("fifty percent", "50%"),
+    ("it's mine", "\"It's mine.\""),
+]
+
+
+@pytest.mark.parametrize("expected, transcript", SAME)
+def test_whisper_spellings_normalise_to_the_expected_words(expected, transcript):
+    assert normalise_words(expected) == normalise_words(transcript)
+
+
+def test_normalised_forms():
+    assert normalise_words("Five, one, five, four.") == ["5", "1", "5", "4"]
+    assert normalise_words("Ann's dog didn't bark") == ["ann's", "dog", "didn't", "bark"]
+    assert normalise_words("the twenty-first of May") == ["the", "21th", "of", "may"]
+    assert normalise_words("five and six") == ["5", "and", "6"], "'and' joins numbers only after hundred/thousand"
+    assert normalise_words("a hundred") == ["a", "hundred"], "a scale word alone is a word"
+    assert normalise_words("two zero") == ["2", "0"] and normalise_words("seventh heaven") == ["7th", "heaven"]
+    assert normalise_words("dogs' bones") == ["dogs", "bones"]
+    assert normalise_words("...") == [] and normalise_words("") == []
+
+
+def test_known_collisions_and_differences():
+    # digit-by-digit tokens make "two one" and "twenty one" equal: the price of matching digit spans
+    assert normalise_words("two one") == normalise_words("twenty one")
+    for a, b in [("ann's", "ann"), ("let's", "lets"), ("seven two nine", "7 2 8"), ("the cat sat", "the cat sat down")]:
+        assert normalise_words(a) != normalise_words(b), (a, b)
+
+
+def test_tokens_remember_their_surface_words():
+    spans = [(t.text, t.first, t.last) for t in normalise_tokens("I saw twenty one cats")]
+    assert spans == [("i", 0, 0), ("saw", 1, 1), ("2", 2, 3), ("1", 2, 3), ("cats", 4, 4)]
+    assert [(t.first, t.last) for t in normalise_tokens("5154.")] == [(0, 0)] * 4
+
+
+def test_edit_distance_and_matching():
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("a b c".split(), "a c".split()) == 1 and edit_distance([], ["x"]) == 1
+    assert matched_pairs("a b c d".split(), "a x c d e".split()) == [(0, 0), (2, 2), (3, 3)]
+    assert spoken_text(["2", "1", "cats", "21th"]) == "two one cats 21st"
+
+
+def test_expected_text_is_written_as_whisper_writes_it():
+    from readaloud.whisper.asr import render_expected
+    assert render_expected("seven two nine", "7, 2, 9.") == (["7,", "2,", "9"], [[0], [1], [2]])
+    assert render_expected("five one five four", "5154.") == (["5154"], [[0, 1, 2, 3]])
+    assert render_expected("kate loves china", "Cajun loves China.") == (["Kate", "loves", "China"], [[0], [1], [2]])
+    assert render_expected("that was i", "") == (["That", "was", "I"], [[0], [1], [2]])
+
+
+# ---- the installed tiny.en --------------------------------------------------------------------------------
+
+SENTENCE, SWAPPED, SWAP_AT = "the boy can jump high", "the boy can swim high", 3
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from readaloud.whisper.asr import WhisperEvidence
+    return WhisperEvidence("whisper-tiny.en", threads=2)
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A data folder of espeak speech (16 kHz wavs) and a metadata table: two rows share a clip,
+    one clip is missing."""
+    from readaloud.audio import resample, write_wav
+    from readaloud.tts import make_tts
+    folder = tmp_path_factory.mktemp("asr_data")
+    tts = make_tts("espeak")
+    for name, text in [("a.wav", SENTENCE), ("b.wav", "please open the door"), ("c.wav", "seven two nine")]:
+        write_wav(folder / name, resample(tts.synthesize(text), tts.sample_rate, 16000))
+    meta = pd.DataFrame({"filename": ["a.wav", "a.wav", "b.wav", "c.wav", "missing.wav"],
+                         "expected_text": [SENTENCE, SWAPPED, "please open the door", "seven two nine", "hello"]})
+    return folder, meta
+
+
+def _count_decodes(model, monkeypatch) -> list:
+    calls = []
+    original = model.decode
+
+    def counted(encoded):
+        out = original(encoded)
+        calls.extend(d.transcript for d in out)
+        return out
+    monkeypatch.setattr(model, "decode", counted)
+    return calls
+
+
+def test_espeak_sentence_matches_and_a_swapped_word_is_the_least_likely(tiny, clips, monkeypatch, caplog):
+    from readaloud.whisper.asr import FEATURE_NAMES, asr_table
+    folder, meta = clips
+    decodes = _count_decodes(tiny, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="readaloud"):
+        table = asr_table(meta, folder, tiny, progress=False)
+    assert len(decodes) == 3, "one decode per clip, though two rows share a.wav"
+    assert table.ok.tolist() == [True, True, True, True, False] and "missing.wav" in caplog.text
+    f = {name: table.X[:, k] for k, name in enumerate(FEATURE_NAMES)}
+    assert table.transcripts[0] == table.transcripts[1]
+    assert f["exact_match"][0] == 1 and f["word_edits"][0] == 0, table.transcripts[0]
+    assert f["exact_match"][3] == 1, f"digits written as Whisper writes them: {table.transcripts[3]!r}"
+    assert f["exact_match"][1] == 0 and f["word_edits"][1] == 1 and f["char_edits"][1] > 0 and f["phone_edits"][1] > 0
+    own, swapped = dict(table.words[0]), table.words[1]
+    assert [w for w, _ in swapped] == SWAPPED.split()
+    swapped_lp = [lp for _, lp in swapped]
+    assert int(np.argmin(swapped_lp)) == SWAP_AT, swapped
+    assert swapped_lp[SWAP_AT] < own["jump"] - 2.0
+    assert f["exp_min_logp"][1] < f["exp_min_logp"][0] - 2.0
+    assert f["exp_min_word_logp"][1] == pytest.approx(swapped_lp[SWAP_AT], abs=1e-4)
+    assert f["margin_mean_logp"][1] < f["margin_mean_logp"][0]
+    assert np.isfinite(table.X[:4]).all() and np.isnan(table.X[4]).all()
+
+
+def test_one_clip_gives_a_documented_vector(tiny, clips):
+    from readaloud.audio import load_audio
+    from readaloud.whisper.asr import FEATURES, clip_evidence
+    folder, _ = clips
+    names, vector, evidence = clip_evidence(tiny, load_audio(folder / "b.wav"), "please open the door")
+    assert names == list(FEATURES) and vector.dtype == np.float32 and vector.shape == (len(names),)
+    assert all(FEATURES[n] for n in names) and evidence.transcript.lower().startswith("please open")
+
+
+def test_asr_evidence_is_cached_once_per_clip(tiny, clips, tmp_path, monkeypatch, caplog):
+    from readaloud.whisper import asr
+    folder, meta = clips
+    cache = tmp_path / "cache" / "asr.npz"
+    decodes = _count_decodes(tiny, monkeypatch)
+    first = asr.asr_table(meta, folder, tiny, cache, progress=False)
+    assert cache.exists() and len(decodes) == 3
+
+    def no_compute(*a, **k):
+        raise AssertionError("a cached row was computed again")
+    with monkeypatch.context() as m:
+        m.setattr(tiny, "evidence", no_compute)
+        cached = asr.asr_table(meta, folder, tiny, cache, progress=False)
+    assert np.array_equal(cached.X, first.X, equal_nan=True) and np.array_equal(cached.ok, first.ok)
+    assert cached.transcripts == first.transcripts and cached.words == first.words
+
+    decodes.clear()  # a new text for a cached clip: scored, not decoded again
+    extra = pd.DataFrame({"filename": ["a.wav"], "expected_text": ["the boy can run high"]})
+    asr.asr_table(extra, folder, tiny, cache, progress=False)
+    assert decodes == []
+    with np.load(cache, allow_pickle=False) as z:
+        assert len(z["row_keys"]) == 5 and len(z["clip_keys"]) == 3
+
+    copy = tmp_path / "merged.npz"
+    asr.asr_table(meta.iloc[:2], folder, tiny, copy, progress=False)
+    asr.asr_table(meta.iloc[2:3], folder, tiny, copy, progress=False)
+    with np.load(copy, allow_pickle=False) as z:
+        assert len(z["row_keys"]) == 3, "a second call adds its rows to the first's"
+        assert sorted(z["clip_keys"].tolist()) == ["a.wav", "b.wav"]
+        assert json.loads(z["row_words"][0])[0][0] == "the"
+
+    copy.write_bytes(b"not an npz")
+    with caplog.at_level(logging.WARNING, logger="readaloud"):
+        again = asr.asr_table(meta.head(2), folder, tiny, copy, progress=False)
+    assert "unreadable" in caplog.text
+    assert np.allclose(again.X, first.X[:2], atol=1e-4) and again.transcripts == first.transcripts[:2]
+
+
+def test_cache_names_the_model_and_settings(tiny, tmp_path):
+    from readaloud.whisper.asr import AsrSettings, asr_cache_path, model_identity
+    path = asr_cache_path(tmp_path, tiny)
+    assert path.parent == tmp_path / "cache" and tiny.name in path.name
+    assert model_identity(tiny.model_dir) in path.name and tiny.compute_type in path.name
+    assert AsrSettings(window_s=10).key() != AsrSettings().key()
+
+
+def test_zero_shot_probe_writes_its_report(tmp_path):
+    """The probe command on a tiny espeak set: every row gets evidence, the report has both classifiers."""
+    import shutil
+
+    from readaloud.audio import resample, write_wav
+    from readaloud.bench import zero_shot
+    from readaloud.tts import make_tts
+    tts = make_tts("espeak")
+    sentences = ["i like to read books", "my name is tom", "we went to the zoo", "please open the door",
+                 "the boy can jump high", "good morning teacher"]
+    changed = ["i like to eat books", "my name is tim", "we went to the shop", "please close the door",
+               "the boy can swim high", "good evening teacher"]
+    rows = []
+    for k, (own, other) in enumerate(zip(sentences, changed)):
+        write_wav(tmp_path / f"own{k}.wav", resample(tts.synthesize(own), tts.sample_rate, 16000))
+        shutil.copyfile(tmp_path / f"own{k}.wav", tmp_path / f"other{k}.wav")
+        part = "train" if k < 4 else "test"
+        rows += [(part, f"own{k}.wav", own, 1, "own"), (part, f"other{k}.wav", other, 0, "swap")]
+    df = pd.DataFrame(rows, columns=["part", "filename", "expected_text", "score", "change"])
+    df.assign(task="sentence_repetition", grade="1")[["filename", "change"]].assign(speaker="s").to_csv(
+        tmp_path / "speakers.csv", index=False)
+    for part, g in df.groupby("part"):
+        g.assign(task="sentence_repetition", grade="1")[["filename", "task", "expected_text", "grade"]].to_csv(
+            tmp_path / f"{part}_metadata.csv", index=False)
+        g[["filename", "score"]].to_csv(tmp_path / f"{part}_labels.csv", index=False)
+    report = zero_shot.main(["--data", str(tmp_path), "--backbones", "whisper-tiny.en", "--window_s", "10",
+                             "--threads", "2", "--out", str(tmp_path / "report")])
+    assert set(report["results"]["whisper-tiny.en"]) == {"gbm", "logreg"}
+    assert report["backbones"]["whisper-tiny.en"]["test"]["exact_match_when_correct"] == 1.0
+    assert 0 < report["results"]["whisper-tiny.en"]["logreg"]["logloss"] < 5
+    assert set(report["prior"]["by_change"]) == {"own", "swap"}
+    text = (tmp_path / "report" / "zero_shot.md").read_text()
+    assert "| whisper-tiny.en | logreg |" in text and json.loads((tmp_path / "report" / "zero_shot.json").read_text())
+    assert list((tmp_path / "cache").glob("asr_v*_whisper-tiny.en_*.npz")), "the evidence is cached in <data>/cache"
