@@ -11,6 +11,12 @@ EPOCHS  ?= 2
 # model4encdec (the encoder-decoder) learns slowest: left out of the 30-minute demo, add it here
 MODELS  ?= model1mean,model2attn,model3mapd,model5gbm
 BACKBONE ?= $(ASSETS)/pretrained_encoder
+# The same numbers on every run and on other x86 machines: torch and MKL pick kernels by processor
+# (AVX-512 sums in another order than AVX2), so make demo pins the AVX2 ones (no change on an
+# AVX2-only CPU); a fold's torch threads come from --jobs alone (the thread count changes the bits)
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
 # test files run TEST_WORKERS at a time (pytest-xdist; each file stays in one worker for its fixtures)
 TEST_WORKERS ?= 2
 

@@ -52,6 +52,20 @@ def test_a_job_keeps_its_share_of_the_cores(tmp_path, monkeypatch):
     assert (assets / "slow_seen.txt").read_text() == "1 1", "still one thread after the other job ended"
 
 
+def test_a_lone_fold_gets_the_threads_of_a_full_run(tmp_path, monkeypatch):
+    """One fold left (a rerun, a resume) trains at the thread count a full --jobs 2 run gave it,
+    so it comes out with the same bits (it used to get both cores)."""
+    script = tmp_path / "train_quick.py"
+    script.write_text(FAKE.format(variant="quick"))
+    monkeypatch.setattr(runner, "script_for", lambda v: script)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    assert runner.run_jobs(["quick"], [0], "data", str(assets), "tts", jobs=2, progress=False,
+                           poll=0.05) == {"quick_0": 0}
+    assert (assets / "quick_seen.txt").read_text() == "1 1"
+
+
 def test_threads_given_by_the_user_stay_fixed(tmp_path, monkeypatch):
     results, assets = run_fake_jobs(tmp_path, monkeypatch, extra=["--threads", "1"])
     assert results == {"quick_0": 0, "slow_0": 0}

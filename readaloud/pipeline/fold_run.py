@@ -52,7 +52,11 @@ def environment_info() -> dict:
         commit = "unknown"
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "numpy": np.__version__,
-            "platform": platform.platform(), "git_commit": commit}
+            "platform": platform.platform(), "git_commit": commit,
+            # the kernels torch picks for this processor and the thread count change a run's bits:
+            # a figure from another machine or thread count is recognisable as such
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
 
 
 def _setup_logging(log_file: Path, quiet: bool) -> None:

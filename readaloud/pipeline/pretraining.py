@@ -242,7 +242,8 @@ def pretrain_encoder(out_dir: str | Path, model_cfg: ModelConfig = ModelConfig()
     pd.DataFrame(history).to_csv(out_dir / "pretrain_metrics.csv", index=False)
     result = {"settings": settings, "holdout_per": history[-1]["holdout_per"], "history": history,
               "n_utterances": len(keys), "n_texts": len(texts), "corpus_seconds": t_corpus,
-              "seconds": time.time() - t0}
+              "seconds": time.time() - t0, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "torch_threads": torch.get_num_threads()}
     atomic_write(done_path, json.dumps(result, indent=1))
     return result
 

@@ -93,7 +93,9 @@ def run_fold_jobs(specs: list[tuple[str, int, list[str]]], data: str, assets: st
     if not queue:
         return {}
     cores = os.cpu_count() or 1
-    threads = max(1, cores // max(1, min(jobs, len(queue)))) if not gpus else max(1, cores // jobs)
+    # from --jobs alone, not from how many folds are left: a rerun that finds one fold left (or
+    # resumes one) must train it at the thread count a full run gave it, or its bits differ
+    threads = max(1, cores // max(1, jobs))
     mode = launch_mode(gpus)
     results: dict[str, int] = {}
     running: list[Job] = []
