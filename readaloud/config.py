@@ -30,6 +30,10 @@ class ModelConfig:
     dropout: float = 0.0           # encoder dropout (CPU runs are compute-bound, not overfitting)
     position_pool: int = 2         # average encoder positions in pairs after Whisper's conv stem
                                    # (40 ms each, half the transformer cost); 1 for a real Whisper
+                                   # (variant_config sets it from --backbone unless given)
+    freeze_layers: int = 0         # with a backbone: conv stem + the lowest N encoder layers frozen; the pair
+                                   # runs them on each half alone (positions from 0) and, without input
+                                   # augmentation, caches their outputs once (float16, members/frozen.py)
     pooling: str = "mean"          # mean | attention | attention_mean
     head_layers: int = 1           # 1 = linear; 2 = hidden layer + GELU + dropout
     head_hidden: int = 256
@@ -193,6 +197,35 @@ def validate(cfg: RunConfig) -> None:
         owner, f = leaves[path]
         if getattr(owner, f.name) <= 0:
             raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")
+    if cfg.model.freeze_layers < 0:
+        raise ConfigError(f"--model.freeze_layers must be 0 or more, got {cfg.model.freeze_layers!r}")
+
+
+def backbone_input_settings(backbone: str) -> dict:
+    """What a backbone's layers were trained on, read from its folder without loading it:
+    {"position_pool": ..., "n_mels": ... (when the folder says)}.
+
+    A folder made by pretrain.py records its model settings (pretraining.json); anything else
+    (a named Whisper, a transformers or CTranslate2 folder, a hub id) is a real Whisper, whose
+    layers see every position of its conv stem (position_pool 1).
+    """
+    folder = Path(backbone).expanduser()
+    pretraining = folder / "pretraining.json"
+    if pretraining.is_file():
+        model = json.loads(pretraining.read_text()).get("settings", {}).get("model", {})
+        return {"position_pool": int(model.get("position_pool", 2)), "n_mels": int(model.get("n_mels", 80))}
+    settings: dict = {"position_pool": 1}
+    for name, key in (("config.json", "num_mel_bins"), ("preprocessor_config.json", "feature_size")):
+        path = folder / name
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get(key)
+            except ValueError:
+                value = None
+            if isinstance(value, int):
+                settings["n_mels"] = value
+                break
+    return settings
 
 
 def _from_dict(cls, d: dict):

@@ -5,7 +5,7 @@ over every registered variant.
 """
 from __future__ import annotations
 
-from .config import RunConfig, apply_overrides
+from .config import RunConfig, apply_overrides, backbone_input_settings
 
 VARIANTS: dict[str, dict] = {}
 
@@ -17,10 +17,17 @@ def register(name: str, description: str, **overrides) -> None:
 
 
 def variant_config(name: str, overrides: dict | None = None) -> RunConfig:
+    """The variant's config with `overrides`; with a backbone, position_pool and n_mels follow
+    what its layers were trained on (config.backbone_input_settings) unless given explicitly."""
     if name not in VARIANTS:
         raise KeyError(f"unknown model variant {name!r}; registered: {', '.join(sorted(VARIANTS))}")
     cfg = apply_overrides(RunConfig(), VARIANTS[name]["overrides"])
-    return apply_overrides(cfg, overrides or {})
+    cfg = apply_overrides(cfg, overrides or {})
+    if cfg.model.backbone:
+        given = {k.replace("-", "_").rsplit(".", 1)[-1] for k in [*VARIANTS[name]["overrides"], *(overrides or {})]}
+        follow = {k: v for k, v in backbone_input_settings(cfg.model.backbone).items() if k not in given}
+        cfg = apply_overrides(cfg, follow)
+    return cfg
 
 
 # New voices: vocal-tract warp, tempo, noise, level and short cut-outs on the response, each on
@@ -41,3 +48,8 @@ register("model4encdec", "encoder-decoder teacher-forced on the expected text's 
 register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity alignment features, no network; "
          "small trees, large leaves: the features must generalise to voices never heard",
          arch="gbm", gbm_max_leaf_nodes=4, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, seed=4)
+register("model7whisper", "pair classifier on the pretrained Whisper tiny.en encoder (2nd place's design): conv stem "
+         "+ lowest 3 of 4 layers frozen and run once per half (each at positions from 0), cached in float16; the "
+         "top layer sees [TTS | pause | response]; attention + mean pooling, 2-layer head",
+         backbone="whisper-tiny.en", position_pool=1, freeze_layers=3, pooling="attention_mean", head_layers=2,
+         head_dropout=0.2, lr=2e-4, spec_time_masks=0, spec_freq_masks=0, seed=7)

@@ -2,8 +2,11 @@
 
 The encoder runs on the batch's real length (positional table sliced, padding masked), not
 on Whisper's fixed 30 s window. `build_network` makes a fresh network of a member's class
-(around a pretrained encoder when the config names a backbone) or the skeleton a
-checkpoint's weights are loaded into.
+(around a pretrained encoder when the config names a backbone, resolved by
+whisper.backbones.transformers_dir) or the skeleton a checkpoint's weights are loaded into.
+With `freeze_layers = N` the conv stem and the lowest N layers do not train; the pair runs
+them on each half of its input alone (`encode_pair`), so their outputs can be cached
+(members/frozen.py) and an epoch costs only the layers above them.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ..config import ModelConfig
+from ..config import ModelConfig, backbone_input_settings
+from ..whisper.backbones import transformers_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +40,27 @@ def small_whisper_config(cfg: ModelConfig) -> WhisperConfig:
     )
 
 
-def load_pretrained_encoder(backbone: str) -> WhisperEncoder:
+def load_pretrained_encoder(backbone: str, assets: str | Path = "assets") -> WhisperEncoder:
     """The encoder of a Whisper checkpoint, through `from_pretrained`.
 
-    A local folder is read with local_files_only; a hub id is tried from the local cache
-    first and from the hub only when HF_HUB_OFFLINE is not set (it cannot download here).
+    `backbone` goes through whisper.backbones.transformers_dir: a named backbone
+    (whisper-tiny.en, whisper-base) or a CTranslate2 folder is converted once under
+    <assets>/backbones, a transformers folder (pretrain.py's too) is read as it is. A hub id is
+    tried from the local cache first and from the hub only when HF_HUB_OFFLINE is not set.
     """
     from transformers import WhisperModel
-    local = Path(backbone).expanduser()
+    resolved = transformers_dir(backbone, assets)
+    local = Path(resolved).expanduser()
     if local.exists():
         model = WhisperModel.from_pretrained(str(local), local_files_only=True)
     else:
         try:
-            model = WhisperModel.from_pretrained(backbone, local_files_only=True)
+            model = WhisperModel.from_pretrained(resolved, local_files_only=True)
         except OSError:
             if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
                 raise OSError(f"backbone {backbone!r}: not a local folder and not in the Hugging Face "
                               f"cache, and HF_HUB_OFFLINE is set") from None
-            model = WhisperModel.from_pretrained(backbone)
+            model = WhisperModel.from_pretrained(resolved)
     encoder = model.get_encoder()
     encoder.config._attn_implementation = "sdpa"
     return encoder
@@ -134,14 +141,26 @@ class SpeechEncoderModel(nn.Module):
         self.encoder = encoder
         self.whisper_config = encoder.config
         self.max_frames = 2 * encoder.config.max_source_positions  # Whisper's 30 s window
+        n_layers = len(encoder.layers)
+        if not 0 <= cfg.freeze_layers <= n_layers:
+            raise ValueError(f"--freeze_layers {cfg.freeze_layers}: the encoder has {n_layers} layers")
+        for module in self.frozen_modules():
+            module.requires_grad_(False)
 
     @property
     def frames_per_position(self) -> int:
         """Mel frames behind one encoder position: Whisper's stride 2 times our pooling."""
         return 2 * self.cfg.position_pool
 
-    def encode(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whisper encoder on [B, T, n_mels] (T a multiple of frames_per_position) -> [B, n, D] + mask."""
+    def frozen_modules(self) -> list[nn.Module]:
+        """The conv stem, the position table and the lowest cfg.freeze_layers layers (none at 0)."""
+        if self.cfg.freeze_layers == 0:
+            return []
+        enc = self.encoder
+        return [enc.conv1, enc.conv2, enc.embed_positions, *enc.layers[: self.cfg.freeze_layers]]
+
+    def embed(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv stem + position table on [B, T, n_mels] -> [B, n, D] and the position mask."""
         enc = self.encoder
         # padded frames and conv1's outputs past each clip's end are zeroed, so every clip's
         # edge sees the convolutions' own zero padding whether it is batched or alone
@@ -154,13 +173,68 @@ class SpeechEncoderModel(nn.Module):
         n = x.shape[1]
         x = x + enc.embed_positions.weight[:n].to(x.dtype)
         x = F.dropout(x, p=enc.dropout, training=self.training)
-        mask = frame_mask[:, :: self.frames_per_position][:, :n]
+        return x, frame_mask[:, :: self.frames_per_position][:, :n]
+
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+        """Encoder layers over [B, n, D] with the padded positions masked out of attention."""
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
         bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :]  # broadcast, no copy
-        for layer in enc.layers:
+        for layer in layers:
             out = layer(x, bias)
             x = out[0] if isinstance(out, tuple) else out
-        return enc.layer_norm(x), mask
+        return x
+
+    def encode(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper encoder on [B, T, n_mels] (T a multiple of frames_per_position) -> [B, n, D] + mask."""
+        x, mask = self.embed(feats, frame_mask)
+        return self.encoder.layer_norm(self.run_layers(x, mask, self.encoder.layers)), mask
+
+    def encode_lower(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen part (stem, positions from 0, lowest freeze_layers layers) on one half."""
+        x, mask = self.embed(feats, frame_mask)
+        return self.run_layers(x, mask, self.encoder.layers[: self.cfg.freeze_layers]), mask
+
+    def encode_upper(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The trainable layers above the frozen ones and the final layer norm."""
+        return self.encoder.layer_norm(self.run_layers(hidden, mask, self.encoder.layers[self.cfg.freeze_layers:]))
+
+    def encode_pair(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder over a [reference | pause | response] batch -> [B, n, D] + position mask.
+
+        Without frozen layers the whole sequence is encoded at once. With them, the frozen part
+        runs on each half alone, as if each were its own clip (positions from 0; the reference
+        half is reference + pause), so its outputs can be cached once per half; the trainable
+        layers then see the concatenation. A batch of cached outputs (`frozen_hidden`, from
+        members/frozen.py) skips the frozen part.
+        """
+        if self.cfg.freeze_layers == 0:
+            return self.encode(batch["feats"], batch["frame_mask"])
+        if batch.get("frozen_hidden"):
+            hidden, mask = batch["feats"], batch["frame_mask"]
+        else:
+            hidden, mask = self.frozen_halves(batch)
+        return self.encode_upper(hidden, mask), mask
+
+    def frozen_halves(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen part on each half of a mel batch, put back side by side: [B, n, D] + mask."""
+        f = self.frames_per_position
+        feats, frame_mask = batch["feats"], batch["frame_mask"]
+        ref_frames = batch["resp_start"] * f             # reference + pause
+        resp_frames = batch["resp_positions"] * f
+        with torch.no_grad():
+            t = torch.arange(feats.shape[1], device=feats.device)[None]
+            n_ref = int(ref_frames.max())
+            ref_h, _ = self.encode_lower(feats[:, :n_ref], t[:, :n_ref] < ref_frames[:, None])
+            resp = segment(feats, ref_frames, resp_frames)
+            resp_h, _ = self.encode_lower(resp, t[:, : resp.shape[1]] < resp_frames[:, None])
+        n = feats.shape[1] // f
+        pos = torch.arange(n, device=feats.device)[None].expand(len(feats), -1)
+        start = batch["resp_start"][:, None]
+        from_ref = torch.gather(ref_h, 1, pos.clamp(max=ref_h.shape[1] - 1)[..., None].expand(-1, -1, ref_h.shape[2]))
+        idx = (pos - start).clamp(0, resp_h.shape[1] - 1)
+        from_resp = torch.gather(resp_h, 1, idx[..., None].expand(-1, -1, resp_h.shape[2]))
+        hidden = torch.where((pos < start)[..., None], from_ref, from_resp)
+        return hidden, frame_mask[:, ::f][:, :n]
 
 
 def segment(x: torch.Tensor, start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
@@ -177,8 +251,14 @@ def build_network(model_class: type[SpeechEncoderModel], cfg: ModelConfig, n_tas
     skeleton a checkpoint's weights are loaded into (`whisper_config` from the checkpoint)."""
     if whisper_config is not None:
         return model_class(cfg, n_tasks, n_grades, vocab_size, WhisperConfig.from_dict(whisper_config))
+    if cfg.freeze_layers and not cfg.backbone:
+        raise ValueError(f"--freeze_layers {cfg.freeze_layers} freezes pretrained layers: give a --backbone")
     if cfg.backbone:
         encoder = load_pretrained_encoder(cfg.backbone)
+        pool = backbone_input_settings(cfg.backbone)["position_pool"]
+        if cfg.position_pool != pool:
+            raise ValueError(f"backbone {cfg.backbone}'s layers were trained with position_pool {pool}; "
+                             f"set --position_pool {pool}")
         if encoder.config.num_mel_bins != cfg.n_mels:
             raise ValueError(f"backbone {cfg.backbone} expects {encoder.config.num_mel_bins} mel bins; "
                              f"set --n_mels {encoder.config.num_mel_bins}")

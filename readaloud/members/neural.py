@@ -22,6 +22,7 @@ from ..prep.dataset import Categories, PairDataset, bucket_batches, collate, to_
 from ..text import Vocab
 from .base import FitContext, FitResult, FoldData, Member, TestInputs
 from .encoder import SpeechEncoderModel, build_network, whisper_config_dict
+from .frozen import FrozenPairDataset, frozen_cache_usable
 
 
 def pick_device(name: str) -> torch.device:
@@ -54,8 +55,11 @@ def predict_logits(model, dataset: PairDataset, device: torch.device, batch_max_
 
 
 def pair_dataset(meta, clips, refs, vocab: Vocab, cats: Categories, model: SpeechEncoderModel,
-                 cfg: RunConfig) -> PairDataset:
-    """The rows of `meta` as the network reads them."""
+                 cfg: RunConfig, cache_frozen: bool = True, progress: bool = True) -> PairDataset:
+    """The rows of `meta` as the network reads them: the frozen layers' cached outputs when the
+    pair has frozen layers and no input augmentation (and `cache_frozen`), else log-mels."""
+    if cache_frozen and cfg.model.arch == "pair" and frozen_cache_usable(cfg):
+        return FrozenPairDataset(meta, clips, refs, vocab, cats, model, cfg.model.pause_frames, progress)
     return PairDataset(meta, clips, refs, vocab, cats, model.max_frames, cfg.model.pause_frames,
                        model.frames_per_position)
 
@@ -72,8 +76,9 @@ class NeuralPredictor:
 
     def predict(self, inputs: TestInputs) -> np.ndarray:
         n_mels = self.cfg.model.n_mels
+        # test clips are seen once per fold: frozen layers run per batch, nothing is cached for them
         ds = pair_dataset(inputs.rows, inputs.clips(n_mels), inputs.refs(self.cfg.tts, n_mels), self.vocab,
-                          self.cats, self.model, self.cfg)
+                          self.cats, self.model, self.cfg, cache_frozen=False)
         logits = predict_logits(self.model, ds, self.device, self.cfg.data.batch_max_frames,
                                 progress=inputs.progress)
         return inputs.scatter(logits, ds.meta["filename"])

@@ -59,7 +59,7 @@ class PairClassifier(SpeechEncoderModel):
         self.score_norm = FeatureScaler(N_SCORE_FEATURES) if cfg.score_features else None
 
     def forward(self, batch: dict) -> dict:
-        hidden, mask = self.encode(batch["feats"], batch["frame_mask"])
+        hidden, mask = self.encode_pair(batch)
         out = {"hidden_mask": mask}
         cfg = self.cfg
         if cfg.pooling == "mean":
