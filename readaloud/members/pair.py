@@ -20,7 +20,9 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from ..config import ModelConfig, RunConfig
 from ..layout import BACKBONE_HEADS, BACKBONE_VOCAB
 from ..text import Vocab
-from .encoder import AttentionPool, FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
+from ..prep.prepare import TrainingInputs
+from .encoder import AttentionPool, FeatureScaler, SpeechEncoderModel, build_network, make_head, masked_mean, segment
+from .frozen import FrozenCache, frozen_cache_usable
 from .neural import NeuralMember
 
 log = logging.getLogger("readaloud.train")
@@ -251,6 +253,18 @@ def init_heads_from_backbone(model: PairClassifier, vocab: Vocab, backbone: str 
 class PairMember(NeuralMember):
     family = "pair"
     model_class = PairClassifier
+
+    def prepare_shared(self, inputs: TrainingInputs, cfgs: list[RunConfig], data_dir: Path,
+                       progress: bool = True) -> None:
+        """The frozen layers' outputs of every training half, once, before parallel folds start
+        (each fold would otherwise compute them all itself)."""
+        for cfg in cfgs:
+            if frozen_cache_usable(cfg):
+                model = build_network(PairClassifier, cfg.model, 1, 1, 2)  # only its frozen part runs
+                cache = FrozenCache(model, inputs.stores[cfg.model.n_mels], inputs.banks[cfg.tts, cfg.model.n_mels],
+                                    cfg.model.pause_frames)
+                made = cache.ensure(inputs.meta["expected_text"], inputs.meta["filename"], progress=progress)
+                log.info("frozen layers of %s: %d halves computed", cfg.model.backbone, made)
 
     def warm_start(self, model: PairClassifier, vocab: Vocab, cfg: RunConfig) -> None:
         if cfg.model.backbone and model.ctc_head is not None:
