@@ -55,6 +55,10 @@ class ModelConfig:
     gbm_max_leaf_nodes: int = 15
     gbm_min_samples_leaf: int = 20
     gbm_l2: float = 1.0
+    gbm_features: str = "alignment"   # alignment | asr | alignment+asr: the feature table the trees read
+                                      # (asr: evidence of a pretrained Whisper per clip, whisper/asr.py)
+    asr_backbones: str = "whisper-tiny.en"  # gbm with asr: comma-separated named backbones
+                                            # (whisper-tiny.en, whisper-base) or CTranslate2 Whisper folders
 
 
 @dataclass

@@ -110,6 +110,11 @@ class Member:
                        progress: bool = True) -> None:
         """Fill caches this family's folds all read, once, before parallel jobs start."""
 
+    def asr_backbones(self, cfg: RunConfig) -> list[str]:
+        """The Whisper backbones whose ASR evidence (whisper/asr.py) a model of this config reads;
+        infer.py --explain takes its per-word evidence from the first of a shipped member."""
+        return []
+
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         raise NotImplementedError
 

@@ -4,8 +4,12 @@
 folds, same bad-clip handling, same files: `<variant>_<fold>.pth`, `_oof.csv`, `.json`,
 `runs/<variant>_<fold>/`), so check_models.py, get_config.py and infer.py treat it like any other model.
 
-The classifier is scikit-learn's HistGradientBoostingClassifier on the features of
-alignment.py. The checkpoint holds no pickled scikit-learn object: the fitted trees are
+The classifier is scikit-learn's HistGradientBoostingClassifier on a feature table chosen by
+`model.gbm_features`: the alignment features of alignment.py, the ASR evidence of pretrained
+Whisper models (whisper/asr.py, one block per `model.asr_backbones` entry), or both, then the
+task and grade codes. Both kinds are computed once per clip and cached in the data folder
+(`prepare_shared` fills the caches before parallel folds start; inference fills them for test
+rows through TestInputs.shared). The checkpoint holds no pickled scikit-learn object: the fitted trees are
 exported to plain tensors (one padded row of nodes per tree: feature, threshold, where a
 missing value goes, children, leaf flag, leaf value) plus the baseline, and `TreeEnsemble`
 predicts from them with a vectorised numpy traversal, so the file loads with
@@ -17,6 +21,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +29,11 @@ import pandas as pd
 import torch
 
 from ..checkpoints import CheckpointError, atomic_csv
-from ..config import ModelConfig, RunConfig
+from ..config import ConfigError, ModelConfig, RunConfig
 from ..prep.dataset import Categories
 from ..prep.prepare import TrainingInputs
+from ..whisper import asr
+from ..whisper.backbones import NAMED_BACKBONES
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from .base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -137,17 +144,92 @@ def fit_gbm(X: np.ndarray, y: np.ndarray, mc: ModelConfig, seed: int):
     return clf.fit(X, y.astype(int))
 
 
+# ---- the feature table -------------------------------------------------------------------------
+
+FEATURE_SETS = ("alignment", "asr", "alignment+asr")
+
+
+def backbone_label(backbone: str) -> str:
+    """How a backbone's feature block is named: a named backbone as it is, a folder by its name."""
+    return backbone if backbone in NAMED_BACKBONES else Path(backbone).name
+
+
+@dataclass(frozen=True)
+class FeatureLayout:
+    """The feature blocks a gbm config reads, in table order: the alignment features, one block
+    of ASR evidence per backbone, then the task and grade codes. With alignment alone the names
+    are alignment.FEATURE_NAMES, as before ASR evidence existed."""
+    alignment: bool
+    asr_backbones: tuple[str, ...]
+
+    @classmethod
+    def of(cls, mc: ModelConfig) -> "FeatureLayout":
+        if mc.gbm_features not in FEATURE_SETS:
+            raise ConfigError(f"--model.gbm_features: {mc.gbm_features!r} is not one of {FEATURE_SETS}")
+        kinds = mc.gbm_features.split("+")
+        backbones = tuple(dict.fromkeys(b.strip() for b in str(mc.asr_backbones).split(",") if b.strip()))
+        if "asr" not in kinds:
+            return cls(True, ())
+        if not backbones:
+            raise ConfigError(f"--model.gbm_features {mc.gbm_features} needs at least one --model.asr_backbones")
+        labels = [backbone_label(b) for b in backbones]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"--model.asr_backbones {mc.asr_backbones!r}: two backbones share the name of "
+                              f"their feature block ({', '.join(labels)})")
+        return cls("alignment" in kinds, backbones)
+
+    @property
+    def names(self) -> list[str]:
+        asr_names = [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in asr.FEATURE_NAMES]
+        return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
+
+    def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
+              asr_tables: list[asr.AsrTable]) -> tuple[np.ndarray, np.ndarray]:
+        """[len(meta), len(names)] and the rows every block could be computed for."""
+        blocks, ok = [], np.ones(len(meta), bool)
+        if self.alignment:
+            A, a_ok = acoustic
+            blocks.append(np.asarray(A, np.float64))
+            ok &= a_ok
+        for table in asr_tables:
+            blocks.append(table.X.astype(np.float64))
+            ok &= table.ok
+        blocks.append(category_codes(meta, tasks))
+        return np.hstack(blocks), ok
+
+
+@lru_cache(maxsize=4)
+def evidence_model(backbone: str, device: str = "auto", threads: int = 0) -> asr.WhisperEvidence:
+    """One loaded Whisper per (backbone, device, threads) in a process: training, inference and
+    explanations share it (loading and hashing the weights takes seconds)."""
+    return asr.WhisperEvidence(backbone, device=device, threads=threads)
+
+
+def asr_device(device) -> str:
+    """The CTranslate2 device for a torch device or a config's device string."""
+    kind = getattr(device, "type", device) or "auto"
+    return kind if kind in ("cpu", "cuda") else "auto"
+
+
+def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str = "auto", threads: int = 0,
+                 progress: bool = True) -> asr.AsrTable:
+    """The ASR evidence of every row of `meta` from the data folder's cache, computing (and
+    caching) only the rows it lacks."""
+    model = evidence_model(backbone, device, threads)
+    return asr.asr_table(meta, data_dir, model, asr.asr_cache_path(data_dir, model), progress=progress)
+
+
+def asr_weights(backbone: str, device: str = "auto") -> str:
+    """What the trees' ASR features depend on: the weights' hash and the decode settings."""
+    model = evidence_model(backbone, device, 0)
+    return f"{asr.model_identity(model.model_dir)}_{model.settings.key()}"
+
+
 # ---- the member ----------------------------------------------------------
 
-def features_for(meta: pd.DataFrame, clips, refs, tasks: list[str], acoustic: tuple | None = None
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """[len(meta), len(FEATURE_NAMES)] and the rows whose clip and reference were usable."""
-    A, ok = acoustic if acoustic is not None else acoustic_table(meta, clips, refs)
-    return np.hstack([A, category_codes(meta, tasks)]), ok
-
-
 class GBMMember(Member):
-    """Gradient boosting on alignment features (model.arch = gbm): same folds, same fold files, no network."""
+    """Gradient boosting on alignment features and/or ASR evidence (model.arch = gbm): same folds,
+    same fold files, no network."""
     family = "gbm"
 
     def environment(self) -> dict:
@@ -155,33 +237,49 @@ class GBMMember(Member):
             import sklearn
         except ImportError:
             raise RuntimeError("model.arch=gbm needs scikit-learn: pip install scikit-learn") from None
-        return {"sklearn": sklearn.__version__}
+        try:
+            import ctranslate2
+            return {"sklearn": sklearn.__version__, "ctranslate2": ctranslate2.__version__}
+        except ImportError:  # only the ASR features need it; asking for them says how to install it
+            return {"sklearn": sklearn.__version__}
+
+    def asr_backbones(self, cfg: RunConfig) -> list[str]:
+        return list(FeatureLayout.of(cfg.model).asr_backbones)
 
     def prepare_shared(self, inputs: TrainingInputs, cfgs: list[RunConfig], data_dir: Path,
                        progress: bool = True) -> None:
-        """The alignment features of every training clip, once per (TTS, n_mels): every fold reads them."""
-        for tts, n_mels in sorted({(c.tts, c.model.n_mels) for c in cfgs}):
+        """Every training clip's alignment features (once per TTS and n_mels) and ASR evidence
+        (once per backbone), cached in the data folder: every fold reads them."""
+        layouts = [(c, FeatureLayout.of(c.model)) for c in cfgs]
+        for tts, n_mels in sorted({(c.tts, c.model.n_mels) for c, lay in layouts if lay.alignment}):
             refs = inputs.banks[tts, n_mels]
             acoustic_table(inputs.meta, inputs.stores[n_mels], refs, alignment_cache_path(data_dir, refs), progress)
+        for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts
+                                              for b in lay.asr_backbones):
+            asr_evidence(backbone, inputs.meta, Path(data_dir), device, 0, progress)
 
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         """Fit the trees on every fold but `data.fold`, predict it."""
         t0 = time.time()
         cfg, meta, is_valid = data.cfg, data.meta, data.is_valid
-        X, ok = features_for(meta, data.clips, data.refs, data.cats.tasks,
-                             acoustic_table(meta, data.clips, data.refs, alignment_cache_path(data.data_dir, data.refs),
-                                            data.progress))
+        layout = FeatureLayout.of(cfg.model)
+        threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
+        acoustic = acoustic_table(meta, data.clips, data.refs, alignment_cache_path(data.data_dir, data.refs),
+                                  data.progress) if layout.alignment else None
+        tables = [asr_evidence(b, meta, data.data_dir, asr_device(cfg.device), threads, data.progress)
+                  for b in layout.asr_backbones]
+        X, ok = layout.table(meta, data.cats.tasks, acoustic, tables)
+        names = layout.names
         t_feat = time.time() - t0
         y = meta["score"].to_numpy()
         fit_rows = ~is_valid & ok
-        log.info("fold %d: %d train / %d valid clips, %d features, data and features ready in %.1fs", data.fold,
-                 int(fit_rows.sum()), int(is_valid.sum()), X.shape[1], t_feat)
+        log.info("fold %d: %d train / %d valid clips, %d features (%s), data and features ready in %.1fs",
+                 data.fold, int(fit_rows.sum()), int(is_valid.sum()), X.shape[1], cfg.model.gbm_features, t_feat)
         from threadpoolctl import threadpool_limits  # comes with scikit-learn, which environment() checked
-        threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
         with threadpool_limits(limits=threads):
             clf = fit_gbm(X[fit_rows], y[fit_rows], cfg.model, data.seed)
             state = export_trees(clf)
-            trees = TreeEnsemble(state, len(FEATURE_NAMES))
+            trees = TreeEnsemble(state, len(names))
             valid_rows = is_valid & ok
             valid_logits = trees.decision_function(X[valid_rows])
             if valid_rows.any():
@@ -197,10 +295,12 @@ class GBMMember(Member):
         stopped = f"early stop at iteration {n_iter} of {cfg.model.gbm_max_iter}" \
             if clf.do_early_stopping_ and n_iter < cfg.model.gbm_max_iter else ""
         summary = {"best_epoch": 1, "best_step": n_iter, "epochs_run": 1, "updates": n_iter, "stopped": stopped,
-                   "n_train": int(fit_rows.sum()), "n_trees": trees.n_trees, "n_features": len(FEATURE_NAMES),
+                   "n_train": int(fit_rows.sum()), "n_trees": trees.n_trees, "n_features": len(names),
                    "feature_seconds": t_feat}
-        payload = {"feature_names": list(FEATURE_NAMES), "align_version": ALIGN_VERSION, "n_iter": n_iter,
-                   "state_dict": state}
+        payload = {"feature_names": names, "align_version": ALIGN_VERSION, "n_iter": n_iter, "state_dict": state}
+        if layout.asr_backbones:
+            payload |= {"asr_version": asr.ASR_VERSION,
+                        "asr_weights": [asr_weights(b, asr_device(cfg.device)) for b in layout.asr_backbones]}
         log.info("%s: %d trees", ctx.paths.stem, trees.n_trees)
         return FitResult(dict(zip(meta.loc[valid_rows, "filename"], valid_logits)), payload, summary)
 
@@ -208,7 +308,7 @@ class GBMMember(Member):
         try:
             cfg = RunConfig.from_dict(json.loads(ck["config"]))
             cats = Categories(list(ck["tasks"]), list(ck["grades"]))
-            return GBMPredictor(GBMModel(ck), cfg, cats, json.loads(ck["priors"]))
+            return GBMPredictor(GBMModel(ck, FeatureLayout.of(cfg.model)), cfg, cats, json.loads(ck["priors"]))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # CheckpointError is a RuntimeError
             raise CheckpointError(f"not a usable gbm checkpoint ({exc})") from exc
 
@@ -220,24 +320,31 @@ class GBMModel:
 
     max_frames = None
 
-    def __init__(self, ck: dict):
+    def __init__(self, ck: dict, layout: FeatureLayout):
         names = list(ck["feature_names"])
-        if int(ck.get("align_version", -1)) != ALIGN_VERSION:
+        if layout.alignment and int(ck.get("align_version", -1)) != ALIGN_VERSION:
             raise CheckpointError(f"alignment features version {ck.get('align_version')} != {ALIGN_VERSION} "
                                   f"of this code: retrain the fold")
-        unknown = [n for n in names if n not in FEATURE_NAMES]
+        if layout.asr_backbones and int(ck.get("asr_version", -1)) != asr.ASR_VERSION:
+            raise CheckpointError(f"ASR evidence version {ck.get('asr_version')} != {asr.ASR_VERSION} "
+                                  f"of this code: retrain the fold")
+        expected = layout.names
+        unknown = [n for n in names if n not in expected]
         if unknown:
-            raise CheckpointError(f"trained on features this code does not make: {unknown[:5]}")
+            raise CheckpointError(f"trained on features its config does not make: {unknown[:5]}")
+        self.layout = layout
         self.feature_names = names
-        self.columns = [FEATURE_NAMES.index(n) for n in names]
+        self.columns = [expected.index(n) for n in names]
         self.trees = TreeEnsemble(ck["state_dict"], len(names))
         self.tasks = list(ck["tasks"])
+        self.asr_weights = [str(w) for w in ck.get("asr_weights", [])]
 
-    def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """Logits for the rows of `meta` (NaN where the clip or its reference was unusable),
-        from its precomputed acoustic features (acoustic_table, shared by every gbm model)."""
-        A, ok = acoustic
-        X = np.hstack([A, category_codes(meta, self.tasks)])[:, self.columns]
+    def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
+                asr_tables: list[asr.AsrTable] = ()) -> np.ndarray:
+        """Logits for the rows of `meta` (NaN where a feature block could not be computed), from
+        their precomputed features (shared by every gbm model)."""
+        X, ok = self.layout.table(meta, self.tasks, acoustic, list(asr_tables))
+        X = X[:, self.columns]
         out = np.full(len(meta), np.nan)
         out[ok] = self.trees.decision_function(X[ok])
         return out
@@ -248,20 +355,36 @@ assert FEATURE_NAMES == ACOUSTIC_NAMES + CATEGORY_NAMES
 
 @dataclass
 class GBMPredictor:
-    """A loaded gbm fold; the alignment features of the test rows are computed for the first
-    gbm fold and reused by the others (TestInputs.shared)."""
+    """A loaded gbm fold; the test rows' alignment features and ASR evidence are computed for the
+    first gbm fold that needs them and reused by the others (TestInputs.shared)."""
     model: GBMModel
     cfg: RunConfig
     cats: Categories
     priors: dict
 
     def predict(self, inputs: TestInputs) -> np.ndarray:
-        n_mels = self.cfg.model.n_mels
-        key = ("gbm alignment", self.cfg.tts, n_mels)
-        if key not in inputs.shared:
-            refs = inputs.refs(self.cfg.tts, n_mels)
-            inputs.shared[key] = acoustic_table(inputs.rows, inputs.clips(n_mels), refs,
-                                                alignment_cache_path(inputs.data_dir, refs), inputs.progress)
+        layout = self.model.layout
+        acoustic = None
+        if layout.alignment:
+            n_mels = self.cfg.model.n_mels
+            key = ("gbm alignment", self.cfg.tts, n_mels)
+            if key not in inputs.shared:
+                refs = inputs.refs(self.cfg.tts, n_mels)
+                inputs.shared[key] = acoustic_table(inputs.rows, inputs.clips(n_mels), refs,
+                                                    alignment_cache_path(inputs.data_dir, refs), inputs.progress)
+            acoustic = inputs.shared[key]
+        device = asr_device(inputs.device)
+        if self.model.asr_weights:
+            here = [asr_weights(b, device) for b in layout.asr_backbones]
+            if here != self.model.asr_weights:
+                raise CheckpointError(f"its ASR features came from Whisper weights/settings {self.model.asr_weights}, "
+                                      f"these are {here}: retrain the fold with these weights")
+        tables = []
+        for backbone in layout.asr_backbones:
+            key = ("gbm asr", backbone)
+            if key not in inputs.shared:
+                inputs.shared[key] = asr_evidence(backbone, inputs.rows, inputs.data_dir, device, 0, inputs.progress)
+            tables.append(inputs.shared[key])
         out = np.full(len(inputs.meta), np.nan)
-        out[inputs.rows.index] = self.model.predict(inputs.rows, inputs.shared[key])
+        out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, tables)
         return out
