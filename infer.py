@@ -1,9 +1,13 @@
 """Predict the test set with the fitted ensemble and write submission.csv (works offline).
 
     python infer.py [--data data] [--assets assets] [--out submission.csv] [--device auto] [--time_limit S]
+                    [--explain [FILE]]
 
 Rows and order follow data/submission_format.csv. With data/test_labels.csv present the test
-log loss is printed (ensemble, each model, and the task prior).
+log loss is printed (ensemble, each model, and the task prior). --explain also writes, per row,
+the expected words with Whisper's probability of each, the transcript and the least likely word
+(FILE .csv or .jsonl; default <out>_explain.csv), after the submission: its failure is logged,
+never the submission's.
 """
 import argparse
 import json
@@ -25,6 +29,8 @@ def main():
     p.add_argument("--rows", default=None, help="only the submission rows listed in this CSV (a filename column)")
     add_ray_options(p, unit="shard")  # --ray [ADDRESS]: the rows split over Ray tasks, merged into one --out
     p.add_argument("--ray_shards", type=int, default=None, help="shards with --ray (default: as many as run at once)")
+    p.add_argument("--explain", nargs="?", const="", default=None, metavar="FILE",
+                   help="per-word evidence per row (.csv or .jsonl; default <out>_explain.csv)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -52,9 +58,22 @@ def main():
             print(f"  {m:14} {v:.4f}")
     with open(str(args.out) + ".json", "w") as f:
         json.dump(result, f, indent=1)
+    if args.explain is not None:
+        explain(args)
     if "error" in result:
         print(result["error"], file=sys.stderr)
         sys.exit(2)
+
+
+def explain(args) -> None:
+    """infer.py --explain, after the submission is written: a failure is logged, nothing more."""
+    try:
+        from readaloud.pipeline.explain import explain_path, write_explanations  # here: even a broken import is logged
+        done = write_explanations(args.data, args.assets, args.explain or explain_path(args.out), args.out,
+                                  args.device, progress=not args.no_progress)
+        print(f"wrote {done['explain']}: {done['explained']}/{done['rows']} rows explained ({done['backbone']})")
+    except Exception:
+        logging.exception("--explain failed (the submission is written and unaffected)")
 
 
 if __name__ == "__main__":
