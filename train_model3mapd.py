@@ -1,4 +1,4 @@
-"""Train variant model3mapd (see readaloud/variants.py) on one fold: python train_model3mapd.py --fold 0 --n_folds 6"""
+"""Train variant model3mapd (see readaloud/variants.py) on one fold: python train_model3mapd.py --fold 0 (the fold count is the fold file's)"""
 from readaloud.pipeline.fold_run import train_variant_main
 
 if __name__ == "__main__":
