@@ -55,9 +55,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RAY_PIN = "ray[default]==2.60.0"
 RAY_DIR = ".ray"                 # under assets: the driver's token and each fold's attempt record
 KILLED_EXIT_CODES = (137, 143)   # SIGKILL / SIGTERM as a shell or a container reports them
-# the driver's settings a fold needs wherever it runs (fault hooks, offline hub, tqdm)
+# the driver's settings a fold needs wherever it runs: ours, the offline hub, tqdm, and the kernel
+# pins that keep a fold's bits the same on other x86 processors (make demo sets them)
 FORWARDED_ENV_PREFIXES = ("READALOUD_", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TRANSFORMERS_VERBOSITY",
-                          "TQDM_DISABLE", "WANDB_MODE")
+                          "TQDM_DISABLE", "WANDB_MODE", "ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA")
 ONE_SHOT_FLAGS = ("--force", "--restart")  # a retry that resumes must not repeat them (nor --resume PATH)
 LOCAL_OBJECT_STORE = 256 * 1024 ** 2       # the tasks pass file names and small tables, never weights
 MAX_RETRIES = 3

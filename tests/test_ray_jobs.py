@@ -259,3 +259,15 @@ def test_a_failed_shard_leaves_its_rows_to_the_task_priors(tiny, ensemble, tmp_p
     priors = pd.read_csv(tmp_path / "fallback.csv").set_index("filename")["score"]
     assert sub["score"][8:].tolist() == priors.loc[names[8:]].tolist()
     assert "shard 2/2 (exit 1)" in result["error"] and result["fallback_rows"] == len(names) - 8
+
+
+def test_a_fold_gets_the_drivers_settings_and_its_threads(monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")  # make demo's kernel pin: the same bits on every node
+    monkeypatch.setenv("READALOUD_LAUNCH", "exec")
+    monkeypatch.setenv("SOME_PASSWORD", "not for the cluster")
+    env = ray_jobs.forwarded_env(3)
+    assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["READALOUD_LAUNCH"] == "exec" and "SOME_PASSWORD" not in env
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
+    argv = ray_jobs.fold_argv("model1mean", 2, "/d", "/a", "/t", ["--force"], ["--lr", "1"], 3)
+    assert argv[0].endswith("train_model1mean.py") and argv[1:3] == ["--fold", "2"] and argv[-2:] == ["--threads", "3"]
+    assert ray_jobs.fold_argv("model1mean", 2, "/d", "/a", "/t", [], ["--threads", "1"], 3).count("--threads") == 1
