@@ -49,7 +49,7 @@ from .data import load_submission_format
 from .layout import FoldPaths
 from .metrics import log_loss
 from .pipeline.inference import write_fallback_submission
-from .pipeline.runner import fold_specs, script_for
+from .pipeline.runner import _summary_loss, fold_specs, script_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY_PIN = "ray[default]==2.60.0"
@@ -336,13 +336,6 @@ def _report(cluster: Cluster, ref, job: Submitted) -> dict:
         tqdm.write(f"{job.name}: FAILED (exit {out['code']}) after {out['seconds']:.0f}s on {out['node']}{reason}; "
                    f"log: {job.log}\n{tail}")
     return out
-
-
-def _summary_loss(paths: FoldPaths) -> str:
-    try:
-        return f"{json.loads(paths.summary.read_text())['valid_logloss']:.4f}"
-    except Exception:  # noqa: BLE001 (a display detail: the fold's files are checked elsewhere)
-        return "?"
 
 
 def _status(job: Submitted, started: float) -> str:

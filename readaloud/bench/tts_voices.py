@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from readaloud.whisper.normalise import edit_distance
+
 SENTENCES = [
     "the dog ran to the park",
     "she likes to read books at night",
@@ -81,13 +83,7 @@ def words(text: str) -> list[str]:
 def word_errors(expected: str, heard: str) -> tuple[int, int]:
     """(word edit distance, number of expected words)."""
     a, b = words(expected), words(heard)
-    previous = list(range(len(b) + 1))
-    for i, wa in enumerate(a, 1):
-        current = [i]
-        for j, wb in enumerate(b, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (wa != wb)))
-        previous = current
-    return previous[-1], len(a)
+    return edit_distance(a, b), len(a)
 
 
 def measure(spec: str, asr: WhisperTinyEn, repeats: int) -> dict:
