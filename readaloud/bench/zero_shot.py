@@ -16,12 +16,19 @@ drop, add, other) and how often the transcript equals the expected text where th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.impute import SimpleImputer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from ..checkpoints import atomic_write
 from ..metrics import log_loss
@@ -51,11 +58,6 @@ def read_split(data: Path, part: str) -> pd.DataFrame:
 
 
 def classifiers() -> dict:
-    from sklearn.ensemble import HistGradientBoostingClassifier
-    from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     return {
         "gbm": lambda: HistGradientBoostingClassifier(max_leaf_nodes=6, min_samples_leaf=30, learning_rate=0.05,
                                                       max_iter=150, l2_regularization=1.0, random_state=SEED),
@@ -67,7 +69,6 @@ def classifiers() -> dict:
 def swap_localisation(data: Path, df: pd.DataFrame, words: list[list[tuple[str, float]]]) -> dict | None:
     """On rows whose sentence had one word swapped ("swap" in speakers.csv) and whose audio also
     appears with its own sentence ("own"), how often the least likely expected word is the swapped one."""
-    import hashlib
     if "change" not in df.columns:
         return None
     digest = {name: hashlib.sha1((data / name).read_bytes()).hexdigest()
@@ -88,12 +89,12 @@ def swap_localisation(data: Path, df: pd.DataFrame, words: list[list[tuple[str, 
     return {"rows": total, "least_likely_is_swapped": hits / total if total else None}
 
 
-def evidence(data: Path, df: pd.DataFrame, backbone: str, settings: AsrSettings, threads: int,
-             batch_size: int) -> tuple[np.ndarray, dict]:
+def evidence(data: Path, df: pd.DataFrame, backbone: str, settings: AsrSettings, args) -> tuple[np.ndarray, dict]:
     """The backbone's feature table for `df` (cached) and how long computing it took."""
-    model = WhisperEvidence(backbone, threads=threads, settings=settings)
+    model = WhisperEvidence(backbone, device=args.device, compute_type=args.compute_type, threads=args.threads,
+                            settings=settings)
     start = time.perf_counter()
-    table = asr_table(df, data, model, asr_cache_path(data, model), batch_size=batch_size)
+    table = asr_table(df, data, model, asr_cache_path(data, model), batch_size=args.batch_size)
     seconds = time.perf_counter() - start
     if not table.ok.all():
         bad = df["filename"][~table.ok].tolist()
@@ -107,7 +108,6 @@ def evidence(data: Path, df: pd.DataFrame, backbone: str, settings: AsrSettings,
 
 
 def score(y: np.ndarray, p: np.ndarray, df: pd.DataFrame) -> dict:
-    from sklearn.metrics import roc_auc_score
     out = {"logloss": log_loss(y, p), "auc": float(roc_auc_score(y, p)) if len(set(y)) > 1 else None}
     if "change" in df.columns:
         out["by_change"] = {str(c): log_loss(y[m], p[m]) for c, m in
@@ -127,7 +127,8 @@ def probe(train: pd.DataFrame, test: pd.DataFrame, X_train: np.ndarray, X_test: 
 def markdown(report: dict) -> str:
     lines = [f"# Zero-shot ASR evidence on {report['data']}", "",
              f"{report['n_train']} training rows, {report['n_test']} test rows; window {report['window_s']} s, "
-             f"{report['threads']} threads. Test log loss (AUC); prior = the training base rate.", ""]
+             f"{report['threads']} threads (0: all), compute type {report['compute_type']}. "
+             "Test log loss (AUC); prior = the training base rate.", ""]
     changes = sorted({c for r in report["results"].values() for m in r.values() for c in m.get("by_change", {})})
     head = "| features | classifier | test log loss | AUC |" + "".join(f" {c} |" for c in changes)
     lines += [head, "|" + " --- |" * (4 + len(changes))]
@@ -140,7 +141,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {features} | {name} | {r['logloss']:.4f} | {auc} |" + "".join(
                 f" {r.get('by_change', {}).get(c, float('nan')):.3f} |" for c in changes))
     lines += ["", "| backbone | transcript = expected text (test rows scored 1) | least likely word is the "
-              "swapped one (test swap rows) | evidence time (s, all rows; ~0 when cached) |", "| --- | --- | --- | --- |"]
+              "swapped one (test swap rows) | evidence time (s, all rows; ~0 when cached) |",
+              "| --- | --- | --- | --- |"]
     for backbone, info in report["backbones"].items():
         match = info["test"]["exact_match_when_correct"]
         swap = info["test"]["swap_localisation"] or {}
@@ -159,6 +161,8 @@ def main(argv=None) -> dict:
     p.add_argument("--window_s", type=float, default=AsrSettings.window_s)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: every core this process may use)")
     p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--compute_type", default="auto", help="auto (int8 on CPU, float16 on CUDA) or a CTranslate2 type")
     args = p.parse_args(argv)
     data = Path(args.data)
     out = Path(args.out) if args.out else data / "zero_shot"
@@ -168,8 +172,8 @@ def main(argv=None) -> dict:
     tables, infos = {}, {}
     for backbone in backbones:
         print(f"{backbone}: ASR evidence for {len(train)} training and {len(test)} test rows", flush=True)
-        X_train, info_train = evidence(data, train, backbone, settings, args.threads, args.batch_size)
-        X_test, info_test = evidence(data, test, backbone, settings, args.threads, args.batch_size)
+        X_train, info_train = evidence(data, train, backbone, settings, args)
+        X_test, info_test = evidence(data, test, backbone, settings, args)
         tables[backbone] = (X_train, X_test)
         infos[backbone] = {"train": info_train, "test": info_test}
     feature_sets = {b: tables[b] for b in backbones}
@@ -178,7 +182,7 @@ def main(argv=None) -> dict:
                                                np.hstack([tables[b][1] for b in backbones]))
     base_rate = float(train["score"].mean())
     report = {"data": str(data), "n_train": len(train), "n_test": len(test), "window_s": args.window_s,
-              "threads": args.threads, "backbones": infos,
+              "threads": args.threads, "compute_type": args.compute_type, "backbones": infos,
               "prior": score(test["score"].to_numpy(int), np.full(len(test), base_rate), test),
               "results": {name: probe(train, test, *X) for name, X in feature_sets.items()}}
     out.mkdir(parents=True, exist_ok=True)

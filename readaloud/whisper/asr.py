@@ -31,8 +31,10 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import ctranslate2
 import numpy as np
 import pandas as pd
+import tokenizers
 from tqdm.auto import tqdm
 
 from ..audio import SAMPLE_RATE, AudioError, load_audio
@@ -118,7 +120,6 @@ class AsrTable:
 
 def resolve_device(device: str = "auto", compute_type: str = "auto") -> tuple[str, str]:
     """("cuda", "float16") when a CUDA device is visible (or asked for), else ("cpu", "int8")."""
-    import ctranslate2
     if device == "auto":
         device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
     if device not in ("cpu", "cuda"):
@@ -154,8 +155,6 @@ class WhisperEvidence:
 
     def __init__(self, model: str | Path, device: str = "auto", compute_type: str = "auto",
                  threads: int = 0, settings: AsrSettings = AsrSettings()):
-        import ctranslate2
-        import tokenizers
         self.name = str(model) if str(model) in NAMED_BACKBONES else Path(model).name
         self.model_dir = ct2_model_dir(str(model)) if str(model) in NAMED_BACKBONES else Path(model)
         missing = [n for n in ("model.bin", "config.json", "tokenizer.json") if not (self.model_dir / n).is_file()]
@@ -190,7 +189,6 @@ class WhisperEvidence:
         return np.ascontiguousarray(log_mel(audio, self.params).T)
 
     def encode(self, audios: list[np.ndarray]):
-        import ctranslate2
         mels = np.stack([self.window_features(a) for a in audios])
         return self.model.encode(ctranslate2.StorageView.from_array(mels), to_cpu=True)
 
@@ -208,7 +206,6 @@ class WhisperEvidence:
 
     def token_logprobs(self, encoded: np.ndarray, rows: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
         """Teacher-forced log p of each token sequence given encoder output row rows[k]."""
-        import ctranslate2
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
         todo = [k for k, s in enumerate(sequences) if s]
         if not todo:
@@ -236,7 +233,6 @@ class WhisperEvidence:
         decodes = list(decodes) if decodes is not None else [None] * len(audios)
         need = [i for i, d in enumerate(decodes) if d is None]
         if need:
-            import ctranslate2
             sub = encoded_view if len(need) == len(audios) else \
                 ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[need]))
             for i, d in zip(need, self.decode(sub)):
@@ -370,7 +366,8 @@ def text_comparison(expected: str, transcript: str) -> dict[str, float]:
     e_chars, t_chars = " ".join(e), " ".join(t)
     e_ph = text_units(spoken_text(e), "phoneme") if e else ()
     t_ph = text_units(spoken_text(t), "phoneme") if t else ()
-    word_edits, char_edits, phone_edits = edit_distance(e, t), edit_distance(e_chars, t_chars), edit_distance(e_ph, t_ph)
+    word_edits, char_edits = edit_distance(e, t), edit_distance(e_chars, t_chars)
+    phone_edits = edit_distance(e_ph, t_ph)
     return {"exact_match": float(e == t),
             "word_edits": float(word_edits), "word_edit_rate": word_edits / max(1, len(e)),
             "char_edits": float(char_edits), "char_edit_rate": char_edits / max(1, len(e_chars)),
@@ -514,7 +511,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
                 for text, ev in zip(todo[name], rows):
                     fresh.rows[row_key(name, text)] = found.rows[row_key(name, text)] = ev
         bar.update(len(clip_names[start: start + batch_size]))
-        if cache is not None and fresh.rows and (len(fresh.clips) >= flush_every or start + batch_size >= len(clip_names)):
+        last_batch = start + batch_size >= len(clip_names)
+        if cache is not None and fresh.rows and (len(fresh.clips) >= flush_every or last_batch):
             add_to_asr_cache(Path(cache), fresh)
             fresh = AsrCache()
     bar.close()
@@ -528,7 +526,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     return AsrTable(X, ok, transcripts, words)
 
 
-def clip_evidence(model: WhisperEvidence, audio: np.ndarray, expected: str) -> tuple[list[str], np.ndarray, RowEvidence]:
+def clip_evidence(model: WhisperEvidence, audio: np.ndarray,
+                  expected: str) -> tuple[list[str], np.ndarray, RowEvidence]:
     """(FEATURE_NAMES, float32 feature vector, the full evidence) of one clip and expected text."""
     _, evidence = model.evidence([np.asarray(audio, np.float32)], [[" ".join(str(expected).split())]])
     return list(FEATURE_NAMES), evidence[0][0].features, evidence[0][0]
