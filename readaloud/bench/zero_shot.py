@@ -94,7 +94,7 @@ def evidence(data: Path, df: pd.DataFrame, backbone: str, settings: AsrSettings,
     model = WhisperEvidence(backbone, device=args.device, compute_type=args.compute_type, threads=args.threads,
                             settings=settings)
     start = time.perf_counter()
-    table = asr_table(df, data, model, asr_cache_path(data, model), batch_size=args.batch_size)
+    table = asr_table(df, data, model, asr_cache_path(data, model), batch_size=args.batch_size or None)
     seconds = time.perf_counter() - start
     if not table.ok.all():
         bad = df["filename"][~table.ok].tolist()
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="report folder (default: <data>/zero_shot)")
     p.add_argument("--window_s", type=float, default=AsrSettings.window_s)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: every core this process may use)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=0, help="clips per encoder call (0: 1 on CPU, 16 on CUDA)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--compute_type", default="auto", help="auto (int8 on CPU, float16 on CUDA) or a CTranslate2 type")
     args = p.parse_args(argv)

@@ -48,6 +48,8 @@ from .normalise import (edit_distance, matched_pairs, normalise_tokens, spoken_t
 log = logging.getLogger("readaloud")
 
 ASR_VERSION = 1
+CPU_BATCH = 1    # clips per encoder call on CPU: 30 s windows ran fastest one at a time (2 cores)
+CUDA_BATCH = 16
 LOW_WORD_P = 0.1  # an expected word less likely than this counts as "low" in exp_low_word_frac
 SENTENCE_MARKS = ".?!"
 
@@ -163,6 +165,7 @@ class WhisperEvidence:
                                     f"{', '.join(missing)})")
         self.settings = settings
         self.device, self.compute_type = resolve_device(device, compute_type)
+        self.batch_size = CPU_BATCH if self.device == "cpu" else CUDA_BATCH
         threads = threads if threads > 0 else available_cores()
         self.model = ctranslate2.models.Whisper(str(self.model_dir), device=self.device,
                                                 compute_type=self.compute_type, intra_threads=threads)
@@ -469,11 +472,12 @@ def add_to_asr_cache(path: Path, new: AsrCache) -> None:
 # ---- a whole table ------------------------------------------------------------------------------------
 
 def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, cache: str | Path | None = None,
-              batch_size: int = 8, progress: bool = True, flush_every: int = 256) -> AsrTable:
+              batch_size: int | None = None, progress: bool = True, flush_every: int = 256) -> AsrTable:
     """Evidence for every row of a metadata table (filename, expected_text), in its order.
 
     Rows known to `cache` (asr_cache_path) are read back; the rest are computed in batches of
-    clips (each clip decoded once, whatever the number of its rows) and added to the cache every
+    clips (`batch_size`, default the model's: 1 on CPU, 16 on CUDA; each clip decoded once, whatever
+    the number of its rows) and added to the cache every
     `flush_every` clips, so an interrupted run keeps what it did. A clip that cannot be read, or a
     row without expected text, is left out of `ok` with a warning naming it.
     """
@@ -494,6 +498,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     found = AsrCache(dict(known.clips), dict(known.rows))
     fresh = AsrCache()
     clip_names = list(todo)
+    batch_size = batch_size or model.batch_size
     bar = tqdm(total=len(clip_names), desc=f"ASR evidence ({model.name})", unit="clip",
                disable=not progress or not clip_names)
     for start in range(0, len(clip_names), batch_size):
