@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -92,6 +94,30 @@ def file_lock(path: Path):
         except ImportError:  # no fcntl (Windows): run preprocess.py before parallel training
             pass
         yield
+
+
+def read_npz_cache(path: Path, parse, what: str):
+    """`parse(npz)` of a cache file, or None when there is none or it is damaged (a damaged cache
+    costs a recomputation, never a run)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return parse(z)
+    except Exception as exc:
+        logging.getLogger("readaloud").warning("%s %s is unreadable (%s): recomputing it", what, path, exc)
+        return None
+
+
+def merge_npz_cache(path: Path, read, merge, arrays) -> None:
+    """Read the cache under its lock, `merge` the new rows into what `read` gave, and replace the
+    file atomically with `arrays(merged)`, so parallel processes never lose each other's rows."""
+    with file_lock(path.with_name(f".{path.name}.lock")):
+        table = read(path)
+        merge(table)
+        buf = io.BytesIO()
+        np.savez(buf, **arrays(table))
+        atomic_write(path, buf.getvalue())
 
 
 class FeatureStore:

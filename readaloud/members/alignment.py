@@ -24,7 +24,6 @@ takes a few milliseconds.
 """
 from __future__ import annotations
 
-import io
 import logging
 import math
 import re
@@ -35,8 +34,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..checkpoints import atomic_write
-from ..features import file_lock
+from ..features import merge_npz_cache, read_npz_cache
 from ..layout import alignment_cache_path as layout_alignment_cache_path
 from ..text import normalise_text, text_units
 
@@ -362,28 +360,20 @@ def alignment_cache_path(data_dir: str | Path, refs) -> Path:
     return layout_alignment_cache_path(data_dir, ALIGN_VERSION, refs.root.name, refs.params.key())
 
 
+def _parse_table(z) -> dict[str, np.ndarray]:
+    keys, X = z["keys"], z["X"]
+    if X.shape != (len(keys), len(ACOUSTIC_NAMES)):
+        raise ValueError(f"table of shape {X.shape} for {len(keys)} keys")
+    return dict(zip(keys.tolist(), X))
+
+
 def _read_cache(path: Path) -> dict[str, np.ndarray]:
-    if not path.exists():
-        return {}
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys, X = z["keys"], z["X"]
-        if X.shape != (len(keys), len(ACOUSTIC_NAMES)):
-            raise ValueError(f"table of shape {X.shape} for {len(keys)} keys")
-        return dict(zip(keys.tolist(), X))
-    except Exception as exc:  # a damaged cache costs a recomputation, never a run
-        log.warning("alignment cache %s is unreadable (%s): recomputing it", path, exc)
-        return {}
+    return read_npz_cache(path, _parse_table, "alignment cache") or {}
 
 
 def _add_to_cache(path: Path, rows: dict[str, np.ndarray]) -> None:
-    """Merge under a lock and replace atomically, so parallel folds never lose each other's rows."""
-    with file_lock(path.with_name(f".{path.name}.lock")):
-        table = _read_cache(path)
-        table.update(rows)
-        buf = io.BytesIO()
-        np.savez(buf, keys=np.array(list(table), dtype=str), X=np.stack(list(table.values())))
-        atomic_write(path, buf.getvalue())
+    merge_npz_cache(path, _read_cache, lambda table: table.update(rows),
+                    lambda table: {"keys": np.array(list(table), dtype=str), "X": np.stack(list(table.values()))})
 
 
 def grade_code(g: str) -> float:

@@ -23,7 +23,6 @@ pass per (clip, expected text).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -38,8 +37,7 @@ import tokenizers
 from tqdm.auto import tqdm
 
 from ..audio import SAMPLE_RATE, AudioError, load_audio
-from ..checkpoints import atomic_write
-from ..features import FeatureParams, file_lock, log_mel
+from ..features import FeatureParams, log_mel, merge_npz_cache, read_npz_cache
 from ..layout import cache_dir
 from ..text import text_units
 from .backbones import NAMED_BACKBONES, ct2_model_dir
@@ -424,49 +422,47 @@ class AsrCache:
     rows: dict[str, RowEvidence] = field(default_factory=dict)
 
 
+def _parse_asr_cache(z) -> AsrCache:
+    names = z["feature_names"].tolist()
+    if names != FEATURE_NAMES:
+        raise ValueError("written with other feature names")
+    clip_keys, clip_text, clip_ids, clip_stats = z["clip_keys"], z["clip_text"], z["clip_ids"], z["clip_stats"]
+    row_keys, row_x, row_words = z["row_keys"], z["row_X"], z["row_words"]
+    if clip_stats.shape != (len(clip_keys), len(CLIP_STATS)) or row_x.shape != (len(row_keys), len(names)):
+        raise ValueError(f"tables of shape {clip_stats.shape} and {row_x.shape} for "
+                         f"{len(clip_keys)} clips and {len(row_keys)} rows")
+    clips = {k: ClipDecode(t, json.loads(ids), dict(zip(CLIP_STATS, map(float, s))))
+             for k, t, ids, s in zip(clip_keys.tolist(), clip_text.tolist(), clip_ids.tolist(), clip_stats)}
+    rows = {}
+    for k, x, words in zip(row_keys.tolist(), row_x, row_words.tolist()):
+        rows[k] = RowEvidence(x.astype(np.float32), [(w, float(p)) for w, p in json.loads(words)],
+                              clips[k.split("\t", 1)[0]].transcript)
+    return AsrCache(clips, rows)
+
+
 def read_asr_cache(path: Path) -> AsrCache:
-    if not path.exists():
-        return AsrCache()
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            names = z["feature_names"].tolist()
-            if names != FEATURE_NAMES:
-                raise ValueError("written with other feature names")
-            clip_keys, clip_text, clip_ids, clip_stats = z["clip_keys"], z["clip_text"], z["clip_ids"], z["clip_stats"]
-            row_keys, row_x, row_words = z["row_keys"], z["row_X"], z["row_words"]
-        if clip_stats.shape != (len(clip_keys), len(CLIP_STATS)) or row_x.shape != (len(row_keys), len(names)):
-            raise ValueError(f"tables of shape {clip_stats.shape} and {row_x.shape} for "
-                             f"{len(clip_keys)} clips and {len(row_keys)} rows")
-        clips = {k: ClipDecode(t, json.loads(ids), dict(zip(CLIP_STATS, map(float, s))))
-                 for k, t, ids, s in zip(clip_keys.tolist(), clip_text.tolist(), clip_ids.tolist(), clip_stats)}
-        rows = {}
-        for k, x, words in zip(row_keys.tolist(), row_x, row_words.tolist()):
-            rows[k] = RowEvidence(x.astype(np.float32), [(w, float(p)) for w, p in json.loads(words)],
-                                  clips[k.split("\t", 1)[0]].transcript)
-        return AsrCache(clips, rows)
-    except Exception as exc:  # a damaged cache costs a recomputation, never a run
-        log.warning("ASR evidence cache %s is unreadable (%s): recomputing it", path, exc)
-        return AsrCache()
+    return read_npz_cache(path, _parse_asr_cache, "ASR evidence cache") or AsrCache()
+
+
+def _asr_cache_arrays(table: AsrCache) -> dict[str, np.ndarray]:
+    clips, rows = table.clips, table.rows
+    return dict(feature_names=np.array(FEATURE_NAMES, dtype=str),
+                clip_keys=np.array(list(clips), dtype=str),
+                clip_text=np.array([c.transcript for c in clips.values()], dtype=str),
+                clip_ids=np.array([json.dumps(c.token_ids) for c in clips.values()], dtype=str),
+                clip_stats=np.array([[c.stats.get(s, np.nan) for s in CLIP_STATS] for c in clips.values()],
+                                    np.float32).reshape(len(clips), len(CLIP_STATS)),
+                row_keys=np.array(list(rows), dtype=str),
+                row_X=np.array([r.features for r in rows.values()], np.float32).reshape(len(rows), len(FEATURE_NAMES)),
+                row_words=np.array([json.dumps(r.words) for r in rows.values()], dtype=str))
 
 
 def add_to_asr_cache(path: Path, new: AsrCache) -> None:
     """Merge under a lock and replace atomically, so parallel processes never lose each other's rows."""
-    with file_lock(path.with_name(f".{path.name}.lock")):
-        table = read_asr_cache(path)
+    def merge(table: AsrCache) -> None:
         table.clips.update(new.clips)
         table.rows.update(new.rows)
-        clips, rows = table.clips, table.rows
-        buf = io.BytesIO()
-        np.savez(buf, feature_names=np.array(FEATURE_NAMES, dtype=str),
-                 clip_keys=np.array(list(clips), dtype=str),
-                 clip_text=np.array([c.transcript for c in clips.values()], dtype=str),
-                 clip_ids=np.array([json.dumps(c.token_ids) for c in clips.values()], dtype=str),
-                 clip_stats=np.array([[c.stats.get(s, np.nan) for s in CLIP_STATS] for c in clips.values()],
-                                     np.float32).reshape(len(clips), len(CLIP_STATS)),
-                 row_keys=np.array(list(rows), dtype=str),
-                 row_X=np.array([r.features for r in rows.values()], np.float32).reshape(len(rows), len(FEATURE_NAMES)),
-                 row_words=np.array([json.dumps(r.words) for r in rows.values()], dtype=str))
-        atomic_write(path, buf.getvalue())
+    merge_npz_cache(path, read_asr_cache, merge, _asr_cache_arrays)
 
 
 # ---- a whole table ------------------------------------------------------------------------------------
