@@ -174,29 +174,33 @@ def linear(x, w, name):
     return x @ w[f"{name}/weight"].T + w[f"{name}/bias"]
 
 
+def self_attention_block(x, w, p, causal):
+    """x plus the pre-norm self-attention of layer p (q|k|v fused in linear_0)."""
+    h = layer_norm(x, w, f"{p}/self_attention/layer_norm")
+    q, k, v = np.split(linear(h, w, f"{p}/self_attention/linear_0"), 3, axis=-1)
+    return x + linear(attention(q, k, v, causal), w, f"{p}/self_attention/linear_1")
+
+
+def ffn_block(x, w, p):
+    h = layer_norm(x, w, f"{p}/ffn/layer_norm")
+    return x + linear(gelu(linear(h, w, f"{p}/ffn/linear_0")), w, f"{p}/ffn/linear_1")
+
+
 def reference(w, mel, tokens):
     """(encoder output [SOURCE_POS, D], logits [len(tokens), VOCAB]) straight from the CT2 weights."""
     x = gelu(conv1d(gelu(conv1d(mel, w, "encoder/conv1", 1)), w, "encoder/conv2", 2)).T
     x = x + w["encoder/position_encodings/encodings"]
     for i in range(ENC_LAYERS):
-        p = f"encoder/layer_{i}"
-        h = layer_norm(x, w, f"{p}/self_attention/layer_norm")
-        q, k, v = np.split(linear(h, w, f"{p}/self_attention/linear_0"), 3, axis=-1)
-        x = x + linear(attention(q, k, v, False), w, f"{p}/self_attention/linear_1")
-        h = layer_norm(x, w, f"{p}/ffn/layer_norm")
-        x = x + linear(gelu(linear(h, w, f"{p}/ffn/linear_0")), w, f"{p}/ffn/linear_1")
+        x = ffn_block(self_attention_block(x, w, f"encoder/layer_{i}", False), w, f"encoder/layer_{i}")
     encoded = layer_norm(x, w, "encoder/layer_norm")
     y = w["decoder/embeddings/weight"][tokens] + w["decoder/position_encodings/encodings"][:len(tokens)]
     for i in range(DEC_LAYERS):
         p = f"decoder/layer_{i}"
-        h = layer_norm(y, w, f"{p}/self_attention/layer_norm")
-        q, k, v = np.split(linear(h, w, f"{p}/self_attention/linear_0"), 3, axis=-1)
-        y = y + linear(attention(q, k, v, True), w, f"{p}/self_attention/linear_1")
+        y = self_attention_block(y, w, p, True)
         h = layer_norm(y, w, f"{p}/attention/layer_norm")
         k, v = np.split(linear(encoded, w, f"{p}/attention/linear_1"), 2, axis=-1)
         y = y + linear(attention(linear(h, w, f"{p}/attention/linear_0"), k, v, False), w, f"{p}/attention/linear_2")
-        h = layer_norm(y, w, f"{p}/ffn/layer_norm")
-        y = y + linear(gelu(linear(h, w, f"{p}/ffn/linear_0")), w, f"{p}/ffn/linear_1")
+        y = ffn_block(y, w, p)
     return encoded, layer_norm(y, w, "decoder/layer_norm") @ w["decoder/embeddings/weight"].T
 
 
