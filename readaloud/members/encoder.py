@@ -129,6 +129,8 @@ class SpeechEncoderModel(nn.Module):
     in `loss_parts` (logged as train_<part>).
     """
     loss_parts: tuple[str, ...] = ("bce", "ctc", "bag")
+    # the network can read its frozen layers' cached outputs of each half (FrozenPairDataset)
+    reads_frozen_halves: bool = False
 
     def __init__(self, cfg: ModelConfig, whisper_config: WhisperConfig | None = None,
                  encoder: WhisperEncoder | None = None):

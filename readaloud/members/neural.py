@@ -58,7 +58,7 @@ def pair_dataset(meta, clips, refs, vocab: Vocab, cats: Categories, model: Speec
                  cfg: RunConfig, cache_frozen: bool = True, progress: bool = True) -> PairDataset:
     """The rows of `meta` as the network reads them: the frozen layers' cached outputs when the
     pair has frozen layers and no input augmentation (and `cache_frozen`), else log-mels."""
-    if cache_frozen and cfg.model.arch == "pair" and frozen_cache_usable(cfg):
+    if cache_frozen and model.reads_frozen_halves and frozen_cache_usable(cfg):
         return FrozenPairDataset(meta, clips, refs, vocab, cats, model, cfg.model.pause_frames, progress)
     return PairDataset(meta, clips, refs, vocab, cats, model.max_frames, cfg.model.pause_frames,
                        model.frames_per_position)

@@ -34,6 +34,7 @@ BAG_SHARPNESS = 5.0  # presence = a smooth maximum over time of a phoneme's fram
 
 class PairClassifier(SpeechEncoderModel):
     """P(score = 1 | TTS reference, response, task, grade), plus CTC log-probs."""
+    reads_frozen_halves = True  # the frozen part runs on each half alone (encode_pair)
 
     def __init__(self, cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
                  whisper_config: WhisperConfig | None = None, encoder: WhisperEncoder | None = None):
