@@ -19,7 +19,8 @@ class ModelConfig:
     arch: str = "pair"             # the member family (members/registry.py): pair: encoder over
                                    # [TTS | pause | response] + classifier (members/pair.py); encdec: 1st-place
                                    # encoder-decoder teacher-forced on expected_text; gbm: gradient
-                                   # boosting on alignment features (no neural network)
+                                   # boosting on alignment features (no neural network); whisperdec: a
+                                   # pretrained Whisper's decoder teacher-forced on it (members/decoder.py)
     backbone: str = ""             # "" = small randomly initialised Whisper below; else path or hub id
     d_model: int = 128             # encoder width (ignored with a backbone)
     encoder_layers: int = 3
@@ -49,6 +50,9 @@ class ModelConfig:
     match_dim: int = 64            # learned projection the similarities are measured in
     # encdec only
     decoder_layers: int = 2        # transformer decoder layers over the expected text's tokens
+    # whisperdec only (members/decoder.py: a real Whisper's decoder teacher-forced on the expected text)
+    decoder_frozen_layers: int = 0     # the lowest N decoder layers do not train (token/position embeddings never do)
+    memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)
     # gbm only (scikit-learn HistGradientBoostingClassifier on alignment features)
     gbm_max_iter: int = 300
     gbm_learning_rate: float = 0.05
@@ -201,6 +205,8 @@ def validate(cfg: RunConfig) -> None:
         owner, f = leaves[path]
         if getattr(owner, f.name) <= 0:
             raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")
+    if cfg.model.decoder_frozen_layers < 0:
+        raise ConfigError(f"--model.decoder_frozen_layers must be 0 or more, got {cfg.model.decoder_frozen_layers!r}")
     if cfg.model.freeze_layers < 0:
         raise ConfigError(f"--model.freeze_layers must be 0 or more, got {cfg.model.freeze_layers!r}")
 

@@ -28,6 +28,8 @@ def test_variant_forward_backward(variant, root):
     cfg = variant_config(variant)
     if cfg.model.arch == "gbm":
         pytest.skip("gradient boosting, no network: see tests/test_gbm.py")
+    if cfg.model.arch == "whisperdec":
+        pytest.skip("reads cached Whisper encodings and BPE tokens, not pairs: see tests/test_whisper_decoder.py")
     model = build_model(cfg.model, n_tasks=3, n_grades=4, vocab_size=8)
     batch = collate(tiny_items())
     batch["ctc_response"] = batch["label"] > 0.5

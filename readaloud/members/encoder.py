@@ -41,7 +41,12 @@ def small_whisper_config(cfg: ModelConfig) -> WhisperConfig:
 
 
 def load_pretrained_encoder(backbone: str, assets: str | Path = "assets") -> WhisperEncoder:
-    """The encoder of a Whisper checkpoint, through `from_pretrained`.
+    """The encoder of a Whisper checkpoint (see load_pretrained_whisper)."""
+    return load_pretrained_whisper(backbone, assets).get_encoder()
+
+
+def load_pretrained_whisper(backbone: str, assets: str | Path = "assets"):
+    """A Whisper checkpoint's WhisperModel (encoder and decoder), through `from_pretrained`, sdpa attention.
 
     `backbone` goes through whisper.backbones.transformers_dir: a named backbone
     (whisper-tiny.en, whisper-base) or a CTranslate2 folder is converted once under
@@ -61,9 +66,8 @@ def load_pretrained_encoder(backbone: str, assets: str | Path = "assets") -> Whi
                 raise OSError(f"backbone {backbone!r}: not a local folder and not in the Hugging Face "
                               f"cache, and HF_HUB_OFFLINE is set") from None
             model = WhisperModel.from_pretrained(resolved)
-    encoder = model.get_encoder()
-    encoder.config._attn_implementation = "sdpa"
-    return encoder
+    model.config._attn_implementation = "sdpa"
+    return model
 
 
 class FeatureScaler(nn.Module):
@@ -131,6 +135,8 @@ class SpeechEncoderModel(nn.Module):
     loss_parts: tuple[str, ...] = ("bce", "ctc", "bag")
     # the network can read its frozen layers' cached outputs of each half (FrozenPairDataset)
     reads_frozen_halves: bool = False
+    # parameters under these prefixes come from the backbone: they learn at --lr, the rest at lr x head_lr_scale
+    pretrained_prefixes: tuple[str, ...] = ("encoder.",)
 
     def __init__(self, cfg: ModelConfig, whisper_config: WhisperConfig | None = None,
                  encoder: WhisperEncoder | None = None):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..checkpoints import CheckpointError
 from ..config import RunConfig
-from ..prep.dataset import Categories, PairDataset, bucket_batches, collate, to_device
+from ..prep.dataset import Categories, PairDataset, bucket_batches, to_device
 from ..text import Vocab
 from .base import FitContext, FitResult, FoldData, Member, TestInputs
 from .encoder import SpeechEncoderModel, build_network, whisper_config_dict
@@ -48,7 +48,7 @@ def predict_logits(model, dataset: PairDataset, device: torch.device, batch_max_
     out = np.zeros(len(dataset), dtype=np.float64)
     batches = bucket_batches(dataset.lengths, batch_max_frames, max_batch, shuffle=False)
     for idx in tqdm(batches, desc="predict", disable=not progress, leave=False):
-        batch = to_device(collate([dataset.item(i) for i in idx]), device)
+        batch = to_device(dataset.collate([dataset.item(i) for i in idx]), device)
         with autocast(device):
             out[idx] = model(batch)["logits"].float().cpu().numpy()
     return out
@@ -98,6 +98,10 @@ class NeuralMember(Member):
         model = build_network(self.model_class, cfg.model, len(data.cats.tasks), len(data.cats.grades), len(vocab))
         self.warm_start(model, vocab, cfg)
         return model, vocab
+
+    def dataset(self, meta, data: FoldData, model: SpeechEncoderModel, vocab: Vocab):
+        """The rows of `meta` (a part of the fold) as this family's network reads them in training."""
+        return pair_dataset(meta, data.clips, data.refs, vocab, data.cats, model, data.cfg)
 
     def warm_start(self, model: SpeechEncoderModel, vocab: Vocab, cfg: RunConfig) -> None:
         """Start the new heads from what the backbone brings, if the family knows how."""

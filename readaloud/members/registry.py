@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..config import ConfigError, ModelConfig, RunConfig
 from .base import Member
+from .decoder import WhisperDecoderMember
 from .encdec import EncDecMember
 from .encoder import SpeechEncoderModel, build_network
 from .gbm import GBMMember
@@ -18,6 +19,7 @@ FAMILIES: dict[str, type[Member]] = {m.family: m for m in (
     PairMember,
     EncDecMember,
     GBMMember,
+    WhisperDecoderMember,
 )}
 
 

@@ -32,9 +32,9 @@ from ..checkpoints import atomic_csv, atomic_save, atomic_write, safe_load
 from ..layout import retrain_command
 from ..metrics import log_loss, sigmoid
 from ..prep.augment import Augmenter
-from ..prep.dataset import SpecAugment, bucket_batches, collate, to_device
+from ..prep.dataset import SpecAugment, bucket_batches, to_device
 from ..members.base import FitContext, FitResult, FoldData
-from ..members.neural import NeuralMember, autocast, pair_dataset, pick_device, predict_logits
+from ..members.neural import NeuralMember, autocast, pick_device, predict_logits
 from .batches import BatchesAhead
 from .tracking import Trackers
 
@@ -103,8 +103,8 @@ class NetworkTrainer:
         seed_everything(data.seed)
         model, self.vocab = self.member.build(data)
         self.model = model
-        self.train_ds = pair_dataset(data.train_meta, data.clips, data.refs, self.vocab, data.cats, model, cfg)
-        self.valid_ds = pair_dataset(data.valid_meta, data.clips, data.refs, self.vocab, data.cats, model, cfg)
+        self.train_ds = self.member.dataset(data.train_meta, data, model, self.vocab)
+        self.valid_ds = self.member.dataset(data.valid_meta, data, model, self.vocab)
         log.info("fold %d: %d train / %d valid clips, %d phoneme tokens, %s, %.1fM parameters",
                  data.fold, len(self.train_ds), len(self.valid_ds), len(self.vocab) - 1, device,
                  sum(p.numel() for p in model.parameters()) / 1e6)
@@ -113,7 +113,8 @@ class NetworkTrainer:
         groups: dict[tuple[bool, bool], list] = {}
         for n, p in model.named_parameters():
             if p.requires_grad:  # (new part of the model?, decayed?)
-                groups.setdefault((not n.startswith("encoder."), p.ndim >= 2 and "emb" not in n), []).append(p)
+                groups.setdefault((not n.startswith(model.pretrained_prefixes), p.ndim >= 2 and "emb" not in n),
+                                  []).append(p)
         self.optimizer = torch.optim.AdamW(
             [{"params": ps, "lr": oc.lr * (oc.head_lr_scale if new else 1.0),
               "weight_decay": oc.weight_decay if decay else 0.0} for (new, decay), ps in sorted(groups.items())],
@@ -184,7 +185,7 @@ class NetworkTrainer:
         """Training batch `bi` of the epoch, augmented with its own generator: resumable anywhere."""
         cfg, dc, idx = self.cfg, self.cfg.data, batches[bi]
         rng = np.random.default_rng([cfg.seed, self.data.fold, epoch, bi])
-        batch = collate([self.augmenter(self.train_ds.item(i), rng) for i in idx], self.spec_aug, rng)
+        batch = self.train_ds.collate([self.augmenter(self.train_ds.item(i), rng) for i in idx], self.spec_aug, rng)
         if dc.task_dropout > 0:
             drop = torch.from_numpy(rng.random(len(idx)) < dc.task_dropout)
             batch["task"] = batch["task"].masked_fill(drop, 0)

@@ -59,6 +59,10 @@ class PairDataset:
     def __len__(self) -> int:
         return len(self.meta)
 
+    def collate(self, items: list[dict], spec_augment=None, rng: np.random.Generator | None = None) -> dict:
+        """Items of this dataset as one batch (a dataset of other items brings its own)."""
+        return collate(items, spec_augment, rng)
+
     def _layout(self, i: int) -> tuple[int, int, int, int]:
         """(reference, pause, response, total) frames: each a multiple of the frames behind
         one encoder position (so the halves never share a position), total <= max_frames."""

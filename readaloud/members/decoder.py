@@ -1,0 +1,425 @@
+"""A real Whisper's decoder teacher-forced on the expected text (`model.arch = "whisperdec"`): the
+1st-place design of the "Goodnight Moon" challenge on pretrained weights.
+
+The encoder (whisper-tiny.en, whisper-base, any --backbone) is frozen entirely and runs once per
+clip on Whisper's 30 s padded window (real-length input wrecks its transcripts); its output is
+cached in float16 (`EncoderCache`, a FeatureStore beside the clip features, named by a hash of the
+encoder's weights and the input settings), so an epoch runs only the decoder and the head.
+
+The decoder reads the English prompt (English-only model: <|startoftranscript|><|notimestamps|>;
+multilingual: <|startoftranscript|><|en|><|transcribe|><|notimestamps|>; ids from the backbone's
+tokenizer) + the expected text as Whisper writes it (whisper/asr.py render_expected: a leading
+space, the first letter capitalised, then ".") and predicts each expected token and the end of
+text. Per token: log p of the expected token, its margin over the best other token, the entropy;
+pooled (mean, min, max) with the mean of the decoder's last states -> MLP with task and grade
+embeddings -> one logit. The loss is BCE on the score + ctc_weight x the token cross-entropy of
+the expected text on clips scored 1 (it teaches the decoder children's voices). The decoder's
+layers train at --lr (the lowest decoder_frozen_layers do not; its embeddings never do), the
+head at lr x head_lr_scale.
+
+Cutting the cached encoder output to the clip + `memory_margin_s` (the decoder's cross-attention
+then sees only those positions; Whisper still encoded the 30 s window). Measured on 30 clips of the
+children's set (tiny.en, 2 busy CPU threads; encoder 1.23 s per 30 s window), the pretrained
+decoder's mean log p of the expected text against all 1500 positions:
+
+    kept          positions  correlation  mean |diff|  token |diff|  decoder forward
+    all 30 s        1500       1            0            0             449 ms/clip
+    clip + 0 s       176       0.963        0.44         0.55          346 ms/clip
+    clip + 0.5 s     201       0.981        0.28         0.38          346 ms/clip
+    clip + 1 s       226       0.984        0.25         0.35          301 ms/clip
+    clip + 2 s       276       0.986        0.22         0.31          334 ms/clip
+
+Chosen: clip + 1 s (default). It keeps 15% of the positions (cache 1.15 MB -> 0.17 MB a clip for
+tiny.en, 1.4 GB -> 0.2 GB for the children's 1200 clips) and the cross-attention's keys and values,
+which train and are recomputed every epoch, cost ~6x less; the log p it yields ranks clips like the
+full window's (0.984), though each token moves by ~0.35 nats, which fine-tuning on the cut memory
+absorbs. Margins past 1 s buy little agreement. `--memory_margin_s -1` keeps the whole window
+(where a GPU makes the cost moot).
+
+The decoder runs in our own loop like members/encdec.py, so the cross-attention gets a padding
+mask (WhisperDecoder.forward, transformers 5.23, hands its layers none).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import tokenizers
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import WhisperConfig
+from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
+
+from ..audio import SAMPLE_RATE, AudioError, load_audio
+from ..checkpoints import CheckpointError
+from ..config import ConfigError, ModelConfig, RunConfig
+from ..features import FeatureParams, FeatureStore, log_mel
+from ..layout import cache_dir
+from ..prep.dataset import Categories
+from ..prep.prepare import TrainingInputs
+from ..text import Vocab
+from ..whisper.asr import render_expected
+from ..whisper.backbones import transformers_dir
+from .base import FoldData, TestInputs
+from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
+from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
+
+log = logging.getLogger("readaloud.train")
+ENCODER_CACHE_VERSION = 1
+WINDOW_S = 30.0              # Whisper's input window
+POSITION_S = 0.02            # one encoder position
+N_TOKEN_FEATURES = 9
+MAX_TEXT_TOKENS = 200        # longer expected texts are cut (the decoder has 448 positions)
+
+
+# ---- the encoder's cached output ------------------------------------------------------------------
+
+def encoder_weights_key(encoder: WhisperEncoder) -> str:
+    """A hash of the encoder's weights: another backbone is another cache."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(encoder.state_dict().items()):
+        h.update(f"{name}{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class EncoderCacheParams:
+    """What a cached row means (FeatureStore keys its files on `key()`)."""
+    width: int                 # d_model
+    weights_key: str
+    n_input_mels: int
+    window_s: float
+    margin_s: float            # < 0: all positions of the window
+    version: int = ENCODER_CACHE_VERSION
+
+    @property
+    def n_mels(self) -> int:
+        """The row width, under the name FeatureStore reads."""
+        return self.width
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def kept_positions(n_samples: int, margin_s: float, n_positions: int) -> int:
+    """Encoder positions kept of a clip of n_samples: the clip + margin (all when margin < 0)."""
+    if margin_s < 0:
+        return n_positions
+    return max(1, min(n_positions, math.ceil((n_samples / SAMPLE_RATE + margin_s) / POSITION_S)))
+
+
+class EncoderCache:
+    """The frozen encoder's output per clip, [positions, D] float16, in <data>/cache."""
+
+    def __init__(self, encoder: WhisperEncoder, data_dir: str | Path, margin_s: float, device: torch.device):
+        self.encoder, self.data_dir, self.margin_s, self.device = encoder, Path(data_dir), margin_s, device
+        cfg = encoder.config
+        self.n_positions = cfg.max_source_positions
+        self.mel_params = FeatureParams(n_mels=cfg.num_mel_bins)
+        params = EncoderCacheParams(width=cfg.d_model, weights_key=encoder_weights_key(encoder),
+                                    n_input_mels=cfg.num_mel_bins, window_s=WINDOW_S, margin_s=float(margin_s))
+        self.store = FeatureStore(cache_dir(data_dir), f"whisperenc_{params.weights_key}", params)
+
+    def __contains__(self, filename: str) -> bool:
+        return filename in self.store
+
+    def get(self, filename: str) -> np.ndarray:
+        return self.store.get(filename)
+
+    def length(self, filename: str) -> int:
+        return self.store.length(filename)
+
+    def window(self, audio: np.ndarray) -> np.ndarray:
+        """[n_mels, frames] log-mel of the audio zero-padded (or cut) to Whisper's window."""
+        n = int(WINDOW_S * SAMPLE_RATE)
+        audio = np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32)
+        return np.ascontiguousarray(log_mel(audio, self.mel_params).T)
+
+    def ensure(self, filenames, progress: bool = True) -> int:
+        """Encode every clip not cached yet; returns how many were computed. Unreadable clips are
+        left out with a warning naming them (the datasets then skip their rows)."""
+        todo = [f for f in dict.fromkeys(filenames) if f not in self.store]
+        if not todo:
+            return 0
+        return self.store.add_many(self._outputs(todo, progress))
+
+    def _outputs(self, names: list[str], progress: bool):
+        batch_size = 16 if self.device.type == "cuda" else 1  # 30 s windows: one at a time is fastest on CPU
+        encoder, home = self.encoder, next(self.encoder.parameters()).device
+        was_training = encoder.training
+        encoder.to(self.device).eval()
+        bar = tqdm(total=len(names), desc="Whisper encoder", unit="clip", disable=not progress, leave=False)
+        try:
+            for start in range(0, len(names), batch_size):
+                keys, mels, sizes = [], [], []
+                for name in names[start: start + batch_size]:
+                    try:
+                        audio = load_audio(self.data_dir / name)
+                    except AudioError as exc:
+                        log.warning("no Whisper encoding for %s: %s", name, exc)
+                        continue
+                    keys.append(name)
+                    mels.append(self.window(audio))
+                    sizes.append(audio.size)
+                if keys:
+                    with torch.inference_mode():
+                        hidden = encoder(torch.from_numpy(np.stack(mels)).to(self.device)).last_hidden_state
+                    hidden = hidden.float().cpu().numpy()
+                    for b, key in enumerate(keys):
+                        n = kept_positions(sizes[b], self.margin_s, hidden.shape[1])
+                        yield key, hidden[b, :n].astype(np.float16)
+                bar.update(len(names[start: start + batch_size]))
+        finally:
+            bar.close()
+            encoder.to(home).train(was_training)
+
+
+# ---- the network ------------------------------------------------------------------------------------
+
+def backbone_tokenizer_json(backbone: str) -> str:
+    """The backbone's tokenizer.json as text (saved in checkpoints, so inference needs no backbone)."""
+    resolved = transformers_dir(backbone)
+    path = Path(resolved) / "tokenizer.json"
+    if path.is_file():
+        return path.read_text()
+    from transformers import WhisperTokenizerFast
+    return WhisperTokenizerFast.from_pretrained(resolved).backend_tokenizer.to_str()
+
+
+class WhisperDecoderClassifier(SpeechEncoderModel):
+    """P(score = 1 | the clip's cached Whisper encoding, the expected text's tokens, task, grade)."""
+    pretrained_prefixes = ("encoder.", "decoder.")
+
+    def __init__(self, cfg: ModelConfig, n_tasks: int, n_grades: int, vocab_size: int,
+                 whisper_config: WhisperConfig | None = None, encoder: WhisperEncoder | None = None,
+                 decoder: WhisperDecoder | None = None, tokenizer_json: str = ""):
+        if whisper_config is None and encoder is None:
+            raise ConfigError("model.arch whisperdec teacher-forces a pretrained Whisper's decoder: give a --backbone "
+                              "(whisper-tiny.en, whisper-base, a Whisper folder or hub id)")
+        super().__init__(cfg, whisper_config, encoder)
+        self.encoder.requires_grad_(False)  # run once per clip and cached (EncoderCache)
+        if decoder is None:
+            decoder = (WhisperDecoder(self.whisper_config) if whisper_config is not None
+                       else load_pretrained_whisper(cfg.backbone).get_decoder())
+        self.decoder = decoder
+        n_layers = len(decoder.layers)
+        if cfg.decoder_frozen_layers > n_layers:
+            raise ValueError(f"--decoder_frozen_layers {cfg.decoder_frozen_layers}: the decoder has {n_layers} layers")
+        for module in (decoder.embed_tokens, decoder.embed_positions, *decoder.layers[: cfg.decoder_frozen_layers]):
+            module.requires_grad_(False)
+        dim = self.whisper_config.d_model
+        self.task_emb = nn.Embedding(n_tasks + 1, cfg.task_dim)   # index 0: unknown
+        self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
+        self.token_norm = FeatureScaler(N_TOKEN_FEATURES)
+        self.head = make_head(cfg, dim + cfg.task_dim + cfg.grade_dim + N_TOKEN_FEATURES)
+        self.evidence_head = nn.Linear(N_TOKEN_FEATURES, 1)  # direct path: usable from the first updates
+        self.tokenizer_json = ""
+        if tokenizer_json or whisper_config is None:
+            self.set_tokenizer(tokenizer_json or backbone_tokenizer_json(cfg.backbone))
+
+    # ---- tokens ---------------------------------------------------------------------------------
+    def set_tokenizer(self, tokenizer_json: str) -> None:
+        self.tokenizer_json = tokenizer_json
+        self.tokenizer = tokenizers.Tokenizer.from_str(tokenizer_json)
+        multilingual = self.whisper_config.vocab_size >= 51865  # English-only Whisper has 51864 tokens
+        language = ["<|en|>", "<|transcribe|>"] if multilingual else []
+        self.prompt = [self._special(t) for t in ("<|startoftranscript|>", *language, "<|notimestamps|>")]
+        self.eot = self._special("<|endoftext|>")
+
+    def _special(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"the backbone's tokenizer has no {token} token")
+        return token_id
+
+    def expected_tokens(self, text: str) -> tuple[list[int], list[int]]:
+        """The expected text's BPE ids as Whisper writes it (" Honey likes cake.") and, per id, the
+        index of the expected word it spells (-1: the final mark)."""
+        pieces, piece_words = render_expected(str(text), "")
+        ids, word_of = [], []
+        for piece, words in zip(pieces, piece_words):
+            piece_ids = self.tokenizer.encode(" " + piece, add_special_tokens=False).ids
+            ids += piece_ids
+            word_of += [words[0]] * len(piece_ids)
+        mark = self.tokenizer.encode(".", add_special_tokens=False).ids
+        return (ids + mark)[:MAX_TEXT_TOKENS], (word_of + [-1] * len(mark))[:MAX_TEXT_TOKENS]
+
+    # ---- forward --------------------------------------------------------------------------------
+    def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Decoder states [B, L, D]: causal self-attention, cross-attention to the unmasked memory only."""
+        dec = self.decoder
+        n = inputs.shape[1]
+        x = dec.embed_tokens(inputs) * dec.embed_scale + dec.embed_positions.weight[:n].to(memory.dtype)
+        x = F.dropout(x, p=dec.dropout, training=self.training)
+        neg = torch.finfo(x.dtype).min
+        causal = torch.full((n, n), neg, dtype=x.dtype, device=x.device).triu(1)[None, None]
+        cross = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
+        cross = cross.masked_fill(~memory_mask, neg)[:, None, None, :]
+        for layer in dec.layers:
+            out = layer(x, attention_mask=causal, encoder_hidden_states=memory, encoder_attention_mask=cross,
+                        use_cache=False)
+            x = out[0] if isinstance(out, tuple) else out
+        return dec.layer_norm(x)
+
+    def token_scores(self, states: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per target position: log p of the target, its margin over the best other token, entropy."""
+        lp = F.log_softmax(F.linear(states, self.decoder.embed_tokens.weight).float(), dim=-1)  # tied, as Whisper
+        tok = lp.gather(-1, targets[..., None]).squeeze(-1)
+        best_other = lp.scatter(-1, targets[..., None], float("-inf")).max(-1).values
+        entropy = -(lp.exp() * lp).sum(-1)
+        return {"logp": tok, "margin": tok - best_other, "entropy": entropy}
+
+    def forward(self, batch: dict) -> dict:
+        k = batch["n_prompt"]
+        states = self.decode(batch["memory"], batch["memory_mask"], batch["dec_inputs"])[:, k - 1:]
+        mask = batch["token_mask"]                        # [B, n tokens + 1]: the text's tokens and end of text
+        s = self.token_scores(states, batch["dec_targets"])
+        tok, margin, ent = s["logp"], s["margin"], s["entropy"]
+        n = mask.sum(1).clamp(min=1).float()
+        big = 1e4
+
+        def mean(x):
+            return (x * mask).sum(1) / n
+
+        feats = torch.stack([
+            mean(tok), tok.masked_fill(~mask, big).min(1).values, (tok * mask).sum(1) / 10.0,
+            mean(margin), margin.masked_fill(~mask, big).min(1).values,
+            mean(ent), ent.masked_fill(~mask, -big).max(1).values,
+            tok.gather(1, (n.long() - 1)[:, None]).squeeze(1),             # log p(end of text after the text)
+            torch.log(n),
+        ], dim=1)
+        evidence = self.token_norm(feats).to(states.dtype)
+        m = mask[..., None].to(states.dtype)
+        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1.0)
+        parts = [pooled, self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]
+        logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1) + self.evidence_head(evidence).squeeze(-1)
+        return {"logits": logits, "token_log_probs": tok, "token_mask": mask, "token_nll": -mean(tok)}
+
+    def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """BCE on batch["target"] (the label, smoothed by the trainer) + ctc_weight x the decoder's
+        token cross-entropy of the expected text on clips scored 1 (logged as `ctc`; `bag` is 0)."""
+        bce = F.binary_cross_entropy_with_logits(out["logits"].float(), batch["target"])
+        zero = torch.zeros((), device=bce.device)
+        tokens = self.auxiliary_loss(out, batch) if self.cfg.ctc_weight > 0 else zero
+        return bce + self.cfg.ctc_weight * tokens, {"bce": bce, "ctc": tokens, "bag": zero}
+
+    def auxiliary_loss(self, out: dict, batch: dict) -> torch.Tensor:
+        """Mean token cross-entropy (per clip averaged over its tokens) of the clips scored 1."""
+        correct = (batch["label"] > 0.5).float()
+        return (out["token_nll"].float() * correct).sum() / correct.sum().clamp(min=1.0)
+
+
+# ---- rows -> batches -----------------------------------------------------------------------------
+
+class DecoderDataset:
+    """Rows of a metadata table as the decoder network reads them: the clip's cached encoding and
+    the prompt + expected text's tokens. Rows whose clip cannot be read are skipped (`skipped`)."""
+
+    def __init__(self, meta: pd.DataFrame, data_dir: str | Path, model: WhisperDecoderClassifier, cfg: RunConfig,
+                 cats: Categories, device: torch.device | None = None, progress: bool = True):
+        device = device or pick_device(cfg.device)
+        self.cache = EncoderCache(model.encoder, data_dir, cfg.model.memory_margin_s, device)
+        made = self.cache.ensure(meta["filename"].astype(str), progress=progress)
+        if made:
+            log.info("Whisper encoder: %d clips encoded into %s", made, self.cache.store.data_path)
+        usable = meta["filename"].map(lambda f: f in self.cache) & meta["expected_text"].map(
+            lambda t: isinstance(t, str) and bool(t.strip()))
+        self.skipped = meta.loc[~usable, "filename"].tolist()
+        self.meta = meta.loc[usable].reset_index(drop=True)
+        self.prompt, self.eot = list(model.prompt), model.eot
+        self.texts = [model.expected_tokens(t) for t in self.meta["expected_text"]]
+        self.task_ids = np.array([cats.task_id(t) for t in self.meta["task"]], dtype=np.int64)
+        self.grade_ids = np.array([cats.grade_id(g) for g in self.meta["grade"]], dtype=np.int64)
+        self.labels = self.meta["score"].to_numpy(np.float32) if "score" in self.meta else None
+        self.lengths = np.array([self.cache.length(f) for f in self.meta["filename"]], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def item(self, i: int) -> dict:
+        return {"memory": self.cache.get(self.meta["filename"].iloc[i]), "text": self.texts[i][0],
+                "task": self.task_ids[i], "grade": self.grade_ids[i],
+                "label": None if self.labels is None else self.labels[i]}
+
+    def collate(self, items: list[dict], spec_augment=None, rng: np.random.Generator | None = None) -> dict:
+        """Memory padded to the longest (masked), inputs prompt + text (padded with end of text),
+        targets the text + end of text from the prompt's last position on."""
+        if spec_augment is not None:
+            raise ConfigError("model.arch whisperdec: SpecAugment cannot apply to cached encoder outputs")
+        n_mem = max(it["memory"].shape[0] for it in items)
+        width = items[0]["memory"].shape[1]
+        memory = np.zeros((len(items), n_mem, width), np.float32)
+        memory_mask = np.zeros((len(items), n_mem), bool)
+        k, n_text = len(self.prompt), max(len(it["text"]) for it in items)
+        inputs = np.full((len(items), k + n_text), self.eot, np.int64)
+        targets = np.full((len(items), n_text + 1), self.eot, np.int64)
+        token_mask = np.zeros((len(items), n_text + 1), bool)
+        for b, it in enumerate(items):
+            t, text = it["memory"].shape[0], it["text"]
+            memory[b, :t], memory_mask[b, :t] = it["memory"], True
+            inputs[b, :k], inputs[b, k: k + len(text)] = self.prompt, text
+            targets[b, : len(text)] = text          # targets[b, len(text)]: end of text
+            token_mask[b, : len(text) + 1] = True
+        batch = {"memory": torch.from_numpy(memory), "memory_mask": torch.from_numpy(memory_mask),
+                 "dec_inputs": torch.from_numpy(inputs), "dec_targets": torch.from_numpy(targets),
+                 "token_mask": torch.from_numpy(token_mask), "n_prompt": k,
+                 "task": torch.tensor([int(it["task"]) for it in items]),
+                 "grade": torch.tensor([int(it["grade"]) for it in items])}
+        if items[0]["label"] is not None:
+            batch["label"] = torch.tensor([float(it["label"]) for it in items])
+        return batch
+
+
+# ---- the member ------------------------------------------------------------------------------------
+
+@dataclass
+class DecoderPredictor(NeuralPredictor):
+    """A loaded fold: test clips are encoded once into the data folder's cache (every fold shares it)."""
+
+    def predict(self, inputs: TestInputs) -> np.ndarray:
+        ds = DecoderDataset(inputs.rows, inputs.data_dir, self.model, self.cfg, self.cats, self.device,
+                            progress=inputs.progress)
+        logits = predict_logits(self.model, ds, self.device, self.cfg.data.batch_max_frames,
+                                self.cfg.data.max_batch_size, progress=inputs.progress)
+        return inputs.scatter(logits, ds.meta["filename"])
+
+
+class WhisperDecoderMember(NeuralMember):
+    family = "whisperdec"
+    model_class = WhisperDecoderClassifier
+
+    def dataset(self, meta, data: FoldData, model: WhisperDecoderClassifier, vocab: Vocab) -> DecoderDataset:
+        dc = data.cfg.data
+        if dc.aug_prob > 0 or dc.spec_time_masks > 0 or dc.spec_freq_masks > 0:
+            raise ConfigError("model.arch whisperdec reads cached encoder outputs: input augmentation "
+                              "(--aug_prob, --spec_time_masks, --spec_freq_masks) cannot apply; set them to 0")
+        return DecoderDataset(meta, data.data_dir, model, data.cfg, data.cats, progress=data.progress)
+
+    def prepare_shared(self, inputs: TrainingInputs, cfgs: list[RunConfig], data_dir: Path,
+                       progress: bool = True) -> None:
+        """Every training clip's encoding, once, before parallel folds start."""
+        for cfg in cfgs:
+            encoder = load_pretrained_encoder(cfg.model.backbone)
+            cache = EncoderCache(encoder, data_dir, cfg.model.memory_margin_s, pick_device(cfg.device))
+            made = cache.ensure(inputs.meta["filename"].astype(str), progress=progress)
+            log.info("Whisper encoder of %s: %d clips encoded", cfg.model.backbone, made)
+
+    def payload(self, model: WhisperDecoderClassifier, vocab: Vocab) -> dict:
+        return {**super().payload(model, vocab), "tokenizer": model.tokenizer_json}
+
+    def load(self, ck: dict, device) -> DecoderPredictor:
+        loaded = super().load(ck, device)
+        try:
+            loaded.model.set_tokenizer(ck["tokenizer"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"not a usable {self.family} checkpoint (tokenizer: {exc})") from exc
+        return DecoderPredictor(loaded.model, loaded.cfg, loaded.vocab, loaded.cats, loaded.priors, loaded.device)

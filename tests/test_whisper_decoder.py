@@ -1,0 +1,108 @@
+"""The teacher-forced Whisper decoder member on the real tiny.en (model8decoder): its log p of an
+espeak sentence equals a direct WhisperForConditionalGeneration forward, a fold killed after its
+first evaluation resumes from its checkpoint without encoding a clip again, and the finished
+checkpoint loads weights-only and predicts. One demo set and one converted backbone for the module."""
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from transformers import WhisperForConditionalGeneration
+
+from conftest import run_script
+from readaloud.audio import load_audio
+from readaloud.config import ConfigError
+from readaloud.members.decoder import DecoderDataset, EncoderCache, WhisperDecoderClassifier
+from readaloud.members.registry import build_model
+from readaloud.prep.dataset import Categories
+from readaloud.variants import variant_config
+from readaloud.whisper.backbones import transformers_dir
+
+LOGP_TOL = 0.05  # nats per token: the cache holds float16 (10-bit mantissa) encoder outputs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, root):
+    """A converted tiny.en (READALOUD_BACKBONES), a tiny demo set, and fold 0 of 2 of model8decoder
+    killed after its first evaluation, then resumed to its end (2 epochs)."""
+    base = tmp_path_factory.mktemp("whisper_decoder")
+    env = {"READALOUD_BACKBONES": str(base / "backbones")}
+    data, assets, tts = base / "data", base / "assets", base / "tts"
+    run_script(root, "make_demo_data.py", "--out", data, "--n-train", 12, "--n-test", 4, "--seed", 5)
+    args = ["train_model8decoder.py", "--fold", 0, "--n_folds", 2, "--data", data, "--assets", assets,
+            "--tts_dir", tts, "--epochs", 2, "--threads", 2]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("READALOUD_BACKBONES", env["READALOUD_BACKBONES"])
+        killed = run_script(root, "tests/fault_injection.py", "die_after_eval", 1, *args, env=env, ok=False)
+        resumed = run_script(root, *args, env=env)
+        yield {"data": data, "assets": assets, "tts": tts, "killed": killed, "resumed": resumed}
+
+
+def test_fold_resumes_and_reuses_the_encoder_cache(trained):
+    killed, resumed = trained["killed"], trained["resumed"]
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    encoded = [int(n) for n in re.findall(r"Whisper encoder: (\d+) clips encoded", killed.stderr)]
+    assert sum(encoded) == 12, encoded  # every training clip, once (fold 0's training and held-out parts)
+    assert "resumed from" in resumed.stderr and "at epoch 1" in resumed.stderr
+    assert "clips encoded" not in resumed.stderr, "the second run computes no encoding"
+    metrics = pd.read_csv(trained["assets"] / "runs" / "model8decoder_0" / "metrics.csv")
+    assert metrics["epoch"].tolist() == [1, 2]
+    assert np.isfinite(metrics["train_ctc"]).all() and (metrics["train_ctc"] > 0).any()
+
+
+def test_checkpoint_loads_weights_only_and_predicts(trained):
+    from readaloud.pipeline.inference import load_fold_model, test_inputs
+    fm = load_fold_model(trained["assets"] / "model8decoder_0.pth", torch.device("cpu"))  # weights_only
+    model = fm.predictor.model
+    assert isinstance(model, WhisperDecoderClassifier) and model.prompt == [50257, 50362]  # <|sot|><|notimestamps|>
+    pretrained = WhisperForConditionalGeneration.from_pretrained(transformers_dir("whisper-tiny.en")).model
+    assert torch.equal(model.encoder.conv1.weight, pretrained.encoder.conv1.weight), "the encoder is frozen"
+    assert torch.equal(model.decoder.embed_tokens.weight, pretrained.decoder.embed_tokens.weight)
+    assert not torch.equal(model.decoder.layers[0].fc1.weight, pretrained.decoder.layers[0].fc1.weight)
+    fmt = pd.read_csv(trained["data"] / "submission_format.csv")
+    inputs, _, problems = test_inputs(trained["data"], trained["tts"], fmt, torch.device("cpu"), False)
+    logits = fm.predictor.predict(inputs)
+    assert len(logits) == len(fmt) and not problems
+    assert np.isfinite(logits).all() and np.std(logits) > 0
+
+
+def test_cached_encoder_path_equals_a_direct_whisper_forward(trained, tmp_path):
+    data = trained["data"]
+    meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
+    meta = meta.iloc[:2]
+    cfg = variant_config("model8decoder", {"memory_margin_s": -1.0})   # all 1500 positions, as Whisper reads them
+    model = build_model(cfg.model, 3, 4, 8).eval()
+    ds = DecoderDataset(meta, data, model, cfg, Categories.from_meta(meta), torch.device("cpu"), progress=False)
+    assert ds.lengths.tolist() == [1500, 1500]
+    with torch.no_grad():
+        out = model(ds.collate([ds.item(0), ds.item(1)]))
+    direct_model = WhisperForConditionalGeneration.from_pretrained(transformers_dir("whisper-tiny.en")).eval()
+    for b, row in meta.iterrows():
+        text, words = model.expected_tokens(row["expected_text"])
+        assert model.tokenizer.decode(text).startswith(" " + row["expected_text"].split()[0][:1].upper())
+        assert model.tokenizer.decode(text).endswith(".") and words[-1] == -1
+        mel = ds.cache.window(load_audio(data / row["filename"]))
+        ids = torch.tensor([model.prompt + text])
+        with torch.no_grad():
+            logits = direct_model(input_features=torch.from_numpy(mel)[None], decoder_input_ids=ids).logits
+        lp = torch.log_softmax(logits[0, len(model.prompt) - 1:].float(), -1)
+        direct = lp.gather(-1, torch.tensor(text + [model.eot])[:, None]).squeeze(-1)
+        cached = out["token_log_probs"][b, : len(text) + 1]
+        assert float((cached - direct).abs().max()) < LOGP_TOL, (cached, direct)
+        assert float(direct.std()) > 0.1  # the tokens' log p differ: not a comparison of constants
+
+
+def test_config_errors_and_a_multilingual_backbone():
+    with pytest.raises(ConfigError, match="backbone"):
+        build_model(variant_config("model8decoder", {"backbone": ""}).model, 3, 4, 8)
+    with pytest.raises(ConfigError, match="decoder_frozen_layers"):
+        variant_config("model8decoder", {"decoder_frozen_layers": -1})
+    model = build_model(variant_config("model8decoder", {"backbone": "whisper-base", "decoder_frozen_layers": 6}).model,
+                        3, 4, 8)
+    sot, en, transcribe, no_ts = (model.tokenizer.token_to_id(t) for t in
+                                  ("<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"))
+    assert model.prompt == [sot, en, transcribe, no_ts]
+    trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("decoder.")}
+    assert trainable == {"layer_norm"}, "all 6 decoder layers and the embeddings frozen"
+    assert not any(p.requires_grad for p in model.encoder.parameters())
