@@ -61,6 +61,9 @@ class TransformersWhisperEvidence(WhisperEvidence):
         named = backbone in NAMED_BACKBONES
         self.name = backbone if named else Path(backbone).name
         self.model_dir = ct2_model_dir(backbone, backbones_root(assets) / "ct2") if named else Path(backbone)
+        if not (self.model_dir / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"{self.model_dir}: no tokenizer.json (give a named backbone or a CTranslate2 "
+                                    f"Whisper folder, whose tokenizer gives the prompt and text ids)")
         self.settings = settings
         self.device, self.compute_type, self.batch_size = "cpu", "float32", 1
         self.threads = threads if threads > 0 else available_cores()
