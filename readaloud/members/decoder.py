@@ -162,6 +162,8 @@ class EncoderCache:
             for start in range(0, len(names), batch_size):
                 keys, mels, sizes = [], [], []
                 for name in names[start: start + batch_size]:
+                    if name in self.store:  # another process added it while this one waited for the store's lock
+                        continue
                     try:
                         audio = load_audio(self.data_dir / name)
                     except AudioError as exc:
