@@ -53,6 +53,8 @@ class ModelConfig:
     # whisperdec only (members/decoder.py: a real Whisper's decoder teacher-forced on the expected text)
     decoder_frozen_layers: int = 0     # the lowest N decoder layers do not train (token/position embeddings never do)
     memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)
+    decoder_head_states: bool = True   # the head also reads the mean of the decoder's last states (False: only
+                                       # the per-token evidence, task and grade: less to memorise texts by)
     # gbm only (scikit-learn HistGradientBoostingClassifier on alignment features)
     gbm_max_iter: int = 300
     gbm_learning_rate: float = 0.05

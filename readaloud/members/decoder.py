@@ -222,7 +222,8 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         self.task_emb = nn.Embedding(n_tasks + 1, cfg.task_dim)   # index 0: unknown
         self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
         self.token_norm = FeatureScaler(N_TOKEN_FEATURES)
-        self.head = make_head(cfg, dim + cfg.task_dim + cfg.grade_dim + N_TOKEN_FEATURES)
+        states_dim = dim if cfg.decoder_head_states else 0
+        self.head = make_head(cfg, states_dim + cfg.task_dim + cfg.grade_dim + N_TOKEN_FEATURES)
         self.evidence_head = nn.Linear(N_TOKEN_FEATURES, 1)  # direct path: usable from the first updates
         self.tokenizer_json = ""
         if tokenizer_json or whisper_config is None:
@@ -300,9 +301,10 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
             torch.log(n),
         ], dim=1)
         evidence = self.token_norm(feats).to(states.dtype)
-        m = mask[..., None].to(states.dtype)
-        pooled = (states * m).sum(1) / m.sum(1).clamp(min=1.0)
-        parts = [pooled, self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]
+        parts = [self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]
+        if self.cfg.decoder_head_states:
+            m = mask[..., None].to(states.dtype)
+            parts.insert(0, (states * m).sum(1) / m.sum(1).clamp(min=1.0))
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1) + self.evidence_head(evidence).squeeze(-1)
         return {"logits": logits, "token_log_probs": tok, "token_mask": mask, "token_nll": -mean(tok)}
 
