@@ -17,7 +17,7 @@ from conftest import run_script
 from readaloud.members.alignment import ACOUSTIC_NAMES, FEATURE_NAMES, acoustic_table, clip_features
 from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
 from readaloud.config import RunConfig
-from readaloud.members.gbm import TreeEnsemble, export_trees
+from readaloud.members.gbm import TreeEnsemble, export_trees, fit_gbm, stopping_fold
 from readaloud.metrics import logit, prior_predictions, sigmoid, task_priors
 
 OOF_COLUMNS = ["filename", "fold", "task", "grade", "score", "logit", "fallback", "pred"]
@@ -52,6 +52,35 @@ def test_exported_trees_match_sklearn_decision_function(leaves, min_leaf, early)
     Xt[5:10] = X[:5]
     got, want = trees.decision_function(Xt), clf.decision_function(Xt)
     assert trees.n_trees == clf.n_iter_ and np.abs(got - want).max() < 1e-6
+
+
+def test_trees_stop_where_a_whole_training_fold_is_best_then_refit_on_every_row():
+    """With folds that keep voices apart, the iteration count comes from one whole training fold
+    (not a random clip split), and the final trees are fit on all training rows at that count."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    rng = np.random.default_rng(3)
+    n = 900
+    folds = np.repeat([0, 1, 2], n // 3)
+    X = rng.normal(size=(n, 4))
+    X[:, 3] = folds + rng.normal(scale=0.1, size=n)           # a "voice" feature that only fits seen folds
+    y = ((X[:, 0] + 0.8 * (X[:, 3] > 1.5) * X[:, 1] + rng.normal(size=n)) > 0).astype(int)
+    mc = RunConfig().model
+    mc.gbm_max_iter, mc.gbm_learning_rate, mc.gbm_max_leaf_nodes, mc.gbm_min_samples_leaf = 200, 0.2, 8, 5
+    assert stopping_fold(2, folds[folds != 2]) == 0 and stopping_fold(0, folds[folds != 0]) == 1
+    stop = stopping_fold(1, folds)
+    clf = fit_gbm(X, y, mc, seed=0, stop_folds=folds, stop_fold=stop)
+    held = folds == stop
+    inner = HistGradientBoostingClassifier(loss="log_loss", learning_rate=0.2, max_iter=200, max_leaf_nodes=8,
+                                           min_samples_leaf=5, l2_regularization=mc.gbm_l2,
+                                           early_stopping=False, random_state=0).fit(X[~held], y[~held])
+    losses = [np.mean(np.logaddexp(0, d) - y[held] * d) for d in inner.staged_decision_function(X[held])]
+    assert clf.n_iter_ == int(np.argmin(losses)) + 1 < 200
+    full = HistGradientBoostingClassifier(loss="log_loss", learning_rate=0.2, max_iter=clf.n_iter_, max_leaf_nodes=8,
+                                          min_samples_leaf=5, l2_regularization=mc.gbm_l2,
+                                          early_stopping=False, random_state=0).fit(X, y)
+    assert np.allclose(clf.decision_function(X), full.decision_function(X))
+    # no folds given: the internal random split, as before
+    assert fit_gbm(X, y, mc, seed=0).do_early_stopping_
 
 
 def test_tree_ensemble_refuses_broken_arrays():
