@@ -71,6 +71,7 @@ from ..whisper.asr import render_expected
 from ..whisper.backbones import transformers_dir
 from .base import FoldData, TestInputs
 from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
+from .encdec import teacher_forced_states
 from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
 
 log = logging.getLogger("readaloud.train")
@@ -260,19 +261,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
     # ---- forward --------------------------------------------------------------------------------
     def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Decoder states [B, L, D]: causal self-attention, cross-attention to the unmasked memory only."""
-        dec = self.decoder
-        n = inputs.shape[1]
-        x = dec.embed_tokens(inputs) * dec.embed_scale + dec.embed_positions.weight[:n].to(memory.dtype)
-        x = F.dropout(x, p=dec.dropout, training=self.training)
-        neg = torch.finfo(x.dtype).min
-        causal = torch.full((n, n), neg, dtype=x.dtype, device=x.device).triu(1)[None, None]
-        cross = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
-        cross = cross.masked_fill(~memory_mask, neg)[:, None, None, :]
-        for layer in dec.layers:
-            out = layer(x, attention_mask=causal, encoder_hidden_states=memory, encoder_attention_mask=cross,
-                        use_cache=False)
-            x = out[0] if isinstance(out, tuple) else out
-        return dec.layer_norm(x)
+        return teacher_forced_states(self.decoder, memory, memory_mask, inputs, self.training)
 
     def token_scores(self, states: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per target position: log p of the target, its margin over the best other token, entropy."""

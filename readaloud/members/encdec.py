@@ -52,6 +52,24 @@ def decoder_whisper_config(base: WhisperConfig, cfg: ModelConfig, vocab_size: in
     return c
 
 
+def teacher_forced_states(dec: WhisperDecoder, memory: torch.Tensor, memory_mask: torch.Tensor,
+                          inputs: torch.Tensor, training: bool) -> torch.Tensor:
+    """A WhisperDecoder's states [B, L, D] for teacher-forced `inputs`: causal self-attention and
+    cross-attention to the unmasked `memory` only (WhisperDecoder.forward would drop the mask)."""
+    n = inputs.shape[1]
+    x = dec.embed_tokens(inputs) * dec.embed_scale + dec.embed_positions.weight[:n].to(memory.dtype)
+    x = F.dropout(x, p=dec.dropout, training=training)
+    neg = torch.finfo(x.dtype).min
+    causal = torch.full((n, n), neg, dtype=x.dtype, device=x.device).triu(1)[None, None]
+    cross = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
+    cross = cross.masked_fill(~memory_mask, neg)[:, None, None, :]
+    for layer in dec.layers:
+        out = layer(x, attention_mask=causal, encoder_hidden_states=memory, encoder_attention_mask=cross,
+                    use_cache=False)
+        x = out[0] if isinstance(out, tuple) else out
+    return dec.layer_norm(x)
+
+
 class EncDecClassifier(SpeechEncoderModel):
     """P(score = 1 | response audio, expected text's tokens, task, grade).
 
@@ -105,19 +123,7 @@ class EncDecClassifier(SpeechEncoderModel):
 
     def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Decoder states [B, L, D]: causal self-attention, cross-attention to unmasked memory only."""
-        dec = self.decoder
-        n = inputs.shape[1]
-        x = dec.embed_tokens(inputs) * dec.embed_scale + dec.embed_positions.weight[:n].to(memory.dtype)
-        x = F.dropout(x, p=dec.dropout, training=self.training)
-        neg = torch.finfo(x.dtype).min
-        causal = torch.full((n, n), neg, dtype=x.dtype, device=x.device).triu(1)[None, None]
-        cross = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
-        cross = cross.masked_fill(~memory_mask, neg)[:, None, None, :]
-        for layer in dec.layers:
-            out = layer(x, attention_mask=causal, encoder_hidden_states=memory,
-                        encoder_attention_mask=cross, use_cache=False)
-            x = out[0] if isinstance(out, tuple) else out
-        return dec.layer_norm(x)
+        return teacher_forced_states(self.decoder, memory, memory_mask, inputs, self.training)
 
     def token_log_probs(self, states: torch.Tensor) -> torch.Tensor:
         """Log-softmax over the output ids (tied embeddings, as Whisper; BOS and PAD excluded)."""
