@@ -22,7 +22,6 @@ every row. Written to OUT/asr_paths.md and OUT/asr_paths.json.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import WhisperForConditionalGeneration
 
 from ..audio import load_audio
-from ..checkpoints import atomic_write
+from . import write_report
 from ..features import FeatureParams
 from ..whisper.asr import FEATURE_NAMES, AsrSettings, ClipDecode, WhisperEvidence, available_cores, model_identity
 from ..whisper.backbones import NAMED_BACKBONES, backbones_root, ct2_model_dir, transformers_dir
@@ -272,12 +271,7 @@ def main(argv=None) -> dict:
     for backbone in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         report["backbones"][backbone] = compare_backbone(backbone, audios, texts, threads, args.assets,
                                                          not args.no_ct2_float32)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "asr_paths.json", json.dumps(report, indent=1))
-    text = markdown(report)
-    atomic_write(out / "asr_paths.md", text)
-    print(text)
-    return report
+    return write_report(out, "asr_paths", report, markdown(report))
 
 
 if __name__ == "__main__":

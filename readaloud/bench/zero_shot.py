@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from ..checkpoints import atomic_write
+from . import write_report
 from ..metrics import log_loss
 from ..whisper.asr import FEATURE_NAMES, AsrSettings, WhisperEvidence, asr_cache_path, asr_table
 
@@ -185,12 +184,7 @@ def main(argv=None) -> dict:
               "threads": args.threads, "compute_type": args.compute_type, "backbones": infos,
               "prior": score(test["score"].to_numpy(int), np.full(len(test), base_rate), test),
               "results": {name: probe(train, test, *X) for name, X in feature_sets.items()}}
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "zero_shot.json", json.dumps(report, indent=1))
-    text = markdown(report)
-    atomic_write(out / "zero_shot.md", text)
-    print(text)
-    return report
+    return write_report(out, "zero_shot", report, markdown(report))
 
 
 if __name__ == "__main__":

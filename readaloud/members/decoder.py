@@ -71,7 +71,7 @@ from ..whisper.asr import render_expected
 from ..whisper.backbones import transformers_dir
 from .base import FoldData, TestInputs
 from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
-from .encdec import teacher_forced_states
+from .encdec import teacher_forced_states, token_pools
 from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
 
 log = logging.getLogger("readaloud.train")
@@ -278,15 +278,9 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         s = self.token_scores(states, batch["dec_targets"])
         tok, margin, ent = s["logp"], s["margin"], s["entropy"]
         n = mask.sum(1).clamp(min=1).float()
-        big = 1e4
-
-        def mean(x):
-            return (x * mask).sum(1) / n
-
         feats = torch.stack([
-            mean(tok), tok.masked_fill(~mask, big).min(1).values, (tok * mask).sum(1) / 10.0,
-            mean(margin), margin.masked_fill(~mask, big).min(1).values,
-            mean(ent), ent.masked_fill(~mask, -big).max(1).values,
+            *token_pools(tok, margin, mask, n),
+            (ent * mask).sum(1) / n, ent.masked_fill(~mask, -1e4).max(1).values,
             tok.gather(1, (n.long() - 1)[:, None]).squeeze(1),             # log p(end of text after the text)
             torch.log(n),
         ], dim=1)
@@ -296,7 +290,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
             m = mask[..., None].to(states.dtype)
             parts.insert(0, (states * m).sum(1) / m.sum(1).clamp(min=1.0))
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1) + self.evidence_head(evidence).squeeze(-1)
-        return {"logits": logits, "token_log_probs": tok, "token_mask": mask, "token_nll": -mean(tok)}
+        return {"logits": logits, "token_log_probs": tok, "token_mask": mask, "token_nll": -(tok * mask).sum(1) / n}
 
     def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """BCE on batch["target"] (the label, smoothed by the trainer) + ctc_weight x the decoder's

@@ -70,6 +70,14 @@ def teacher_forced_states(dec: WhisperDecoder, memory: torch.Tensor, memory_mask
     return dec.layer_norm(x)
 
 
+def token_pools(tok: torch.Tensor, margin: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+    """Per-text pools of the expected tokens' evidence over `mask` ([B, L]; n = its row sums): mean,
+    min and sum / 10 of log p, mean and min of the margin over the best other token."""
+    big = 1e4
+    return [(tok * mask).sum(1) / n, tok.masked_fill(~mask, big).min(1).values, (tok * mask).sum(1) / 10.0,
+            (margin * mask).sum(1) / n, margin.masked_fill(~mask, big).min(1).values]
+
+
 class EncDecClassifier(SpeechEncoderModel):
     """P(score = 1 | response audio, expected text's tokens, task, grade).
 
@@ -142,14 +150,8 @@ class EncDecClassifier(SpeechEncoderModel):
         else:
             margin = torch.zeros_like(tok)
         n = tmask.sum(1).float()
-        big = 1e4
-
-        def mean(x):
-            return (x * tmask).sum(1) / n
-
         feats = torch.stack([
-            mean(tok), tok.masked_fill(~tmask, big).min(1).values, (tok * tmask).sum(1) / 10.0,
-            mean(margin), margin.masked_fill(~tmask, big).min(1).values,
+            *token_pools(tok, margin, tmask, n),
             tok.gather(1, (n.long() - 1)[:, None]).squeeze(1),                  # log p(EOS after the text)
             torch.log(n),
             torch.log(batch["resp_positions"].float().clamp(min=1) * 0.02),
@@ -160,12 +162,12 @@ class EncDecClassifier(SpeechEncoderModel):
         parts = [masked_mean(states, tmask), self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]
         logits = self.head(torch.cat(parts, dim=-1)).squeeze(-1) + self.evidence_head(evidence).squeeze(-1)
         out = {"logits": logits, "token_log_probs": tok, "token_mask": tmask,
-               "token_nll": -mean(tok)}
+               "token_nll": -(tok * tmask).sum(1) / n}
         if self.training and self.cfg.ctc_weight > 0:  # the auxiliary loss's terms
             ref_memory, ref_mask = self.encode_segment(batch, torch.zeros_like(batch["resp_start"]),
                                                        batch["tts_positions"])
             ref_lp = self.token_log_probs(self.decode(ref_memory, ref_mask, inputs))
-            out["ref_token_nll"] = -mean(ref_lp.gather(-1, outputs[..., None]).squeeze(-1))
+            out["ref_token_nll"] = -(ref_lp.gather(-1, outputs[..., None]).squeeze(-1) * tmask).sum(1) / n
             if self.joint_ctc is not None:
                 out["ctc_nll"] = self.ctc_nll(memory, batch["resp_positions"], batch)
                 out["ref_ctc_nll"] = self.ctc_nll(ref_memory, batch["tts_positions"], batch)
