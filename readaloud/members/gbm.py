@@ -30,6 +30,7 @@ import torch
 
 from ..checkpoints import CheckpointError, atomic_csv
 from ..config import ConfigError, ModelConfig, RunConfig
+from ..metrics import log_loss, sigmoid
 from ..prep.dataset import Categories
 from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
 from ..prep.prepare import TrainingInputs
@@ -163,16 +164,10 @@ def fit_gbm(X: np.ndarray, y: np.ndarray, mc: ModelConfig, seed: int, stop_folds
         held = np.asarray(stop_folds) == stop_fold
         if held.any() and (~held).any() and _enough(y[~held]) and min(np.bincount(y[held], minlength=2)) >= 10:
             inner = _classifier(mc, seed, mc.gbm_max_iter, early=False).fit(X[~held], y[~held])
-            losses = [_log_loss(y[held], d) for d in inner.staged_decision_function(X[held])]
+            losses = [log_loss(y[held], sigmoid(d)) for d in inner.staged_decision_function(X[held])]
             best = int(np.argmin(losses)) + 1
             return _classifier(mc, seed, best, early=False).fit(X, y)
     return _classifier(mc, seed, mc.gbm_max_iter, early=_enough(y)).fit(X, y)
-
-
-def _log_loss(y: np.ndarray, logits: np.ndarray) -> float:
-    """Mean binary log loss of raw scores (numerically safe for large |logit|)."""
-    z = np.asarray(logits, np.float64).reshape(-1)
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
 
 def stopping_fold(fold: int, train_folds: np.ndarray) -> int:
