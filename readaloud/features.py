@@ -75,6 +75,14 @@ def log_mel(audio: np.ndarray, params: FeatureParams = FeatureParams()) -> np.nd
     return ((log_spec + 4.0) / 4.0).T.contiguous().numpy()
 
 
+def window_log_mel(audio: np.ndarray, window_s: float, params: FeatureParams = FeatureParams()) -> np.ndarray:
+    """[n_mels, frames] log-mel of `audio` cut or zero-padded to a `window_s` window, as Whisper
+    reads it (it was trained on 30 s windows only)."""
+    n = int(round(window_s * SAMPLE_RATE))
+    audio = np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32)
+    return np.ascontiguousarray(log_mel(audio, params).T)
+
+
 def clip_features(audio: np.ndarray, params: FeatureParams = FeatureParams()) -> np.ndarray:
     """Trim, cap and featurize one decoded clip (the single place that defines a clip's frames)."""
     if params.trim_top_db > 0:

@@ -62,7 +62,7 @@ from transformers.models.whisper.modeling_whisper import WhisperDecoder, Whisper
 from ..audio import SAMPLE_RATE, AudioError, load_audio
 from ..checkpoints import CheckpointError
 from ..config import ConfigError, ModelConfig, RunConfig
-from ..features import FeatureParams, FeatureStore, log_mel
+from ..features import FeatureParams, FeatureStore, window_log_mel
 from ..layout import cache_dir
 from ..prep.dataset import Categories
 from ..prep.prepare import TrainingInputs
@@ -72,6 +72,7 @@ from ..whisper.backbones import transformers_dir
 from .base import FoldData, TestInputs
 from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
 from .encdec import teacher_forced_states, token_pools
+from .frozen import weights_key
 from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
 
 log = logging.getLogger("readaloud.train")
@@ -86,11 +87,7 @@ MAX_TEXT_TOKENS = 200        # longer expected texts are cut (the decoder has 44
 
 def encoder_weights_key(encoder: WhisperEncoder) -> str:
     """A hash of the encoder's weights: another backbone is another cache."""
-    h = hashlib.sha1()
-    for name, tensor in sorted(encoder.state_dict().items()):
-        h.update(f"{name}{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
+    return weights_key([("", encoder)])
 
 
 @dataclass(frozen=True)
@@ -142,9 +139,7 @@ class EncoderCache:
 
     def window(self, audio: np.ndarray) -> np.ndarray:
         """[n_mels, frames] log-mel of the audio zero-padded (or cut) to Whisper's window."""
-        n = int(WINDOW_S * SAMPLE_RATE)
-        audio = np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32)
-        return np.ascontiguousarray(log_mel(audio, self.mel_params).T)
+        return window_log_mel(audio, WINDOW_S, self.mel_params)
 
     def ensure(self, filenames, progress: bool = True) -> int:
         """Encode every clip not cached yet; returns how many were computed. Unreadable clips are

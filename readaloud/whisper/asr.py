@@ -36,8 +36,8 @@ import pandas as pd
 import tokenizers
 from tqdm.auto import tqdm
 
-from ..audio import SAMPLE_RATE, AudioError, load_audio
-from ..features import FeatureParams, log_mel, merge_npz_cache, read_npz_cache
+from ..audio import AudioError, load_audio
+from ..features import FeatureParams, merge_npz_cache, read_npz_cache, window_log_mel
 from ..layout import cache_dir
 from ..text import text_units
 from .backbones import NAMED_BACKBONES, ct2_model_dir
@@ -185,9 +185,7 @@ class WhisperEvidence:
     # -- audio in, encoder out --
     def window_features(self, audio: np.ndarray) -> np.ndarray:
         """[n_mels, frames] log-mel of `audio` cut or zero-padded to the window, as Whisper does."""
-        n = int(round(self.settings.window_s * SAMPLE_RATE))
-        audio = np.pad(audio[:n], (0, max(0, n - audio.size))).astype(np.float32)
-        return np.ascontiguousarray(log_mel(audio, self.params).T)
+        return window_log_mel(audio, self.settings.window_s, self.params)
 
     def encode(self, audios: list[np.ndarray]):
         mels = np.stack([self.window_features(a) for a in audios])
