@@ -17,14 +17,15 @@ from readaloud.cli import add_common, add_ray_options, parse_overrides
 from readaloud.config import ConfigError
 from readaloud.layout import FoldPaths
 from readaloud.prep.folds import FoldFileError, resolve_n_folds
-from readaloud.variants import VARIANTS, variant_config
+from readaloud.variants import default_variants, resolve_models, variant_config
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_common(p)
-    p.add_argument("--models", default=",".join(VARIANTS), help="comma-separated variants (default: all)")
+    p.add_argument("--models", default=None,
+                   help=f"comma-separated variants, or 'all' (default: the default ensemble, {','.join(default_variants())})")
     p.add_argument("--folds", default=None, help="comma-separated folds (default: all)")
     p.add_argument("--n_folds", type=int, default=None, help="a check: the fold file's count (default: read from it)")
     p.add_argument("--jobs", type=int, default=2, help="jobs at a time (default 2)")
@@ -33,10 +34,10 @@ def main():
     p.add_argument("--gpus", default=None, help="e.g. 0,1: one GPU per job via CUDA_VISIBLE_DEVICES")
     add_ray_options(p)  # --ray [ADDRESS] --cpus_per_fold --gpus_per_fold: the folds as Ray tasks instead of --jobs
     args, rest = p.parse_known_args()
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in VARIANTS]
-    if unknown:
-        p.error(f"unknown model(s) {unknown}; registered: {', '.join(VARIANTS)}")
+    try:
+        models = resolve_models(args.models)
+    except KeyError as exc:
+        p.error(exc.args[0])
     try:
         n_folds = resolve_n_folds(args.data, args.n_folds)
     except FoldFileError as exc:

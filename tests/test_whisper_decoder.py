@@ -13,7 +13,8 @@ from transformers import WhisperForConditionalGeneration
 from conftest import run_script
 from readaloud.audio import load_audio
 from readaloud.config import ConfigError
-from readaloud.members.decoder import DecoderDataset, EncoderCache, WhisperDecoderClassifier
+from readaloud.features import whisper_window_s
+from readaloud.members.decoder import DecoderDataset, EncoderCache, WhisperDecoderClassifier, encode_window
 from readaloud.members.registry import build_model
 from readaloud.prep.dataset import Categories
 from readaloud.variants import variant_config
@@ -71,10 +72,10 @@ def test_cached_encoder_path_equals_a_direct_whisper_forward(trained, tmp_path):
     data = trained["data"]
     meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
     meta = meta.iloc[:2]
-    cfg = variant_config("model8decoder", {"memory_margin_s": -1.0})   # all 1500 positions, as Whisper reads them
+    cfg = variant_config("model8decoder", {"memory_margin_s": -1.0})   # every position of the 10 s window
     model = build_model(cfg.model, 3, 4, 8).eval()
     ds = DecoderDataset(meta, data, model, cfg, Categories.from_meta(meta), torch.device("cpu"), progress=False)
-    assert ds.lengths.tolist() == [1500, 1500]
+    assert ds.lengths.tolist() == [500, 500]   # the demo's clips are shorter than 10 s
     with torch.no_grad():
         out = model(ds.collate([ds.item(0), ds.item(1)]))
     direct_model = WhisperForConditionalGeneration.from_pretrained(transformers_dir("whisper-tiny.en")).eval()
@@ -84,13 +85,29 @@ def test_cached_encoder_path_equals_a_direct_whisper_forward(trained, tmp_path):
         assert model.tokenizer.decode(text).endswith(".") and words[-1] == -1
         mel = ds.cache.window(load_audio(data / row["filename"]))
         ids = torch.tensor([model.prompt + text])
+        assert mel.shape[1] == 1000
         with torch.no_grad():
-            logits = direct_model(input_features=torch.from_numpy(mel)[None], decoder_input_ids=ids).logits
+            encoded = encode_window(direct_model.model.encoder, torch.from_numpy(mel)[None])
+            logits = direct_model(encoder_outputs=(encoded,), decoder_input_ids=ids).logits
         lp = torch.log_softmax(logits[0, len(model.prompt) - 1:].float(), -1)
         direct = lp.gather(-1, torch.tensor(text + [model.eot])[:, None]).squeeze(-1)
         cached = out["token_log_probs"][b, : len(text) + 1]
         assert float((cached - direct).abs().max()) < LOGP_TOL, (cached, direct)
         assert float(direct.std()) > 0.1  # the tokens' log p differ: not a comparison of constants
+
+
+def test_window_encoder_equals_whispers_own_on_30_s_and_windows_grow_by_10_s():
+    encoder = WhisperForConditionalGeneration.from_pretrained(transformers_dir("whisper-tiny.en")).model.encoder.eval()
+    mel = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = encode_window(encoder, mel), encoder(mel).last_hidden_state
+        short = encode_window(encoder, mel[:, :, :1000])
+    assert ours.shape == theirs.shape == (2, 1500, 384) and short.shape == (2, 500, 384)
+    assert float((ours - theirs).abs().max()) < 1e-4
+    assert float((short - ours[:, :500]).abs().max()) > 0.01   # attention over the window: not a slice
+    sr = 16000
+    assert [whisper_window_s(int(s * sr), 10.0) for s in (0.5, 10.0, 10.7, 25, 31)] == [10, 10, 20, 30, 30]
+    assert whisper_window_s(sr, 30.0) == 30 and whisper_window_s(sr, 0) == 30
 
 
 def test_config_errors_and_a_multilingual_backbone():

@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
     p.add_argument("--builder", default=str(shared_path("bench/read_aloud_set.py")))
     p.add_argument("--test-speakers", type=int, default=8, help="children held out for the test")
     p.add_argument("--seed", type=int, default=0, help="the builder's seed (which children, which changes)")
-    p.add_argument("--models", default=None, help="comma-separated variants (default: all)")
+    p.add_argument("--models", default=None, help="comma-separated variants, or 'all' (default: the default ensemble)")
     p.add_argument("--n_folds", type=int, default=4)
     p.add_argument("--tts_dir", default=None, help="reference cache (default: DIR/tts)")
     args, passthrough = p.parse_known_args(argv)

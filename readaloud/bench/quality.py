@@ -67,7 +67,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="report folder (default: <data>_quality)")
     p.add_argument("--assets", default=None, help="models folder (default: <out>/assets)")
     p.add_argument("--tts_dir", default="tts_data")
-    p.add_argument("--models", default=None, help="comma-separated variants (default: all)")
+    p.add_argument("--models", default=None, help="comma-separated variants, or 'all' (default: the default ensemble)")
     p.add_argument("--n_folds", type=int, default=6)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--jobs", type=int, default=2)
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     from readaloud.pipeline.inference import run_inference
     from readaloud.metrics import prior_predictions, task_priors
     from readaloud.plots import plot_cv_bars, plot_reliability, plot_task_losses
-    from readaloud.variants import VARIANTS
+    from readaloud.variants import resolve_models
 
     data = Path(args.data).resolve()  # the steps run in the repo root: paths as the caller meant them
     args.tts_dir = str(Path(args.tts_dir).resolve())
@@ -94,7 +94,10 @@ def main(argv=None) -> dict:
     out = Path(args.out or f"{str(data).rstrip('/')}_quality").resolve()
     assets = Path(args.assets or out / "assets").resolve()
     out.mkdir(parents=True, exist_ok=True)
-    models = args.models.split(",") if args.models else list(VARIANTS)
+    try:
+        models = resolve_models(args.models)
+    except KeyError as exc:
+        raise SystemExit(exc.args[0])
     common = ["--data", str(data), "--tts_dir", args.tts_dir]
     folds_by = ["--fold_by", args.fold_by] if args.fold_by else []
     folds_by += ["--groups", str(Path(args.groups).resolve())] if args.groups else []
