@@ -10,6 +10,10 @@ command does not know (--models, --epochs, --n_folds, --backbone, any config key
 on to the quality benchmark unchanged, so all speakers get the same recipe. Finished folds
 and data sets are reused, so a rerun only fills in what is missing.
 
+Words never trained on: `--train_words 0,1,2,3,4 --test_words 5,6,7,8,9` builds each split with
+readaloud/bench/word_span.py instead, so the training speakers say only the first words and the
+held-out speaker only the second (a new voice saying new words).
+
 Writes <out>/loso.md, loso.json and loso.png: test log loss per held-out speaker and the mean,
 for the prior, every member and the ensemble.
 """
@@ -29,13 +33,16 @@ BUILDER_CANDIDATES = (ROOT.parent / "shared" / "bench" / "digit_span.py",   # be
 DEFAULT_BUILDER = next((c for c in BUILDER_CANDIDATES if c.exists()), BUILDER_CANDIDATES[0])
 
 
+WORD_SPAN_BUILDER = Path(__file__).resolve().with_name("word_span.py")
+
+
 def build_split(builder: Path, recordings: list[str], train: list[str], test: list[str], n_train: int,
-                n_test: int, seed: int, out: Path) -> Path:
+                n_test: int, seed: int, out: Path, extra: list[str] = ()) -> Path:
     if (out / "test_labels.csv").exists():
         return out
     cmd = [sys.executable, str(builder), "--recordings", *recordings, "--train-speakers", ",".join(train),
            "--test-speakers", ",".join(test), "--n-train", str(n_train), "--n-test", str(n_test),
-           "--seed", str(seed), "--out", str(out)]
+           "--seed", str(seed), "--out", str(out), *extra]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
@@ -65,11 +72,18 @@ def main(argv=None) -> dict:
     p.add_argument("--n-test", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", default=None, help="comma-separated subset of held-out speakers to run now")
+    p.add_argument("--train_words", default=None, help="words of the training items (with --test_words: "
+                   "the words-never-trained-on split, built by bench/word_span.py)")
+    p.add_argument("--test_words", default=None, help="words of the held-out speaker's test items")
     args, passthrough = p.parse_known_args(argv)
     from readaloud.bench import quality
     from readaloud.plots import plot_grouped_losses
 
-    builder = Path(args.builder)
+    builder, extra = Path(args.builder), []
+    if bool(args.train_words) != bool(args.test_words):
+        raise SystemExit("--train_words and --test_words go together")
+    if args.train_words:
+        builder, extra = WORD_SPAN_BUILDER, ["--train-words", args.train_words, "--test-words", args.test_words]
     if not builder.exists():
         raise SystemExit(f"data set builder {builder} not found (pass --builder)")
     speakers = args.speakers.split(",")
@@ -85,7 +99,7 @@ def main(argv=None) -> dict:
                 results[s] = json.loads(done.read_text())
             continue
         data = build_split(builder, args.recordings, [t for t in speakers if t != s], [s], args.n_train,
-                           args.n_test, args.seed, folder / "data")
+                           args.n_test, args.seed, folder / "data", extra)
         print(f"\n==== held-out speaker {s} ====", flush=True)
         results[s] = quality.main(["--data", str(data), "--out", str(folder), *passthrough])
     if not results:
@@ -94,6 +108,8 @@ def main(argv=None) -> dict:
     cols = list(results) + ["mean"]
     lines = [f"# Leave-one-speaker-out: test log loss per held-out speaker\n",
              f"Speakers: {', '.join(speakers)}; {args.n_train} training / {args.n_test} test items each; "
+             + (f"training words {args.train_words}, test words {args.test_words} (never trained on); "
+                if args.train_words else "") +
              f"options: `{' '.join(passthrough) or '(defaults)'}`\n",
              "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
