@@ -232,3 +232,21 @@ def test_zero_shot_probe_writes_its_report(tmp_path):
     text = (tmp_path / "report" / "zero_shot.md").read_text()
     assert "| whisper-tiny.en | logreg |" in text and json.loads((tmp_path / "report" / "zero_shot.json").read_text())
     assert list((tmp_path / "cache").glob("asr_v*_whisper-tiny.en_*.npz")), "the evidence is cached in <data>/cache"
+
+
+def test_clips_of_several_window_sizes_in_one_batch_equal_one_at_a_time(tiny, clips):
+    """A clip longer than 10 s is read in a 20 s window; a batch mixing window sizes is encoded per
+    size and gives each clip what it gets alone."""
+    from readaloud.audio import load_audio
+    folder, _ = clips
+    short = load_audio(folder / "a.wav")
+    long = np.concatenate([short, np.zeros(int(11.5 * 16000), np.float32)])
+    assert tiny.window_s(short) == 10.0 and tiny.window_s(long) == 20.0
+    texts = [[SENTENCE], [SENTENCE, SWAPPED]]
+    decodes, rows = tiny.evidence([short, long], texts)
+    for k, audio in enumerate([short, long]):
+        d1, r1 = tiny.evidence([audio], [texts[k]])
+        assert d1[0].transcript == decodes[k].transcript
+        for a, b in zip(r1[0], rows[k]):
+            assert np.allclose(a.features, b.features, atol=1e-4, equal_nan=True)
+    assert decodes[1].transcript.lower().startswith(SENTENCE.split()[0].lower()), decodes[1].transcript

@@ -54,6 +54,20 @@ def test_every_script_names_a_registered_variant(root):
         assert name in VARIANTS, f"{script.name} has no registered variant {name}"
 
 
+def test_the_default_ensemble_is_on_pretrained_whisper_and_models_resolve():
+    from readaloud.variants import default_variants, resolve_models
+    defaults = default_variants()
+    assert defaults and set(defaults) < set(VARIANTS)
+    for name in defaults:  # every default member reads a pretrained Whisper, none the synthetic-speech encoder
+        cfg = variant_config(name)
+        assert cfg.model.backbone.startswith("whisper-") or "whisper-" in cfg.model.asr_backbones, name
+    assert resolve_models(None) == resolve_models("") == defaults
+    assert resolve_models("all") == list(VARIANTS)
+    assert resolve_models(" model1mean, model5gbm ") == ["model1mean", "model5gbm"]
+    with pytest.raises(KeyError, match="unknown model.*model9x.*registered: model1mean"):
+        resolve_models("model1mean,model9x")
+
+
 def test_padding_does_not_change_predictions():
     model = build_model(ModelConfig(), 3, 4, 8).eval()
     items = tiny_items(3)
