@@ -5,7 +5,8 @@
 The ASR evidence (`readaloud.whisper.asr.WhisperEvidence`) runs through CTranslate2, int8 on CPU.
 The same weights also load as a transformers `WhisperForConditionalGeneration` (the converted
 backbone folder of `whisper.backbones.transformers_dir`). `TransformersWhisperEvidence` computes
-the evidence that way, in float32, with everything else shared: the same log-mel window, prompt
+the evidence that way, in float32, with everything else shared: the same padded log-mel window
+(10 s, or the next multiple of 10 s holding the clip), prompt
 and token ids (the CTranslate2 folder's tokenizer), the same greedy decode rules (beam 1, no
 timestamps, CTranslate2's suppressed tokens and step limit), teacher forcing scored as
 CTranslate2's `Whisper.align` scores it (softmax over the text tokens only, ids below
@@ -35,6 +36,7 @@ from transformers import WhisperForConditionalGeneration
 from ..audio import load_audio
 from . import write_report
 from ..features import FeatureParams
+from ..members.decoder import encode_window
 from ..whisper.asr import FEATURE_NAMES, AsrSettings, ClipDecode, WhisperEvidence, available_cores, model_identity
 from ..whisper.backbones import NAMED_BACKBONES, backbones_root, ct2_model_dir, transformers_dir
 from ..whisper.normalise import normalise_words
@@ -55,8 +57,6 @@ class TransformersWhisperEvidence(WhisperEvidence):
 
     def __init__(self, backbone: str, threads: int = 0, settings: AsrSettings = AsrSettings(),
                  assets: str | Path = "assets"):
-        if settings.window_s != 30.0:
-            raise ValueError(f"window_s {settings.window_s}: transformers' Whisper encoder takes 30 s windows only")
         named = backbone in NAMED_BACKBONES
         self.name = backbone if named else Path(backbone).name
         self.model_dir = ct2_model_dir(backbone, backbones_root(assets) / "ct2") if named else Path(backbone)
@@ -87,10 +87,12 @@ class TransformersWhisperEvidence(WhisperEvidence):
         self.identity = f"{self.name}_{model_identity(self.model_dir)}_transformers-float32_{settings.key()}"
 
     def encode(self, audios: list[np.ndarray]) -> np.ndarray:
+        """Clips of one window size (`evidence` groups them): `encode_window` runs transformers'
+        encoder layers on 10 and 20 s windows too, whose own forward accepts 30 s only."""
         mels = torch.from_numpy(np.stack([self.window_features(a) for a in audios]))
         torch.set_num_threads(self.threads)
         with torch.inference_mode():
-            return self.model.model.encoder(input_features=mels).last_hidden_state.numpy()
+            return encode_window(self.model.model.encoder, mels).numpy()
 
     def decode(self, encoded: np.ndarray) -> list[ClipDecode]:
         """Greedy transcripts, clip by clip, following CTranslate2's rules: suppressed tokens
@@ -232,7 +234,7 @@ def _fmt(value, digits: int = 3) -> str:
 def markdown(report: dict) -> str:
     lines = [f"# ASR evidence: CTranslate2 vs transformers on {report['data']}", "",
              f"{report['n']} rows of train_metadata.csv (seed {SEED}), {report['threads']} threads, "
-             f"one clip per call, 30 s window; clips/s = rows / wall time of the evidence (audio loaded, "
+             f"one clip per call, the member's padded window (10 s, or the next multiple of 10 s that holds the clip); clips/s = rows / wall time of the evidence (audio loaded, "
              f"after one warm-up clip; the paths take turns row by row). CPU s: the process's CPU time.", ""]
     for backbone, result in report["backbones"].items():
         lines += [f"## {backbone}", "", "| path | clips/s (wall) | wall s | CPU s |", "| --- | --- | --- | --- |"]
