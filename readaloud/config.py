@@ -55,6 +55,9 @@ class ModelConfig:
     memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)
     decoder_head_states: bool = True   # the head also reads the mean of the decoder's last states (False: only
                                        # the per-token evidence, task and grade: less to memorise texts by)
+    decoder_contrast: bool = False     # also teacher-force on the encoding of silence and give the head each
+                                       # token's log p minus its log p there (what the audio adds over the
+                                       # decoder's own expectation of the text, which fine-tuning shifts)
     # gbm only (scikit-learn HistGradientBoostingClassifier on alignment features)
     gbm_max_iter: int = 300
     gbm_learning_rate: float = 0.05

@@ -96,3 +96,10 @@ register("model8decoder", default=True, description="pretrained Whisper tiny.en'
          arch="whisperdec", backbone="whisper-tiny.en", decoder_head_states=False, ctc_unit="char", ctc_weight=0.5,
          head_layers=2, head_dropout=0.2, lr=1e-4, head_lr_scale=10.0, spec_time_masks=0, spec_freq_masks=0,
          batch_max_frames=4000, max_batch_size=16, epochs=5, patience=3, seed=8)
+# The same decoder with the silent-clip contrast (decoder_contrast): fine-tuning teaches the decoder's
+# language model the training texts, so a text it never trained on starts with a low log p whatever
+# the child said; log p given the clip minus log p given silence removes that part.
+register("model9contrast", description="model8decoder + per-token log p given the clip minus log p given the encoding "
+         "of silence (what the audio adds over the decoder's own expectation of the text), for texts and "
+         "voices the folds never had",
+         **{**VARIANTS["model8decoder"]["overrides"], "decoder_contrast": True, "seed": 9})

@@ -123,3 +123,45 @@ def test_config_errors_and_a_multilingual_backbone():
     trainable = {n.split(".")[1] for n, p in model.named_parameters() if p.requires_grad and n.startswith("decoder.")}
     assert trainable == {"layer_norm"}, "all 6 decoder layers and the embeddings frozen"
     assert not any(p.requires_grad for p in model.encoder.parameters())
+
+
+def test_contrast_features_are_log_p_over_the_decoders_answer_to_silence(trained):
+    """decoder_contrast: the head's extra evidence is each token's log p given the clip minus its log
+    p given the encoding of silence, which a direct WhisperForConditionalGeneration forward on a
+    silent window reproduces; the silent memory is derived, never saved."""
+    from readaloud.members.decoder import N_CONTRAST_FEATURES, N_TOKEN_FEATURES, NULL_CLIP_S
+    data = trained["data"]
+    meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
+    meta = meta.iloc[:2]
+    cfg = variant_config("model9contrast")
+    assert cfg.model.decoder_contrast
+    model = build_model(cfg.model, 3, 4, 8).eval()
+    assert model.token_norm.mean.numel() == N_TOKEN_FEATURES + N_CONTRAST_FEATURES
+    ds = DecoderDataset(meta, data, model, cfg, Categories.from_meta(meta), torch.device("cpu"), progress=False)
+    batch = ds.collate([ds.item(0), ds.item(1)])
+    captured = {}
+    model.token_norm.register_forward_hook(lambda mod, inp, out: captured.setdefault("feats", inp[0]))
+    with torch.no_grad():
+        out = model(batch)
+    assert np.isfinite(out["logits"].numpy()).all()
+    null = model.null_memory(batch["memory"])
+    assert null.shape[0] == 1 and null.shape[1] == int((NULL_CLIP_S + cfg.model.memory_margin_s) / 0.02)
+    assert not any("null" in k for k in model.state_dict()), "derived from the encoder, not stored"
+
+    direct_model = WhisperForConditionalGeneration.from_pretrained(transformers_dir("whisper-tiny.en")).eval()
+    silence = np.zeros(int(NULL_CLIP_S * 16000), np.float32)
+    mel = ds.cache.window(silence)
+    for b, row in meta.iterrows():
+        text, _ = model.expected_tokens(row["expected_text"])
+        ids = torch.tensor([model.prompt + text])
+        targets = torch.tensor(text + [model.eot])[:, None]
+        with torch.no_grad():
+            encoded = encode_window(direct_model.model.encoder, torch.from_numpy(mel)[None])[:, : null.shape[1]]
+            logits = direct_model(encoder_outputs=(encoded,), decoder_input_ids=ids).logits
+        silent = torch.log_softmax(logits[0, len(model.prompt) - 1:].float(), -1).gather(-1, targets).squeeze(-1)
+        gain = out["token_log_probs"][b, : len(text) + 1] - silent
+        feats = captured["feats"][b, N_TOKEN_FEATURES:]
+        assert abs(float(feats[0]) - float(gain.mean())) < LOGP_TOL
+        assert abs(float(feats[1]) - float(gain.min())) < 2 * LOGP_TOL
+        assert abs(float(feats[2]) - float(gain.sum()) / 10) < LOGP_TOL
+        assert float(gain.abs().max()) > 0.5   # the audio moves the tokens' log p: not a difference of equals

@@ -82,6 +82,8 @@ ENCODER_CACHE_VERSION = 2
 WINDOW_S = 10.0              # shortest input window; longer clips get the next multiple, up to 30 s
 POSITION_S = 0.02            # one encoder position
 N_TOKEN_FEATURES = 9
+N_CONTRAST_FEATURES = 3      # decoder_contrast: mean, min and sum / 10 of log p(clip) - log p(silence) per token
+NULL_CLIP_S = 1.0            # decoder_contrast: the silent clip whose encoding stands for "no speech"
 MAX_TEXT_TOKENS = 200        # longer expected texts are cut (the decoder has 448 positions)
 
 
@@ -235,10 +237,12 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         dim = self.whisper_config.d_model
         self.task_emb = nn.Embedding(n_tasks + 1, cfg.task_dim)   # index 0: unknown
         self.grade_emb = nn.Embedding(n_grades + 1, cfg.grade_dim)
-        self.token_norm = FeatureScaler(N_TOKEN_FEATURES)
+        n_evidence = N_TOKEN_FEATURES + (N_CONTRAST_FEATURES if cfg.decoder_contrast else 0)
+        self.token_norm = FeatureScaler(n_evidence)
         states_dim = dim if cfg.decoder_head_states else 0
-        self.head = make_head(cfg, states_dim + cfg.task_dim + cfg.grade_dim + N_TOKEN_FEATURES)
-        self.evidence_head = nn.Linear(N_TOKEN_FEATURES, 1)  # direct path: usable from the first updates
+        self.head = make_head(cfg, states_dim + cfg.task_dim + cfg.grade_dim + n_evidence)
+        self.evidence_head = nn.Linear(n_evidence, 1)  # direct path: usable from the first updates
+        self._null_memory: torch.Tensor | None = None  # decoder_contrast: the silent clip's encoding (derived)
         self.tokenizer_json = ""
         if tokenizer_json or whisper_config is None:
             self.set_tokenizer(tokenizer_json or backbone_tokenizer_json(cfg.backbone))
@@ -283,6 +287,21 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         entropy = -(lp.exp() * lp).sum(-1)
         return {"logp": tok, "margin": tok - best_other, "entropy": entropy}
 
+    def null_memory(self, like: torch.Tensor) -> torch.Tensor:
+        """[1, T, D] the frozen encoder's output for NULL_CLIP_S of silence, windowed, cut and rounded
+        to float16 exactly as EncoderCache treats a clip: what the decoder hears when nobody speaks.
+        Computed once from the encoder's weights (not saved in checkpoints)."""
+        if self._null_memory is None or self._null_memory.device != like.device:
+            silence = np.zeros(int(NULL_CLIP_S * SAMPLE_RATE), np.float32)
+            params = FeatureParams(n_mels=self.whisper_config.num_mel_bins)
+            mel = window_log_mel(silence, whisper_window_s(silence.size, WINDOW_S), params)
+            weight = self.encoder.conv1.weight
+            with torch.no_grad():
+                encoded = encode_window(self.encoder, torch.from_numpy(mel)[None].to(weight.device, weight.dtype))
+            keep = kept_positions(silence.size, self.cfg.memory_margin_s, encoded.shape[1])
+            self._null_memory = encoded[:, :keep].half().float().to(like.device)
+        return self._null_memory.to(like.dtype)
+
     def forward(self, batch: dict) -> dict:
         k = batch["n_prompt"]
         states = self.decode(batch["memory"], batch["memory_mask"], batch["dec_inputs"])[:, k - 1:]
@@ -290,12 +309,22 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         s = self.token_scores(states, batch["dec_targets"])
         tok, margin, ent = s["logp"], s["margin"], s["entropy"]
         n = mask.sum(1).clamp(min=1).float()
-        feats = torch.stack([
+        pools = [
             *token_pools(tok, margin, mask, n),
             (ent * mask).sum(1) / n, ent.masked_fill(~mask, -1e4).max(1).values,
             tok.gather(1, (n.long() - 1)[:, None]).squeeze(1),             # log p(end of text after the text)
             torch.log(n),
-        ], dim=1)
+        ]
+        if self.cfg.decoder_contrast:
+            # the same tokens with the silent clip's memory: whatever the decoder expects of the text
+            # without hearing it (its language model, shifted by fine-tuning on the training texts)
+            # cancels in the difference
+            null = self.null_memory(batch["memory"]).expand(len(tok), -1, -1)
+            null_mask = torch.ones(null.shape[:2], dtype=torch.bool, device=null.device)
+            null_states = self.decode(null, null_mask, batch["dec_inputs"])[:, k - 1:]
+            gain = (tok - self.token_scores(null_states, batch["dec_targets"])["logp"]) * mask
+            pools += [gain.sum(1) / n, gain.masked_fill(~mask, 1e4).min(1).values, gain.sum(1) / 10.0]
+        feats = torch.stack(pools, dim=1)
         evidence = self.token_norm(feats).to(states.dtype)
         parts = [self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]
         if self.cfg.decoder_head_states:
