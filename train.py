@@ -22,7 +22,8 @@ from readaloud.variants import default_variants, resolve_models, variant_config
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                allow_abbrev=False)  # config keys pass on whole: --tts is not --tts_dir
     add_common(p)
     p.add_argument("--models", default=None,
                    help=f"comma-separated variants, or 'all' (default: the default ensemble, {','.join(default_variants())})")

@@ -186,7 +186,7 @@ def report_lines(report: dict, options: list[str], wall: float) -> list[str]:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # "--tts" passes on
     p.add_argument("--out", required=True, help="folder for the set (DIR/data), the models and the report")
     p.add_argument("--source", default=str(shared_path("data/speechocean_kids")),
                    help="children's utterances.csv and audio (default: %(default)s)")

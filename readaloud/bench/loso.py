@@ -63,7 +63,7 @@ def loso_table(results: dict[str, dict]) -> tuple[list[str], dict[str, dict[str,
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # "--tts" passes on
     p.add_argument("--recordings", nargs="+", required=True, help="folder(s) of speaker recordings")
     p.add_argument("--speakers", required=True, help="comma-separated; each is held out once")
     p.add_argument("--out", default="loso_out")

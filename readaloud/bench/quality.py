@@ -62,7 +62,7 @@ def breakdown(y: np.ndarray, p: np.ndarray, meta: pd.DataFrame, columns=("task",
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # "--tts" passes on
     p.add_argument("--data", required=True)
     p.add_argument("--out", default=None, help="report folder (default: <data>_quality)")
     p.add_argument("--assets", default=None, help="models folder (default: <out>/assets)")

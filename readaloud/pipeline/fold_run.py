@@ -189,7 +189,8 @@ def train_variant_main(variant: str, argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
         description=f"Train variant {variant} ({VARIANTS[variant]['description']}) on one fold. "
                     "Any config key can be overridden: --lr 2e-5, --optim.weight_decay 0.01, --epochs 3 "
-                    "(see readaloud/config.py for all keys).")
+                    "(see readaloud/config.py for all keys).",
+        allow_abbrev=False)  # a config key is never read as the prefix of an option: --tts is not --tts_dir
     p.add_argument("--fold", type=int, required=True)
     p.add_argument("--n_folds", type=int, default=None,
                    help="checked against the data set's fold file (made by preprocess.py; made with this "
