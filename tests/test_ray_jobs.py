@@ -95,7 +95,7 @@ def test_finished_folds_are_skipped_without_a_cluster(tiny, ray_run, capsys, mon
     assert capsys.readouterr().out.count("finished already, skipped") == 2
 
 
-def _fold_process(assets: Path, fold: int, not_pid: int | None = None, timeout: float = 120) -> int:
+def _fold_process(assets: Path, fold: int, not_pid: int | None = None, timeout: float = 600) -> int:
     """The pid of the running `train_model1mean.py --fold <fold>` writing to `assets` (not `not_pid`)."""
     want = ["train_model1mean.py", "--fold", str(fold), "--assets", str(assets)]
     end = time.time() + timeout
