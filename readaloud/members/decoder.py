@@ -73,7 +73,7 @@ from ..whisper.asr import render_expected
 from ..whisper.backbones import transformers_dir
 from .base import FoldData, TestInputs
 from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
-from .encdec import teacher_forced_states, token_pools
+from .encdec import logp_pools, teacher_forced_states, token_pools
 from .frozen import weights_key
 from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
 
@@ -133,6 +133,24 @@ def encode_window(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
     return encoder.layer_norm(x)
 
 
+def clip_window(audio: np.ndarray, mel_params: FeatureParams) -> np.ndarray:
+    """[n_mels, frames] log-mel of the audio zero-padded to its window (features.whisper_window_s)."""
+    return window_log_mel(audio, whisper_window_s(audio.size, WINDOW_S), mel_params)
+
+
+def encode_clips(encoder: WhisperEncoder, mels: list[np.ndarray], sizes: list[int], margin_s: float,
+                 device: torch.device):
+    """(index, [positions, D] float16) per clip: one encoder call per window size, each output cut
+    to its clip + margin_s. What EncoderCache stores, and the decoder's silent clip."""
+    for width in sorted({m.shape[1] for m in mels}):
+        rows = [b for b, m in enumerate(mels) if m.shape[1] == width]
+        with torch.inference_mode():
+            hidden = encode_window(encoder, torch.from_numpy(np.stack([mels[b] for b in rows])).to(device))
+        hidden = hidden.float().cpu().numpy()
+        for k, b in enumerate(rows):
+            yield b, hidden[k, :kept_positions(sizes[b], margin_s, hidden.shape[1])].astype(np.float16)
+
+
 class EncoderCache:
     """The frozen encoder's output per clip, [positions, D] float16, in <data>/cache."""
 
@@ -155,8 +173,7 @@ class EncoderCache:
         return self.store.length(filename)
 
     def window(self, audio: np.ndarray) -> np.ndarray:
-        """[n_mels, frames] log-mel of the audio zero-padded to its window (features.whisper_window_s)."""
-        return window_log_mel(audio, whisper_window_s(audio.size, WINDOW_S), self.mel_params)
+        return clip_window(audio, self.mel_params)
 
     def ensure(self, filenames, progress: bool = True) -> int:
         """Encode every clip not cached yet; returns how many were computed. Unreadable clips are
@@ -186,15 +203,8 @@ class EncoderCache:
                     keys.append(name)
                     mels.append(self.window(audio))
                     sizes.append(audio.size)
-                for width in sorted({m.shape[1] for m in mels}):  # one encoder call per window size
-                    rows = [b for b, m in enumerate(mels) if m.shape[1] == width]
-                    with torch.inference_mode():
-                        hidden = encode_window(encoder, torch.from_numpy(np.stack([mels[b] for b in rows]))
-                                               .to(self.device))
-                    hidden = hidden.float().cpu().numpy()
-                    for k, b in enumerate(rows):
-                        n = kept_positions(sizes[b], self.margin_s, hidden.shape[1])
-                        yield keys[b], hidden[k, :n].astype(np.float16)
+                for b, encoded in encode_clips(encoder, mels, sizes, self.margin_s, self.device):
+                    yield keys[b], encoded
                 bar.update(len(names[start: start + batch_size]))
         finally:
             bar.close()
@@ -288,18 +298,15 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         return {"logp": tok, "margin": tok - best_other, "entropy": entropy}
 
     def null_memory(self, like: torch.Tensor) -> torch.Tensor:
-        """[1, T, D] the frozen encoder's output for NULL_CLIP_S of silence, windowed, cut and rounded
-        to float16 exactly as EncoderCache treats a clip: what the decoder hears when nobody speaks.
-        Computed once from the encoder's weights (not saved in checkpoints)."""
+        """[1, T, D] the frozen encoder's output for NULL_CLIP_S of silence, encoded by EncoderCache's
+        own steps (encode_clips): what the decoder hears when nobody speaks. Computed once from the
+        encoder's weights (not saved in checkpoints)."""
         if self._null_memory is None or self._null_memory.device != like.device:
             silence = np.zeros(int(NULL_CLIP_S * SAMPLE_RATE), np.float32)
-            params = FeatureParams(n_mels=self.whisper_config.num_mel_bins)
-            mel = window_log_mel(silence, whisper_window_s(silence.size, WINDOW_S), params)
-            weight = self.encoder.conv1.weight
-            with torch.no_grad():
-                encoded = encode_window(self.encoder, torch.from_numpy(mel)[None].to(weight.device, weight.dtype))
-            keep = kept_positions(silence.size, self.cfg.memory_margin_s, encoded.shape[1])
-            self._null_memory = encoded[:, :keep].half().float().to(like.device)
+            mel = clip_window(silence, FeatureParams(n_mels=self.whisper_config.num_mel_bins))
+            (_, encoded), = encode_clips(self.encoder, [mel], [silence.size], self.cfg.memory_margin_s,
+                                         self.encoder.conv1.weight.device)
+            self._null_memory = torch.from_numpy(encoded.astype(np.float32))[None].to(like.device)
         return self._null_memory.to(like.dtype)
 
     def forward(self, batch: dict) -> dict:
@@ -322,8 +329,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
             null = self.null_memory(batch["memory"]).expand(len(tok), -1, -1)
             null_mask = torch.ones(null.shape[:2], dtype=torch.bool, device=null.device)
             null_states = self.decode(null, null_mask, batch["dec_inputs"])[:, k - 1:]
-            gain = (tok - self.token_scores(null_states, batch["dec_targets"])["logp"]) * mask
-            pools += [gain.sum(1) / n, gain.masked_fill(~mask, 1e4).min(1).values, gain.sum(1) / 10.0]
+            pools += logp_pools(tok - self.token_scores(null_states, batch["dec_targets"])["logp"], mask, n)
         feats = torch.stack(pools, dim=1)
         evidence = self.token_norm(feats).to(states.dtype)
         parts = [self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]

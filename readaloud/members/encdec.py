@@ -70,12 +70,19 @@ def teacher_forced_states(dec: WhisperDecoder, memory: torch.Tensor, memory_mask
     return dec.layer_norm(x)
 
 
+POOL_FILL = 1e4  # stands in for masked tokens in a min
+
+
+def logp_pools(x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
+    """Mean, min and sum / 10 over `mask` ([B, L]; n = its row sums) of a per-token log p (or a
+    difference of two)."""
+    return [(x * mask).sum(1) / n, x.masked_fill(~mask, POOL_FILL).min(1).values, (x * mask).sum(1) / 10.0]
+
+
 def token_pools(tok: torch.Tensor, margin: torch.Tensor, mask: torch.Tensor, n: torch.Tensor) -> list[torch.Tensor]:
     """Per-text pools of the expected tokens' evidence over `mask` ([B, L]; n = its row sums): mean,
     min and sum / 10 of log p, mean and min of the margin over the best other token."""
-    big = 1e4
-    return [(tok * mask).sum(1) / n, tok.masked_fill(~mask, big).min(1).values, (tok * mask).sum(1) / 10.0,
-            (margin * mask).sum(1) / n, margin.masked_fill(~mask, big).min(1).values]
+    return [*logp_pools(tok, mask, n), (margin * mask).sum(1) / n, margin.masked_fill(~mask, POOL_FILL).min(1).values]
 
 
 class EncDecClassifier(SpeechEncoderModel):
