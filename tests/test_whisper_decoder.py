@@ -14,7 +14,8 @@ from conftest import run_script
 from readaloud.audio import load_audio
 from readaloud.config import ConfigError
 from readaloud.features import whisper_window_s
-from readaloud.members.decoder import DecoderDataset, EncoderCache, WhisperDecoderClassifier, encode_window
+from readaloud.members.decoder import DecoderDataset, WhisperDecoderClassifier
+from readaloud.whisper.encoding import encode_window
 from readaloud.members.registry import build_model
 from readaloud.prep.dataset import Categories
 from readaloud.variants import variant_config

@@ -36,7 +36,7 @@ from transformers import WhisperForConditionalGeneration
 from ..audio import load_audio
 from . import write_report
 from ..features import FeatureParams
-from ..members.decoder import encode_window
+from ..whisper.encoding import encode_window
 from ..whisper.asr import FEATURE_NAMES, AsrSettings, ClipDecode, WhisperEvidence, available_cores, model_identity
 from ..whisper.backbones import NAMED_BACKBONES, backbones_root, ct2_model_dir, transformers_dir
 from ..whisper.normalise import normalise_words

@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
         raise SystemExit("nothing to report yet")
     rows, table = loso_table(results)
     cols = list(results) + ["mean"]
-    lines = [f"# Leave-one-speaker-out: test log loss per held-out speaker\n",
+    lines = ["# Leave-one-speaker-out: test log loss per held-out speaker\n",
              f"Speakers: {', '.join(speakers)}; {args.n_train} training / {args.n_test} test items each; "
              + (f"training words {args.train_words}, test words {args.test_words} (never trained on); "
                 if args.train_words else "") +

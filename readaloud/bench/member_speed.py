@@ -41,7 +41,7 @@ def encoder_stage(backbone: str, threads: int):
     from transformers import WhisperForConditionalGeneration
 
     from ..features import FeatureParams, whisper_window_s, window_log_mel
-    from ..members.decoder import encode_window
+    from ..whisper.encoding import encode_window
     from ..whisper.backbones import transformers_dir
     if threads > 0:
         torch.set_num_threads(threads)
@@ -84,7 +84,7 @@ def measure(stages: dict, audios: list[np.ndarray], texts: list[str]) -> dict:
 
 def markdown(report: dict) -> str:
     n = report["n"]
-    lines = [f"# Per-clip work of the Whisper members: 30 s window (before) vs 10 s (after)\n",
+    lines = ["# Per-clip work of the Whisper members: 30 s window (before) vs 10 s (after)\n",
              f"{n} clips of `{report['data']}` (median {report['median_clip_s']:.2f} s), {report['threads']} threads; "
              "clips/s = clips / seconds of that stage alone.\n",
              "| member | stage | clips/s, 30 s window | clips/s, 10 s window | speed-up |", "|---|---|---|---|---|"]

@@ -331,7 +331,7 @@ def main(argv=None):
                                        for path in ("straightforward", "project")}
     jobs = None if args.skip_jobs else time_jobs(args)
     scaling = thread_scaling(args) if args.thread_scaling else None
-    lines = [f"# Speed benchmark\n", f"machine: {machine()}; data `{args.data}`; medians of {args.repeats} runs" +
+    lines = ["# Speed benchmark\n", f"machine: {machine()}; data `{args.data}`; medians of {args.repeats} runs" +
              (f"; {args.n} clips per path measurement; inference = an ensemble of {args.models} models" if rows else "")
              + "\n"]
     if rows:

@@ -70,6 +70,7 @@ from ..prep.dataset import Categories
 from ..prep.prepare import TrainingInputs
 from ..text import Vocab
 from ..whisper.asr import render_expected
+from ..whisper.encoding import encode_window
 from ..whisper.backbones import transformers_dir
 from .base import FoldData, TestInputs
 from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
@@ -118,19 +119,6 @@ def kept_positions(n_samples: int, margin_s: float, n_positions: int) -> int:
     if margin_s < 0:
         return n_positions
     return max(1, min(n_positions, math.ceil((n_samples / SAMPLE_RATE + margin_s) / POSITION_S)))
-
-
-def encode_window(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
-    """Whisper's encoder on [B, n_mels, frames] windows of up to 30 s -> [B, frames / 2, D]: the
-    same arithmetic as WhisperEncoder.forward, whose check allows only 30 s (a test compares the
-    two there); the position table is cut to the window."""
-    x = F.gelu(encoder.conv1(mels.to(encoder.conv1.weight.dtype)))
-    x = F.gelu(encoder.conv2(x)).transpose(1, 2)
-    x = x + encoder.embed_positions.weight[: x.shape[1]].to(x.dtype)
-    for layer in encoder.layers:
-        out = layer(x, None)
-        x = out[0] if isinstance(out, tuple) else out
-    return encoder.layer_norm(x)
 
 
 def clip_window(audio: np.ndarray, mel_params: FeatureParams) -> np.ndarray:

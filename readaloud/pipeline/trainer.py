@@ -218,7 +218,7 @@ class NetworkTrainer:
 
     def step(self, epoch: int, bi: int, k: int, batch: dict, last: bool) -> bool:
         """Forward and backward of one batch; True when it completed an optimiser update."""
-        cfg, oc, state, sums = self.cfg, self.cfg.optim, self.state, self.sums
+        oc, state, sums = self.cfg.optim, self.state, self.sums
         batch = to_device(batch, self.device)
         with autocast(self.device):
             out = self.model(batch)
