@@ -68,6 +68,8 @@ class ModelConfig:
                                       # (asr: evidence of a pretrained Whisper per clip, whisper/asr.py)
     asr_backbones: str = "whisper-tiny.en"  # gbm with asr: comma-separated named backbones
                                             # (whisper-tiny.en, whisper-base) or CTranslate2 Whisper folders
+    gbm_ear_copies: int = 0           # gbm: perturbed copies of each training clip, same label and fold, so the
+                                      # trees see clips the Whisper ear mishears (prep/ear_augment.py); 0 = none
 
 
 @dataclass
@@ -214,6 +216,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--model.decoder_frozen_layers must be 0 or more, got {cfg.model.decoder_frozen_layers!r}")
     if cfg.model.freeze_layers < 0:
         raise ConfigError(f"--model.freeze_layers must be 0 or more, got {cfg.model.freeze_layers!r}")
+    if cfg.model.gbm_ear_copies < 0:
+        raise ConfigError(f"--model.gbm_ear_copies must be 0 or more, got {cfg.model.gbm_ear_copies!r}")
 
 
 def backbone_input_settings(backbone: str) -> dict:

@@ -23,11 +23,14 @@ from readaloud.config import ConfigError
 from readaloud.members import gbm
 from readaloud.members.alignment import FEATURE_NAMES as ALIGNMENT_NAMES
 from readaloud.members.registry import member_named
+from readaloud.prep.ear_augment import EarAugment, copies_dir
 from readaloud.variants import variant_config
 from readaloud.whisper import asr
 
 BACKBONE = "whisper-tiny.en"
-OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4"]  # 10 training clips a fold: let trees split
+OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4",  # 10 training clips a fold: let trees split
+           "--gbm_ear_copies", "1"]
+OVERRIDES = {"asr_backbones": BACKBONE, "gbm_min_samples_leaf": 4, "gbm_ear_copies": 1}
 
 
 @pytest.fixture
@@ -52,7 +55,7 @@ def trained(tmp_path_factory, root):
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
     run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
     from readaloud.pipeline.runner import prepare_for_jobs
-    cfg = variant_config("model6asr", {"asr_backbones": BACKBONE})
+    cfg = variant_config("model6asr", OVERRIDES)
     counts = []
     with pytest.MonkeyPatch.context() as m:
         real = asr.WhisperEvidence.decode
@@ -61,12 +64,13 @@ def trained(tmp_path_factory, root):
         first = sum(counts)
         prepare_for_jobs(data, tts, 2, [cfg], progress=False)
     cache = asr.asr_cache_path(data, gbm.evidence_model(BACKBONE))
-    stamp = cache.stat().st_mtime_ns
+    copies_cache = asr.asr_cache_path(copies_dir(data, EarAugment()), gbm.evidence_model(BACKBONE))
+    stamp = cache.stat().st_mtime_ns, copies_cache.stat().st_mtime_ns
     out = run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
                      "--models", "model6asr", "--jobs", 2, *OPTIONS)
     return {"root": root, "data": data, "assets": assets, "tts": tts, "base": base, "train_out": out.stdout,
             "first_decodes": first, "second_decodes": sum(counts) - first, "cache": cache,
-            "cache_untouched": cache.stat().st_mtime_ns == stamp}
+            "cache_untouched": (cache.stat().st_mtime_ns, copies_cache.stat().st_mtime_ns) == stamp}
 
 
 def test_feature_layout_of_configs():
@@ -88,10 +92,23 @@ def test_feature_layout_of_configs():
 
 def test_asr_cache_is_filled_once_before_the_folds(trained):
     n_train = len(pd.read_csv(trained["data"] / "train_metadata.csv"))
-    assert trained["first_decodes"] == n_train, "each training clip decoded once"
+    assert trained["first_decodes"] == 2 * n_train, "each training clip and its ear copy decoded once"
     assert trained["second_decodes"] == 0, "a second preparation reads the cache"
     assert "2/2 folds finished" in trained["train_out"]
     assert trained["cache_untouched"], "neither train.py nor its folds decoded (or rewrote) anything"
+
+
+def test_ear_copies_train_but_are_never_scored(trained):
+    """Each fold's trees also fit one perturbed copy of every clip of the other fold; its OOF rows
+    are its own real clips only."""
+    folds = pd.read_csv(trained["data"] / "cache" / "folds_2.csv")
+    for fold in (0, 1):
+        summary = json.loads((trained["assets"] / f"model6asr_{fold}.json").read_text())
+        n_other = int((folds["fold"] != fold).sum())
+        assert summary["n_ear_copies"] == n_other and summary["n_train"] == 2 * n_other
+        oof = pd.read_csv(trained["assets"] / f"model6asr_{fold}_oof.csv")
+        assert sorted(oof["filename"]) == sorted(folds.loc[folds["fold"] == fold, "filename"])
+        assert not oof["filename"].str.contains(".ear").any() and (oof["fallback"] == 0).all()
 
 
 def test_checkpoint_is_weights_only_and_names_its_features(trained):
@@ -113,8 +130,8 @@ def test_checkpoint_is_weights_only_and_names_its_features(trained):
 
 def test_a_fold_reads_the_cache_and_gives_the_same_trees(trained, tmp_path, decodes):
     from readaloud.pipeline.fold_run import run_fold
-    run_fold("model6asr", 1, trained["data"], tmp_path, trained["tts"], overrides={"asr_backbones": BACKBONE,
-             "gbm_min_samples_leaf": 4}, quiet=True, progress=False)
+    run_fold("model6asr", 1, trained["data"], tmp_path, trained["tts"], overrides=OVERRIDES, quiet=True,
+             progress=False)
     assert decodes == [], "the fold decoded clips the cache holds"
     mine, theirs = safe_load(tmp_path / "model6asr_1.pth"), safe_load(trained["assets"] / "model6asr_1.pth")
     assert mine["state_dict"].keys() == theirs["state_dict"].keys()

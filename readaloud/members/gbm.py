@@ -31,9 +31,11 @@ import torch
 from ..checkpoints import CheckpointError, atomic_csv
 from ..config import ConfigError, ModelConfig, RunConfig
 from ..metrics import log_loss, sigmoid
+from ..features import FeatureParams
 from ..prep.dataset import Categories
+from ..prep.ear_augment import EarAugment, ensure_copies
 from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
-from ..prep.prepare import TrainingInputs
+from ..prep.prepare import TrainingInputs, ensure_clip_features
 from ..whisper import asr
 from ..whisper.backbones import NAMED_BACKBONES
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
@@ -251,6 +253,29 @@ def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str 
     return asr.asr_table(meta, data_dir, model, asr.asr_cache_path(data_dir, model), progress=progress)
 
 
+def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, clips, refs, tasks: list[str],
+                  device: str, threads: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The trees' table for the clips of `meta` in `data_dir` and its usable rows; the alignment
+    features and ASR evidence come from (and go to) that folder's caches."""
+    acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
+        if layout.alignment else None
+    tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress) for b in layout.asr_backbones]
+    return layout.table(meta, tasks, acoustic, tables)
+
+
+def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, data_dir: Path, refs,
+                   tasks: list[str], device: str, threads: int, progress: bool
+                   ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The table of the perturbed copies of `meta`'s clips (prep/ear_augment.py; made and cached
+    once in their own folder), its usable rows and the copies' metadata (score and fold are the
+    source clip's)."""
+    folder, copies = ensure_copies(data_dir, meta, EarAugment(copies=mc.gbm_ear_copies), progress)
+    clips = ensure_clip_features(folder, copies["filename"].tolist(), FeatureParams(n_mels=mc.n_mels),
+                                 progress=progress)[0] if layout.alignment else None
+    X, ok = feature_table(layout, copies, folder, clips, refs, tasks, device, threads, progress)
+    return X, ok, copies
+
+
 def asr_weights(backbone: str, device: str = "auto") -> str:
     """What the trees' ASR features depend on: the weights' hash and the decode settings."""
     model = evidence_model(backbone, device, 0)
@@ -289,6 +314,10 @@ class GBMMember(Member):
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts
                                               for b in lay.asr_backbones):
             asr_evidence(backbone, inputs.meta, Path(data_dir), device, 0, progress)
+        for c, lay in layouts:  # the ear copies' features too, before parallel folds would race for them
+            if c.model.gbm_ear_copies > 0:
+                refs = inputs.banks[c.tts, c.model.n_mels] if lay.alignment else None
+                ear_copy_table(lay, c.model, inputs.meta, Path(data_dir), refs, [], asr_device(c.device), 0, progress)
 
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         """Fit the trees on every fold but `data.fold`, predict it."""
@@ -296,23 +325,30 @@ class GBMMember(Member):
         cfg, meta, is_valid = data.cfg, data.meta, data.is_valid
         layout = FeatureLayout.of(cfg.model)
         threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
-        acoustic = acoustic_table(meta, data.clips, data.refs, alignment_cache_path(data.data_dir, data.refs),
-                                  data.progress) if layout.alignment else None
-        tables = [asr_evidence(b, meta, data.data_dir, asr_device(cfg.device), threads, data.progress)
-                  for b in layout.asr_backbones]
-        X, ok = layout.table(meta, data.cats.tasks, acoustic, tables)
+        X, ok = feature_table(layout, meta, data.data_dir, data.clips, data.refs, data.cats.tasks,
+                              asr_device(cfg.device), threads, data.progress)
         names = layout.names
-        t_feat = time.time() - t0
         y = meta["score"].to_numpy()
         fit_rows = ~is_valid & ok
+        X_fit, y_fit, fold_fit = X[fit_rows], y[fit_rows], meta["fold"].to_numpy()[fit_rows]
+        n_copies = 0
+        if cfg.model.gbm_ear_copies > 0:  # training folds only: OOF clips are never perturbed
+            Xc, okc, copies = ear_copy_table(layout, cfg.model, meta[~is_valid], data.data_dir, data.refs,
+                                             data.cats.tasks, asr_device(cfg.device), threads, data.progress)
+            n_copies = int(okc.sum())
+            X_fit = np.vstack([X_fit, Xc[okc]])
+            y_fit = np.concatenate([y_fit, copies["score"].to_numpy()[okc]])
+            fold_fit = np.concatenate([fold_fit, copies["fold"].to_numpy()[okc]])
+        t_feat = time.time() - t0
         stops_on_a_fold = fold_scheme(data.data_dir, data.n_folds) in UNHEARD_SCHEMES and data.n_folds >= 3
-        log.info("fold %d: %d train / %d valid clips, %d features (%s), data and features ready in %.1fs",
-                 data.fold, int(fit_rows.sum()), int(is_valid.sum()), X.shape[1], cfg.model.gbm_features, t_feat)
+        log.info("fold %d: %d train (%d of them ear copies) / %d valid clips, %d features (%s), data and features "
+                 "ready in %.1fs", data.fold, len(y_fit), n_copies, int(is_valid.sum()), X.shape[1],
+                 cfg.model.gbm_features, t_feat)
         from threadpoolctl import threadpool_limits  # comes with scikit-learn, which environment() checked
         with threadpool_limits(limits=threads):
-            folds = meta["fold"].to_numpy()[fit_rows] if stops_on_a_fold else None
+            folds = fold_fit if stops_on_a_fold else None
             stop_fold = stopping_fold(data.fold, folds) if stops_on_a_fold else None
-            clf = fit_gbm(X[fit_rows], y[fit_rows], cfg.model, data.seed, folds, stop_fold)
+            clf = fit_gbm(X_fit, y_fit, cfg.model, data.seed, folds, stop_fold)
             state = export_trees(clf)
             trees = TreeEnsemble(state, len(names))
             valid_rows = is_valid & ok
@@ -332,7 +368,7 @@ class GBMMember(Member):
         if stopped and stop_fold is not None:
             stopped += f" (best on training fold {stop_fold}, then refit on all training folds)"
         summary = {"best_epoch": 1, "best_step": n_iter, "epochs_run": 1, "updates": n_iter, "stopped": stopped,
-                   "n_train": int(fit_rows.sum()), "n_trees": trees.n_trees, "n_features": len(names),
+                   "n_train": len(y_fit), "n_ear_copies": n_copies, "n_trees": trees.n_trees, "n_features": len(names),
                    "feature_seconds": t_feat}
         payload = {"feature_names": names, "align_version": ALIGN_VERSION, "n_iter": n_iter, "state_dict": state}
         if layout.asr_backbones:

@@ -1,0 +1,95 @@
+"""Ear copies (prep/ear_augment.py): perturbed training clips for the gbm member.
+
+A copy is deterministic (same bytes on a rerun, in any process), is made once (a rerun writes
+nothing), keeps its source clip's row (label, fold, text) and is really perturbed; a clip that
+cannot be read gets no copies and loses nothing else."""
+import hashlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from readaloud.audio import SAMPLE_RATE, load_audio, write_wav
+from readaloud.prep.ear_augment import EarAugment, copies_dir, copy_name, copy_rng, ensure_copies, perturb
+
+
+def _tone(seconds: float, freq: float) -> np.ndarray:
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.fixture
+def data(tmp_path):
+    rows = []
+    for i, (seconds, freq) in enumerate([(1.0, 220.0), (1.5, 330.0), (0.7, 440.0)]):
+        name = f"clip{i}.wav"
+        write_wav(tmp_path / name, _tone(seconds, freq))
+        rows.append({"filename": name, "task": "blending", "expected_text": f"word {i}", "grade": "1",
+                     "score": i % 2, "fold": i})
+    return tmp_path, pd.DataFrame(rows)
+
+
+def _digest(path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def test_perturb_changes_speed_and_adds_noise():
+    clip = _tone(2.0, 300.0)
+    aug = EarAugment()
+    outs = [perturb(clip, copy_rng("a.wav", c, 0), aug) for c in range(8)]
+    for y in outs:
+        assert y.dtype == np.float32 and np.abs(y).max() <= 1.0
+        ratio = clip.size / y.size
+        assert aug.speed_min - 0.01 <= ratio <= aug.speed_max + 0.01, ratio
+    assert len({y.size for y in outs}) > 1, "speeds differ between copies"
+    same_len = [y for y in outs if y.size == clip.size]
+    for y in same_len:
+        assert not np.allclose(y, clip, atol=1e-3), "noise was added"
+    again = perturb(clip, copy_rng("a.wav", 3, 0), aug)
+    assert np.array_equal(again, outs[3]), "same clip, copy and seed: same audio"
+    assert not np.array_equal(perturb(clip, copy_rng("a.wav", 3, 1), aug), outs[3]), "another seed differs"
+
+
+def test_copies_are_made_once_deterministic_and_keep_their_rows(data):
+    folder, meta = data
+    aug = EarAugment(copies=2)
+    out_dir, copies = ensure_copies(folder, meta, aug, progress=False)
+    assert out_dir == copies_dir(folder, aug) and out_dir.parent.name == "cache"
+    assert len(copies) == 2 * len(meta)
+    assert list(copies["filename"][:2]) == [copy_name("clip0.wav", 0), copy_name("clip0.wav", 1)]
+    merged = copies.merge(meta, left_on="source", right_on="filename", suffixes=("", "_src"))
+    for col in ("task", "expected_text", "grade", "score", "fold"):
+        assert (merged[col] == merged[f"{col}_src"]).all(), col
+    digests = {n: _digest(out_dir / n) for n in copies["filename"]}
+    stamps = {n: (out_dir / n).stat().st_mtime_ns for n in copies["filename"]}
+    ensure_copies(folder, meta, aug, progress=False)
+    assert {n: (out_dir / n).stat().st_mtime_ns for n in copies["filename"]} == stamps, "a rerun writes nothing"
+    victim = copies["filename"][3]
+    (out_dir / victim).unlink()
+    ensure_copies(folder, meta, aug, progress=False)
+    assert _digest(out_dir / victim) == digests[victim], "a remade copy has the same bytes"
+    one = ensure_copies(folder, meta, EarAugment(copies=1), progress=False)[1]
+    assert one["filename"].tolist() == copies["filename"][::2].tolist(), "copy 0 is the same whatever the count"
+    audio = load_audio(out_dir / copies["filename"][0])
+    assert audio.size > 0 and not np.allclose(audio[:1000], load_audio(folder / "clip0.wav")[:1000], atol=1e-3)
+
+
+def test_an_unreadable_clip_gets_no_copies(data, caplog):
+    folder, meta = data
+    (folder / "clip1.wav").write_bytes(b"")
+    _, copies = ensure_copies(folder, meta, EarAugment(copies=1), progress=False)
+    assert copies["source"].tolist() == ["clip0.wav", "clip2.wav"]
+    assert "clip1.wav" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs", [{"copies": -1}, {"speed_min": 0.0}, {"speed_min": 1.3},
+                                    {"snr_db_min": 20.0}])
+def test_bad_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        EarAugment(**kwargs)
+
+
+def test_the_folder_key_ignores_the_count_only():
+    assert EarAugment(copies=1).key() == EarAugment(copies=3).key()
+    assert EarAugment(seed=1).key() != EarAugment().key()
+    assert EarAugment(snr_db_max=10.0).key() != EarAugment().key()
