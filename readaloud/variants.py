@@ -73,11 +73,15 @@ register("model4encdec", "encoder-decoder teacher-forced on the expected text's 
 register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity alignment features, no network; "
          "small trees, large leaves: the features must generalise to voices never heard",
          arch="gbm", gbm_max_leaf_nodes=4, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, seed=4)
+# Ear copies (gbm_ear_copies=1, prep/ear_augment.py): trained on clips Whisper always hears right, the
+# trees took a matching transcript as proof and were confidently wrong on a voice it mishears (FSDD
+# nicolas held out: 0.382); one perturbed copy of each training clip shows them garbled transcripts
+# with their true labels (README: Unseen voices, ear copies).
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
          "base (transcript vs expected text, teacher-forced log p; whisper/asr.py), cached per clip; "
-         "small trees, large leaves like model5gbm",
+         "small trees, large leaves like model5gbm; trained on each clip and one perturbed copy of it",
          arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
-         gbm_max_leaf_nodes=4, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, seed=6)
+         gbm_max_leaf_nodes=4, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, gbm_ear_copies=1, seed=6)
 register("model7whisper", "pair classifier on the pretrained Whisper tiny.en encoder (2nd place's design): conv stem "
          "+ lowest 3 of 4 layers frozen and run once per half (each at positions from 0), cached in float16; the "
          "top layer sees [TTS | pause | response]; attention + mean pooling, 2-layer head",
