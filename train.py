@@ -55,8 +55,8 @@ def main():
 
     from readaloud.pipeline.launch import start_launcher
     gpus = args.gpus.split(",") if args.gpus else None
-    unfinished = args.force or any(not FoldPaths(args.assets, m, f).finished() for m in models for f in folds)
-    if unfinished and args.ray is None:
+    to_train = [m for m in models if args.force or any(not FoldPaths(args.assets, m, f).finished() for f in folds)]
+    if to_train and args.ray is None:
         start_launcher(gpus)  # the fork server imports torch while this process does and checks the data
 
     from readaloud.members.registry import member_for
@@ -66,7 +66,8 @@ def main():
             member_for(cfg)  # a family that is not registered
     except ConfigError as exc:
         p.error(str(exc))
-    prepare_for_jobs(args.data, args.tts_dir, n_folds, cfgs)
+    if to_train:  # a rerun with every fold finished prepares nothing (model6asr's ear copies cost minutes)
+        prepare_for_jobs(args.data, args.tts_dir, n_folds, [c for m, c in zip(models, cfgs) if m in to_train])
     if args.ray is not None:
         from readaloud.ray_jobs import run_jobs_on_ray
         results = run_jobs_on_ray(models, folds, args.data, args.assets, args.tts_dir, extra, args.force, args.ray,

@@ -111,6 +111,19 @@ def test_ear_copies_train_but_are_never_scored(trained):
         assert not oof["filename"].str.contains(".ear").any() and (oof["fallback"] == 0).all()
 
 
+def test_a_rerun_of_finished_folds_prepares_nothing(trained, tmp_path):
+    """train.py over finished folds skips them without making any shared input again: with the
+    ear copies' folder gone it is not rebuilt (that would decode every copy for nothing)."""
+    data, assets = tmp_path / "data", tmp_path / "assets"
+    shutil.copytree(trained["data"], data)
+    shutil.copytree(trained["assets"], assets)
+    shutil.rmtree(copies_dir(data, EarAugment()))
+    out = run_script(trained["root"], "train.py", "--data", data, "--assets", assets, "--tts_dir", trained["tts"],
+                     "--n_folds", 2, "--models", "model6asr", *OPTIONS)
+    assert out.stdout.count("finished already, skipped") == 2 and "2/2 folds finished" in out.stdout
+    assert not copies_dir(data, EarAugment()).exists()
+
+
 def test_checkpoint_is_weights_only_and_names_its_features(trained):
     layout = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_backbones": BACKBONE}).model)
     for fold in (0, 1):
