@@ -15,7 +15,7 @@ import sys
 
 from readaloud.cli import add_common, add_ray_options, parse_overrides
 from readaloud.config import ConfigError
-from readaloud.layout import FoldPaths
+from readaloud.layout import unfinished_folds
 from readaloud.prep.folds import FoldFileError, resolve_n_folds
 from readaloud.variants import default_variants, resolve_models, variant_config
 
@@ -55,7 +55,7 @@ def main():
 
     from readaloud.pipeline.launch import start_launcher
     gpus = args.gpus.split(",") if args.gpus else None
-    to_train = [m for m in models if args.force or any(not FoldPaths(args.assets, m, f).finished() for f in folds)]
+    to_train = {m for m, _ in unfinished_folds(models, folds, args.assets, args.force)}
     if to_train and args.ray is None:
         start_launcher(gpus)  # the fork server imports torch while this process does and checks the data
 

@@ -118,6 +118,12 @@ def summary_beside(checkpoint: str | Path) -> Path:
     return Path(checkpoint).with_suffix(".json")
 
 
+def unfinished_folds(variants: list[str], folds: list[int], assets: str | Path, force: bool = False
+                     ) -> list[tuple[str, int]]:
+    """The (variant, fold) pairs a training run would train: all with `force`, else those not finished."""
+    return [(v, f) for v in variants for f in folds if force or not FoldPaths(Path(assets), v, f).finished()]
+
+
 def saved_folds(assets: str | Path) -> list[FoldPaths]:
     """Every fold with a readable summary in `assets`, identified by what the summary says."""
     found = []

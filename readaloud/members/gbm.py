@@ -332,8 +332,9 @@ class GBMMember(Member):
         fit_rows = ~is_valid & ok
         X_fit, y_fit, fold_fit = X[fit_rows], y[fit_rows], meta["fold"].to_numpy()[fit_rows]
         n_copies = 0
-        if cfg.model.gbm_ear_copies > 0:  # training folds only: OOF clips are never perturbed
-            Xc, okc, copies = ear_copy_table(layout, cfg.model, meta[~is_valid], data.data_dir, data.refs,
+        if cfg.model.gbm_ear_copies > 0:  # usable training clips only (a copy of an unusable row is unusable too);
+            # OOF clips are never perturbed
+            Xc, okc, copies = ear_copy_table(layout, cfg.model, meta[fit_rows], data.data_dir, data.refs,
                                              data.cats.tasks, asr_device(cfg.device), threads, data.progress)
             n_copies = int(okc.sum())
             X_fit = np.vstack([X_fit, Xc[okc]])

@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
-from ..layout import FoldPaths, fold_script
+from ..layout import FoldPaths, fold_script, unfinished_folds
 from ..members.registry import member_for
 from ..prep.prepare import prepare_training_data
 from .launch import ROOT, launch, launch_mode
@@ -65,18 +65,13 @@ def fold_specs(variants: list[str], folds: list[int], assets: str, force: bool =
                ) -> tuple[list[tuple[str, int, list[str]]], dict[str, int]]:
     """The (variant, fold, options) to train, and {stem: 0} of the folds finished already (each
     announced as skipped)."""
-    todo = unfinished(variants, folds, assets, force)
+    todo = unfinished_folds(variants, folds, assets, force)
     results = {}
     for v, f in [(v, f) for v in variants for f in folds if (v, f) not in todo]:
         stem = FoldPaths(Path(assets), v, f).stem
         print(f"{stem}: finished already, skipped (--force to retrain)")
         results[stem] = 0
     return [(v, f, ["--force"] if force else []) for v, f in todo], results
-
-
-def unfinished(variants: list[str], folds: list[int], assets: str, force: bool = False) -> list[tuple[str, int]]:
-    """The (variant, fold) pairs run_jobs would train: all with `force`, else those not finished."""
-    return [(v, f) for v in variants for f in folds if force or not FoldPaths(Path(assets), v, f).finished()]
 
 
 def run_fold_jobs(specs: list[tuple[str, int, list[str]]], data: str, assets: str, tts_dir: str,

@@ -117,6 +117,8 @@ def ensure_copies(data_dir: str | Path, meta: pd.DataFrame, aug: EarAugment, pro
         tmp = folder / f".{Path(name).stem}.tmp{os.getpid()}.wav"
         write_wav(tmp, perturb(audio, copy_rng(source, c, aug.seed), aug))
         tmp.replace(folder / name)
-    atomic_write(folder / "ear_augment.json", json.dumps(asdict(aug) | {"key": aug.key()}, indent=1))
+    settings = folder / "ear_augment.json"
+    if todo or not settings.exists():  # what made the folder; every fold of a run would rewrite it otherwise
+        atomic_write(settings, json.dumps(asdict(aug) | {"key": aug.key()}, indent=1))
     out = pd.DataFrame(rows, columns=[*meta.columns, "source"])
     return folder, out[[(folder / n).exists() for n in out["filename"]]].reset_index(drop=True)
