@@ -26,7 +26,9 @@ BACKBONE ?=
 export ATEN_CPU_CAPABILITY ?= avx2
 export MKL_CBWR ?= AVX2
 export ONEDNN_MAX_CPU_ISA ?= AVX2
-# test files run TEST_WORKERS at a time (pytest-xdist; each file stays in one worker for its fixtures)
+# test files run TEST_WORKERS at a time (pytest-xdist; each file stays in one worker for its fixtures);
+# a run writes about 3 GB of models and caches under pytest's temp folder: only failed tests' folders
+# are kept afterwards (pip keeps no wheel cache either: a full disk failed CI once)
 TEST_WORKERS ?= 2
 
 .PHONY: demo test venv data preprocess pretrain train check config infer submission clean
@@ -34,9 +36,9 @@ TEST_WORKERS ?= 2
 venv: .venv/.installed
 .venv/.installed: requirements.txt
 	python3 -m venv .venv
-	.venv/bin/pip install -q --upgrade pip
-	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-cache-dir --upgrade pip
+	.venv/bin/pip install -q --no-cache-dir torch==2.13.0
+	.venv/bin/pip install -q --no-cache-dir -r requirements.txt
 	touch $@
 
 data: venv
@@ -67,7 +69,8 @@ demo:
 	echo "make demo finished in $$(( $$(date +%s) - start ))s"
 
 test: venv
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 \
+		-o tmp_path_retention_policy=failed tests
 
 clean:
 	rm -rf $(ASSETS) tts_data submission.csv submission.csv.json

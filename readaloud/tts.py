@@ -142,9 +142,42 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.espeak_Terminate.restype = ctypes.c_int
 
 
+_COPY_PREFIX = "readaloud-espeak-"
+
+
 def _remove_directory(path: str, owner: int) -> None:
     if os.getpid() == owner:  # a forked child exiting must not delete its parent's copy
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process (or no way to tell): leave its copy alone
+    return True
+
+
+def _sweep_orphaned_copies(temp_dir: str) -> int:
+    """Delete library copies whose process is gone (killed before its atexit ran: a timeout,
+    an OOM kill, a test worker torn down). Copies are named ``readaloud-espeak-<pid>-*``;
+    returns how many were removed."""
+    removed = 0
+    try:
+        names = os.listdir(temp_dir)
+    except OSError:
+        return 0
+    for name in names:
+        if not name.startswith(_COPY_PREFIX):
+            continue
+        pid_text = name[len(_COPY_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid() or _pid_alive(int(pid_text)):
+            continue
+        shutil.rmtree(os.path.join(temp_dir, name), ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def _unload(handle: int) -> None:
@@ -201,8 +234,10 @@ class _Espeak:
         return rate
 
     def _copy_library(self) -> None:
-        """A copy owned (and deleted at exit) by this process."""
-        self._dir = tempfile.mkdtemp(prefix="readaloud-espeak-")
+        """A copy owned (and deleted at exit) by this process; copies left by killed processes
+        are swept first, so /tmp does not fill up with them."""
+        _sweep_orphaned_copies(tempfile.gettempdir())
+        self._dir = tempfile.mkdtemp(prefix=f"{_COPY_PREFIX}{os.getpid()}-")
         atexit.register(_remove_directory, self._dir, os.getpid())
         self._library = os.path.join(self._dir, os.path.basename(self._source))
         shutil.copyfile(self._source, self._library)

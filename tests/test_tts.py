@@ -69,6 +69,44 @@ def test_forked_child_reloads_espeak_and_gets_the_same_audio(default_tts):
     assert np.array_equal(default_tts.synthesize("hello there"), expected)
 
 
+def test_copies_left_by_killed_processes_are_swept(tmp_path):
+    """A process killed before its atexit leaves its library copy behind; the next process to
+    copy the library removes it, and never a live process's copy or an unrelated folder."""
+    import signal
+    import subprocess
+    import sys
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        live_copy = tmp_path / f"readaloud-espeak-{sleeper.pid}-abc"
+        dead_copy = tmp_path / f"readaloud-espeak-{dead.pid}-def"
+        unrelated = tmp_path / "readaloud-espeak-notapid"
+        for folder in (live_copy, dead_copy, unrelated):
+            folder.mkdir()
+            (folder / "libespeak-ng.so").write_bytes(b"x")
+        assert tts._sweep_orphaned_copies(str(tmp_path)) == 1
+        assert live_copy.is_dir() and unrelated.is_dir() and not dead_copy.exists()
+    finally:
+        sleeper.send_signal(signal.SIGKILL)
+        sleeper.wait()
+
+
+def test_own_copy_is_named_by_pid_and_removed_at_exit(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import os, tempfile; from readaloud.tts import EspeakTTS; EspeakTTS().synthesize('hi');"
+        "print([n for n in os.listdir(tempfile.gettempdir()) if n.startswith(f'readaloud-espeak-{os.getpid()}-')])"
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().startswith("['readaloud-espeak-")  # its own copy existed while it ran
+    assert not any(p.name.startswith("readaloud-espeak-") for p in tmp_path.iterdir())  # gone at exit
+
+
 def test_name_identifies_engine_and_settings():
     assert EspeakTTS().name == "espeak:en-us+f3:r165:p50"
     assert EspeakTTS("en-gb+m2", rate=150, pitch=70).name == "espeak:en-gb+m2:r150:p70"
