@@ -166,3 +166,31 @@ def test_contrast_features_are_log_p_over_the_decoders_answer_to_silence(trained
         assert abs(float(feats[1]) - float(gain.min())) < 2 * LOGP_TOL
         assert abs(float(feats[2]) - float(gain.sum()) / 10) < LOGP_TOL
         assert float(gain.abs().max()) > 0.5   # the audio moves the tokens' log p: not a difference of equals
+
+
+def test_silent_pass_decodes_each_text_of_a_batch_once_and_changes_no_number(trained):
+    """decoder_contrast's silent pass depends on the tokens alone: clips of one batch that share a
+    text share its silent decode, with the same log p as decoding every row, and gradients flow."""
+    data = trained["data"]
+    meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
+    meta = meta.iloc[:2]
+    cfg = variant_config("model9contrast")
+    model = build_model(cfg.model, 3, 4, 8)
+    ds = DecoderDataset(meta, data, model, cfg, Categories.from_meta(meta), torch.device("cpu"), progress=False)
+    batch = ds.collate([ds.item(0), ds.item(1), ds.item(0)])   # the first text twice
+    k = batch["n_prompt"]
+    rows_decoded = []
+    decode = model.decode
+    model.decode = lambda memory, mask, inputs: rows_decoded.append(len(inputs)) or decode(memory, mask, inputs)
+    with torch.no_grad():
+        fast = model.silent_logp(batch, k)
+    assert rows_decoded == [2], "two distinct texts, two silent decodes"
+    null = model.null_memory(batch["memory"]).expand(3, -1, -1)
+    states = decode(null, torch.ones(null.shape[:2], dtype=torch.bool), batch["dec_inputs"])[:, k - 1:]
+    with torch.no_grad():
+        every_row = model.token_scores(states, batch["dec_targets"])["logp"]
+    assert torch.allclose(fast, every_row, atol=1e-5), float((fast - every_row).abs().max())
+    assert torch.equal(fast[0], fast[2])
+    model.train()
+    model.silent_logp(batch, k).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())

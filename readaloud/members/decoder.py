@@ -285,6 +285,23 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         entropy = -(lp.exp() * lp).sum(-1)
         return {"logp": tok, "margin": tok - best_other, "entropy": entropy}
 
+    def target_logp(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p of each target only (token_scores without the margin and entropy it never needs)."""
+        logits = F.linear(states, self.decoder.embed_tokens.weight).float()
+        return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    def silent_logp(self, batch: dict, k: int) -> torch.Tensor:
+        """[B, n tokens + 1] log p of the targets given the silent clip. It depends on the tokens alone,
+        so a text that several clips of the batch share (a screener asks every child the same items)
+        is decoded once; the decoder has no dropout (Whisper's is 0), so this changes no number."""
+        inputs, targets = batch["dec_inputs"], batch["dec_targets"]
+        rows, inverse = torch.unique(torch.cat([inputs, targets], dim=1), dim=0, return_inverse=True)
+        unique_inputs, unique_targets = rows[:, : inputs.shape[1]], rows[:, inputs.shape[1]:]
+        null = self.null_memory(batch["memory"]).expand(len(rows), -1, -1)
+        null_mask = torch.ones(null.shape[:2], dtype=torch.bool, device=null.device)
+        null_states = self.decode(null, null_mask, unique_inputs)[:, k - 1:]
+        return self.target_logp(null_states, unique_targets)[inverse]
+
     def null_memory(self, like: torch.Tensor) -> torch.Tensor:
         """[1, T, D] the frozen encoder's output for NULL_CLIP_S of silence, encoded by EncoderCache's
         own steps (encode_clips): what the decoder hears when nobody speaks. Computed once from the
@@ -314,10 +331,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
             # the same tokens with the silent clip's memory: whatever the decoder expects of the text
             # without hearing it (its language model, shifted by fine-tuning on the training texts)
             # cancels in the difference
-            null = self.null_memory(batch["memory"]).expand(len(tok), -1, -1)
-            null_mask = torch.ones(null.shape[:2], dtype=torch.bool, device=null.device)
-            null_states = self.decode(null, null_mask, batch["dec_inputs"])[:, k - 1:]
-            pools += logp_pools(tok - self.token_scores(null_states, batch["dec_targets"])["logp"], mask, n)
+            pools += logp_pools(tok - self.silent_logp(batch, k), mask, n)
         feats = torch.stack(pools, dim=1)
         evidence = self.token_norm(feats).to(states.dtype)
         parts = [self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]
