@@ -155,8 +155,8 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):
-        return True  # someone else's process (or no way to tell): leave its copy alone
+    except OSError:  # PermissionError: someone else's process; or no way to tell: leave its copy alone
+        return True
     return True
 
 

@@ -277,9 +277,14 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         """Decoder states [B, L, D]: causal self-attention, cross-attention to the unmasked memory only."""
         return teacher_forced_states(self.decoder, memory, memory_mask, inputs, self.training)
 
+    def vocab_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """[..., vocabulary] float32 logits of decoder states: the output projection is tied to the
+        token embeddings, as in Whisper."""
+        return F.linear(states, self.decoder.embed_tokens.weight).float()
+
     def token_scores(self, states: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per target position: log p of the target, its margin over the best other token, entropy."""
-        lp = F.log_softmax(F.linear(states, self.decoder.embed_tokens.weight).float(), dim=-1)  # tied, as Whisper
+        lp = F.log_softmax(self.vocab_logits(states), dim=-1)
         tok = lp.gather(-1, targets[..., None]).squeeze(-1)
         best_other = lp.scatter(-1, targets[..., None], float("-inf")).max(-1).values
         entropy = -(lp.exp() * lp).sum(-1)
@@ -287,7 +292,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
 
     def target_logp(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p of each target only (token_scores without the margin and entropy it never needs)."""
-        logits = F.linear(states, self.decoder.embed_tokens.weight).float()
+        logits = self.vocab_logits(states)
         return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
     def silent_logp(self, batch: dict, k: int) -> torch.Tensor:
