@@ -70,6 +70,8 @@ class ModelConfig:
                                             # (whisper-tiny.en, whisper-base) or CTranslate2 Whisper folders
     gbm_ear_copies: int = 0           # gbm: perturbed copies of each training clip, same label and fold, so the
                                       # trees see clips the Whisper ear mishears (prep/ear_augment.py); 0 = none
+    asr_closed_vocab: bool = False    # gbm with asr: also a greedy decode that may write only the task's words,
+                                      # compared with the expected text (whisper/closed.py)
 
 
 @dataclass

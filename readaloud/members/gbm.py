@@ -37,6 +37,7 @@ from ..prep.ear_augment import EarAugment, ensure_copies
 from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
 from ..prep.prepare import TrainingInputs, ensure_clip_features
 from ..whisper import asr
+from ..whisper.closed import CLOSED_FEATURE_NAMES, closed_cache_path, closed_table, merge_words, task_words
 from ..whisper.backbones import NAMED_BACKBONES
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
@@ -195,6 +196,7 @@ class FeatureLayout:
     are alignment.FEATURE_NAMES, as before ASR evidence existed."""
     alignment: bool
     asr_backbones: tuple[str, ...]
+    closed: bool = False       # a block of closed-vocabulary features per backbone after the ASR blocks
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -210,11 +212,13 @@ class FeatureLayout:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--model.asr_backbones {mc.asr_backbones!r}: two backbones share the name of "
                               f"their feature block ({', '.join(labels)})")
-        return cls("alignment" in kinds, backbones)
+        return cls("alignment" in kinds, backbones, bool(mc.asr_closed_vocab))
 
     @property
     def names(self) -> list[str]:
         asr_names = [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in asr.FEATURE_NAMES]
+        if self.closed:
+            asr_names += [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in CLOSED_FEATURE_NAMES]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
@@ -253,26 +257,41 @@ def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str 
     return asr.asr_table(meta, data_dir, model, asr.asr_cache_path(data_dir, model), progress=progress)
 
 
+def closed_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: dict[str, list[str]],
+                    device: str = "auto", threads: int = 0, progress: bool = True) -> asr.AsrTable:
+    """The closed-vocabulary features of every row of `meta` over `words` (whisper/closed.py),
+    from and to the data folder's cache."""
+    model = evidence_model(backbone, device, threads)
+    return closed_table(meta, data_dir, model, words, closed_cache_path(data_dir, model), progress)
+
+
 def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, clips, refs, tasks: list[str],
-                  device: str, threads: int, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+                  device: str, threads: int, progress: bool, words: dict[str, list[str]] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The trees' table for the clips of `meta` in `data_dir` and its usable rows; the alignment
-    features and ASR evidence come from (and go to) that folder's caches."""
+    features and ASR evidence come from (and go to) that folder's caches. `words`: the closed
+    decode's vocabulary per task (default: the words of `meta`'s own texts)."""
     acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
         if layout.alignment else None
     tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress) for b in layout.asr_backbones]
+    if layout.closed:
+        words = task_words(meta) if words is None else words
+        tables += [closed_evidence(b, meta, Path(data_dir), words, device, threads, progress)
+                   for b in layout.asr_backbones]
     return layout.table(meta, tasks, acoustic, tables)
 
 
 def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, data_dir: Path, refs,
-                   tasks: list[str], device: str, threads: int, progress: bool
-                   ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+                   tasks: list[str], device: str, threads: int, progress: bool,
+                   words: dict[str, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """The table of the perturbed copies of `meta`'s clips (prep/ear_augment.py; made and cached
     once in their own folder), its usable rows and the copies' metadata (score and fold are the
-    source clip's)."""
+    source clip's). `words`: the closed vocabulary of the whole training table, not of `meta`'s
+    rows alone (a fold's copies must decode over the words the other folds' clips do)."""
     folder, copies = ensure_copies(data_dir, meta, EarAugment(copies=mc.gbm_ear_copies), progress)
     clips = ensure_clip_features(folder, copies["filename"].tolist(), FeatureParams(n_mels=mc.n_mels),
                                  progress=progress)[0] if layout.alignment else None
-    X, ok = feature_table(layout, copies, folder, clips, refs, tasks, device, threads, progress)
+    X, ok = feature_table(layout, copies, folder, clips, refs, tasks, device, threads, progress, words)
     return X, ok, copies
 
 
@@ -314,10 +333,15 @@ class GBMMember(Member):
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts
                                               for b in lay.asr_backbones):
             asr_evidence(backbone, inputs.meta, Path(data_dir), device, 0, progress)
+        words = task_words(inputs.meta)
+        for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts if lay.closed
+                                              for b in lay.asr_backbones):
+            closed_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress)
         for c, lay in layouts:  # the ear copies' features too, before parallel folds would race for them
             if c.model.gbm_ear_copies > 0:
                 refs = inputs.banks[c.tts, c.model.n_mels] if lay.alignment else None
-                ear_copy_table(lay, c.model, inputs.meta, Path(data_dir), refs, [], asr_device(c.device), 0, progress)
+                ear_copy_table(lay, c.model, inputs.meta, Path(data_dir), refs, [], asr_device(c.device), 0, progress,
+                               words)
 
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         """Fit the trees on every fold but `data.fold`, predict it."""
@@ -325,8 +349,9 @@ class GBMMember(Member):
         cfg, meta, is_valid = data.cfg, data.meta, data.is_valid
         layout = FeatureLayout.of(cfg.model)
         threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
+        words = task_words(meta)  # the closed vocabulary: every training fold's texts
         X, ok = feature_table(layout, meta, data.data_dir, data.clips, data.refs, data.cats.tasks,
-                              asr_device(cfg.device), threads, data.progress)
+                              asr_device(cfg.device), threads, data.progress, words)
         names = layout.names
         y = meta["score"].to_numpy()
         fit_rows = ~is_valid & ok
@@ -335,7 +360,7 @@ class GBMMember(Member):
         if cfg.model.gbm_ear_copies > 0:  # usable training clips only (a copy of an unusable row is unusable too);
             # OOF clips are never perturbed
             Xc, okc, copies = ear_copy_table(layout, cfg.model, meta[fit_rows], data.data_dir, data.refs,
-                                             data.cats.tasks, asr_device(cfg.device), threads, data.progress)
+                                             data.cats.tasks, asr_device(cfg.device), threads, data.progress, words)
             n_copies = int(okc.sum())
             X_fit = np.vstack([X_fit, Xc[okc]])
             y_fit = np.concatenate([y_fit, copies["score"].to_numpy()[okc]])
@@ -375,6 +400,8 @@ class GBMMember(Member):
         if layout.asr_backbones:
             payload |= {"asr_version": asr.ASR_VERSION,
                         "asr_weights": [asr_weights(b, asr_device(cfg.device)) for b in layout.asr_backbones]}
+        if layout.closed:
+            payload["closed_words"] = json.dumps(words)
         log.info("%s: %d trees", ctx.paths.stem, trees.n_trees)
         return FitResult(dict(zip(meta.loc[valid_rows, "filename"], valid_logits)), payload, summary)
 
@@ -412,6 +439,10 @@ class GBMModel:
         self.trees = TreeEnsemble(ck["state_dict"], len(names))
         self.tasks = list(ck["tasks"])
         self.asr_weights = [str(w) for w in ck.get("asr_weights", [])]
+        if layout.closed and "closed_words" not in ck:
+            raise CheckpointError("its config asks for closed-vocabulary features but it holds no training "
+                                  "vocabulary: retrain the fold")
+        self.closed_words: dict[str, list[str]] = json.loads(ck["closed_words"]) if layout.closed else {}
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
                 asr_tables: list[asr.AsrTable] = ()) -> np.ndarray:
@@ -459,6 +490,14 @@ class GBMPredictor:
             if key not in inputs.shared:
                 inputs.shared[key] = asr_evidence(backbone, inputs.rows, inputs.data_dir, device, 0, inputs.progress)
             tables.append(inputs.shared[key])
+        if layout.closed:  # the training words and the test table's: one clip alone must not be its own vocabulary
+            words = merge_words(self.model.closed_words, task_words(inputs.rows))
+            for backbone in layout.asr_backbones:
+                key = ("gbm closed", backbone, json.dumps(words))
+                if key not in inputs.shared:
+                    inputs.shared[key] = closed_evidence(backbone, inputs.rows, inputs.data_dir, words, device, 0,
+                                                         inputs.progress)
+                tables.append(inputs.shared[key])
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, tables)
         return out

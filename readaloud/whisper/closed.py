@@ -1,0 +1,182 @@
+"""Closed-vocabulary transcripts: what Whisper hears when it may only write the screener's words.
+
+An open greedy decode lets Whisper's language model pick any English: a voice it cannot place
+comes back as the likeliest English it resembles (FSDD's nicolas: "three eight" -> "Please,",
+"nine" -> "Nice"), and the transcript proves nothing either way. A screener's items come from a
+small vocabulary, though, so a second greedy decode of the same encoder output may write only
+the words of the task's expected texts (their BPE tokens after a space or not, lower case or
+capitalised), ',' and '.', and end of text; every other token is suppressed. Among the words the
+child could have meant, which one does the audio favour? A correct clip's closed transcript
+matches the expected text far more often than its open one: on 100 test clips per held-out FSDD
+speaker (tiny.en / base), nicolas's correct items 27% -> 50% / 33% -> 58%, yweweler's 69% -> 90%
+/ 81% -> 94%, george's 75% -> 81% / 71% -> 85%, jackson's 92% -> 83% / 96% -> 94%, and no incorrect
+item matched either way (a substituted, dropped or added word is still a word of the vocabulary).
+
+The vocabulary is per task: the normalised words of the task's expected texts in the training
+table (the same for every fold, so computed once), and at inference those training words plus the
+test table's (a single test clip must not get a vocabulary of its own words only, in which any
+answer would come back as the expected one). A transcript is cached per (clip, vocabulary) in
+<data>/cache/closed_v1_<model>.npz. Features per row (`CLOSED_FEATURES`): exact match, word and
+phoneme edit rates of the closed transcript against the expected text.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..audio import AudioError, load_audio
+from ..features import merge_npz_cache, read_npz_cache
+from ..layout import cache_dir
+from .asr import AsrTable, WhisperEvidence, text_comparison
+from .normalise import normalise_tokens, surface_words
+
+log = logging.getLogger("readaloud")
+CLOSED_VERSION = 1
+CLOSED_FEATURES: dict[str, str] = {
+    "closed_exact_match": "1 if the closed-vocabulary transcript equals the normalised expected text",
+    "closed_word_edit_rate": "word edit distance of the closed transcript / expected words",
+    "closed_phone_edit_rate": "espeak-phoneme edit distance of the closed transcript / expected phonemes",
+}
+CLOSED_FEATURE_NAMES = list(CLOSED_FEATURES)
+MARKS = (",", ".")
+_EDGE_PUNCTUATION = "\"'.,;:!?()[]{}-"
+
+
+def task_words(meta: pd.DataFrame) -> dict[str, list[str]]:
+    """{task: sorted words of its expected texts} of a metadata table: each word as written (lower
+    case, edge punctuation stripped: "nine") and normalised ("9"), since Whisper writes either."""
+    out: dict[str, set[str]] = {}
+    for task, text in zip(meta["task"].astype(str), meta["expected_text"]):
+        if isinstance(text, str) and text.strip():
+            words = out.setdefault(task, set())
+            words.update(w.strip(_EDGE_PUNCTUATION).lower() for w in surface_words(text))
+            words.update(t.text for t in normalise_tokens(text))
+            words.discard("")
+    return {task: sorted(words) for task, words in sorted(out.items())}
+
+
+def merge_words(*vocabularies: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The union, task by task."""
+    out: dict[str, set[str]] = {}
+    for vocab in vocabularies:
+        for task, words in vocab.items():
+            out.setdefault(task, set()).update(words)
+    return {task: sorted(words) for task, words in sorted(out.items())}
+
+
+def vocabulary_key(words: list[str]) -> str:
+    return hashlib.sha1(json.dumps(sorted(words)).encode()).hexdigest()[:10]
+
+
+def allowed_tokens(model: WhisperEvidence, words: list[str]) -> list[int]:
+    """Token ids a closed decode may write: each word's BPE ids as Whisper spells it after a space
+    and at the start, lower case and capitalised; the marks; end of text."""
+    ids: set[int] = {model.eot}
+    for word in words:
+        for form in {word, word.capitalize()}:
+            ids.update(model.tokenizer.encode(" " + form, add_special_tokens=False).ids)
+            ids.update(model.tokenizer.encode(form, add_special_tokens=False).ids)
+    for mark in MARKS:
+        ids.update(model.mark_ids(mark))
+    return sorted(ids)
+
+
+def suppressed_tokens(model: WhisperEvidence, allowed: list[int]) -> list[int]:
+    """Every id of the vocabulary but `allowed` (special tokens above end of text included)."""
+    keep = np.zeros(model.tokenizer.get_vocab_size(), bool)
+    keep[allowed] = True
+    return np.flatnonzero(~keep).tolist()
+
+
+def closed_cache_path(data_dir: str | Path, model: WhisperEvidence) -> Path:
+    return cache_dir(data_dir) / f"closed_v{CLOSED_VERSION}_{model.identity}.npz"
+
+
+def _key(filename: str, vocab_key: str) -> str:
+    return f"{filename}\t{vocab_key}"
+
+
+@dataclass
+class ClosedCache:
+    transcripts: dict[str, str] = field(default_factory=dict)
+
+
+def _parse(z) -> ClosedCache:
+    keys, texts = z["keys"].tolist(), z["transcripts"].tolist()
+    if len(keys) != len(texts):
+        raise ValueError(f"{len(keys)} keys for {len(texts)} transcripts")
+    return ClosedCache(dict(zip(keys, texts)))
+
+
+def read_closed_cache(path: Path) -> ClosedCache:
+    return read_npz_cache(path, _parse, "closed-vocabulary cache") or ClosedCache()
+
+
+def add_to_closed_cache(path: Path, new: dict[str, str]) -> None:
+    merge_npz_cache(path, read_closed_cache, lambda table: table.transcripts.update(new),
+                    lambda table: dict(keys=np.array(list(table.transcripts), dtype=str),
+                                       transcripts=np.array(list(table.transcripts.values()), dtype=str)))
+
+
+def closed_decode(model: WhisperEvidence, audio: np.ndarray, suppress: list[int]) -> str:
+    """The greedy transcript of one clip with `suppress`ed tokens never written."""
+    encoded = model.encode([audio])
+    result = model.model.generate(encoded, [model.prompt], beam_size=1, max_length=model.settings.max_length,
+                                  suppress_tokens=suppress, suppress_blank=True)[0]
+    return model.tokenizer.decode([t for t in result.sequences_ids[0] if t < model.eot]).strip()
+
+
+def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
+                 words: dict[str, list[str]], cache: str | Path | None = None, progress: bool = True,
+                 flush_every: int = 256) -> AsrTable:
+    """CLOSED_FEATURES of every row of `meta` (filename, task, expected_text), each clip decoded
+    once per vocabulary of its rows' tasks (`words`; a task missing there gets its rows' own words);
+    computed transcripts are added to `cache` every `flush_every` clips."""
+    for column in ("filename", "task", "expected_text"):
+        if column not in meta.columns:
+            raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
+    words = merge_words(words, {t: w for t, w in task_words(meta).items() if t not in words})
+    vocab_keys = {task: vocabulary_key(w) for task, w in words.items()}
+    names = meta["filename"].astype(str).tolist()
+    tasks = meta["task"].astype(str).tolist()
+    texts = ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
+    known = read_closed_cache(Path(cache)) if cache is not None else ClosedCache()
+    found = dict(known.transcripts)
+    todo = list(dict.fromkeys((n, task) for n, task, text in zip(names, tasks, texts)
+                              if text and _key(n, vocab_keys[task]) not in found))
+    suppress: dict[str, list[int]] = {}
+    fresh: dict[str, str] = {}
+    for k, (name, task) in enumerate(tqdm(todo, desc=f"closed-vocabulary decode ({model.name})", unit="clip",
+                                          disable=not progress or not todo)):
+        try:
+            audio = load_audio(Path(audio_dir) / name)
+        except AudioError as exc:
+            log.warning("no closed-vocabulary transcript for %s: %s", name, exc)
+            continue
+        if task not in suppress:
+            suppress[task] = suppressed_tokens(model, allowed_tokens(model, words[task]))
+        key = _key(name, vocab_keys[task])
+        fresh[key] = found[key] = closed_decode(model, audio, suppress[task])
+        if cache is not None and (len(fresh) >= flush_every or k == len(todo) - 1):
+            add_to_closed_cache(Path(cache), fresh)
+            fresh = {}
+    if cache is not None and fresh:
+        add_to_closed_cache(Path(cache), fresh)
+    X = np.full((len(meta), len(CLOSED_FEATURE_NAMES)), np.nan, np.float32)
+    ok = np.zeros(len(meta), bool)
+    transcripts = [""] * len(meta)
+    for row, (name, task, text) in enumerate(zip(names, tasks, texts)):
+        transcript = found.get(_key(name, vocab_keys[task])) if text else None
+        if transcript is None:
+            continue
+        c = text_comparison(text, transcript)
+        X[row] = [c["exact_match"], c["word_edit_rate"], c["phone_edit_rate"]]
+        ok[row], transcripts[row] = True, transcript
+    return AsrTable(X, ok, transcripts, [[] for _ in range(len(meta))])

@@ -1,0 +1,101 @@
+"""Closed-vocabulary transcripts (whisper/closed.py) and their block in the trees' table."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def test_task_words_keep_each_task_apart_in_both_spellings():
+    from readaloud.whisper.closed import merge_words, task_words, vocabulary_key
+    meta = pd.DataFrame({"task": ["digits", "digits", "sentence", "sentence"],
+                         "expected_text": ["Nine three", "six", "The cat, sat.", np.nan]})
+    words = task_words(meta)
+    assert words["digits"] == sorted({"nine", "three", "six", "9", "3", "6"})
+    assert {"the", "cat", "sat"} <= set(words["sentence"]) and "nine" not in words["sentence"]
+    merged = merge_words(words, {"digits": ["seven"], "blending": ["cat"]})
+    assert "seven" in merged["digits"] and "nine" in merged["digits"] and merged["blending"] == ["cat"]
+    assert vocabulary_key(["a", "b"]) == vocabulary_key(["b", "a"]) != vocabulary_key(["a"])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from readaloud.whisper.asr import WhisperEvidence
+    return WhisperEvidence("whisper-tiny.en", threads=2)
+
+
+def test_only_the_vocabulary_can_be_written(tiny):
+    from readaloud.whisper.closed import allowed_tokens, suppressed_tokens
+    allowed = allowed_tokens(tiny, ["seven", "two"])
+    suppress = set(suppressed_tokens(tiny, allowed))
+    seven = tiny.tokenizer.encode(" seven", add_special_tokens=False).ids
+    please = tiny.tokenizer.encode(" Please", add_special_tokens=False).ids
+    assert set(seven) <= set(allowed) and not set(seven) & suppress
+    assert set(please) <= suppress and tiny.eot not in suppress
+    assert len(suppress) + len(allowed) == tiny.tokenizer.get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def digit_clips(tmp_path_factory):
+    """espeak saying two digit spans; rows: each clip with its own text, one with a substituted
+    digit, one unreadable clip."""
+    from readaloud.audio import resample, write_wav
+    from readaloud.tts import make_tts
+    folder = tmp_path_factory.mktemp("closed_data")
+    tts = make_tts("espeak")
+    for name, text in [("a.wav", "seven two nine"), ("b.wav", "four one")]:
+        write_wav(folder / name, resample(tts.synthesize(text), tts.sample_rate, 16000))
+    (folder / "broken.wav").write_bytes(b"not a wav")
+    meta = pd.DataFrame({"filename": ["a.wav", "a.wav", "b.wav", "broken.wav"],
+                         "task": ["digit_span"] * 4,
+                         "expected_text": ["seven two nine", "seven five nine", "four one", "six"]})
+    words = {"digit_span": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]}
+    return folder, meta, words
+
+
+def test_closed_transcripts_score_rows_and_are_cached_per_clip_and_vocabulary(tiny, digit_clips, tmp_path,
+                                                                            monkeypatch, caplog):
+    from readaloud.whisper import closed
+    folder, meta, words = digit_clips
+    cache = tmp_path / "closed.npz"
+    calls = []
+    original = closed.closed_decode
+    monkeypatch.setattr(closed, "closed_decode", lambda *a: calls.append(1) or original(*a))
+    with caplog.at_level(logging.WARNING, logger="readaloud"):
+        table = closed.closed_table(meta, folder, tiny, words, cache, progress=False)
+    assert len(calls) == 2, "one decode per readable clip, though two rows share a.wav"
+    assert table.ok.tolist() == [True, True, True, False] and "broken.wav" in caplog.text
+    f = dict(zip(closed.CLOSED_FEATURE_NAMES, table.X.T))
+    assert f["closed_exact_match"][0] == 1 and f["closed_exact_match"][2] == 1, table.transcripts
+    assert f["closed_exact_match"][1] == 0 and f["closed_word_edit_rate"][1] == pytest.approx(1 / 3)
+    assert np.isnan(table.X[3]).all()
+
+    def no_decode(*a):
+        raise AssertionError("decoded again although the cache has the clip")
+    monkeypatch.setattr(closed, "closed_decode", no_decode)
+    again = closed.closed_table(meta, folder, tiny, words, cache, progress=False)
+    np.testing.assert_array_equal(again.X[:3], table.X[:3])
+    monkeypatch.setattr(closed, "closed_decode", original)
+    calls.clear()
+    monkeypatch.setattr(closed, "closed_decode", lambda *a: calls.append(1) or original(*a))
+    wider = {"digit_span": words["digit_span"] + ["ten"]}
+    closed.closed_table(meta, folder, tiny, wider, cache, progress=False)
+    assert len(calls) == 2, "another vocabulary is another decode"
+
+
+def test_the_trees_table_gets_a_closed_block_per_backbone():
+    from readaloud.config import ModelConfig
+    from readaloud.members.gbm import FeatureLayout
+    from readaloud.whisper.asr import FEATURE_NAMES
+    from readaloud.whisper.closed import CLOSED_FEATURE_NAMES
+    mc = ModelConfig(arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base")
+    plain = FeatureLayout.of(mc)
+    mc.asr_closed_vocab = True
+    with_closed = FeatureLayout.of(mc)
+    assert not plain.closed and with_closed.closed
+    added = [n for n in with_closed.names if n not in plain.names]
+    assert len(added) == 2 * len(CLOSED_FEATURE_NAMES) and all("closed_" in n for n in added)
+    assert len(with_closed.names) == len(plain.names) + len(added)
+    assert len(plain.names) > 2 * len(FEATURE_NAMES)
