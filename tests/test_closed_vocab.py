@@ -99,3 +99,29 @@ def test_the_trees_table_gets_a_closed_block_per_backbone():
     assert len(added) == 2 * len(CLOSED_FEATURE_NAMES) and all("closed_" in n for n in added)
     assert len(with_closed.names) == len(plain.names) + len(added)
     assert len(plain.names) > 2 * len(FEATURE_NAMES)
+
+
+def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(tiny, digit_clips, tmp_path,
+                                                                               monkeypatch):
+    """gbm.asr_evidence with words: the closed transcripts come out of the ASR evidence pass (no second
+    encoder pass) and equal those of a separate closed pass."""
+    import shutil
+    from readaloud.members import gbm
+    from readaloud.whisper import closed
+    folder, meta, words = digit_clips
+    reference = closed.closed_table(meta, folder, tiny, words, tmp_path / "reference.npz", progress=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.wav", "b.wav", "broken.wav"):
+        shutil.copy(folder / name, data / name)
+    monkeypatch.setattr(gbm, "evidence_model", lambda *a, **k: tiny)
+    table = gbm.asr_evidence("whisper-tiny.en", meta, data, "cpu", 0, False, words)
+    key = closed.vocabulary_key(words["digit_span"])
+    assert set(table.closed) == {f"a.wav\t{key}", f"b.wav\t{key}"}
+
+    def no_decode(*a):
+        raise AssertionError("a second encoder pass for a clip the ASR pass already decoded")
+    monkeypatch.setattr(closed, "closed_decode", no_decode)
+    again = closed.closed_table(meta, data, tiny, words, closed.closed_cache_path(data, tiny), progress=False)
+    np.testing.assert_array_equal(again.X, reference.X)
+    assert again.transcripts == reference.transcripts

@@ -37,7 +37,8 @@ from ..prep.ear_augment import EarAugment, ensure_copies
 from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
 from ..prep.prepare import TrainingInputs, ensure_clip_features
 from ..whisper import asr
-from ..whisper.closed import CLOSED_FEATURE_NAMES, closed_cache_path, closed_table, merge_words, task_words
+from ..whisper.closed import (CLOSED_FEATURE_NAMES, add_to_closed_cache, closed_cache_path, closed_table, merge_words,
+                              pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
@@ -250,11 +251,18 @@ def asr_device(device) -> str:
 
 
 def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str = "auto", threads: int = 0,
-                 progress: bool = True) -> asr.AsrTable:
+                 progress: bool = True, words: dict[str, list[str]] | None = None) -> asr.AsrTable:
     """The ASR evidence of every row of `meta` from the data folder's cache, computing (and
-    caching) only the rows it lacks."""
+    caching) only the rows it lacks. With `words` (the closed vocabulary per task) the clips it
+    encodes are also decoded over that vocabulary into the closed cache (closed_evidence reads it)."""
     model = evidence_model(backbone, device, threads)
-    return asr.asr_table(meta, data_dir, model, asr.asr_cache_path(data_dir, model), progress=progress)
+    requests, on_closed = None, None
+    if words is not None:
+        path = closed_cache_path(data_dir, model)
+        requests = pending_requests(meta, model, words, path)
+        on_closed = lambda transcripts: add_to_closed_cache(path, transcripts)  # noqa: E731
+    return asr.asr_table(meta, data_dir, model, asr.asr_cache_path(data_dir, model), progress=progress,
+                         closed=requests, on_closed=on_closed)
 
 
 def closed_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: dict[str, list[str]],
@@ -273,9 +281,12 @@ def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, cli
     decode's vocabulary per task (default: the words of `meta`'s own texts)."""
     acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
         if layout.alignment else None
-    tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress) for b in layout.asr_backbones]
     if layout.closed:
         words = task_words(meta) if words is None else words
+    closed_words = words if layout.closed else None
+    tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, closed_words)
+              for b in layout.asr_backbones]
+    if layout.closed:
         tables += [closed_evidence(b, meta, Path(data_dir), words, device, threads, progress)
                    for b in layout.asr_backbones]
     return layout.table(meta, tasks, acoustic, tables)
@@ -330,10 +341,12 @@ class GBMMember(Member):
         for tts, n_mels in sorted({(c.tts, c.model.n_mels) for c, lay in layouts if lay.alignment}):
             refs = inputs.banks[tts, n_mels]
             acoustic_table(inputs.meta, inputs.stores[n_mels], refs, alignment_cache_path(data_dir, refs), progress)
+        words = task_words(inputs.meta)
+        closed_backbones = {b for c, lay in layouts if lay.closed for b in lay.asr_backbones}
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts
                                               for b in lay.asr_backbones):
-            asr_evidence(backbone, inputs.meta, Path(data_dir), device, 0, progress)
-        words = task_words(inputs.meta)
+            asr_evidence(backbone, inputs.meta, Path(data_dir), device, 0, progress,
+                         words if backbone in closed_backbones else None)
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts if lay.closed
                                               for b in lay.asr_backbones):
             closed_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress)
@@ -485,13 +498,16 @@ class GBMPredictor:
                 raise CheckpointError(f"its ASR features came from Whisper weights/settings {self.model.asr_weights}, "
                                       f"these are {here}: retrain the fold with these weights")
         tables = []
+        # the closed vocabulary: the training words and the test table's (one clip alone must not be its
+        # own vocabulary)
+        words = merge_words(self.model.closed_words, task_words(inputs.rows)) if layout.closed else None
         for backbone in layout.asr_backbones:
             key = ("gbm asr", backbone)
             if key not in inputs.shared:
-                inputs.shared[key] = asr_evidence(backbone, inputs.rows, inputs.data_dir, device, 0, inputs.progress)
+                inputs.shared[key] = asr_evidence(backbone, inputs.rows, inputs.data_dir, device, 0, inputs.progress,
+                                                  words)
             tables.append(inputs.shared[key])
-        if layout.closed:  # the training words and the test table's: one clip alone must not be its own vocabulary
-            words = merge_words(self.model.closed_words, task_words(inputs.rows))
+        if layout.closed:
             for backbone in layout.asr_backbones:
                 key = ("gbm closed", backbone, json.dumps(words))
                 if key not in inputs.shared:

@@ -31,6 +31,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 import ctranslate2
 import numpy as np
@@ -100,6 +101,8 @@ class ClipDecode:
     transcript: str
     token_ids: list[int]
     stats: dict[str, float]
+    closed: dict[str, str] = field(default_factory=dict)  # vocabulary key -> closed-vocabulary transcript
+                                                          # (whisper/closed.py; cached there, not here)
 
 
 @dataclass
@@ -117,6 +120,8 @@ class AsrTable:
     ok: np.ndarray                         # bool [rows]: the clip could be read and scored
     transcripts: list[str] = field(default_factory=list)
     words: list[list[tuple[str, float]]] = field(default_factory=list)
+    closed: dict[str, str] = field(default_factory=dict)  # asr_table(closed=...): "filename\tvocabulary key" ->
+                                                          # closed-vocabulary transcript decoded in the same pass
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -210,6 +215,13 @@ class WhisperEvidence:
                                   {"gen_avg_logprob": float(r.scores[0]), "no_speech_prob": float(r.no_speech_prob)}))
         return out
 
+    def closed_decode(self, encoded, suppress: list[int]) -> list[str]:
+        """Greedy transcripts of encoded clips that never write a `suppress`ed token (whisper/closed.py)."""
+        results = self.model.generate(encoded, [self.prompt] * encoded.shape[0], beam_size=1,
+                                      max_length=self.settings.max_length, suppress_tokens=suppress,
+                                      suppress_blank=True)
+        return [self.tokenizer.decode([t for t in r.sequences_ids[0] if t < self.eot]).strip() for r in results]
+
     def token_logprobs(self, encoded: np.ndarray, rows: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
         """Teacher-forced log p of each token sequence given encoder output row rows[k]."""
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
@@ -232,16 +244,22 @@ class WhisperEvidence:
 
     # -- clips in, evidence out --
     def evidence(self, audios: list[np.ndarray], texts: list[list[str]],
-                 decodes: list[ClipDecode | None] | None = None) -> tuple[list[ClipDecode], list[list[RowEvidence]]]:
-        """Evidence for each clip and each of its expected texts; `decodes` given for a clip are reused."""
+                 decodes: list[ClipDecode | None] | None = None,
+                 closed: list[tuple[str, list[int]] | None] | None = None
+                 ) -> tuple[list[ClipDecode], list[list[RowEvidence]]]:
+        """Evidence for each clip and each of its expected texts; `decodes` given for a clip are reused.
+        `closed[i]` = (vocabulary key, suppressed ids): also decode clip i over that closed vocabulary
+        from the same encoder output (into its ClipDecode.closed)."""
         decodes = list(decodes) if decodes is not None else [None] * len(audios)
+        closed = list(closed) if closed is not None else [None] * len(audios)
         windows = [self.window_s(a) for a in audios]
         if len(set(windows)) > 1:  # one encoder call per window size, results back in order
             out_decodes: list[ClipDecode] = [None] * len(audios)
             out_rows: list[list[RowEvidence]] = [[] for _ in audios]
             for w in sorted(set(windows)):
                 idx = [i for i, x in enumerate(windows) if x == w]
-                d, r = self.evidence([audios[i] for i in idx], [texts[i] for i in idx], [decodes[i] for i in idx])
+                d, r = self.evidence([audios[i] for i in idx], [texts[i] for i in idx], [decodes[i] for i in idx],
+                                     [closed[i] for i in idx])
                 for k, i in enumerate(idx):
                     out_decodes[i], out_rows[i] = d[k], r[k]
             return out_decodes, out_rows
@@ -253,6 +271,13 @@ class WhisperEvidence:
                 ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[need]))
             for i, d in zip(need, self.decode(sub)):
                 decodes[i] = d
+        for key in dict.fromkeys(c[0] for c in closed if c is not None):
+            idx = [i for i, c in enumerate(closed) if c is not None and c[0] == key]
+            suppress = closed[idx[0]][1]
+            sub = encoded_view if len(idx) == len(audios) else \
+                ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[idx]))
+            for i, transcript in zip(idx, self.closed_decode(sub, suppress)):
+                decodes[i].closed[key] = transcript
         rows, sequences, plans = [], [], []
         for i in need:                        # the transcript's own log p, once per decoded clip
             rows.append(i)
@@ -483,7 +508,9 @@ def add_to_asr_cache(path: Path, new: AsrCache) -> None:
 # ---- a whole table ------------------------------------------------------------------------------------
 
 def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, cache: str | Path | None = None,
-              batch_size: int | None = None, progress: bool = True, flush_every: int = 256) -> AsrTable:
+              batch_size: int | None = None, progress: bool = True, flush_every: int = 256,
+              closed: dict[str, tuple[str, list[int]]] | None = None,
+              on_closed: Callable[[dict[str, str]], None] | None = None) -> AsrTable:
     """Evidence for every row of a metadata table (filename, expected_text), in its order.
 
     Rows known to `cache` (asr_cache_path) are read back; the rest are computed in batches of
@@ -491,6 +518,11 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     the number of its rows) and added to the cache every
     `flush_every` clips, so an interrupted run keeps what it did. A clip that cannot be read, or a
     row without expected text, is left out of `ok` with a warning naming it.
+
+    `closed`: {filename: (vocabulary key, suppressed ids)} of clips that also want a
+    closed-vocabulary transcript (whisper/closed.py); those this call encodes anyway are decoded
+    from the same encoder output, returned in `AsrTable.closed` and handed to `on_closed` at
+    every flush (the closed cache lives in closed.py).
     """
     for column in ("filename", "expected_text"):
         if column not in meta.columns:
@@ -508,6 +540,9 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     todo = {n: t for n, t in todo.items() if t}
     found = AsrCache(dict(known.clips), dict(known.rows))
     fresh = AsrCache()
+    closed = closed or {}
+    closed_found: dict[str, str] = {}
+    closed_fresh: dict[str, str] = {}
     clip_names = list(todo)
     batch_size = batch_size or model.batch_size
     bar = tqdm(total=len(clip_names), desc=f"ASR evidence ({model.name})", unit="clip",
@@ -521,9 +556,13 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
             except AudioError as exc:
                 log.warning("no ASR evidence for %s: %s", name, exc)
         if batch:
-            decodes, evidence = model.evidence(audios, [todo[n] for n in batch], [found.clips.get(n) for n in batch])
+            decodes, evidence = model.evidence(audios, [todo[n] for n in batch], [found.clips.get(n) for n in batch],
+                                               [closed.get(n) for n in batch])
             for name, decode, rows in zip(batch, decodes, evidence):
                 fresh.clips[name] = found.clips[name] = decode
+                if name in closed:
+                    vocab = closed[name][0]
+                    closed_fresh[f"{name}\t{vocab}"] = closed_found[f"{name}\t{vocab}"] = decode.closed[vocab]
                 for text, ev in zip(todo[name], rows):
                     fresh.rows[row_key(name, text)] = found.rows[row_key(name, text)] = ev
         bar.update(len(clip_names[start: start + batch_size]))
@@ -531,6 +570,9 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         if cache is not None and fresh.rows and (len(fresh.clips) >= flush_every or last_batch):
             add_to_asr_cache(Path(cache), fresh)
             fresh = AsrCache()
+        if on_closed is not None and closed_fresh and (len(closed_fresh) >= flush_every or last_batch):
+            on_closed(closed_fresh)
+            closed_fresh = {}
     bar.close()
     X = np.full((len(meta), len(FEATURE_NAMES)), np.nan, np.float32)
     ok = np.zeros(len(meta), bool)
@@ -539,7 +581,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         ev = found.rows.get(key)
         if ev is not None:
             X[row], ok[row], transcripts[row], words[row] = ev.features, True, ev.transcript, ev.words
-    return AsrTable(X, ok, transcripts, words)
+    return AsrTable(X, ok, transcripts, words, closed_found)
 
 
 def clip_evidence(model: WhisperEvidence, audio: np.ndarray,

@@ -16,7 +16,9 @@ The vocabulary is per task: the normalised words of the task's expected texts in
 table (the same for every fold, so computed once), and at inference those training words plus the
 test table's (a single test clip must not get a vocabulary of its own words only, in which any
 answer would come back as the expected one). A transcript is cached per (clip, vocabulary) in
-<data>/cache/closed_v1_<model>.npz. Features per row (`CLOSED_FEATURES`): exact match, word and
+<data>/cache/closed_v1_<model>.npz; a clip whose other ASR evidence is computed in the same run is
+decoded from that pass's encoder output (asr_table(closed=...)), so the closed decode costs a
+decode, not another encoder pass. Features per row (`CLOSED_FEATURES`): exact match, word and
 phoneme edit rates of the closed transcript against the expected text.
 """
 from __future__ import annotations
@@ -126,11 +128,32 @@ def add_to_closed_cache(path: Path, new: dict[str, str]) -> None:
 
 
 def closed_decode(model: WhisperEvidence, audio: np.ndarray, suppress: list[int]) -> str:
-    """The greedy transcript of one clip with `suppress`ed tokens never written."""
-    encoded = model.encode([audio])
-    result = model.model.generate(encoded, [model.prompt], beam_size=1, max_length=model.settings.max_length,
-                                  suppress_tokens=suppress, suppress_blank=True)[0]
-    return model.tokenizer.decode([t for t in result.sequences_ids[0] if t < model.eot]).strip()
+    """The greedy transcript of one clip with `suppress`ed tokens never written (its own encoder
+    pass: for clips whose other ASR evidence was cached before)."""
+    return model.closed_decode(model.encode([audio]), suppress)[0]
+
+
+def _vocab_keys(meta: pd.DataFrame, words: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """`words` completed with the rows' own words for tasks it lacks, and each task's vocabulary key."""
+    words = merge_words(words, {t: w for t, w in task_words(meta).items() if t not in words})
+    return words, {task: vocabulary_key(w) for task, w in words.items()}
+
+
+def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
+                     cache: str | Path | None) -> dict[str, tuple[str, list[int]]]:
+    """{filename: (vocabulary key, suppressed ids)} of the clips whose closed transcript `cache`
+    lacks: what asr_table(closed=...) decodes from the encoder output it computes anyway."""
+    words, vocab_keys = _vocab_keys(meta, words)
+    known = read_closed_cache(Path(cache)).transcripts if cache is not None else {}
+    suppress: dict[str, list[int]] = {}
+    out: dict[str, tuple[str, list[int]]] = {}
+    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), meta["expected_text"]):
+        if not isinstance(text, str) or not text.strip() or name in out or _key(name, vocab_keys[task]) in known:
+            continue
+        if task not in suppress:
+            suppress[task] = suppressed_tokens(model, allowed_tokens(model, words[task]))
+        out[name] = (vocab_keys[task], suppress[task])
+    return out
 
 
 def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
@@ -142,8 +165,7 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     for column in ("filename", "task", "expected_text"):
         if column not in meta.columns:
             raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
-    words = merge_words(words, {t: w for t, w in task_words(meta).items() if t not in words})
-    vocab_keys = {task: vocabulary_key(w) for task, w in words.items()}
+    words, vocab_keys = _vocab_keys(meta, words)
     names = meta["filename"].astype(str).tolist()
     tasks = meta["task"].astype(str).tolist()
     texts = ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
