@@ -125,3 +125,41 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
     again = closed.closed_table(meta, data, tiny, words, closed.closed_cache_path(data, tiny), progress=False)
     np.testing.assert_array_equal(again.X, reference.X)
     assert again.transcripts == reference.transcripts
+
+
+def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
+    """train.py + infer.py with --asr_closed_vocab true on a tiny demo set: the folds save the
+    training vocabulary and read the closed block, the ear copies get it too, and every test row is
+    scored; the test clips' closed decodes use the training words plus the test table's."""
+    import json
+
+    from conftest import run_script
+    from readaloud.checkpoints import safe_load
+    from readaloud.members import gbm
+    from readaloud.prep.ear_augment import EarAugment, copies_dir
+    from readaloud.whisper import closed
+    data, assets, tts = tmp_path / "data", tmp_path / "assets", tmp_path / "tts"
+    run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
+    run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
+    options = ["--asr_backbones", "whisper-tiny.en", "--gbm_min_samples_leaf", "4", "--gbm_ear_copies", "1",
+               "--asr_closed_vocab", "true"]
+    run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
+               "--models", "model6asr", "--jobs", 1, *options)
+    run_script(root, "get_config.py", "--data", data, "--assets", assets)
+    ck = safe_load(assets / "model6asr_0.pth")
+    train_meta = pd.read_csv(data / "train_metadata.csv")
+    words = json.loads(ck["closed_words"])
+    assert words == closed.task_words(train_meta)
+    assert sum("closed_" in n for n in ck["feature_names"]) == len(closed.CLOSED_FEATURE_NAMES)
+    model = gbm.evidence_model("whisper-tiny.en")
+    for folder in (data, copies_dir(data, EarAugment())):
+        assert closed.read_closed_cache(closed.closed_cache_path(folder, model)).transcripts, folder
+    out = tmp_path / "submission.csv"
+    run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", out, "--no_progress")
+    sub = pd.read_csv(out)
+    assert len(sub) == 5 and sub["score"].between(0, 1).all()
+    test_meta = pd.read_csv(data / "test_metadata.csv")
+    test_words = closed.merge_words(words, closed.task_words(test_meta))
+    keys = closed.read_closed_cache(closed.closed_cache_path(data, model)).transcripts
+    for name, task in zip(test_meta["filename"], test_meta["task"]):
+        assert f"{name}\t{closed.vocabulary_key(test_words[task])}" in keys, name
