@@ -281,10 +281,8 @@ def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, cli
     decode's vocabulary per task (default: the words of `meta`'s own texts)."""
     acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
         if layout.alignment else None
-    if layout.closed:
-        words = task_words(meta) if words is None else words
-    closed_words = words if layout.closed else None
-    tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, closed_words)
+    words = (task_words(meta) if words is None else words) if layout.closed else None
+    tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, words)
               for b in layout.asr_backbones]
     if layout.closed:
         tables += [closed_evidence(b, meta, Path(data_dir), words, device, threads, progress)

@@ -120,8 +120,6 @@ class AsrTable:
     ok: np.ndarray                         # bool [rows]: the clip could be read and scored
     transcripts: list[str] = field(default_factory=list)
     words: list[list[tuple[str, float]]] = field(default_factory=list)
-    closed: dict[str, str] = field(default_factory=dict)  # asr_table(closed=...): "filename\tvocabulary key" ->
-                                                          # closed-vocabulary transcript decoded in the same pass
 
 
 # ---- the model ------------------------------------------------------------------------------------
@@ -510,7 +508,7 @@ def add_to_asr_cache(path: Path, new: AsrCache) -> None:
 def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, cache: str | Path | None = None,
               batch_size: int | None = None, progress: bool = True, flush_every: int = 256,
               closed: dict[str, tuple[str, list[int]]] | None = None,
-              on_closed: Callable[[dict[str, str]], None] | None = None) -> AsrTable:
+              on_closed: Callable[[dict[tuple[str, str], str]], None] | None = None) -> AsrTable:
     """Evidence for every row of a metadata table (filename, expected_text), in its order.
 
     Rows known to `cache` (asr_cache_path) are read back; the rest are computed in batches of
@@ -521,8 +519,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
 
     `closed`: {filename: (vocabulary key, suppressed ids)} of clips that also want a
     closed-vocabulary transcript (whisper/closed.py); those this call encodes anyway are decoded
-    from the same encoder output, returned in `AsrTable.closed` and handed to `on_closed` at
-    every flush (the closed cache lives in closed.py).
+    from the same encoder output and handed to `on_closed` as {(filename, vocabulary key):
+    transcript} at every flush (the closed cache lives in closed.py).
     """
     for column in ("filename", "expected_text"):
         if column not in meta.columns:
@@ -541,8 +539,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     found = AsrCache(dict(known.clips), dict(known.rows))
     fresh = AsrCache()
     closed = closed or {}
-    closed_found: dict[str, str] = {}
-    closed_fresh: dict[str, str] = {}
+    closed_fresh: dict[tuple[str, str], str] = {}
     clip_names = list(todo)
     batch_size = batch_size or model.batch_size
     bar = tqdm(total=len(clip_names), desc=f"ASR evidence ({model.name})", unit="clip",
@@ -562,7 +559,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
                 fresh.clips[name] = found.clips[name] = decode
                 if name in closed:
                     vocab = closed[name][0]
-                    closed_fresh[f"{name}\t{vocab}"] = closed_found[f"{name}\t{vocab}"] = decode.closed[vocab]
+                    closed_fresh[name, vocab] = decode.closed[vocab]
                 for text, ev in zip(todo[name], rows):
                     fresh.rows[row_key(name, text)] = found.rows[row_key(name, text)] = ev
         bar.update(len(clip_names[start: start + batch_size]))
@@ -581,7 +578,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         ev = found.rows.get(key)
         if ev is not None:
             X[row], ok[row], transcripts[row], words[row] = ev.features, True, ev.transcript, ev.words
-    return AsrTable(X, ok, transcripts, words, closed_found)
+    return AsrTable(X, ok, transcripts, words)
 
 
 def clip_evidence(model: WhisperEvidence, audio: np.ndarray,

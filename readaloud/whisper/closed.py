@@ -121,7 +121,9 @@ def read_closed_cache(path: Path) -> ClosedCache:
     return read_npz_cache(path, _parse, "closed-vocabulary cache") or ClosedCache()
 
 
-def add_to_closed_cache(path: Path, new: dict[str, str]) -> None:
+def add_to_closed_cache(path: Path, new: dict[tuple[str, str], str]) -> None:
+    """Merge {(filename, vocabulary key): transcript} into the cache file (under its lock, atomically)."""
+    new = {_key(name, vocab): transcript for (name, vocab), transcript in new.items()}
     merge_npz_cache(path, read_closed_cache, lambda table: table.transcripts.update(new),
                     lambda table: dict(keys=np.array(list(table.transcripts), dtype=str),
                                        transcripts=np.array(list(table.transcripts.values()), dtype=str)))
@@ -174,9 +176,9 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     todo = list(dict.fromkeys((n, task) for n, task, text in zip(names, tasks, texts)
                               if text and _key(n, vocab_keys[task]) not in found))
     suppress: dict[str, list[int]] = {}
-    fresh: dict[str, str] = {}
-    for k, (name, task) in enumerate(tqdm(todo, desc=f"closed-vocabulary decode ({model.name})", unit="clip",
-                                          disable=not progress or not todo)):
+    fresh: dict[tuple[str, str], str] = {}
+    for name, task in tqdm(todo, desc=f"closed-vocabulary decode ({model.name})", unit="clip",
+                           disable=not progress or not todo):
         try:
             audio = load_audio(Path(audio_dir) / name)
         except AudioError as exc:
@@ -184,9 +186,9 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
             continue
         if task not in suppress:
             suppress[task] = suppressed_tokens(model, allowed_tokens(model, words[task]))
-        key = _key(name, vocab_keys[task])
-        fresh[key] = found[key] = closed_decode(model, audio, suppress[task])
-        if cache is not None and (len(fresh) >= flush_every or k == len(todo) - 1):
+        transcript = closed_decode(model, audio, suppress[task])
+        fresh[name, vocab_keys[task]] = found[_key(name, vocab_keys[task])] = transcript
+        if cache is not None and len(fresh) >= flush_every:
             add_to_closed_cache(Path(cache), fresh)
             fresh = {}
     if cache is not None and fresh:
