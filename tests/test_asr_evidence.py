@@ -250,3 +250,30 @@ def test_clips_of_several_window_sizes_in_one_batch_equal_one_at_a_time(tiny, cl
         for a, b in zip(r1[0], rows[k]):
             assert np.allclose(a.features, b.features, atol=1e-4, equal_nan=True)
     assert decodes[1].transcript.lower().startswith(SENTENCE.split()[0].lower()), decodes[1].transcript
+
+
+def test_workers_give_what_one_worker_gives_in_order(tiny, clips):
+    """Two clips at a time on one thread each (the CPU default) score every row exactly as one clip on
+    two threads does, and map_clips hands results back in input order, errors included."""
+    import time
+
+    from readaloud.whisper.asr import WhisperEvidence, asr_table
+    folder, meta = clips
+    serial = WhisperEvidence("whisper-tiny.en", threads=2, workers=1)
+    assert tiny.workers == 2 and serial.workers == 1
+    parallel, one = asr_table(meta, folder, tiny, progress=False), asr_table(meta, folder, serial, progress=False)
+    assert np.array_equal(parallel.X, one.X, equal_nan=True), "the thread count changed the evidence"
+    assert parallel.transcripts == one.transcripts and parallel.ok.tolist() == one.ok.tolist()
+    assert parallel.words == one.words
+
+    def slow_first(i):
+        time.sleep(0.02 * (6 - i))
+        return i
+    assert list(tiny.map_clips(slow_first, range(7))) == list(range(7))
+
+    def fails_at_3(i):
+        if i == 3:
+            raise ValueError(f"clip {i}")
+        return i
+    with pytest.raises(ValueError, match="clip 3"):
+        list(tiny.map_clips(fails_at_3, range(7)))

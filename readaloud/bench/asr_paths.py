@@ -214,10 +214,12 @@ def compare(a: dict, b: dict) -> dict:
 def compare_backbone(backbone: str, audios: list[np.ndarray], texts: list[str], threads: int,
                      assets: str | Path, ct2_float32: bool = True) -> dict:
     """Run every path of one backbone over the rows and compare them pairwise."""
-    models = {CT2_INT8: WhisperEvidence(backbone, device="cpu", compute_type="int8", threads=threads),
+    # one clip at a time on all threads (workers=1), like the transformers path it is compared with
+    models = {CT2_INT8: WhisperEvidence(backbone, device="cpu", compute_type="int8", threads=threads, workers=1),
               TRANSFORMERS: TransformersWhisperEvidence(backbone, threads=threads, assets=assets)}
     if ct2_float32:
-        models[CT2_FLOAT32] = WhisperEvidence(backbone, device="cpu", compute_type="float32", threads=threads)
+        models[CT2_FLOAT32] = WhisperEvidence(backbone, device="cpu", compute_type="float32", threads=threads,
+                                              workers=1)
     runs = run_paths(models, audios, texts, backbone)
     paths = {label: {"clips": len(texts), "seconds": round(r["seconds"], 2), "cpu_seconds": round(r["cpu_seconds"], 2),
                      "clips_per_s": len(texts) / r["seconds"]} for label, r in runs.items()}

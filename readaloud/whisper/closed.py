@@ -175,18 +175,24 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     found = dict(known.transcripts)
     todo = list(dict.fromkeys((n, task) for n, task, text in zip(names, tasks, texts)
                               if text and _key(n, vocab_keys[task]) not in found))
-    suppress: dict[str, list[int]] = {}
-    fresh: dict[tuple[str, str], str] = {}
-    for name, task in tqdm(todo, desc=f"closed-vocabulary decode ({model.name})", unit="clip",
-                           disable=not progress or not todo):
+    suppress = {task: suppressed_tokens(model, allowed_tokens(model, words[task]))
+                for task in dict.fromkeys(task for _, task in todo)}
+
+    def decode(item: tuple[str, str]) -> str | None:
+        name, task = item
         try:
             audio = load_audio(Path(audio_dir) / name)
         except AudioError as exc:
             log.warning("no closed-vocabulary transcript for %s: %s", name, exc)
+            return None
+        return closed_decode(model, audio, suppress[task])
+
+    fresh: dict[tuple[str, str], str] = {}
+    for (name, task), transcript in tqdm(zip(todo, model.map_clips(decode, todo)), total=len(todo),
+                                         desc=f"closed-vocabulary decode ({model.name})", unit="clip",
+                                         disable=not progress or not todo):
+        if transcript is None:
             continue
-        if task not in suppress:
-            suppress[task] = suppressed_tokens(model, allowed_tokens(model, words[task]))
-        transcript = closed_decode(model, audio, suppress[task])
         fresh[name, vocab_keys[task]] = found[_key(name, vocab_keys[task])] = transcript
         if cache is not None and len(fresh) >= flush_every:
             add_to_closed_cache(Path(cache), fresh)
