@@ -436,9 +436,10 @@ class EspeakTTS:
         self.volume = _check_range("volume", volume, 0, 200)
         self.word_gap = _check_range("word_gap", word_gap, 0, 1000)
         self.reproducible = bool(reproducible)
-        engine = _engine()
-        self._espeak_voice = engine.resolve_voice(self.voice)  # unknown voices fail here, not later
-        self.sample_rate = engine.sample_rate
+        with _LOCK:  # resolving lists espeak's voices: a call into its global state like any other
+            engine = _engine()
+            self._espeak_voice = engine.resolve_voice(self.voice)  # unknown voices fail here, not later
+            self.sample_rate = engine.sample_rate
         self._parameters = {
             _RATE: self.rate,
             _VOLUME: self.volume,

@@ -236,3 +236,20 @@ def test_missing_library_is_a_clear_runtime_error(monkeypatch):
     monkeypatch.setattr(espeakng_loader, "get_library_path", lambda: "/nonexistent/libespeak-ng.so")
     with pytest.raises(RuntimeError, match="espeak-ng library not found"):
         tts._locate_espeak()
+
+
+def test_threads_building_voices_and_phonemizing_at_once_get_what_one_thread_gets():
+    """espeak-ng is one global state machine: model6asr's ASR workers phonemize from several
+    threads, and building an engine (which lists espeak's voices) must hold the lock too; without
+    it a thread saw "espeak-ng has no voice 'en-us'"."""
+    words = ["cat", "koovnorb", "seven", "the boy can jump high", "cowboy", "snofgemtusk"] * 4
+    voices = ["en-us", "en-gb", "en-us+f3", "en"]
+    serial = [tts.EspeakTTS(voice=voices[i % 4]).phonemize(w) for i, w in enumerate(words)]
+    for _ in range(3):
+        engine = tts._engine()
+        engine._voice_names = engine._variant_names = None  # the next engine lists the voices again
+        tts._phonemizer.cache_clear()
+        with ThreadPoolExecutor(8) as pool:
+            threaded = list(pool.map(lambda k: tts.EspeakTTS(voice=voices[k % 4]).phonemize(words[k]),
+                                     range(len(words))))
+        assert threaded == serial
