@@ -71,7 +71,7 @@ class ModelConfig:
     gbm_ear_copies: int = 0           # gbm: perturbed copies of each training clip, same label and fold, so the
                                       # trees see clips the Whisper ear mishears (prep/ear_augment.py); 0 = none
     asr_closed_vocab: bool = False    # gbm with asr: also a greedy decode that may write only the task's words,
-                                      # compared with the expected text (whisper/closed.py)
+                                      # compared with the expected text (whisper/closed.py); model6asr sets it
 
 
 @dataclass
