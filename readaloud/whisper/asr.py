@@ -167,7 +167,7 @@ class WhisperEvidence:
         """`threads`: CPU threads in all (0: the cores this process may use). `workers`: clips run at
         once, each on threads // workers threads (0: one worker per thread on CPU, one on CUDA). One
         clip at a time per thread beats one clip on all threads (Whisper's batch-1 kernels leave
-        cores idle: 1.2-1.5x on 2 cores, README: ASR workers), and the evidence does not depend on
+        cores idle: 1.0-1.4x on 2 cores, README: ASR workers), and the evidence does not depend on
         the thread count. Callers that want the parallelism go through `map_clips`."""
         self.name = str(model) if str(model) in NAMED_BACKBONES else Path(model).name
         self.model_dir = ct2_model_dir(str(model)) if str(model) in NAMED_BACKBONES else Path(model)
@@ -562,7 +562,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         elif key not in known.rows and text not in todo.setdefault(name, []):
             todo[name].append(text)
     todo = {n: t for n, t in todo.items() if t}
-    found = AsrCache(dict(known.clips), dict(known.rows))
+    found_rows = dict(known.rows)
     fresh = AsrCache()
     closed = closed or {}
     closed_fresh: dict[tuple[str, str], str] = {}
@@ -587,12 +587,12 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
                disable=not progress or not clip_names)
     for k, (batch, decodes, evidence) in enumerate(model.map_clips(compute, chunks)):
         for name, decode, rows in zip(batch, decodes, evidence):
-            fresh.clips[name] = found.clips[name] = decode
+            fresh.clips[name] = decode
             if name in closed:
                 vocab = closed[name][0]
                 closed_fresh[name, vocab] = decode.closed[vocab]
             for text, ev in zip(todo[name], rows):
-                fresh.rows[row_key(name, text)] = found.rows[row_key(name, text)] = ev
+                fresh.rows[row_key(name, text)] = found_rows[row_key(name, text)] = ev
         bar.update(len(chunks[k]))
         last_batch = k == len(chunks) - 1
         if cache is not None and fresh.rows and (len(fresh.clips) >= flush_every or last_batch):
@@ -606,7 +606,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     ok = np.zeros(len(meta), bool)
     transcripts, words = [""] * len(meta), [[] for _ in range(len(meta))]
     for row, key in enumerate(keys):
-        ev = found.rows.get(key)
+        ev = found_rows.get(key)
         if ev is not None:
             X[row], ok[row], transcripts[row], words[row] = ev.features, True, ev.transcript, ev.words
     return AsrTable(X, ok, transcripts, words)
