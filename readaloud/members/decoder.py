@@ -77,6 +77,7 @@ from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder,
 from .encdec import logp_pools, teacher_forced_states, token_pools
 from .frozen import weights_key
 from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
+from .vocab_scores import masked_token_scores
 
 log = logging.getLogger("readaloud.train")
 ENCODER_CACHE_VERSION = 2
@@ -282,13 +283,10 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         token embeddings, as in Whisper."""
         return F.linear(states, self.decoder.embed_tokens.weight).float()
 
-    def token_scores(self, states: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per target position: log p of the target, its margin over the best other token, entropy."""
-        lp = F.log_softmax(self.vocab_logits(states), dim=-1)
-        tok = lp.gather(-1, targets[..., None]).squeeze(-1)
-        best_other = lp.scatter(-1, targets[..., None], float("-inf")).max(-1).values
-        entropy = -(lp.exp() * lp).sum(-1)
-        return {"logp": tok, "margin": tok - best_other, "entropy": entropy}
+    def token_scores(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per target position [B, L]: log p of the target, its margin over the best other token,
+        entropy; computed where `mask` is set only (0 elsewhere), in few passes (vocab_scores.py)."""
+        return masked_token_scores(states, self.decoder.embed_tokens.weight, targets, mask)
 
     def target_logp(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """log p of each target only (token_scores without the margin and entropy it never needs)."""
@@ -323,7 +321,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         k = batch["n_prompt"]
         states = self.decode(batch["memory"], batch["memory_mask"], batch["dec_inputs"])[:, k - 1:]
         mask = batch["token_mask"]                        # [B, n tokens + 1]: the text's tokens and end of text
-        s = self.token_scores(states, batch["dec_targets"])
+        s = self.token_scores(states, batch["dec_targets"], mask)
         tok, margin, ent = s["logp"], s["margin"], s["entropy"]
         n = mask.sum(1).clamp(min=1).float()
         pools = [

@@ -27,6 +27,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from ..config import ModelConfig
+from .cross_attention import decoder_layer
 from .encoder import FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
 from .neural import NeuralMember
 
@@ -55,7 +56,8 @@ def decoder_whisper_config(base: WhisperConfig, cfg: ModelConfig, vocab_size: in
 def teacher_forced_states(dec: WhisperDecoder, memory: torch.Tensor, memory_mask: torch.Tensor,
                           inputs: torch.Tensor, training: bool) -> torch.Tensor:
     """A WhisperDecoder's states [B, L, D] for teacher-forced `inputs`: causal self-attention and
-    cross-attention to the unmasked `memory` only (WhisperDecoder.forward would drop the mask)."""
+    cross-attention to the unmasked `memory` only (WhisperDecoder.forward would drop the mask; the
+    layers run through cross_attention.decoder_layer, which spares projecting the memory)."""
     n = inputs.shape[1]
     x = dec.embed_tokens(inputs) * dec.embed_scale + dec.embed_positions.weight[:n].to(memory.dtype)
     x = F.dropout(x, p=dec.dropout, training=training)
@@ -64,9 +66,7 @@ def teacher_forced_states(dec: WhisperDecoder, memory: torch.Tensor, memory_mask
     cross = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
     cross = cross.masked_fill(~memory_mask, neg)[:, None, None, :]
     for layer in dec.layers:
-        out = layer(x, attention_mask=causal, encoder_hidden_states=memory, encoder_attention_mask=cross,
-                    use_cache=False)
-        x = out[0] if isinstance(out, tuple) else out
+        x = decoder_layer(layer, x, causal, memory, cross, training)
     return dec.layer_norm(x)
 
 
