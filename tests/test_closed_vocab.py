@@ -164,3 +164,35 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     keys = closed.read_closed_cache(closed.closed_cache_path(data, model)).transcripts
     for name, task in zip(test_meta["filename"], test_meta["task"]):
         assert f"{name}\t{closed.vocabulary_key(test_words[task])}" in keys, name
+
+
+def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny, digit_clips, monkeypatch):
+    """closed_equals_open: a clip whose open decode wrote only tokens the closed vocabulary allows gets
+    its open transcript as the closed one without a second decode, and a real closed decode writes
+    the same; a vocabulary that lacks a token the open decode wrote, or allows a symbol the open
+    decode may not write, decodes."""
+    from readaloud.audio import load_audio
+    from readaloud.whisper.closed import allowed_tokens, suppressed_tokens, vocabulary_key
+    folder, _, words = digit_clips
+    decoded = []
+    real = tiny.closed_decode
+    monkeypatch.setattr(tiny, "closed_decode", lambda enc, sup: decoded.append(1) or real(enc, sup))
+    for name, text in [("a.wav", "seven two nine"), ("b.wav", "four one")]:
+        audio = load_audio(folder / name)
+        (open_decode,), _ = tiny.evidence([audio], [[text]])
+        assert open_decode.text_only and open_decode.token_ids, open_decode
+
+        def closed_of(vocabulary, extra=()):
+            suppress = suppressed_tokens(tiny, sorted(set(allowed_tokens(tiny, vocabulary)) | set(extra)))
+            key = vocabulary_key(vocabulary + [str(t) for t in extra])
+            decoded.clear()
+            (decode,), _ = tiny.evidence([audio], [[text]], closed=[(key, suppress)])
+            return decode.closed[key], real(tiny.encode([audio]), suppress)[0]
+
+        shortcut, full = closed_of(words["digit_span"], extra=open_decode.token_ids)
+        assert decoded == [] and shortcut == full == open_decode.transcript, (shortcut, full)
+        shortcut, full = closed_of(["ten"])
+        assert decoded == [1] and shortcut == full
+        symbol = next(t for t in tiny.default_suppressed if t < tiny.eot)
+        shortcut, full = closed_of(words["digit_span"], extra=[*open_decode.token_ids, symbol])
+        assert decoded == [1] and shortcut == full, "a vocabulary with a default-suppressed symbol decodes"

@@ -1,8 +1,8 @@
 """The few-pass token scores (members/vocab_scores.py) equal plain autograd's, values and gradients."""
 import torch
 
-from readaloud.members.vocab_scores import (ROWS_PER_CHUNK, masked_token_scores, projected_token_scores,
-                                            reference_token_scores)
+from readaloud.members.vocab_scores import (ROWS_PER_CHUNK, masked_target_logp, masked_token_scores,
+                                            projected_token_scores, reference_token_scores)
 
 NAMES = ("logp", "margin", "entropy")
 
@@ -57,3 +57,16 @@ def test_no_kept_position_gives_empty_scores():
     states, weight, targets, _ = _problem(n=6)
     got = masked_token_scores(states.view(2, 3, -1), weight, targets.view(2, 3), torch.zeros(2, 3, dtype=torch.bool))
     assert all(v.shape == (2, 3) and (v == 0).all() for v in got.values())
+
+
+def test_masked_target_logp_is_the_scores_log_p_at_kept_positions():
+    states, weight, targets, _ = _problem(n=12)
+    states3, targets3 = states.view(3, 4, -1), targets.view(3, 4)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    x = states3.clone().requires_grad_(True)
+    got = masked_target_logp(x, weight, targets3, mask)
+    want = reference_token_scores(states3, weight, targets3)["logp"]
+    torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=2e-5)
+    assert (got[~mask] == 0).all()
+    got.sum().backward()
+    assert (x.grad[~mask] == 0).all() and (x.grad[mask].abs().sum(-1) > 0).all()

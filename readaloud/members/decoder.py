@@ -77,7 +77,7 @@ from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder,
 from .encdec import logp_pools, teacher_forced_states, token_pools
 from .frozen import weights_key
 from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
-from .vocab_scores import masked_token_scores
+from .vocab_scores import masked_target_logp, masked_token_scores
 
 log = logging.getLogger("readaloud.train")
 ENCODER_CACHE_VERSION = 2
@@ -278,32 +278,26 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         """Decoder states [B, L, D]: causal self-attention, cross-attention to the unmasked memory only."""
         return teacher_forced_states(self.decoder, memory, memory_mask, inputs, self.training)
 
-    def vocab_logits(self, states: torch.Tensor) -> torch.Tensor:
-        """[..., vocabulary] float32 logits of decoder states: the output projection is tied to the
-        token embeddings, as in Whisper."""
-        return F.linear(states, self.decoder.embed_tokens.weight).float()
-
     def token_scores(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per target position [B, L]: log p of the target, its margin over the best other token,
         entropy; computed where `mask` is set only (0 elsewhere), in few passes (vocab_scores.py)."""
         return masked_token_scores(states, self.decoder.embed_tokens.weight, targets, mask)
 
-    def target_logp(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """log p of each target only (token_scores without the margin and entropy it never needs)."""
-        logits = self.vocab_logits(states)
-        return logits.gather(-1, targets[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
     def silent_logp(self, batch: dict, k: int) -> torch.Tensor:
-        """[B, n tokens + 1] log p of the targets given the silent clip. It depends on the tokens alone,
-        so a text that several clips of the batch share (a screener asks every child the same items)
-        is decoded once; the decoder has no dropout (Whisper's is 0), so this changes no number."""
-        inputs, targets = batch["dec_inputs"], batch["dec_targets"]
+        """[B, n tokens + 1] log p of the targets given the silent clip (0 past the text). It depends
+        on the tokens alone, so a text that several clips of the batch share (a screener asks every
+        child the same items) is decoded once; the decoder has no dropout (Whisper's is 0), so this
+        changes no number."""
+        inputs, targets, kept = batch["dec_inputs"], batch["dec_targets"], batch["token_mask"]
         rows, inverse = torch.unique(torch.cat([inputs, targets], dim=1), dim=0, return_inverse=True)
         unique_inputs, unique_targets = rows[:, : inputs.shape[1]], rows[:, inputs.shape[1]:]
+        unique_kept = torch.zeros((len(rows), kept.shape[1]), dtype=torch.bool, device=kept.device)
+        unique_kept[inverse] = kept                      # rows with one text have one mask
         null = self.null_memory(batch["memory"]).expand(len(rows), -1, -1)
         null_mask = torch.ones(null.shape[:2], dtype=torch.bool, device=null.device)
         null_states = self.decode(null, null_mask, unique_inputs)[:, k - 1:]
-        return self.target_logp(null_states, unique_targets)[inverse]
+        return masked_target_logp(null_states, self.decoder.embed_tokens.weight, unique_targets, unique_kept)[inverse]
 
     def null_memory(self, like: torch.Tensor) -> torch.Tensor:
         """[1, T, D] the frozen encoder's output for NULL_CLIP_S of silence, encoded by EncoderCache's

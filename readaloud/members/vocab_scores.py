@@ -99,3 +99,13 @@ def masked_token_scores(states: torch.Tensor, weight: torch.Tensor, targets: tor
         full = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
         out[name] = full.masked_scatter(mask, values)
     return out
+
+
+def masked_target_logp(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """log p of each target [B, L] under decoder states [B, L, D] projected by `weight` [V, D], at
+    the positions `mask` keeps only (0 elsewhere): `masked_token_scores` without the margin and
+    entropy (the silent-clip contrast needs only log p)."""
+    logits = F.linear(states[mask], weight).float()
+    logp = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device).masked_scatter(mask, logp)

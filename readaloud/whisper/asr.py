@@ -106,6 +106,8 @@ class ClipDecode:
     stats: dict[str, float]
     closed: dict[str, str] = field(default_factory=dict)  # vocabulary key -> closed-vocabulary transcript
                                                           # (whisper/closed.py; cached there, not here)
+    text_only: bool = False   # decoded in this pass and every token written was text (no token past end of
+                              # text): token_ids is the whole sequence, so closed_equals_open may judge it
 
 
 @dataclass
@@ -190,6 +192,10 @@ class WhisperEvidence:
         self.start_sequence = [sot, *language]          # align() adds <|notimestamps|> itself
         self.prompt = [*self.start_sequence, no_timestamps]
         self.params = FeatureParams(n_mels=self.model.n_mels)
+        # what generate(suppress_tokens=[-1]) suppresses: the open decode never writes these
+        config = json.loads((self.model_dir / "config.json").read_text())
+        self.default_suppressed = tuple(int(t) for t in config.get("suppress_ids", []))
+        self._closed_allowed: dict[str, np.ndarray | None] = {}   # vocabulary key -> allowed ids (closed_equals_open)
         self.identity = (f"{self.name}_{model_identity(self.model_dir)}_{self.compute_type}_{settings.key()}")
 
     def _special(self, token: str) -> int:
@@ -220,8 +226,27 @@ class WhisperEvidence:
         for r in results:
             ids = [t for t in r.sequences_ids[0] if t < self.eot]
             out.append(ClipDecode(self.tokenizer.decode(ids).strip(), ids,
-                                  {"gen_avg_logprob": float(r.scores[0]), "no_speech_prob": float(r.no_speech_prob)}))
+                                  {"gen_avg_logprob": float(r.scores[0]), "no_speech_prob": float(r.no_speech_prob)},
+                                  text_only=len(ids) == len(r.sequences_ids[0])))
         return out
+
+    def closed_equals_open(self, key: str, suppress: list[int], decode: ClipDecode) -> bool:
+        """Whether the closed decode over vocabulary `key` (suppressing `suppress`) must write what
+        the open decode wrote, so it need not run. Greedy decoding takes the best allowed token at
+        each step; when every token the open decode took is allowed in the closed one, the best
+        token is allowed at every step and both write the same sequence, provided the closed decode
+        allows nothing the open one suppresses (the model's default suppressed symbols). Same
+        encoder output, same batch of one, same logits: bit for bit (tests/test_closed_vocab.py)."""
+        if not decode.text_only:
+            return False
+        if key not in self._closed_allowed:
+            mask = np.ones(self.tokenizer.get_vocab_size(), bool)
+            mask[np.asarray(suppress, np.int64)] = False
+            # a token the open decode could never write is allowed in the closed one: no shortcut
+            exact = not mask[[t for t in self.default_suppressed if t < mask.size]].any()
+            self._closed_allowed[key] = mask if exact else None
+        mask = self._closed_allowed[key]
+        return mask is not None and bool(mask[decode.token_ids].all()) and bool(mask[self.eot])
 
     def closed_decode(self, encoded, suppress: list[int]) -> list[str]:
         """Greedy transcripts of encoded clips that never write a `suppress`ed token (whisper/closed.py)."""
@@ -298,6 +323,11 @@ class WhisperEvidence:
         for key in dict.fromkeys(c[0] for c in closed if c is not None):
             idx = [i for i, c in enumerate(closed) if c is not None and c[0] == key]
             suppress = closed[idx[0]][1]
+            for i in [i for i in idx if self.closed_equals_open(key, suppress, decodes[i])]:
+                decodes[i].closed[key] = decodes[i].transcript
+            idx = [i for i in idx if key not in decodes[i].closed]
+            if not idx:
+                continue
             sub = encoded_view if len(idx) == len(audios) else \
                 ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[idx]))
             for i, transcript in zip(idx, self.closed_decode(sub, suppress)):
