@@ -1,10 +1,20 @@
 """The few-pass token scores (members/vocab_scores.py) equal plain autograd's, values and gradients."""
 import torch
+import torch.nn.functional as F
 
 from readaloud.members.vocab_scores import (ROWS_PER_CHUNK, masked_target_logp, masked_token_scores,
-                                            projected_token_scores, reference_token_scores)
+                                            projected_token_scores)
 
 NAMES = ("logp", "margin", "entropy")
+
+
+def reference_token_scores(states, weight, targets):
+    """The scores in plain autograd, as model8decoder computed them before vocab_scores.py."""
+    lp = F.log_softmax(F.linear(states, weight).float(), dim=-1)
+    tok = lp.gather(-1, targets[..., None]).squeeze(-1)
+    best_other = lp.scatter(-1, targets[..., None], float("-inf")).max(-1).values
+    entropy = -(lp.exp() * lp).sum(-1)
+    return {"logp": tok, "margin": tok - best_other, "entropy": entropy}
 
 
 def _scores_and_grads(fn, states, weight, targets, upstream):

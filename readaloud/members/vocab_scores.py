@@ -33,7 +33,7 @@ class _ProjectedTokenScores(torch.autograd.Function):
     def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
         lp = F.linear(states, weight).float()
         entropy = torch.empty(lp.shape[0], dtype=lp.dtype, device=lp.device)
-        best = torch.empty(lp.shape[0], dtype=torch.long, device=lp.device)
+        other = torch.empty(lp.shape[0], dtype=torch.long, device=lp.device)   # the best token, then the best other
         for s in range(0, lp.shape[0], ROWS_PER_CHUNK):
             c = lp[s: s + ROWS_PER_CHUNK]
             top = c.argmax(-1, keepdim=True)
@@ -41,9 +41,8 @@ class _ProjectedTokenScores(torch.autograd.Function):
             # log-sum-exp from the best token, whose p >= 1 / V is never rounded to 0
             c.sub_(c.gather(-1, top) - torch.log(p.gather(-1, top)))
             entropy[s: s + ROWS_PER_CHUNK] = -torch.linalg.vecdot(p, c)
-            best[s: s + ROWS_PER_CHUNK] = top.squeeze(-1)
-        other = best
-        tied = (best == targets).nonzero().squeeze(-1)        # the target is the best: take the runner-up
+            other[s: s + ROWS_PER_CHUNK] = top.squeeze(-1)
+        tied = (other == targets).nonzero().squeeze(-1)       # the target is the best: take the runner-up
         if tied.numel():
             other[tied] = lp[tied].scatter(-1, targets[tied, None], float("-inf")).argmax(-1)
         tok = lp.gather(-1, targets[:, None]).squeeze(-1)
@@ -80,25 +79,12 @@ def projected_token_scores(states: torch.Tensor, weight: torch.Tensor, targets: 
     return {"logp": tok, "margin": margin, "entropy": entropy}
 
 
-def reference_token_scores(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The same scores in plain autograd (what `projected_token_scores` must equal; tests compare)."""
-    lp = F.log_softmax(F.linear(states, weight).float(), dim=-1)
-    tok = lp.gather(-1, targets[..., None]).squeeze(-1)
-    best_other = lp.scatter(-1, targets[..., None], float("-inf")).max(-1).values
-    entropy = -(lp.exp() * lp).sum(-1)
-    return {"logp": tok, "margin": tok - best_other, "entropy": entropy}
-
-
 def masked_token_scores(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                         mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """Scores of decoder states [B, L, D] projected onto the vocabulary by `weight` [V, D], at the
     positions `mask` [B, L] keeps only; the others are 0 (the projection never runs there)."""
     scores = projected_token_scores(states[mask], weight, targets[mask])
-    out = {}
-    for name, values in scores.items():
-        full = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
-        out[name] = full.masked_scatter(mask, values)
-    return out
+    return {name: _at_kept(values, mask) for name, values in scores.items()}
 
 
 def masked_target_logp(states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -108,4 +94,9 @@ def masked_target_logp(states: torch.Tensor, weight: torch.Tensor, targets: torc
     entropy (the silent-clip contrast needs only log p)."""
     logits = F.linear(states[mask], weight).float()
     logp = logits.gather(-1, targets[mask][:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return torch.zeros(mask.shape, dtype=logp.dtype, device=logp.device).masked_scatter(mask, logp)
+    return _at_kept(logp, mask)
+
+
+def _at_kept(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[mask.sum()] values of the kept positions -> [*mask.shape], 0 elsewhere (differentiable)."""
+    return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)

@@ -323,9 +323,10 @@ class WhisperEvidence:
         for key in dict.fromkeys(c[0] for c in closed if c is not None):
             idx = [i for i, c in enumerate(closed) if c is not None and c[0] == key]
             suppress = closed[idx[0]][1]
-            for i in [i for i in idx if self.closed_equals_open(key, suppress, decodes[i])]:
+            same = [i for i in idx if self.closed_equals_open(key, suppress, decodes[i])]
+            for i in same:
                 decodes[i].closed[key] = decodes[i].transcript
-            idx = [i for i in idx if key not in decodes[i].closed]
+            idx = [i for i in idx if i not in same]
             if not idx:
                 continue
             sub = encoded_view if len(idx) == len(audios) else \
