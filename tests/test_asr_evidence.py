@@ -277,3 +277,36 @@ def test_workers_give_what_one_worker_gives_in_order(tiny, clips):
         return i
     with pytest.raises(ValueError, match="clip 3"):
         list(tiny.map_clips(fails_at_3, range(7)))
+
+
+def test_a_sequence_asked_twice_on_one_clip_is_aligned_once_with_the_same_log_p(tiny, clips, monkeypatch):
+    """An exact transcript is the expected text's own token sequence: the transcript's log p and the
+    expected text's come from one alignment, and equal what separate alignments give."""
+    from readaloud.audio import load_audio
+    folder, _ = clips
+    audio = [load_audio(folder / "a.wav"), load_audio(folder / "c.wav")]
+    encoded = np.asarray(tiny.encode(audio))
+    seq_a = tiny.word_token_ids(["jump"])[0]
+    seq_b = tiny.word_token_ids(["three", "six"])
+    seq_b = [t for ids in seq_b for t in ids]
+    asked = []
+
+    class Counted:  # CTranslate2's model is a C++ object: wrap it rather than patch it
+        def __init__(self, model):
+            self.model = model
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+        def align(self, features, start, sequences, frames):
+            asked.extend(map(tuple, sequences))
+            return self.model.align(features, start, sequences, frames)
+    monkeypatch.setattr(tiny, "model", Counted(tiny.model))
+    rows, seqs = [0, 1, 0, 1, 0], [seq_a, seq_b, seq_a, seq_a, []]
+    together = tiny.token_logprobs(encoded, rows, seqs)
+    assert len(asked) == 3, "(clip 0, a) twice is aligned once; (clip 1, a) is another clip's"
+    assert np.array_equal(together[0], together[2]) and together[4].size == 0
+    for k in (0, 1, 3):
+        alone = tiny.token_logprobs(encoded, [rows[k]], [seqs[k]])[0]
+        assert np.allclose(alone, together[k], atol=1e-5), k
+    assert not np.allclose(together[0], together[3], atol=1e-3), "the same tokens on another clip differ"

@@ -256,9 +256,15 @@ class WhisperEvidence:
         return [self.tokenizer.decode([t for t in r.sequences_ids[0] if t < self.eot]).strip() for r in results]
 
     def token_logprobs(self, encoded: np.ndarray, rows: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
-        """Teacher-forced log p of each token sequence given encoder output row rows[k]."""
+        """Teacher-forced log p of each token sequence given encoder output row rows[k]. A (row,
+        sequence) pair asked for twice is aligned once: a transcript that spells the expected text
+        as the rendering does is the same sequence on the same clip."""
         out: list[np.ndarray] = [np.zeros(0, np.float32)] * len(sequences)
-        todo = [k for k, s in enumerate(sequences) if s]
+        first: dict[tuple[int, tuple[int, ...]], int] = {}
+        for k, s in enumerate(sequences):
+            if s:
+                first.setdefault((rows[k], tuple(s)), k)
+        todo = list(first.values())
         if not todo:
             return out
         features = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[[rows[k] for k in todo]]))
@@ -266,6 +272,9 @@ class WhisperEvidence:
         results = self.model.align(features, self.start_sequence, [sequences[k] for k in todo], frames)
         for k, r in zip(todo, results):
             out[k] = np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)).astype(np.float32)
+        for k, s in enumerate(sequences):
+            if s and first[(rows[k], tuple(s))] != k:
+                out[k] = out[first[(rows[k], tuple(s))]]
         return out
 
     def word_token_ids(self, pieces: list[str]) -> list[list[int]]:
