@@ -116,9 +116,10 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
         shutil.copy(folder / name, data / name)
     monkeypatch.setattr(gbm, "evidence_model", lambda *a, **k: tiny)
     gbm.asr_evidence("whisper-tiny.en", meta, data, "cpu", 0, False, words)
-    key = closed.vocabulary_key(words["digit_span"])
+    requests = closed.clip_requests(meta, tiny, words)
     decoded = closed.read_closed_cache(closed.closed_cache_path(data, tiny)).transcripts
-    assert set(decoded) == {f"a.wav\t{key}", f"b.wav\t{key}"}, "the ASR pass wrote both readable clips'"
+    assert set(decoded) == {f"{n}\t{requests[n, 'digit_span'].key}" for n in ("a.wav", "b.wav")}, \
+        "the ASR pass wrote both readable clips'"
 
     def no_decode(*a):
         raise AssertionError("a second encoder pass for a clip the ASR pass already decoded")
@@ -162,8 +163,10 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     test_meta = pd.read_csv(data / "test_metadata.csv")
     test_words = closed.merge_words(words, closed.task_words(test_meta))
     keys = closed.read_closed_cache(closed.closed_cache_path(data, model)).transcripts
+    requests = closed.clip_requests(test_meta, model, test_words)
     for name, task in zip(test_meta["filename"], test_meta["task"]):
-        assert f"{name}\t{closed.vocabulary_key(test_words[task])}" in keys, name
+        assert requests[name, task].key.startswith(closed.vocabulary_key(test_words[task]))
+        assert f"{name}\t{requests[name, task].key}" in keys, name
 
 
 def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny, digit_clips, monkeypatch):
@@ -172,22 +175,24 @@ def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny
     the same; a vocabulary that lacks a token the open decode wrote, or allows a symbol the open
     decode may not write, decodes."""
     from readaloud.audio import load_audio
+    from readaloud.whisper.asr import ClosedRequest
     from readaloud.whisper.closed import allowed_tokens, suppressed_tokens, vocabulary_key
     folder, _, words = digit_clips
     decoded = []
     real = tiny.closed_decode
-    monkeypatch.setattr(tiny, "closed_decode", lambda enc, sup: decoded.append(1) or real(enc, sup))
+    monkeypatch.setattr(tiny, "closed_decode", lambda enc, req: decoded.append(1) or real(enc, req))
     for name, text in [("a.wav", "seven two nine"), ("b.wav", "four one")]:
         audio = load_audio(folder / name)
         (open_decode,), _ = tiny.evidence([audio], [[text]])
         assert open_decode.text_only and open_decode.token_ids, open_decode
 
-        def closed_of(vocabulary, extra=()):
+        def closed_of(vocabulary, extra=(), max_length=128):
             suppress = suppressed_tokens(tiny, sorted(set(allowed_tokens(tiny, vocabulary)) | set(extra)))
-            key = vocabulary_key(vocabulary + [str(t) for t in extra])
+            request = ClosedRequest(f"{vocabulary_key(vocabulary + [str(t) for t in extra])}.L{max_length}",
+                                    suppress, max_length)
             decoded.clear()
-            (decode,), _ = tiny.evidence([audio], [[text]], closed=[(key, suppress)])
-            return decode.closed[key], real(tiny.encode([audio]), suppress)[0]
+            (decode,), _ = tiny.evidence([audio], [[text]], closed=[request])
+            return decode.closed[request.key], real(tiny.encode([audio]), request)[0]
 
         shortcut, full = closed_of(words["digit_span"], extra=open_decode.token_ids)
         assert decoded == [] and shortcut == full == open_decode.transcript, (shortcut, full)
@@ -196,3 +201,41 @@ def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny
         symbol = next(t for t in tiny.default_suppressed if t < tiny.eot)
         shortcut, full = closed_of(words["digit_span"], extra=[*open_decode.token_ids, symbol])
         assert decoded == [1] and shortcut == full, "a vocabulary with a default-suppressed symbol decodes"
+        short = 2 * len(open_decode.token_ids)   # room for every token but the end of text
+        shortcut, full = closed_of(words["digit_span"], extra=open_decode.token_ids, max_length=short)
+        assert decoded == [1] and shortcut == full, "a limit the open sequence does not fit in decodes"
+        assert len(tiny.tokenizer.encode(" " + full, add_special_tokens=False).ids) <= len(open_decode.token_ids)
+
+
+def test_a_closed_decode_stops_at_its_limit_and_the_limit_keys_the_cache(tiny, digit_clips, tmp_path):
+    """closed_max_length: 4x the longest expected text's tokens + 8 (twice that in CTranslate2's
+    max_length, of which ctranslate2 4.x writes half), never above the open decode's limit; a
+    decode with a smaller limit writes no more tokens than it allows and starts as the unlimited
+    one; a longer expected text is another request, so the cache never hands a clip a transcript
+    cut at another limit."""
+    from readaloud.audio import load_audio
+    from readaloud.whisper import closed
+    from readaloud.whisper.asr import ClosedRequest
+    folder, meta, words = digit_clips
+    n = len(tiny.tokenizer.encode(" seven two nine", add_special_tokens=False).ids)
+    assert closed.closed_max_length(tiny, ["four", "seven two nine"]) == 2 * (4 * n + 8)
+    assert closed.closed_max_length(tiny, [" ".join(["seven"] * 100)]) == tiny.settings.max_length
+    suppress = closed.suppressed_tokens(tiny, closed.allowed_tokens(tiny, words["digit_span"]))
+    encoded = tiny.encode([load_audio(folder / "a.wav")])
+    free = tiny.closed_decode(encoded, ClosedRequest("free", suppress, 128))[0]
+    for limit in (2, 4, 6):
+        cut = tiny.closed_decode(encoded, ClosedRequest(f"cut{limit}", suppress, limit))[0]
+        ids = tiny.tokenizer.encode(" " + cut, add_special_tokens=False).ids if cut else []
+        assert len(ids) <= limit // 2 and free.startswith(cut), (limit, cut, free)
+    requests = closed.clip_requests(meta, tiny, words)
+    assert requests["a.wav", "digit_span"].max_length == closed.closed_max_length(
+        tiny, ["seven two nine", "seven five nine"])
+    longer = meta.assign(expected_text=meta["expected_text"].where(meta["filename"] != "b.wav",
+                                                                   "four one four one four one"))
+    other = closed.clip_requests(longer, tiny, words)
+    assert other["b.wav", "digit_span"].key != requests["b.wav", "digit_span"].key
+    assert other["a.wav", "digit_span"] == requests["a.wav", "digit_span"]
+    cache = tmp_path / "closed.npz"
+    closed.closed_table(meta, folder, tiny, words, cache, progress=False)
+    assert set(closed.pending_requests(meta, tiny, words, cache)) == {"broken.wav"}, "unreadable: never cached"
+    assert set(closed.pending_requests(longer, tiny, words, cache)) == {"b.wav", "broken.wav"}

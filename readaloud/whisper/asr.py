@@ -91,7 +91,8 @@ class AsrSettings:
     """How clips are decoded; part of the cache's name, so changing it recomputes."""
     window_s: float = 10.0   # shortest padded window; longer clips get the next multiple, up to 30 s
                              # (features.whisper_window_s; Whisper's training window is 30 s)
-    max_length: int = 128    # decode at most this many tokens (a hallucinating loop stops here)
+    max_length: int = 128    # CTranslate2's max_length (a hallucinating loop stops here; ctranslate2 4.x
+                             # writes at most max_length // 2 tokens: 64 here, measured)
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "version": ASR_VERSION}, sort_keys=True)
@@ -108,6 +109,16 @@ class ClipDecode:
                                                           # (whisper/closed.py; cached there, not here)
     text_only: bool = False   # decoded in this pass and every token written was text (no token past end of
                               # text): token_ids is the whole sequence, so closed_equals_open may judge it
+
+
+@dataclass(frozen=True)
+class ClosedRequest:
+    """A closed-vocabulary decode asked of one clip (whisper/closed.py builds them): `key` names the
+    vocabulary and the length limit (the transcript's cache key), `suppress` the ids it may not
+    write, `max_length` CTranslate2's limit for it."""
+    key: str
+    suppress: list[int]
+    max_length: int
 
 
 @dataclass
@@ -230,29 +241,32 @@ class WhisperEvidence:
                                   text_only=len(ids) == len(r.sequences_ids[0])))
         return out
 
-    def closed_equals_open(self, key: str, suppress: list[int], decode: ClipDecode) -> bool:
-        """Whether the closed decode over vocabulary `key` (suppressing `suppress`) must write what
-        the open decode wrote, so it need not run. Greedy decoding takes the best allowed token at
-        each step; when every token the open decode took is allowed in the closed one, the best
-        token is allowed at every step and both write the same sequence, provided the closed decode
-        allows nothing the open one suppresses (the model's default suppressed symbols). Same
-        encoder output, same batch of one, same logits: bit for bit (tests/test_closed_vocab.py)."""
-        if not decode.text_only:
+    def closed_equals_open(self, request: ClosedRequest, decode: ClipDecode) -> bool:
+        """Whether the closed decode `request` must write what the open decode wrote, so it need not
+        run. Greedy decoding takes the best allowed token at each step; when every token the open
+        decode took is allowed in the closed one, the best token is allowed at every step and both
+        write the same sequence, provided the closed decode allows nothing the open one suppresses
+        (the model's default suppressed symbols) and its length limit leaves room for the whole open
+        sequence and its end of text (judged as if max_length counted tokens, though ctranslate2 4.x
+        writes only half as many: never a shortcut too many). Same encoder output, same batch of one,
+        same logits: bit for bit (tests/test_closed_vocab.py)."""
+        if not decode.text_only or len(decode.token_ids) + 1 > request.max_length // 2:
             return False
-        if key not in self._closed_allowed:
+        if request.key not in self._closed_allowed:
             mask = np.ones(self.tokenizer.get_vocab_size(), bool)
-            mask[np.asarray(suppress, np.int64)] = False
+            mask[np.asarray(request.suppress, np.int64)] = False
             # a token the open decode could never write is allowed in the closed one: no shortcut
             exact = not mask[[t for t in self.default_suppressed if t < mask.size]].any()
-            self._closed_allowed[key] = mask if exact else None
-        mask = self._closed_allowed[key]
+            self._closed_allowed[request.key] = mask if exact else None
+        mask = self._closed_allowed[request.key]
         return mask is not None and bool(mask[decode.token_ids].all()) and bool(mask[self.eot])
 
-    def closed_decode(self, encoded, suppress: list[int]) -> list[str]:
-        """Greedy transcripts of encoded clips that never write a `suppress`ed token (whisper/closed.py)."""
+    def closed_decode(self, encoded, request: ClosedRequest) -> list[str]:
+        """Greedy transcripts of encoded clips that never write a suppressed token and stop at the
+        request's length limit (whisper/closed.py)."""
         results = self.model.generate(encoded, [self.prompt] * encoded.shape[0], beam_size=1,
-                                      max_length=self.settings.max_length, suppress_tokens=suppress,
-                                      suppress_blank=True)
+                                      max_length=min(request.max_length, self.settings.max_length),
+                                      suppress_tokens=request.suppress, suppress_blank=True)
         return [self.tokenizer.decode([t for t in r.sequences_ids[0] if t < self.eot]).strip() for r in results]
 
     def token_logprobs(self, encoded: np.ndarray, rows: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
@@ -303,11 +317,11 @@ class WhisperEvidence:
     # -- clips in, evidence out --
     def evidence(self, audios: list[np.ndarray], texts: list[list[str]],
                  decodes: list[ClipDecode | None] | None = None,
-                 closed: list[tuple[str, list[int]] | None] | None = None
+                 closed: list[ClosedRequest | None] | None = None
                  ) -> tuple[list[ClipDecode], list[list[RowEvidence]]]:
         """Evidence for each clip and each of its expected texts; `decodes` given for a clip are reused.
-        `closed[i]` = (vocabulary key, suppressed ids): also decode clip i over that closed vocabulary
-        from the same encoder output (into its ClipDecode.closed)."""
+        `closed[i]`: also decode clip i over that closed vocabulary from the same encoder output (into
+        its ClipDecode.closed[closed[i].key])."""
         decodes = list(decodes) if decodes is not None else [None] * len(audios)
         closed = list(closed) if closed is not None else [None] * len(audios)
         windows = [self.window_s(a) for a in audios]
@@ -329,10 +343,10 @@ class WhisperEvidence:
                 ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[need]))
             for i, d in zip(need, self.decode(sub)):
                 decodes[i] = d
-        for key in dict.fromkeys(c[0] for c in closed if c is not None):
-            idx = [i for i, c in enumerate(closed) if c is not None and c[0] == key]
-            suppress = closed[idx[0]][1]
-            same = [i for i in idx if self.closed_equals_open(key, suppress, decodes[i])]
+        for key in dict.fromkeys(c.key for c in closed if c is not None):
+            idx = [i for i, c in enumerate(closed) if c is not None and c.key == key]
+            request = closed[idx[0]]
+            same = [i for i in idx if self.closed_equals_open(request, decodes[i])]
             for i in same:
                 decodes[i].closed[key] = decodes[i].transcript
             idx = [i for i in idx if i not in same]
@@ -340,7 +354,7 @@ class WhisperEvidence:
                 continue
             sub = encoded_view if len(idx) == len(audios) else \
                 ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[idx]))
-            for i, transcript in zip(idx, self.closed_decode(sub, suppress)):
+            for i, transcript in zip(idx, self.closed_decode(sub, request)):
                 decodes[i].closed[key] = transcript
         rows, sequences, plans = [], [], []
         for i in need:                        # the transcript's own log p, once per decoded clip
@@ -573,7 +587,7 @@ def add_to_asr_cache(path: Path, new: AsrCache) -> None:
 
 def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, cache: str | Path | None = None,
               batch_size: int | None = None, progress: bool = True, flush_every: int = 256,
-              closed: dict[str, tuple[str, list[int]]] | None = None,
+              closed: dict[str, ClosedRequest] | None = None,
               on_closed: Callable[[dict[tuple[str, str], str]], None] | None = None) -> AsrTable:
     """Evidence for every row of a metadata table (filename, expected_text), in its order.
 
@@ -583,10 +597,10 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     `flush_every` clips, so an interrupted run keeps what it did. A clip that cannot be read, or a
     row without expected text, is left out of `ok` with a warning naming it.
 
-    `closed`: {filename: (vocabulary key, suppressed ids)} of clips that also want a
-    closed-vocabulary transcript (whisper/closed.py); those this call encodes anyway are decoded
-    from the same encoder output and handed to `on_closed` as {(filename, vocabulary key):
-    transcript} at every flush (the closed cache lives in closed.py).
+    `closed`: {filename: ClosedRequest} of clips that also want a closed-vocabulary transcript
+    (whisper/closed.py); those this call encodes anyway are decoded from the same encoder output
+    and handed to `on_closed` as {(filename, request key): transcript} at every flush (the closed
+    cache lives in closed.py).
     """
     for column in ("filename", "expected_text"):
         if column not in meta.columns:
@@ -629,7 +643,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         for name, decode, rows in zip(batch, decodes, evidence):
             fresh.clips[name] = decode
             if name in closed:
-                vocab = closed[name][0]
+                vocab = closed[name].key
                 closed_fresh[name, vocab] = decode.closed[vocab]
             for text, ev in zip(todo[name], rows):
                 fresh.rows[row_key(name, text)] = found_rows[row_key(name, text)] = ev

@@ -20,6 +20,14 @@ answer would come back as the expected one). A transcript is cached per (clip, v
 decoded from that pass's encoder output (asr_table(closed=...)), so the closed decode costs a
 decode, not another encoder pass. Features per row (`CLOSED_FEATURES`): exact match, word and
 phoneme edit rates of the closed transcript against the expected text.
+
+A restricted vocabulary traps Whisper in loops: with no way to say what it hears, it repeats
+words up to the length limit ("8, 1, 3, 2, 5, 8, 1, 3, 2, 5, ..." for "eight one three two"; on the
+demo's single words 10% of closed decodes ran to the limit, their mean length 12.6 tokens against
+the open decodes' 7.3). Such a transcript is long past any match, so a closed decode stops at 4x
+its clip's expected text in tokens + 8 (`closed_max_length`): a cut loop still has at least twice
+the expected words, so its exact match is 0 and its edit rates above 1 as before; only how far
+above 1 changes. The limit is part of the cache key (`ClosedRequest.key`).
 """
 from __future__ import annotations
 
@@ -36,11 +44,11 @@ from tqdm.auto import tqdm
 from ..audio import AudioError, load_audio
 from ..features import merge_npz_cache, read_npz_cache
 from ..layout import cache_dir
-from .asr import AsrTable, WhisperEvidence, text_comparison
+from .asr import AsrTable, ClosedRequest, WhisperEvidence, text_comparison
 from .normalise import normalise_tokens, surface_words
 
 log = logging.getLogger("readaloud")
-CLOSED_VERSION = 1
+CLOSED_VERSION = 2   # 2: closed decodes stop at closed_max_length
 CLOSED_FEATURES: dict[str, str] = {
     "closed_exact_match": "1 if the closed-vocabulary transcript equals the normalised expected text",
     "closed_word_edit_rate": "word edit distance of the closed transcript / expected words",
@@ -48,6 +56,7 @@ CLOSED_FEATURES: dict[str, str] = {
 }
 CLOSED_FEATURE_NAMES = list(CLOSED_FEATURES)
 MARKS = (",", ".")
+LOOP_TOKENS = (4, 8)   # a closed decode writes at most 4 x its expected text's tokens + 8
 _EDGE_PUNCTUATION = "\"'.,;:!?()[]{}-"
 
 
@@ -122,17 +131,26 @@ def read_closed_cache(path: Path) -> ClosedCache:
 
 
 def add_to_closed_cache(path: Path, new: dict[tuple[str, str], str]) -> None:
-    """Merge {(filename, vocabulary key): transcript} into the cache file (under its lock, atomically)."""
+    """Merge {(filename, request key): transcript} into the cache file (under its lock, atomically)."""
     new = {_key(name, vocab): transcript for (name, vocab), transcript in new.items()}
     merge_npz_cache(path, read_closed_cache, lambda table: table.transcripts.update(new),
                     lambda table: dict(keys=np.array(list(table.transcripts), dtype=str),
                                        transcripts=np.array(list(table.transcripts.values()), dtype=str)))
 
 
-def closed_decode(model: WhisperEvidence, audio: np.ndarray, suppress: list[int]) -> str:
-    """The greedy transcript of one clip with `suppress`ed tokens never written (its own encoder
-    pass: for clips whose other ASR evidence was cached before)."""
-    return model.closed_decode(model.encode([audio]), suppress)[0]
+def closed_decode(model: WhisperEvidence, audio: np.ndarray, request: ClosedRequest) -> str:
+    """The closed transcript of one clip (its own encoder pass: for clips whose other ASR evidence
+    was cached before)."""
+    return model.closed_decode(model.encode([audio]), request)[0]
+
+
+def closed_max_length(model: WhisperEvidence, texts: list[str]) -> int:
+    """CTranslate2's max_length for a closed decode of a clip expected to say `texts`: room for
+    LOOP_TOKENS of the longest text's BPE tokens (ctranslate2 4.x writes max_length // 2 tokens,
+    hence twice that), never more than the open decode's limit."""
+    factor, margin = LOOP_TOKENS
+    longest = max(len(model.tokenizer.encode(" " + t, add_special_tokens=False).ids) for t in texts)
+    return min(model.settings.max_length, 2 * (factor * longest + margin))
 
 
 def _vocab_keys(meta: pd.DataFrame, words: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -141,20 +159,39 @@ def _vocab_keys(meta: pd.DataFrame, words: dict[str, list[str]]) -> tuple[dict[s
     return words, {task: vocabulary_key(w) for task, w in words.items()}
 
 
-def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
-                     cache: str | Path | None) -> dict[str, tuple[str, list[int]]]:
-    """{filename: (vocabulary key, suppressed ids)} of the clips whose closed transcript `cache`
-    lacks: what asr_table(closed=...) decodes from the encoder output it computes anyway."""
+def _row_texts(meta: pd.DataFrame) -> list[str]:
+    return ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
+
+
+def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]]
+                  ) -> dict[tuple[str, str], ClosedRequest]:
+    """{(filename, task): its ClosedRequest} of every row with an expected text: the task's
+    vocabulary (`words`; a task missing there gets its rows' own words) and a length limit from the
+    longest text the clip has in that task."""
     words, vocab_keys = _vocab_keys(meta, words)
-    known = read_closed_cache(Path(cache)).transcripts if cache is not None else {}
+    texts: dict[tuple[str, str], list[str]] = {}
+    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), _row_texts(meta)):
+        if text:
+            texts.setdefault((name, task), []).append(text)
     suppress: dict[str, list[int]] = {}
-    out: dict[str, tuple[str, list[int]]] = {}
-    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), meta["expected_text"]):
-        if not isinstance(text, str) or not text.strip() or name in out or _key(name, vocab_keys[task]) in known:
-            continue
+    out: dict[tuple[str, str], ClosedRequest] = {}
+    for (name, task), clip_texts in texts.items():
         if task not in suppress:
             suppress[task] = suppressed_tokens(model, allowed_tokens(model, words[task]))
-        out[name] = (vocab_keys[task], suppress[task])
+        limit = closed_max_length(model, clip_texts)
+        out[name, task] = ClosedRequest(f"{vocab_keys[task]}.L{limit}", suppress[task], limit)
+    return out
+
+
+def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
+                     cache: str | Path | None) -> dict[str, ClosedRequest]:
+    """{filename: ClosedRequest} of the clips whose closed transcript `cache` lacks: what
+    asr_table(closed=...) decodes from the encoder output it computes anyway (a clip's first task)."""
+    known = read_closed_cache(Path(cache)).transcripts if cache is not None else {}
+    out: dict[str, ClosedRequest] = {}
+    for (name, _), request in clip_requests(meta, model, words).items():
+        if name not in out and _key(name, request.key) not in known:
+            out[name] = request
     return out
 
 
@@ -167,16 +204,13 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     for column in ("filename", "task", "expected_text"):
         if column not in meta.columns:
             raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
-    words, vocab_keys = _vocab_keys(meta, words)
+    requests = clip_requests(meta, model, words)
     names = meta["filename"].astype(str).tolist()
     tasks = meta["task"].astype(str).tolist()
-    texts = ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
+    texts = _row_texts(meta)
     known = read_closed_cache(Path(cache)) if cache is not None else ClosedCache()
     found = dict(known.transcripts)
-    todo = list(dict.fromkeys((n, task) for n, task, text in zip(names, tasks, texts)
-                              if text and _key(n, vocab_keys[task]) not in found))
-    suppress = {task: suppressed_tokens(model, allowed_tokens(model, words[task]))
-                for task in dict.fromkeys(task for _, task in todo)}
+    todo = [item for item, request in requests.items() if _key(item[0], request.key) not in found]
 
     def decode(item: tuple[str, str]) -> str | None:
         name, task = item
@@ -185,7 +219,7 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
         except AudioError as exc:
             log.warning("no closed-vocabulary transcript for %s: %s", name, exc)
             return None
-        return closed_decode(model, audio, suppress[task])
+        return closed_decode(model, audio, requests[item])
 
     fresh: dict[tuple[str, str], str] = {}
     for (name, task), transcript in tqdm(zip(todo, model.map_clips(decode, todo)), total=len(todo),
@@ -193,7 +227,8 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
                                          disable=not progress or not todo):
         if transcript is None:
             continue
-        fresh[name, vocab_keys[task]] = found[_key(name, vocab_keys[task])] = transcript
+        key = requests[name, task].key
+        fresh[name, key] = found[_key(name, key)] = transcript
         if cache is not None and len(fresh) >= flush_every:
             add_to_closed_cache(Path(cache), fresh)
             fresh = {}
@@ -203,7 +238,7 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     ok = np.zeros(len(meta), bool)
     transcripts = [""] * len(meta)
     for row, (name, task, text) in enumerate(zip(names, tasks, texts)):
-        transcript = found.get(_key(name, vocab_keys[task])) if text else None
+        transcript = found.get(_key(name, requests[name, task].key)) if text else None
         if transcript is None:
             continue
         c = text_comparison(text, transcript)
