@@ -83,6 +83,40 @@ def test_trees_stop_where_a_whole_training_fold_is_best_then_refit_on_every_row(
     assert fit_gbm(X, y, mc, seed=0).do_early_stopping_
 
 
+def test_ear_copies_train_but_do_not_judge_when_the_trees_stop():
+    """fit_gbm(copies=...): the stopping fold's loss is taken on its real clips only; the copies still
+    train (the final fit sees every row). Here the copies carry label noise, so judging on them too
+    would stop elsewhere."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    rng = np.random.default_rng(5)
+    n = 900
+    folds = np.repeat([0, 1, 2], n // 3)
+    X = rng.normal(size=(n, 3))
+    y = ((X[:, 0] + 0.5 * X[:, 1] + rng.normal(scale=0.7, size=n)) > 0).astype(int)
+    copies = rng.random(n) < 0.5
+    y[copies] = np.where(rng.random(copies.sum()) < 0.4, 1 - y[copies], y[copies])  # copies: noisy labels
+    mc = RunConfig().model
+    mc.gbm_max_iter, mc.gbm_learning_rate, mc.gbm_max_leaf_nodes, mc.gbm_min_samples_leaf = 150, 0.3, 8, 5
+    stop = stopping_fold(1, folds)
+    held = folds == stop
+    inner = HistGradientBoostingClassifier(loss="log_loss", learning_rate=0.3, max_iter=150, max_leaf_nodes=8,
+                                           min_samples_leaf=5, l2_regularization=mc.gbm_l2,
+                                           early_stopping=False, random_state=0).fit(X[~held], y[~held])
+    staged = list(inner.staged_decision_function(X))
+
+    def best(rows):
+        return int(np.argmin([np.mean(np.logaddexp(0, d[rows]) - y[rows] * d[rows]) for d in staged])) + 1
+    clean, everything = best(held & ~copies), best(held)
+    assert clean != everything, "the data must tell the two rules apart"
+    clf = fit_gbm(X, y, mc, seed=0, stop_folds=folds, stop_fold=stop, copies=copies)
+    assert clf.n_iter_ == clean
+    assert fit_gbm(X, y, mc, seed=0, stop_folds=folds, stop_fold=stop).n_iter_ == everything
+    full = HistGradientBoostingClassifier(loss="log_loss", learning_rate=0.3, max_iter=clean, max_leaf_nodes=8,
+                                          min_samples_leaf=5, l2_regularization=mc.gbm_l2,
+                                          early_stopping=False, random_state=0).fit(X, y)
+    assert np.allclose(clf.decision_function(X), full.decision_function(X)), "the copies train"
+
+
 def test_tree_ensemble_refuses_broken_arrays():
     from sklearn.ensemble import HistGradientBoostingClassifier
     rng = np.random.default_rng(0)
