@@ -15,8 +15,8 @@ item matched either way (a substituted, dropped or added word is still a word of
 The vocabulary is per task: the normalised words of the task's expected texts in the training
 table (the same for every fold, so computed once), and at inference those training words plus the
 test table's (a single test clip must not get a vocabulary of its own words only, in which any
-answer would come back as the expected one). A transcript is cached per (clip, vocabulary) in
-<data>/cache/closed_v1_<model>.npz; a clip whose other ASR evidence is computed in the same run is
+answer would come back as the expected one). A transcript is cached per (clip, vocabulary, limit) in
+<data>/cache/closed_v2_<model>.npz; a clip whose other ASR evidence is computed in the same run is
 decoded from that pass's encoder output (asr_table(closed=...)), so the closed decode costs a
 decode, not another encoder pass. Features per row (`CLOSED_FEATURES`): exact match, word and
 phoneme edit rates of the closed transcript against the expected text.
