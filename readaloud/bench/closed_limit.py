@@ -26,7 +26,7 @@ MATTERS = ("exact_match", "word_edit_rate", "phone_edit_rate")
 def compare(backbone: str, rows, data: Path, threads: int) -> dict:
     """Seconds of closed decoding without and with the limit, and what the limit changed."""
     from ..audio import AudioError, load_audio
-    from ..whisper.asr import ClosedRequest, WhisperEvidence, text_comparison
+    from ..whisper.asr import ClosedRequest, WhisperEvidence, expected_texts, text_comparison
     from ..whisper.closed import clip_requests, task_words
     model = WhisperEvidence(backbone, threads=threads, workers=1)
     requests = clip_requests(rows, model, task_words(rows))
@@ -34,14 +34,13 @@ def compare(backbone: str, rows, data: Path, threads: int) -> dict:
     n = changed = loops = feature_changed = 0
     free_tokens = limited_tokens = 0
     examples = []
-    for name, task, text in zip(rows["filename"].astype(str), rows["task"].astype(str), rows["expected_text"]):
-        text = " ".join(str(text).split())
+    for name, task, text in zip(rows["filename"].astype(str), rows["task"].astype(str), expected_texts(rows)):
         try:
             encoded = model.encode([load_audio(data / name)])
         except AudioError:
             continue
         limited = requests[name, task]
-        free = ClosedRequest("free", limited.suppress, model.settings.max_length)
+        free = ClosedRequest(limited.vocabulary, limited.suppress, model.settings.max_length)
         t = time.perf_counter()
         a = model.closed_decode(encoded, free)[0]
         free_s += time.perf_counter() - t

@@ -113,12 +113,16 @@ class ClipDecode:
 
 @dataclass(frozen=True)
 class ClosedRequest:
-    """A closed-vocabulary decode asked of one clip (whisper/closed.py builds them): `key` names the
-    vocabulary and the length limit (the transcript's cache key), `suppress` the ids it may not
-    write, `max_length` CTranslate2's limit for it."""
-    key: str
+    """A closed-vocabulary decode asked of one clip (whisper/closed.py builds them): `vocabulary`
+    names the allowed words, `suppress` the ids it may not write, `max_length` CTranslate2's limit
+    for it; `key`, both names together, is the transcript's cache key."""
+    vocabulary: str
     suppress: list[int]
     max_length: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.vocabulary}.L{self.max_length}"
 
 
 @dataclass
@@ -252,13 +256,13 @@ class WhisperEvidence:
         same logits: bit for bit (tests/test_closed_vocab.py)."""
         if not decode.text_only or len(decode.token_ids) + 1 > request.max_length // 2:
             return False
-        if request.key not in self._closed_allowed:
+        if request.vocabulary not in self._closed_allowed:   # one mask per vocabulary, whatever the limits
             mask = np.ones(self.tokenizer.get_vocab_size(), bool)
             mask[np.asarray(request.suppress, np.int64)] = False
             # a token the open decode could never write is allowed in the closed one: no shortcut
             exact = not mask[[t for t in self.default_suppressed if t < mask.size]].any()
-            self._closed_allowed[request.key] = mask if exact else None
-        mask = self._closed_allowed[request.key]
+            self._closed_allowed[request.vocabulary] = mask if exact else None
+        mask = self._closed_allowed[request.vocabulary]
         return mask is not None and bool(mask[decode.token_ids].all()) and bool(mask[self.eot])
 
     def closed_decode(self, encoded, request: ClosedRequest) -> list[str]:
@@ -530,6 +534,11 @@ def asr_cache_path(data_dir: str | Path, model: WhisperEvidence) -> Path:
     return cache_dir(data_dir) / f"asr_v{ASR_VERSION}_{model.identity}.npz"
 
 
+def expected_texts(meta: pd.DataFrame) -> list[str]:
+    """Each row's expected_text with its whitespace collapsed ("" where missing): how rows are keyed."""
+    return ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
+
+
 def row_key(filename: str, expected: str) -> str:
     return f"{filename}\t{' '.join(str(expected).split())}"
 
@@ -606,7 +615,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         if column not in meta.columns:
             raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
     names = meta["filename"].astype(str).tolist()
-    texts = ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
+    texts = expected_texts(meta)
     keys = [row_key(n, t) for n, t in zip(names, texts)]
     known = read_asr_cache(Path(cache)) if cache is not None else AsrCache()
     todo: dict[str, list[str]] = {}

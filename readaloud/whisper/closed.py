@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ..audio import AudioError, load_audio
 from ..features import merge_npz_cache, read_npz_cache
 from ..layout import cache_dir
-from .asr import AsrTable, ClosedRequest, WhisperEvidence, text_comparison
+from .asr import AsrTable, ClosedRequest, WhisperEvidence, expected_texts, text_comparison
 from .normalise import normalise_tokens, surface_words
 
 log = logging.getLogger("readaloud")
@@ -159,10 +159,6 @@ def _vocab_keys(meta: pd.DataFrame, words: dict[str, list[str]]) -> tuple[dict[s
     return words, {task: vocabulary_key(w) for task, w in words.items()}
 
 
-def _row_texts(meta: pd.DataFrame) -> list[str]:
-    return ["" if pd.isna(t) else " ".join(str(t).split()) for t in meta["expected_text"]]
-
-
 def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]]
                   ) -> dict[tuple[str, str], ClosedRequest]:
     """{(filename, task): its ClosedRequest} of every row with an expected text: the task's
@@ -170,7 +166,7 @@ def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, l
     longest text the clip has in that task."""
     words, vocab_keys = _vocab_keys(meta, words)
     texts: dict[tuple[str, str], list[str]] = {}
-    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), _row_texts(meta)):
+    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), expected_texts(meta)):
         if text:
             texts.setdefault((name, task), []).append(text)
     suppress: dict[str, list[int]] = {}
@@ -179,7 +175,7 @@ def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, l
         if task not in suppress:
             suppress[task] = suppressed_tokens(model, allowed_tokens(model, words[task]))
         limit = closed_max_length(model, clip_texts)
-        out[name, task] = ClosedRequest(f"{vocab_keys[task]}.L{limit}", suppress[task], limit)
+        out[name, task] = ClosedRequest(vocab_keys[task], suppress[task], limit)
     return out
 
 
@@ -207,7 +203,7 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     requests = clip_requests(meta, model, words)
     names = meta["filename"].astype(str).tolist()
     tasks = meta["task"].astype(str).tolist()
-    texts = _row_texts(meta)
+    texts = expected_texts(meta)
     known = read_closed_cache(Path(cache)) if cache is not None else ClosedCache()
     found = dict(known.transcripts)
     todo = [item for item, request in requests.items() if _key(item[0], request.key) not in found]
