@@ -72,6 +72,8 @@ class ModelConfig:
                                       # trees see clips the Whisper ear mishears (prep/ear_augment.py); 0 = none
     asr_closed_vocab: bool = False    # gbm with asr: also a greedy decode that may write only the task's words,
                                       # compared with the expected text (whisper/closed.py); model6asr sets it
+    asr_closed_logp: bool = False     # gbm with the closed vocabulary: also the closed transcript's teacher-forced
+                                      # log p and the expected text's margin over it (whisper/closed.py)
 
 
 @dataclass

@@ -101,6 +101,50 @@ def test_the_trees_table_gets_a_closed_block_per_backbone():
     assert len(plain.names) > 2 * len(FEATURE_NAMES)
 
 
+def test_the_closed_log_p_is_the_teacher_forced_log_p_of_the_closed_tokens(tiny, digit_clips, tmp_path):
+    """closed_table's log p columns: mean and sum of the closed transcript's tokens teacher-forced on
+    the clip (computed here directly from the encoder output), NaN for an unreadable clip; a wrong
+    expected text is less likely than the closed transcript (margin < 0), a right one not by much."""
+    from readaloud.audio import load_audio
+    from readaloud.whisper import asr, closed
+    folder, meta, words = digit_clips
+    table = closed.closed_table(meta, folder, tiny, words, tmp_path / "closed.npz", progress=False)
+    col = {n: table.X[:, k] for k, n in enumerate(closed.TABLE_COLUMNS)}
+    requests = closed.clip_requests(meta, tiny, words)
+    for row, name in enumerate(meta["filename"][:3]):
+        encoded = tiny.encode([load_audio(folder / name)])
+        ids = tiny.closed_sequences(encoded, requests[name, "digit_span"])[0]
+        assert tiny.tokenizer.decode(ids).strip() == table.transcripts[row] and ids
+        lp = tiny.token_logprobs(np.asarray(encoded), [0], [ids])[0]
+        assert col["closed_mean_logp"][row] == pytest.approx(lp.mean(), abs=1e-5)
+        assert col["closed_sum_logp"][row] == pytest.approx(lp.sum(), abs=1e-5)
+    assert np.isnan(table.X[3]).all()
+    model_table = asr.asr_table(meta, folder, tiny, None, progress=False)
+    block = closed.closed_logp_block(model_table, table)
+    margin = dict(zip(closed.CLOSED_LOGP_NAMES, block.T))["closed_margin_sum_logp"]
+    exp_sum = model_table.X[:, asr.FEATURE_NAMES.index("exp_sum_logp")]
+    np.testing.assert_allclose(margin[:3], exp_sum[:3] - col["closed_sum_logp"][:3], rtol=1e-6)
+    assert margin[1] < margin[0] - 1, "'seven five nine' for 'seven two nine': far less likely"
+    assert np.isnan(block[3]).all()
+
+
+def test_the_closed_log_p_block_is_opt_in_and_needs_the_closed_vocabulary():
+    from readaloud.config import ConfigError, ModelConfig
+    from readaloud.members.gbm import FeatureLayout
+    from readaloud.whisper.closed import CLOSED_LOGP_NAMES
+    mc = ModelConfig(arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
+                     asr_closed_vocab=True)
+    closed_only = FeatureLayout.of(mc)
+    mc.asr_closed_logp = True
+    with_logp = FeatureLayout.of(mc)
+    assert not closed_only.closed_logp and with_logp.closed_logp
+    added = with_logp.names[len(closed_only.names) - 2:-2]   # before the task and grade codes
+    assert added == [f"asr_{b}_{n}" for b in ("whisper-tiny.en", "whisper-base") for n in CLOSED_LOGP_NAMES]
+    mc.asr_closed_vocab = False
+    with pytest.raises(ConfigError, match="asr_closed_vocab"):
+        FeatureLayout.of(mc)
+
+
 def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(tiny, digit_clips, tmp_path,
                                                                                monkeypatch):
     """gbm.asr_evidence with words: the closed transcripts come out of the ASR evidence pass (no second
@@ -130,7 +174,7 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
 
 
 def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
-    """train.py + infer.py with --asr_closed_vocab true on a tiny demo set: the folds save the
+    """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true on a tiny demo set: the folds save the
     training vocabulary and read the closed block, the ear copies get it too, and every test row is
     scored; the test clips' closed decodes use the training words plus the test table's."""
     import json
@@ -144,7 +188,7 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
     run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
     options = ["--asr_backbones", "whisper-tiny.en", "--gbm_min_samples_leaf", "4", "--gbm_ear_copies", "1",
-               "--asr_closed_vocab", "true"]
+               "--asr_closed_vocab", "true", "--asr_closed_logp", "true"]
     run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
                "--models", "model6asr", "--jobs", 1, *options)
     run_script(root, "get_config.py", "--data", data, "--assets", assets)
@@ -152,7 +196,8 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     train_meta = pd.read_csv(data / "train_metadata.csv")
     words = json.loads(ck["closed_words"])
     assert words == closed.task_words(train_meta)
-    assert sum("closed_" in n for n in ck["feature_names"]) == len(closed.CLOSED_FEATURE_NAMES)
+    assert sum("closed_" in n for n in ck["feature_names"]) == len(closed.CLOSED_FEATURE_NAMES) + len(
+        closed.CLOSED_LOGP_NAMES)
     model = gbm.evidence_model("whisper-tiny.en")
     for folder in (data, copies_dir(data, EarAugment())):
         assert closed.read_closed_cache(closed.closed_cache_path(folder, model)).transcripts, folder
@@ -179,8 +224,8 @@ def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny
     from readaloud.whisper.closed import allowed_tokens, suppressed_tokens, vocabulary_key
     folder, _, words = digit_clips
     decoded = []
-    real = tiny.closed_decode
-    monkeypatch.setattr(tiny, "closed_decode", lambda enc, req: decoded.append(1) or real(enc, req))
+    real_sequences = tiny.closed_sequences
+    monkeypatch.setattr(tiny, "closed_sequences", lambda enc, req: decoded.append(1) or real_sequences(enc, req))
     for name, text in [("a.wav", "seven two nine"), ("b.wav", "four one")]:
         audio = load_audio(folder / name)
         (open_decode,), _ = tiny.evidence([audio], [[text]])
@@ -191,7 +236,8 @@ def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny
             request = ClosedRequest(vocabulary_key(vocabulary + [str(t) for t in extra]), suppress, max_length)
             decoded.clear()
             (decode,), _ = tiny.evidence([audio], [[text]], closed=[request])
-            return decode.closed[request.key], real(tiny.encode([audio]), request)[0]
+            full = tiny.tokenizer.decode(real_sequences(tiny.encode([audio]), request)[0]).strip()
+            return decode.closed[request.key].text, full
 
         shortcut, full = closed_of(words["digit_span"], extra=open_decode.token_ids)
         assert decoded == [] and shortcut == full == open_decode.transcript, (shortcut, full)

@@ -37,8 +37,8 @@ from ..prep.ear_augment import EarAugment, ensure_copies
 from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
 from ..prep.prepare import TrainingInputs, ensure_clip_features
 from ..whisper import asr
-from ..whisper.closed import (CLOSED_FEATURE_NAMES, add_to_closed_cache, closed_cache_path, closed_table, merge_words,
-                              pending_requests, task_words)
+from ..whisper.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
+                              closed_logp_block, closed_table, merge_words, pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
@@ -205,6 +205,7 @@ class FeatureLayout:
     alignment: bool
     asr_backbones: tuple[str, ...]
     closed: bool = False       # a block of closed-vocabulary features per backbone after the ASR blocks
+    closed_logp: bool = False  # then a block of the closed transcripts' log p and margins per backbone
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -220,26 +221,41 @@ class FeatureLayout:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--model.asr_backbones {mc.asr_backbones!r}: two backbones share the name of "
                               f"their feature block ({', '.join(labels)})")
-        return cls("alignment" in kinds, backbones, bool(mc.asr_closed_vocab))
+        if mc.asr_closed_logp and not mc.asr_closed_vocab:
+            raise ConfigError("--model.asr_closed_logp true needs --model.asr_closed_vocab true (the log p is the "
+                              "closed transcript's)")
+        return cls("alignment" in kinds, backbones, bool(mc.asr_closed_vocab), bool(mc.asr_closed_logp))
 
     @property
     def names(self) -> list[str]:
         asr_names = [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in asr.FEATURE_NAMES]
         if self.closed:
             asr_names += [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in CLOSED_FEATURE_NAMES]
+        if self.closed_logp:
+            asr_names += [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in CLOSED_LOGP_NAMES]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
               asr_tables: list[asr.AsrTable]) -> tuple[np.ndarray, np.ndarray]:
-        """[len(meta), len(names)] and the rows every block could be computed for."""
+        """[len(meta), len(names)] and the rows every block could be computed for. `asr_tables`: the
+        ASR evidence of each backbone, then (closed) each backbone's closed_table."""
         blocks, ok = [], np.ones(len(meta), bool)
         if self.alignment:
             A, a_ok = acoustic
             blocks.append(np.asarray(A, np.float64))
             ok &= a_ok
-        for table in asr_tables:
+        n = len(self.asr_backbones)
+        open_tables, closed_tables = asr_tables[:n], asr_tables[n:]
+        if len(closed_tables) != (n if self.closed else 0):
+            raise ValueError(f"{len(asr_tables)} ASR tables for {n} backbones (closed block: {self.closed})")
+        for table in open_tables:
             blocks.append(table.X.astype(np.float64))
             ok &= table.ok
+        for table in closed_tables:
+            blocks.append(table.X[:, :len(CLOSED_FEATURE_NAMES)].astype(np.float64))
+            ok &= table.ok
+        if self.closed_logp:
+            blocks += [closed_logp_block(o, c) for o, c in zip(open_tables, closed_tables)]
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
 

@@ -100,13 +100,23 @@ class AsrSettings:
 
 
 @dataclass
+class ClosedTranscript:
+    """A closed-vocabulary transcript (whisper/closed.py) and the teacher-forced log p of its tokens
+    on the same encoder output (softmax over text tokens, as tr_mean_logp; NaN: empty transcript):
+    how sure Whisper is of the nearest task words it could write."""
+    text: str
+    mean_logp: float = float("nan")
+    sum_logp: float = float("nan")
+
+
+@dataclass
 class ClipDecode:
     """What the greedy decode says about one clip (independent of any expected text)."""
     transcript: str
     token_ids: list[int]
     stats: dict[str, float]
-    closed: dict[str, str] = field(default_factory=dict)  # vocabulary key -> closed-vocabulary transcript
-                                                          # (whisper/closed.py; cached there, not here)
+    closed: dict[str, ClosedTranscript] = field(default_factory=dict)  # request key -> closed transcript
+                                                                       # (whisper/closed.py; cached there)
     text_only: bool = False   # decoded in this pass and every token written was text (no token past end of
                               # text): token_ids is the whole sequence, so closed_equals_open may judge it
 
@@ -265,13 +275,23 @@ class WhisperEvidence:
         mask = self._closed_allowed[request.vocabulary]
         return mask is not None and bool(mask[decode.token_ids].all()) and bool(mask[self.eot])
 
-    def closed_decode(self, encoded, request: ClosedRequest) -> list[str]:
-        """Greedy transcripts of encoded clips that never write a suppressed token and stop at the
-        request's length limit (whisper/closed.py)."""
+    def closed_sequences(self, encoded, request: ClosedRequest) -> list[list[int]]:
+        """Greedy token ids (text only) of encoded clips that never write a suppressed token and stop
+        at the request's length limit (whisper/closed.py)."""
         results = self.model.generate(encoded, [self.prompt] * encoded.shape[0], beam_size=1,
                                       max_length=min(request.max_length, self.settings.max_length),
                                       suppress_tokens=request.suppress, suppress_blank=True)
-        return [self.tokenizer.decode([t for t in r.sequences_ids[0] if t < self.eot]).strip() for r in results]
+        return [[t for t in r.sequences_ids[0] if t < self.eot] for r in results]
+
+    def closed_decode(self, encoded, request: ClosedRequest) -> list[str]:
+        """The closed transcripts of encoded clips (closed_sequences as text)."""
+        return [self.tokenizer.decode(ids).strip() for ids in self.closed_sequences(encoded, request)]
+
+    def closed_transcripts(self, encoded: np.ndarray, rows: list[int],
+                           sequences: list[list[int]]) -> list[ClosedTranscript]:
+        """ClosedTranscript of each closed token sequence, teacher-forced on encoder output rows[k]."""
+        logps = self.token_logprobs(encoded, rows, sequences)
+        return [closed_transcript(self.tokenizer.decode(ids).strip(), lp) for ids, lp in zip(sequences, logps)]
 
     def token_logprobs(self, encoded: np.ndarray, rows: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
         """Teacher-forced log p of each token sequence given encoder output row rows[k]. A (row,
@@ -347,24 +367,30 @@ class WhisperEvidence:
                 ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[need]))
             for i, d in zip(need, self.decode(sub)):
                 decodes[i] = d
+        closed_seqs: dict[tuple[int, str], list[int]] = {}   # (clip, request key) -> closed token ids
         for key in dict.fromkeys(c.key for c in closed if c is not None):
             idx = [i for i, c in enumerate(closed) if c is not None and c.key == key]
             request = closed[idx[0]]
             same = [i for i in idx if self.closed_equals_open(request, decodes[i])]
-            for i in same:
-                decodes[i].closed[key] = decodes[i].transcript
+            closed_ids = {i: decodes[i].token_ids for i in same}
             idx = [i for i in idx if i not in same]
-            if not idx:
-                continue
-            sub = encoded_view if len(idx) == len(audios) else \
-                ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[idx]))
-            for i, transcript in zip(idx, self.closed_decode(sub, request)):
-                decodes[i].closed[key] = transcript
+            if idx:
+                sub = encoded_view if len(idx) == len(audios) else \
+                    ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[idx]))
+                closed_ids.update(zip(idx, self.closed_sequences(sub, request)))
+            closed_seqs.update(((i, key), ids) for i, ids in closed_ids.items())
+        # one teacher-forced pass: (clip, what) -> token ids, what = None (the transcript's own tokens),
+        # a closed request key, or an ExpectedRendering; a closed sequence equal to the transcript is
+        # aligned once (token_logprobs)
         rows, sequences, plans = [], [], []
         for i in need:                        # the transcript's own log p, once per decoded clip
             rows.append(i)
             sequences.append(decodes[i].token_ids)
             plans.append(None)
+        for (i, key), ids in closed_seqs.items():
+            rows.append(i)
+            sequences.append(ids)
+            plans.append(key)
         for i, clip_texts in enumerate(texts):
             for text in clip_texts:
                 plan = ExpectedRendering.build(text, decodes[i].transcript, self)
@@ -376,9 +402,11 @@ class WhisperEvidence:
             if plan is None:
                 decodes[i].stats.update(tr_mean_logp=float(lp.mean()) if lp.size else np.nan,
                                         tr_sum_logp=float(lp.sum()) if lp.size else np.nan)
+            elif isinstance(plan, str):
+                decodes[i].closed[plan] = closed_transcript(self.tokenizer.decode(closed_seqs[i, plan]).strip(), lp)
         out: list[list[RowEvidence]] = [[] for _ in audios]
         for i, lp, plan in zip(rows, logps, plans):
-            if plan is not None:
+            if isinstance(plan, ExpectedRendering):
                 out[i].append(row_evidence(plan, lp, decodes[i]))
         return decodes, out
 
@@ -498,6 +526,12 @@ def text_comparison(expected: str, transcript: str) -> dict[str, float]:
             "n_expected_words": float(len(e)), "len_diff": float(len(t) - len(e))}
 
 
+def closed_transcript(text: str, logp: np.ndarray) -> ClosedTranscript:
+    """A closed transcript with the mean and sum of its tokens' teacher-forced log p."""
+    return ClosedTranscript(text, float(logp.mean()) if logp.size else np.nan,
+                            float(logp.sum()) if logp.size else np.nan)
+
+
 def row_evidence(plan: ExpectedRendering, logp: np.ndarray, decode: ClipDecode) -> RowEvidence:
     """Features and per-word log p from the teacher-forced log p of a rendering's tokens."""
     n_text = sum(len(ids) for ids in plan.piece_ids)
@@ -597,7 +631,7 @@ def add_to_asr_cache(path: Path, new: AsrCache) -> None:
 def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, cache: str | Path | None = None,
               batch_size: int | None = None, progress: bool = True, flush_every: int = 256,
               closed: dict[str, ClosedRequest] | None = None,
-              on_closed: Callable[[dict[tuple[str, str], str]], None] | None = None) -> AsrTable:
+              on_closed: Callable[[dict[tuple[str, str], ClosedTranscript]], None] | None = None) -> AsrTable:
     """Evidence for every row of a metadata table (filename, expected_text), in its order.
 
     Rows known to `cache` (asr_cache_path) are read back; the rest are computed in batches of
@@ -608,7 +642,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
 
     `closed`: {filename: ClosedRequest} of clips that also want a closed-vocabulary transcript
     (whisper/closed.py); those this call encodes anyway are decoded from the same encoder output
-    and handed to `on_closed` as {(filename, request key): transcript} at every flush (the closed
+    and handed to `on_closed` as {(filename, request key): ClosedTranscript} at every flush (the closed
     cache lives in closed.py).
     """
     for column in ("filename", "expected_text"):
@@ -628,7 +662,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     found_rows = dict(known.rows)
     fresh = AsrCache()
     closed = closed or {}
-    closed_fresh: dict[tuple[str, str], str] = {}
+    closed_fresh: dict[tuple[str, str], ClosedTranscript] = {}
     clip_names = list(todo)
     batch_size = batch_size or model.batch_size
     chunks = [clip_names[start: start + batch_size] for start in range(0, len(clip_names), batch_size)]

@@ -19,7 +19,11 @@ answer would come back as the expected one). A transcript is cached per (clip, v
 <data>/cache/closed_v2_<model>.npz; a clip whose other ASR evidence is computed in the same run is
 decoded from that pass's encoder output (asr_table(closed=...)), so the closed decode costs a
 decode, not another encoder pass. Features per row (`CLOSED_FEATURES`): exact match, word and
-phoneme edit rates of the closed transcript against the expected text.
+phoneme edit rates of the closed transcript against the expected text, and (`CLOSED_LOGP_FEATURES`,
+opt-in: model.asr_closed_logp) how sure Whisper is of the closed transcript: the teacher-forced log p
+of its tokens and the expected text's margin over it. A voice Whisper cannot place gets a closed
+transcript it is unsure of, so a mismatch there proves less than one it writes with confidence, and
+an expected text nearly as likely as the closed transcript is nearly as good an account of the audio.
 
 A restricted vocabulary traps Whisper in loops: with no way to say what it hears, it repeats
 words up to the length limit ("8, 1, 3, 2, 5, 8, 1, 3, 2, 5, ..." for "eight one three two"; on the
@@ -44,17 +48,27 @@ from tqdm.auto import tqdm
 from ..audio import AudioError, load_audio
 from ..features import merge_npz_cache, read_npz_cache
 from ..layout import cache_dir
-from .asr import AsrTable, ClosedRequest, WhisperEvidence, expected_texts, text_comparison
+from .asr import (FEATURE_NAMES, AsrTable, ClosedRequest, ClosedTranscript, WhisperEvidence, expected_texts,
+                  text_comparison)
 from .normalise import normalise_tokens, surface_words
 
 log = logging.getLogger("readaloud")
-CLOSED_VERSION = 2   # 2: closed decodes stop at closed_max_length
+CLOSED_VERSION = 3   # 2: closed decodes stop at closed_max_length; 3: with their tokens' log p
 CLOSED_FEATURES: dict[str, str] = {
     "closed_exact_match": "1 if the closed-vocabulary transcript equals the normalised expected text",
     "closed_word_edit_rate": "word edit distance of the closed transcript / expected words",
     "closed_phone_edit_rate": "espeak-phoneme edit distance of the closed transcript / expected phonemes",
 }
 CLOSED_FEATURE_NAMES = list(CLOSED_FEATURES)
+CLOSED_LOGP_FEATURES: dict[str, str] = {
+    "closed_mean_logp": "teacher-forced mean log p of the closed transcript's tokens (NaN: empty transcript)",
+    "closed_sum_logp": "sum of the closed transcript tokens' log p",
+    "closed_margin_mean_logp": "exp_mean_logp - closed_mean_logp: how much less likely the expected text is "
+                               "than the task words Whisper heard",
+    "closed_margin_sum_logp": "exp_sum_logp - closed_sum_logp",
+}
+CLOSED_LOGP_NAMES = list(CLOSED_LOGP_FEATURES)
+TABLE_COLUMNS = CLOSED_FEATURE_NAMES + ["closed_mean_logp", "closed_sum_logp"]   # closed_table's X
 MARKS = (",", ".")
 LOOP_TOKENS = (4, 8)   # a closed decode writes at most 4 x its expected text's tokens + 8
 _EDGE_PUNCTUATION = "\"'.,;:!?()[]{}-"
@@ -116,32 +130,39 @@ def _key(filename: str, vocab_key: str) -> str:
 
 @dataclass
 class ClosedCache:
-    transcripts: dict[str, str] = field(default_factory=dict)
+    transcripts: dict[str, ClosedTranscript] = field(default_factory=dict)
 
 
 def _parse(z) -> ClosedCache:
-    keys, texts = z["keys"].tolist(), z["transcripts"].tolist()
-    if len(keys) != len(texts):
-        raise ValueError(f"{len(keys)} keys for {len(texts)} transcripts")
-    return ClosedCache(dict(zip(keys, texts)))
+    keys, texts, logp = z["keys"].tolist(), z["transcripts"].tolist(), z["logp"]
+    if len(keys) != len(texts) or logp.shape != (len(keys), 2):
+        raise ValueError(f"{len(keys)} keys for {len(texts)} transcripts and log p of shape {logp.shape}")
+    return ClosedCache({k: ClosedTranscript(t, float(m), float(s)) for k, t, (m, s) in zip(keys, texts, logp)})
 
 
 def read_closed_cache(path: Path) -> ClosedCache:
     return read_npz_cache(path, _parse, "closed-vocabulary cache") or ClosedCache()
 
 
-def add_to_closed_cache(path: Path, new: dict[tuple[str, str], str]) -> None:
-    """Merge {(filename, request key): transcript} into the cache file (under its lock, atomically)."""
+def _cache_arrays(table: ClosedCache) -> dict[str, np.ndarray]:
+    values = list(table.transcripts.values())
+    return dict(keys=np.array(list(table.transcripts), dtype=str),
+                transcripts=np.array([c.text for c in values], dtype=str),
+                logp=np.array([[c.mean_logp, c.sum_logp] for c in values], np.float64).reshape(len(values), 2))
+
+
+def add_to_closed_cache(path: Path, new: dict[tuple[str, str], ClosedTranscript]) -> None:
+    """Merge {(filename, request key): ClosedTranscript} into the cache file (under its lock, atomically)."""
     new = {_key(name, vocab): transcript for (name, vocab), transcript in new.items()}
-    merge_npz_cache(path, read_closed_cache, lambda table: table.transcripts.update(new),
-                    lambda table: dict(keys=np.array(list(table.transcripts), dtype=str),
-                                       transcripts=np.array(list(table.transcripts.values()), dtype=str)))
+    merge_npz_cache(path, read_closed_cache, lambda table: table.transcripts.update(new), _cache_arrays)
 
 
-def closed_decode(model: WhisperEvidence, audio: np.ndarray, request: ClosedRequest) -> str:
-    """The closed transcript of one clip (its own encoder pass: for clips whose other ASR evidence
-    was cached before)."""
-    return model.closed_decode(model.encode([audio]), request)[0]
+def closed_decode(model: WhisperEvidence, audio: np.ndarray, request: ClosedRequest) -> ClosedTranscript:
+    """The closed transcript of one clip and its tokens' log p (its own encoder pass: for clips whose
+    other ASR evidence was cached before)."""
+    encoded = model.encode([audio])
+    ids = model.closed_sequences(encoded, request)
+    return model.closed_transcripts(np.asarray(encoded), [0], ids)[0]
 
 
 def closed_max_length(model: WhisperEvidence, texts: list[str]) -> int:
@@ -194,7 +215,8 @@ def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str
 def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
                  words: dict[str, list[str]], cache: str | Path | None = None, progress: bool = True,
                  flush_every: int = 256) -> AsrTable:
-    """CLOSED_FEATURES of every row of `meta` (filename, task, expected_text), each clip decoded
+    """TABLE_COLUMNS (CLOSED_FEATURES, then the closed transcript's mean and sum log p) of every row
+    of `meta` (filename, task, expected_text), each clip decoded
     once per vocabulary of its rows' tasks (`words`; a task missing there gets its rows' own words);
     computed transcripts are added to `cache` every `flush_every` clips."""
     for column in ("filename", "task", "expected_text"):
@@ -208,7 +230,7 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     found = dict(known.transcripts)
     todo = [item for item, request in requests.items() if _key(item[0], request.key) not in found]
 
-    def decode(item: tuple[str, str]) -> str | None:
+    def decode(item: tuple[str, str]) -> ClosedTranscript | None:
         name, task = item
         try:
             audio = load_audio(Path(audio_dir) / name)
@@ -217,7 +239,7 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
             return None
         return closed_decode(model, audio, requests[item])
 
-    fresh: dict[tuple[str, str], str] = {}
+    fresh: dict[tuple[str, str], ClosedTranscript] = {}
     for (name, task), transcript in tqdm(zip(todo, model.map_clips(decode, todo)), total=len(todo),
                                          desc=f"closed-vocabulary decode ({model.name})", unit="clip",
                                          disable=not progress or not todo):
@@ -230,14 +252,25 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
             fresh = {}
     if cache is not None and fresh:
         add_to_closed_cache(Path(cache), fresh)
-    X = np.full((len(meta), len(CLOSED_FEATURE_NAMES)), np.nan, np.float32)
+    X = np.full((len(meta), len(TABLE_COLUMNS)), np.nan, np.float32)
     ok = np.zeros(len(meta), bool)
     transcripts = [""] * len(meta)
     for row, (name, task, text) in enumerate(zip(names, tasks, texts)):
         transcript = found.get(_key(name, requests[name, task].key)) if text else None
         if transcript is None:
             continue
-        c = text_comparison(text, transcript)
-        X[row] = [c["exact_match"], c["word_edit_rate"], c["phone_edit_rate"]]
-        ok[row], transcripts[row] = True, transcript
+        c = text_comparison(text, transcript.text)
+        X[row] = [c["exact_match"], c["word_edit_rate"], c["phone_edit_rate"], transcript.mean_logp,
+                  transcript.sum_logp]
+        ok[row], transcripts[row] = True, transcript.text
     return AsrTable(X, ok, transcripts, [[] for _ in range(len(meta))])
+
+
+def closed_logp_block(open_table: AsrTable, closed: AsrTable) -> np.ndarray:
+    """[rows, len(CLOSED_LOGP_NAMES)] from one backbone's ASR evidence and closed table (same rows):
+    the closed transcript's log p and the expected text's margin over it."""
+    exp_mean, exp_sum = (open_table.X[:, FEATURE_NAMES.index(n)].astype(np.float64)
+                         for n in ("exp_mean_logp", "exp_sum_logp"))
+    mean, total = (closed.X[:, TABLE_COLUMNS.index(n)].astype(np.float64)
+                   for n in ("closed_mean_logp", "closed_sum_logp"))
+    return np.column_stack([mean, total, exp_mean - mean, exp_sum - total])
