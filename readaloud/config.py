@@ -73,7 +73,8 @@ class ModelConfig:
     asr_closed_vocab: bool = False    # gbm with asr: also a greedy decode that may write only the task's words,
                                       # compared with the expected text (whisper/closed.py); model6asr sets it
     asr_closed_logp: bool = False     # gbm with the closed vocabulary: also the closed transcript's teacher-forced
-                                      # log p and the expected text's margin over it (whisper/closed.py)
+                                      # log p and the expected text's margin over it (whisper/closed.py;
+                                      # off with asr_closed_vocab off); model6asr sets it
 
 
 @dataclass

@@ -84,13 +84,18 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
 # 8-leaf trees (4 before): on the children's set OOF 0.2787 -> 0.2731 and test 0.254 -> 0.241 (ensemble
 # OOF 0.2300 -> 0.2261, test 0.223 -> 0.216); on both FSDD splits' cached features test 0.1178 -> 0.1085
 # and 0.1463 -> 0.1378, better for every held-out speaker (README: model6asr's trees).
+# The closed transcript's log p (asr_closed_logp): how sure Whisper is of the task words it could write,
+# and how far below them the expected text is. FSDD nicolas held out 0.2228 -> 0.2005 (ensemble 0.1648 ->
+# 0.1606); new words nicolas 0.2451 -> 0.2352 (ensemble 0.2804 -> 0.2426), yweweler 0.1839 -> 0.1796
+# (0.1705 -> 0.1591); children 0.2410 -> 0.2408 (ensemble 0.2161 -> 0.2156; OOF 0.2731 -> 0.2758)
+# (README: the closed transcript's log p).
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
          "base (transcript vs expected text, teacher-forced log p; whisper/asr.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "
-         "a transcript decoded over the task's words only",
+         "a transcript decoded over the task's words only, and how sure Whisper is of it",
          arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
          gbm_max_leaf_nodes=8, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, gbm_ear_copies=1,
-         asr_closed_vocab=True, seed=6)
+         asr_closed_vocab=True, asr_closed_logp=True, seed=6)
 register("model7whisper", "pair classifier on the pretrained Whisper tiny.en encoder (2nd place's design): conv stem "
          "+ lowest 3 of 4 layers frozen and run once per half (each at positions from 0), cached in float16; the "
          "top layer sees [TTS | pause | response]; attention + mean pooling, 2-layer head",

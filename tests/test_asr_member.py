@@ -26,7 +26,7 @@ from readaloud.members.registry import member_named
 from readaloud.prep.ear_augment import EarAugment, copies_dir
 from readaloud.variants import variant_config
 from readaloud.whisper import asr
-from readaloud.whisper.closed import CLOSED_FEATURE_NAMES
+from readaloud.whisper.closed import CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES
 
 BACKBONE = "whisper-tiny.en"
 OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4",  # 10 training clips a fold: let trees split
@@ -79,7 +79,9 @@ def test_feature_layout_of_configs():
     layout = gbm.FeatureLayout.of(variant_config("model6asr").model)
     assert layout.alignment and layout.asr_backbones == ("whisper-tiny.en", "whisper-base")
     assert layout.closed, "model6asr decodes over the task's words by default"
-    assert len(layout.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) + 2 * len(CLOSED_FEATURE_NAMES)
+    assert layout.closed_logp, "and reads how sure Whisper is of the closed transcript"
+    assert len(layout.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) + 2 * len(CLOSED_FEATURE_NAMES) \
+        + 2 * len(CLOSED_LOGP_NAMES)
     assert layout.names[-2:] == ["task_code", "grade_code"] and "asr_whisper-base_exact_match" in layout.names
     without = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_closed_vocab": False}).model)
     assert not without.closed and len(without.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES)

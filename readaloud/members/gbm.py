@@ -221,10 +221,8 @@ class FeatureLayout:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--model.asr_backbones {mc.asr_backbones!r}: two backbones share the name of "
                               f"their feature block ({', '.join(labels)})")
-        if mc.asr_closed_logp and not mc.asr_closed_vocab:
-            raise ConfigError("--model.asr_closed_logp true needs --model.asr_closed_vocab true (the log p is the "
-                              "closed transcript's)")
-        return cls("alignment" in kinds, backbones, bool(mc.asr_closed_vocab), bool(mc.asr_closed_logp))
+        closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
+        return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp))
 
     @property
     def names(self) -> list[str]:
