@@ -16,6 +16,8 @@ window scored as well as 30 s at 4.5x the clips/s), the encoder run once, then
   agrees with the transcript after normalisation ("seven" / "7,", "kate" / "Kate"), Whisper's own
   spelling of that stretch is used, elsewhere the expected words as given (first letter of the
   sentence capitalised), then a sentence-final mark whose log p says whether the text ends there.
+- optionally (`ClosedRequest`, whisper/closed.py) a greedy decode over the task's words only, whose
+  tokens are teacher-forced in the same pass (`ClosedTranscript`).
 
 `FEATURES` lists the numbers and what each means. Per-word log p (the sum over a word's BPE tokens)
 is kept beside them for explanations. `asr_table` does a whole metadata table, batched, with a
