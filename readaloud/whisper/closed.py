@@ -15,12 +15,12 @@ item matched either way (a substituted, dropped or added word is still a word of
 The vocabulary is per task: the normalised words of the task's expected texts in the training
 table (the same for every fold, so computed once), and at inference those training words plus the
 test table's (a single test clip must not get a vocabulary of its own words only, in which any
-answer would come back as the expected one). A transcript is cached per (clip, vocabulary, limit) in
-<data>/cache/closed_v2_<model>.npz; a clip whose other ASR evidence is computed in the same run is
+answer would come back as the expected one). A transcript and its tokens' log p are cached per (clip,
+vocabulary, limit) in <data>/cache/closed_v3_<model>.npz; a clip whose other ASR evidence is computed in the same run is
 decoded from that pass's encoder output (asr_table(closed=...)), so the closed decode costs a
 decode, not another encoder pass. Features per row (`CLOSED_FEATURES`): exact match, word and
 phoneme edit rates of the closed transcript against the expected text, and (`CLOSED_LOGP_FEATURES`,
-opt-in: model.asr_closed_logp) how sure Whisper is of the closed transcript: the teacher-forced log p
+model.asr_closed_logp, model6asr's default) how sure Whisper is of the closed transcript: the teacher-forced log p
 of its tokens and the expected text's margin over it. A voice Whisper cannot place gets a closed
 transcript it is unsure of, so a mismatch there proves less than one it writes with confidence, and
 an expected text nearly as likely as the closed transcript is nearly as good an account of the audio.
