@@ -402,8 +402,7 @@ class WhisperEvidence:
         logps = self.token_logprobs(encoded, rows, sequences)
         for i, lp, plan in zip(rows, logps, plans):
             if plan is None:
-                decodes[i].stats.update(tr_mean_logp=float(lp.mean()) if lp.size else np.nan,
-                                        tr_sum_logp=float(lp.sum()) if lp.size else np.nan)
+                decodes[i].stats.update(zip(("tr_mean_logp", "tr_sum_logp"), mean_and_sum(lp)))
             elif isinstance(plan, str):
                 decodes[i].closed[plan] = closed_transcript(self.tokenizer.decode(closed_seqs[i, plan]).strip(), lp)
         out: list[list[RowEvidence]] = [[] for _ in audios]
@@ -528,10 +527,14 @@ def text_comparison(expected: str, transcript: str) -> dict[str, float]:
             "n_expected_words": float(len(e)), "len_diff": float(len(t) - len(e))}
 
 
+def mean_and_sum(logp: np.ndarray) -> tuple[float, float]:
+    """Mean and sum of a token sequence's log p (NaN, NaN for no tokens)."""
+    return (float(logp.mean()), float(logp.sum())) if logp.size else (np.nan, np.nan)
+
+
 def closed_transcript(text: str, logp: np.ndarray) -> ClosedTranscript:
     """A closed transcript with the mean and sum of its tokens' teacher-forced log p."""
-    return ClosedTranscript(text, float(logp.mean()) if logp.size else np.nan,
-                            float(logp.sum()) if logp.size else np.nan)
+    return ClosedTranscript(text, *mean_and_sum(logp))
 
 
 def row_evidence(plan: ExpectedRendering, logp: np.ndarray, decode: ClipDecode) -> RowEvidence:

@@ -68,7 +68,7 @@ CLOSED_LOGP_FEATURES: dict[str, str] = {
     "closed_margin_sum_logp": "exp_sum_logp - closed_sum_logp",
 }
 CLOSED_LOGP_NAMES = list(CLOSED_LOGP_FEATURES)
-TABLE_COLUMNS = CLOSED_FEATURE_NAMES + ["closed_mean_logp", "closed_sum_logp"]   # closed_table's X
+TABLE_COLUMNS = CLOSED_FEATURE_NAMES + CLOSED_LOGP_NAMES[:2]   # closed_table's X: the margins need the ASR table
 MARKS = (",", ".")
 LOOP_TOKENS = (4, 8)   # a closed decode writes at most 4 x its expected text's tokens + 8
 _EDGE_PUNCTUATION = "\"'.,;:!?()[]{}-"
