@@ -75,6 +75,9 @@ class ModelConfig:
     asr_closed_logp: bool = False     # gbm with the closed vocabulary: also the closed transcript's teacher-forced
                                       # log p and the expected text's margin over it (whisper/closed.py;
                                       # off with asr_closed_vocab off); model6asr sets it
+    asr_loop_features: bool = False   # gbm with asr: also how far each transcript (open, and closed with the
+                                      # closed vocabulary) loops and how near its best-matching start is to the
+                                      # expected text (whisper/loops.py)
 
 
 @dataclass

@@ -174,8 +174,8 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
 
 
 def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
-    """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true on a tiny demo set: the folds save the
-    training vocabulary and read the closed block, the ear copies get it too, and every test row is
+    """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true --asr_loop_features true on a tiny demo
+    set: the folds save the training vocabulary and read the closed and loop blocks, the ear copies get it too, and every test row is
     scored; the test clips' closed decodes use the training words plus the test table's."""
     import json
 
@@ -184,11 +184,12 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     from readaloud.members import gbm
     from readaloud.prep.ear_augment import EarAugment, copies_dir
     from readaloud.whisper import closed
+    from readaloud.whisper.loops import LOOP_FEATURE_NAMES
     data, assets, tts = tmp_path / "data", tmp_path / "assets", tmp_path / "tts"
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
     run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
     options = ["--asr_backbones", "whisper-tiny.en", "--gbm_min_samples_leaf", "4", "--gbm_ear_copies", "1",
-               "--asr_closed_vocab", "true", "--asr_closed_logp", "true"]
+               "--asr_closed_vocab", "true", "--asr_closed_logp", "true", "--asr_loop_features", "true"]
     run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
                "--models", "model6asr", "--jobs", 1, *options)
     run_script(root, "get_config.py", "--data", data, "--assets", assets)
@@ -197,7 +198,9 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     words = json.loads(ck["closed_words"])
     assert words == closed.task_words(train_meta)
     assert sum("closed_" in n for n in ck["feature_names"]) == len(closed.CLOSED_FEATURE_NAMES) + len(
-        closed.CLOSED_LOGP_NAMES)
+        closed.CLOSED_LOGP_NAMES) + len(LOOP_FEATURE_NAMES)
+    assert [n for n in ck["feature_names"] if n.endswith("loop_share")] == [
+        "asr_whisper-tiny.en_loop_share", "asr_whisper-tiny.en_closed_loop_share"], "loop features of both transcripts"
     model = gbm.evidence_model("whisper-tiny.en")
     for folder in (data, copies_dir(data, EarAugment())):
         assert closed.read_closed_cache(closed.closed_cache_path(folder, model)).transcripts, folder

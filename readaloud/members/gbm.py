@@ -40,6 +40,7 @@ from ..whisper import asr
 from ..whisper.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
                               closed_logp_block, closed_table, merge_words, pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES
+from ..whisper.loops import LOOP_FEATURE_NAMES, loop_block
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from .base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -206,6 +207,7 @@ class FeatureLayout:
     asr_backbones: tuple[str, ...]
     closed: bool = False       # a block of closed-vocabulary features per backbone after the ASR blocks
     closed_logp: bool = False  # then a block of the closed transcripts' log p and margins per backbone
+    loops: bool = False        # then the loop features (whisper/loops.py) of each open, then each closed, transcript
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -222,7 +224,8 @@ class FeatureLayout:
             raise ConfigError(f"--model.asr_backbones {mc.asr_backbones!r}: two backbones share the name of "
                               f"their feature block ({', '.join(labels)})")
         closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
-        return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp))
+        return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
+                   bool(mc.asr_loop_features))
 
     @property
     def names(self) -> list[str]:
@@ -231,6 +234,10 @@ class FeatureLayout:
             asr_names += [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in CLOSED_FEATURE_NAMES]
         if self.closed_logp:
             asr_names += [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in CLOSED_LOGP_NAMES]
+        if self.loops:
+            kinds = ("",) + (("closed_",) if self.closed else ())
+            asr_names += [f"asr_{backbone_label(b)}_{kind}{n}" for kind in kinds for b in self.asr_backbones
+                          for n in LOOP_FEATURE_NAMES]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
@@ -254,6 +261,9 @@ class FeatureLayout:
             ok &= table.ok
         if self.closed_logp:
             blocks += [closed_logp_block(o, c) for o, c in zip(open_tables, closed_tables)]
+        if self.loops:
+            texts = asr.expected_texts(meta)
+            blocks += [loop_block(texts, t.transcripts, t.ok) for t in open_tables + closed_tables]
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
 

@@ -24,6 +24,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+import numpy as np
+
 UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEENS = ["ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
          "eighteen", "nineteen"]
@@ -195,6 +197,24 @@ def edit_distance(a, b) -> int:
             current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (x != y)))
         previous = current
     return previous[-1]
+
+
+def prefix_edit_distances(a, b) -> np.ndarray:
+    """int64 [len(b) + 1]: the Levenshtein distance from `a` to each prefix b[:k], k = 0..len(b)
+    (its last entry is edit_distance(a, b), its minimum the distance to b's best-matching start).
+    One numpy row per element of `a`: an insertion chain along b is a running minimum of
+    (cost - position) + position, so long transcripts cost len(a) vector operations."""
+    codes: dict = {}
+    a_ids = np.array([codes.setdefault(x, len(codes)) for x in a], np.int64)
+    b_ids = np.array([codes.setdefault(y, len(codes)) for y in b], np.int64)
+    position = np.arange(len(b_ids) + 1, dtype=np.int64)
+    row = position.copy()
+    for i, x in enumerate(a_ids, 1):
+        best = np.empty_like(row)
+        best[0] = i
+        best[1:] = np.minimum(row[1:] + 1, row[:-1] + (b_ids != x))
+        row = np.minimum.accumulate(best - position) + position
+    return row
 
 
 def matched_pairs(a: list[str], b: list[str]) -> list[tuple[int, int]]:
