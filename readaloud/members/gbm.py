@@ -40,6 +40,7 @@ from ..whisper import asr
 from ..whisper.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
                               closed_logp_block, closed_table, merge_words, pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES
+from ..whisper.agreement import agreement_block, agreement_names
 from ..whisper.loops import LOOP_FEATURE_NAMES, loop_block
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
@@ -208,6 +209,7 @@ class FeatureLayout:
     closed: bool = False       # a block of closed-vocabulary features per backbone after the ASR blocks
     closed_logp: bool = False  # then a block of the closed transcripts' log p and margins per backbone
     loops: bool = False        # then the loop features (whisper/loops.py) of each open, then each closed, transcript
+    agreement: bool = False    # then how far the transcripts are apart (whisper/agreement.py)
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -225,7 +227,7 @@ class FeatureLayout:
                               f"their feature block ({', '.join(labels)})")
         closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
         return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
-                   bool(mc.asr_loop_features))
+                   bool(mc.asr_loop_features), bool(mc.asr_agreement))
 
     @property
     def names(self) -> list[str]:
@@ -238,6 +240,9 @@ class FeatureLayout:
             kinds = ("",) + (("closed_",) if self.closed else ())
             asr_names += [f"asr_{backbone_label(b)}_{kind}{n}" for kind in kinds for b in self.asr_backbones
                           for n in LOOP_FEATURE_NAMES]
+        if self.agreement:
+            asr_names += [f"asr_{n}" for n in agreement_names([backbone_label(b) for b in self.asr_backbones],
+                                                               self.closed)]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
@@ -264,6 +269,11 @@ class FeatureLayout:
         if self.loops:
             texts = asr.expected_texts(meta)
             blocks += [loop_block(texts, t.transcripts, t.ok) for t in open_tables + closed_tables]
+        if self.agreement:
+            blocks.append(agreement_block(
+                asr.expected_texts(meta), [t.transcripts for t in open_tables], [t.ok for t in open_tables],
+                [t.transcripts for t in closed_tables] if self.closed else None,
+                [t.ok for t in closed_tables] if self.closed else None))
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
 
