@@ -78,8 +78,6 @@ class ModelConfig:
     asr_loop_features: bool = False   # gbm with asr: also how far each transcript (open, and closed with the
                                       # closed vocabulary) loops and how near its best-matching start is to the
                                       # expected text (whisper/loops.py)
-    asr_agreement: bool = False       # gbm with asr: also how far apart the backbones' transcripts, and each
-                                      # one's open and closed transcripts, are (whisper/agreement.py)
 
 
 @dataclass

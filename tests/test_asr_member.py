@@ -81,7 +81,7 @@ def test_feature_layout_of_configs():
     assert layout.alignment and layout.asr_backbones == ("whisper-tiny.en", "whisper-base")
     assert layout.closed, "model6asr decodes over the task's words by default"
     assert layout.closed_logp, "and reads how sure Whisper is of the closed transcript"
-    assert layout.loops and not layout.agreement, "and how far its open and closed transcripts loop"
+    assert layout.loops, "and how far its open and closed transcripts loop"
     assert len(layout.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) + 2 * len(CLOSED_FEATURE_NAMES) \
         + 2 * len(CLOSED_LOGP_NAMES) + 4 * len(LOOP_FEATURE_NAMES)
     assert layout.names[-2:] == ["task_code", "grade_code"] and "asr_whisper-base_exact_match" in layout.names

@@ -68,7 +68,9 @@ def test_the_trees_table_gets_the_loop_features_of_each_transcript():
     open_tables = [_table(["7, 2, 2, 2, 2, 2, 2", "1."], [True, True]), _table(["7, 3", "one"], [True, False])]
     closed_tables = [AsrTable(np.zeros((2, len(TABLE_COLUMNS)), np.float32), np.array([True, True]), ["7, 2", "2"])
                      for _ in range(2)]
-    X, ok = layout.table(meta, ["digits"], None, open_tables + closed_tables)
+    X, ok = layout.table(meta, ["digits"], None, open_tables, closed_tables)
+    with pytest.raises(ValueError, match="closed tables"):
+        layout.table(meta, ["digits"], None, open_tables + closed_tables)
     assert X.shape == (2, len(layout.names)) and ok.tolist() == [True, False]
     column = {n: X[:, layout.names.index(n)] for n in added}
     assert column["asr_whisper-tiny.en_loop_share"][0] == pytest.approx(5 / 7)

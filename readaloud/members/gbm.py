@@ -40,7 +40,6 @@ from ..whisper import asr
 from ..whisper.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
                               closed_logp_block, closed_table, merge_words, pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES
-from ..whisper.agreement import agreement_block, agreement_names
 from ..whisper.loops import LOOP_FEATURE_NAMES, loop_block
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
@@ -209,7 +208,6 @@ class FeatureLayout:
     closed: bool = False       # a block of closed-vocabulary features per backbone after the ASR blocks
     closed_logp: bool = False  # then a block of the closed transcripts' log p and margins per backbone
     loops: bool = False        # then the loop features (whisper/loops.py) of each open, then each closed, transcript
-    agreement: bool = False    # then how far the transcripts are apart (whisper/agreement.py)
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -227,7 +225,7 @@ class FeatureLayout:
                               f"their feature block ({', '.join(labels)})")
         closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
         return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
-                   bool(mc.asr_loop_features), bool(mc.asr_agreement))
+                   bool(mc.asr_loop_features))
 
     @property
     def names(self) -> list[str]:
@@ -240,24 +238,23 @@ class FeatureLayout:
             kinds = ("",) + (("closed_",) if self.closed else ())
             asr_names += [f"asr_{backbone_label(b)}_{kind}{n}" for kind in kinds for b in self.asr_backbones
                           for n in LOOP_FEATURE_NAMES]
-        if self.agreement:
-            asr_names += [f"asr_{n}" for n in agreement_names([backbone_label(b) for b in self.asr_backbones],
-                                                               self.closed)]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
-              asr_tables: list[asr.AsrTable]) -> tuple[np.ndarray, np.ndarray]:
-        """[len(meta), len(names)] and the rows every block could be computed for. `asr_tables`: the
-        ASR evidence of each backbone, then (closed) each backbone's closed_table."""
+              open_tables: list[asr.AsrTable], closed_tables: list[asr.AsrTable] = ()
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """[len(meta), len(names)] and the rows every block could be computed for. `open_tables`: the
+        ASR evidence of each backbone; `closed_tables`: each backbone's closed_table (with `closed`)."""
         blocks, ok = [], np.ones(len(meta), bool)
         if self.alignment:
             A, a_ok = acoustic
             blocks.append(np.asarray(A, np.float64))
             ok &= a_ok
         n = len(self.asr_backbones)
-        open_tables, closed_tables = asr_tables[:n], asr_tables[n:]
-        if len(closed_tables) != (n if self.closed else 0):
-            raise ValueError(f"{len(asr_tables)} ASR tables for {n} backbones (closed block: {self.closed})")
+        open_tables, closed_tables = list(open_tables), list(closed_tables)
+        if len(open_tables) != n or len(closed_tables) != (n if self.closed else 0):
+            raise ValueError(f"{len(open_tables)} ASR and {len(closed_tables)} closed tables for {n} backbones "
+                             f"(closed block: {self.closed})")
         for table in open_tables:
             blocks.append(table.X.astype(np.float64))
             ok &= table.ok
@@ -269,11 +266,6 @@ class FeatureLayout:
         if self.loops:
             texts = asr.expected_texts(meta)
             blocks += [loop_block(texts, t.transcripts, t.ok) for t in open_tables + closed_tables]
-        if self.agreement:
-            blocks.append(agreement_block(
-                asr.expected_texts(meta), [t.transcripts for t in open_tables], [t.ok for t in open_tables],
-                [t.transcripts for t in closed_tables] if self.closed else None,
-                [t.ok for t in closed_tables] if self.closed else None))
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
 
@@ -323,12 +315,11 @@ def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, cli
     acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
         if layout.alignment else None
     words = (task_words(meta) if words is None else words) if layout.closed else None
-    tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, words)
-              for b in layout.asr_backbones]
-    if layout.closed:
-        tables += [closed_evidence(b, meta, Path(data_dir), words, device, threads, progress)
+    open_tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, words)
                    for b in layout.asr_backbones]
-    return layout.table(meta, tasks, acoustic, tables)
+    closed_tables = [closed_evidence(b, meta, Path(data_dir), words, device, threads, progress)
+                     for b in layout.asr_backbones] if layout.closed else []
+    return layout.table(meta, tasks, acoustic, open_tables, closed_tables)
 
 
 def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, data_dir: Path, refs,
