@@ -205,9 +205,12 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     for folder in (data, copies_dir(data, EarAugment())):
         assert closed.read_closed_cache(closed.closed_cache_path(folder, model)).transcripts, folder
     out = tmp_path / "submission.csv"
-    run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", out, "--no_progress")
+    inferred = run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", out,
+                          "--no_progress")
     sub = pd.read_csv(out)
     assert len(sub) == 5 and sub["score"].between(0, 1).all()
+    said = inferred.stdout + inferred.stderr
+    assert "prediction failed" not in said and "from 2/2 checkpoints (model6asr)" in said, said[-2000:]
     test_meta = pd.read_csv(data / "test_metadata.csv")
     test_words = closed.merge_words(words, closed.task_words(test_meta))
     keys = closed.read_closed_cache(closed.closed_cache_path(data, model)).transcripts

@@ -490,10 +490,10 @@ class GBMModel:
         self.closed_words: dict[str, list[str]] = json.loads(ck["closed_words"]) if layout.closed else {}
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
-                asr_tables: list[asr.AsrTable] = ()) -> np.ndarray:
+                open_tables: list[asr.AsrTable] = (), closed_tables: list[asr.AsrTable] = ()) -> np.ndarray:
         """Logits for the rows of `meta` (NaN where a feature block could not be computed), from
-        their precomputed features (shared by every gbm model)."""
-        X, ok = self.layout.table(meta, self.tasks, acoustic, list(asr_tables))
+        their precomputed features (shared by every gbm model; FeatureLayout.table's tables)."""
+        X, ok = self.layout.table(meta, self.tasks, acoustic, open_tables, closed_tables)
         X = X[:, self.columns]
         out = np.full(len(meta), np.nan)
         out[ok] = self.trees.decision_function(X[ok])
@@ -529,7 +529,7 @@ class GBMPredictor:
             if here != self.model.asr_weights:
                 raise CheckpointError(f"its ASR features came from Whisper weights/settings {self.model.asr_weights}, "
                                       f"these are {here}: retrain the fold with these weights")
-        tables = []
+        open_tables, closed_tables = [], []
         # the closed vocabulary: the training words and the test table's (one clip alone must not be its
         # own vocabulary)
         words = merge_words(self.model.closed_words, task_words(inputs.rows)) if layout.closed else None
@@ -538,14 +538,14 @@ class GBMPredictor:
             if key not in inputs.shared:
                 inputs.shared[key] = asr_evidence(backbone, inputs.rows, inputs.data_dir, device, 0, inputs.progress,
                                                   words)
-            tables.append(inputs.shared[key])
+            open_tables.append(inputs.shared[key])
         if layout.closed:
             for backbone in layout.asr_backbones:
                 key = ("gbm closed", backbone, json.dumps(words))
                 if key not in inputs.shared:
                     inputs.shared[key] = closed_evidence(backbone, inputs.rows, inputs.data_dir, words, device, 0,
                                                          inputs.progress)
-                tables.append(inputs.shared[key])
+                closed_tables.append(inputs.shared[key])
         out = np.full(len(inputs.meta), np.nan)
-        out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, tables)
+        out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables)
         return out
