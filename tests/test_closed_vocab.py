@@ -174,9 +174,10 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
 
 
 def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
-    """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true --asr_loop_features true on a tiny demo
-    set: the folds save the training vocabulary and read the closed and loop blocks, the ear copies get it too, and every test row is
-    scored; the test clips' closed decodes use the training words plus the test table's."""
+    """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true --asr_loop_features true on a tiny
+    demo set: the folds save the training vocabulary and read the closed and loop blocks, the ear copies get
+    them too, every test row is scored by model6asr itself, and the test clips' closed decodes use the training
+    words plus the test table's."""
     import json
 
     from conftest import run_script
