@@ -78,6 +78,8 @@ class ModelConfig:
     asr_loop_features: bool = False   # gbm with asr: also how far each transcript (open, and closed with the
                                       # closed vocabulary) loops and how near its best-matching start is to the
                                       # expected text (whisper/loops.py)
+    asr_prompt_logp: bool = False     # gbm with the closed vocabulary: also the expected text's log p after a prompt
+                                      # of the task's words (whisper/prompted.py; its own encoder pass per clip)
 
 
 @dataclass

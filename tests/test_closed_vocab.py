@@ -174,23 +174,23 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
 
 
 def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
-    """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true --asr_loop_features true on a tiny
-    demo set: the folds save the training vocabulary and read the closed and loop blocks, the ear copies get
-    them too, every test row is scored by model6asr itself, and the test clips' closed decodes use the training
-    words plus the test table's."""
+    """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true --asr_loop_features true
+    --asr_prompt_logp true on a tiny demo set: the folds save the training vocabulary and read the closed, loop
+    and prompted blocks, the ear copies get them too, every test row is scored by model6asr itself, and the
+    test clips' closed decodes and prompts use the training words plus the test table's."""
     import json
 
     from conftest import run_script
     from readaloud.checkpoints import safe_load
     from readaloud.members import gbm
     from readaloud.prep.ear_augment import EarAugment, copies_dir
-    from readaloud.whisper import closed
+    from readaloud.whisper import closed, prompted
     from readaloud.whisper.loops import LOOP_FEATURE_NAMES
     data, assets, tts = tmp_path / "data", tmp_path / "assets", tmp_path / "tts"
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
     run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
     options = ["--asr_backbones", "whisper-tiny.en", "--gbm_min_samples_leaf", "4", "--gbm_ear_copies", "1",
-               "--asr_closed_vocab", "true", "--asr_closed_logp", "true", "--asr_loop_features", "true"]
+               "--asr_closed_vocab", "true", "--asr_closed_logp", "true", "--asr_loop_features", "true", "--asr_prompt_logp", "true"]
     run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
                "--models", "model6asr", "--jobs", 1, *options)
     run_script(root, "get_config.py", "--data", data, "--assets", assets)
@@ -202,9 +202,12 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
         closed.CLOSED_LOGP_NAMES) + len(LOOP_FEATURE_NAMES)
     assert [n for n in ck["feature_names"] if n.endswith("loop_share")] == [
         "asr_whisper-tiny.en_loop_share", "asr_whisper-tiny.en_closed_loop_share"], "loop features of both transcripts"
+    assert [n for n in ck["feature_names"] if "prompt_" in n] == [
+        f"asr_whisper-tiny.en_{n}" for n in prompted.PROMPT_FEATURE_NAMES]
     model = gbm.evidence_model("whisper-tiny.en")
     for folder in (data, copies_dir(data, EarAugment())):
         assert closed.read_closed_cache(closed.closed_cache_path(folder, model)).transcripts, folder
+        assert prompted.read_prompted_cache(prompted.prompted_cache_path(folder, model)).values, folder
     out = tmp_path / "submission.csv"
     inferred = run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", out,
                           "--no_progress")
@@ -219,6 +222,12 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     for name, task in zip(test_meta["filename"], test_meta["task"]):
         assert requests[name, task].key.startswith(closed.vocabulary_key(test_words[task]))
         assert f"{name}\t{requests[name, task].key}" in keys, name
+    scored = prompted.read_prompted_cache(prompted.prompted_cache_path(data, model)).values
+    test_prompts = prompted.clip_requests(test_meta, model, test_words)
+    assert test_prompts, "the demo's word tasks fit in a prompt"
+    for (name, task), request in test_prompts.items():
+        assert request.key == prompted.vocabulary_key(test_words[task])
+        assert all(f"{name}\t{t}\t{request.key}" in scored for t in request.texts), name
 
 
 def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny, digit_clips, monkeypatch):

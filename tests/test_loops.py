@@ -69,7 +69,7 @@ def test_the_trees_table_gets_the_loop_features_of_each_transcript():
     closed_tables = [AsrTable(np.zeros((2, len(TABLE_COLUMNS)), np.float32), np.array([True, True]), ["7, 2", "2"])
                      for _ in range(2)]
     X, ok = layout.table(meta, ["digits"], None, open_tables, closed_tables)
-    with pytest.raises(ValueError, match="closed tables"):
+    with pytest.raises(ValueError, match="4 ASR, 0 closed"):
         layout.table(meta, ["digits"], None, open_tables + closed_tables)
     assert X.shape == (2, len(layout.names)) and ok.tolist() == [True, False]
     column = {n: X[:, layout.names.index(n)] for n in added}

@@ -41,6 +41,8 @@ from ..whisper.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_cl
                               closed_logp_block, closed_table, merge_words, pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES
 from ..whisper.loops import LOOP_FEATURE_NAMES, loop_block
+from ..whisper import prompted as prompted_log_p
+from ..whisper.prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from .base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -208,6 +210,7 @@ class FeatureLayout:
     closed: bool = False       # a block of closed-vocabulary features per backbone after the ASR blocks
     closed_logp: bool = False  # then a block of the closed transcripts' log p and margins per backbone
     loops: bool = False        # then the loop features (whisper/loops.py) of each open, then each closed, transcript
+    prompted: bool = False     # then the expected text's log p after a prompt of the task's words per backbone
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -225,7 +228,7 @@ class FeatureLayout:
                               f"their feature block ({', '.join(labels)})")
         closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
         return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
-                   bool(mc.asr_loop_features))
+                   bool(mc.asr_loop_features), closed and bool(mc.asr_prompt_logp))
 
     @property
     def names(self) -> list[str]:
@@ -238,23 +241,28 @@ class FeatureLayout:
             kinds = ("",) + (("closed_",) if self.closed else ())
             asr_names += [f"asr_{backbone_label(b)}_{kind}{n}" for kind in kinds for b in self.asr_backbones
                           for n in LOOP_FEATURE_NAMES]
+        if self.prompted:
+            asr_names += [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in PROMPT_FEATURE_NAMES]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
-              open_tables: list[asr.AsrTable], closed_tables: list[asr.AsrTable] = ()
-              ) -> tuple[np.ndarray, np.ndarray]:
+              open_tables: list[asr.AsrTable], closed_tables: list[asr.AsrTable] = (),
+              prompted_tables: list[asr.AsrTable] = ()) -> tuple[np.ndarray, np.ndarray]:
         """[len(meta), len(names)] and the rows every block could be computed for. `open_tables`: the
-        ASR evidence of each backbone; `closed_tables`: each backbone's closed_table (with `closed`)."""
+        ASR evidence of each backbone; `closed_tables`: each backbone's closed_table (with `closed`);
+        `prompted_tables`: each backbone's prompted_table (with `prompted`; its NaN rows, tasks with
+        no prompt, stay usable)."""
         blocks, ok = [], np.ones(len(meta), bool)
         if self.alignment:
             A, a_ok = acoustic
             blocks.append(np.asarray(A, np.float64))
             ok &= a_ok
         n = len(self.asr_backbones)
-        open_tables, closed_tables = list(open_tables), list(closed_tables)
-        if len(open_tables) != n or len(closed_tables) != (n if self.closed else 0):
-            raise ValueError(f"{len(open_tables)} ASR and {len(closed_tables)} closed tables for {n} backbones "
-                             f"(closed block: {self.closed})")
+        open_tables, closed_tables, prompted_tables = list(open_tables), list(closed_tables), list(prompted_tables)
+        if len(open_tables) != n or len(closed_tables) != (n if self.closed else 0) \
+                or len(prompted_tables) != (n if self.prompted else 0):
+            raise ValueError(f"{len(open_tables)} ASR, {len(closed_tables)} closed and {len(prompted_tables)} prompted "
+                             f"tables for {n} backbones (closed block: {self.closed}, prompted: {self.prompted})")
         for table in open_tables:
             blocks.append(table.X.astype(np.float64))
             ok &= table.ok
@@ -266,6 +274,8 @@ class FeatureLayout:
         if self.loops:
             texts = asr.expected_texts(meta)
             blocks += [loop_block(texts, t.transcripts, t.ok) for t in open_tables + closed_tables]
+        if self.prompted:
+            blocks += [prompted_block(o, p) for o, p in zip(open_tables, prompted_tables)]
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
 
@@ -284,18 +294,25 @@ def asr_device(device) -> str:
 
 
 def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str = "auto", threads: int = 0,
-                 progress: bool = True, words: dict[str, list[str]] | None = None) -> asr.AsrTable:
+                 progress: bool = True, words: dict[str, list[str]] | None = None,
+                 prompt: bool = False) -> asr.AsrTable:
     """The ASR evidence of every row of `meta` from the data folder's cache, computing (and
     caching) only the rows it lacks. With `words` (the closed vocabulary per task) the clips it
-    encodes are also decoded over that vocabulary into the closed cache (closed_evidence reads it)."""
+    encodes are also decoded over that vocabulary into the closed cache (closed_evidence reads it),
+    and with `prompt` too their texts teacher-forced after a prompt of those words into the prompted
+    cache (prompted_evidence reads it)."""
     model = evidence_model(backbone, device, threads)
-    requests, on_closed = None, None
+    requests, on_closed, prompts, on_prompted = None, None, None, None
     if words is not None:
         path = closed_cache_path(data_dir, model)
         requests = pending_requests(meta, model, words, path)
         on_closed = lambda transcripts: add_to_closed_cache(path, transcripts)  # noqa: E731
+    if words is not None and prompt:
+        prompt_path = prompted_cache_path(data_dir, model)
+        prompts = prompted_log_p.pending_requests(meta, model, words, prompt_path)
+        on_prompted = prompted_log_p.cache_writer(prompt_path)
     return asr.asr_table(meta, data_dir, model, asr.asr_cache_path(data_dir, model), progress=progress,
-                         closed=requests, on_closed=on_closed)
+                         closed=requests, on_closed=on_closed, prompted=prompts, on_prompted=on_prompted)
 
 
 def closed_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: dict[str, list[str]],
@@ -304,6 +321,14 @@ def closed_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: di
     from and to the data folder's cache."""
     model = evidence_model(backbone, device, threads)
     return closed_table(meta, data_dir, model, words, closed_cache_path(data_dir, model), progress)
+
+
+def prompted_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: dict[str, list[str]],
+                      device: str = "auto", threads: int = 0, progress: bool = True) -> asr.AsrTable:
+    """The expected texts' log p after a prompt of `words` (whisper/prompted.py) for every row of
+    `meta`, from and to the data folder's cache."""
+    model = evidence_model(backbone, device, threads)
+    return prompted_table(meta, data_dir, model, words, prompted_cache_path(data_dir, model), progress)
 
 
 def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, clips, refs, tasks: list[str],
@@ -315,11 +340,13 @@ def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, cli
     acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
         if layout.alignment else None
     words = (task_words(meta) if words is None else words) if layout.closed else None
-    open_tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, words)
+    open_tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, words, layout.prompted)
                    for b in layout.asr_backbones]
     closed_tables = [closed_evidence(b, meta, Path(data_dir), words, device, threads, progress)
                      for b in layout.asr_backbones] if layout.closed else []
-    return layout.table(meta, tasks, acoustic, open_tables, closed_tables)
+    prompted_tables = [prompted_evidence(b, meta, Path(data_dir), words, device, threads, progress)
+                       for b in layout.asr_backbones] if layout.prompted else []
+    return layout.table(meta, tasks, acoustic, open_tables, closed_tables, prompted_tables)
 
 
 def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, data_dir: Path, refs,
@@ -373,13 +400,17 @@ class GBMMember(Member):
             acoustic_table(inputs.meta, inputs.stores[n_mels], refs, alignment_cache_path(data_dir, refs), progress)
         words = task_words(inputs.meta)
         closed_backbones = {b for c, lay in layouts if lay.closed for b in lay.asr_backbones}
+        prompted_backbones = {b for c, lay in layouts if lay.prompted for b in lay.asr_backbones}
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts
                                               for b in lay.asr_backbones):
             asr_evidence(backbone, inputs.meta, Path(data_dir), device, 0, progress,
-                         words if backbone in closed_backbones else None)
+                         words if backbone in closed_backbones else None, backbone in prompted_backbones)
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts if lay.closed
                                               for b in lay.asr_backbones):
             closed_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress)
+        for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts if lay.prompted
+                                              for b in lay.asr_backbones):
+            prompted_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress)
         for c, lay in layouts:  # the ear copies' features too, before parallel folds would race for them
             if c.model.gbm_ear_copies > 0:
                 refs = inputs.banks[c.tts, c.model.n_mels] if lay.alignment else None
@@ -490,10 +521,11 @@ class GBMModel:
         self.closed_words: dict[str, list[str]] = json.loads(ck["closed_words"]) if layout.closed else {}
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
-                open_tables: list[asr.AsrTable] = (), closed_tables: list[asr.AsrTable] = ()) -> np.ndarray:
+                open_tables: list[asr.AsrTable] = (), closed_tables: list[asr.AsrTable] = (),
+                prompted_tables: list[asr.AsrTable] = ()) -> np.ndarray:
         """Logits for the rows of `meta` (NaN where a feature block could not be computed), from
         their precomputed features (shared by every gbm model; FeatureLayout.table's tables)."""
-        X, ok = self.layout.table(meta, self.tasks, acoustic, open_tables, closed_tables)
+        X, ok = self.layout.table(meta, self.tasks, acoustic, open_tables, closed_tables, prompted_tables)
         X = X[:, self.columns]
         out = np.full(len(meta), np.nan)
         out[ok] = self.trees.decision_function(X[ok])
@@ -537,7 +569,7 @@ class GBMPredictor:
             key = ("gbm asr", backbone)
             if key not in inputs.shared:
                 inputs.shared[key] = asr_evidence(backbone, inputs.rows, inputs.data_dir, device, 0, inputs.progress,
-                                                  words)
+                                                  words, layout.prompted)
             open_tables.append(inputs.shared[key])
         if layout.closed:
             for backbone in layout.asr_backbones:
@@ -546,6 +578,15 @@ class GBMPredictor:
                     inputs.shared[key] = closed_evidence(backbone, inputs.rows, inputs.data_dir, words, device, 0,
                                                          inputs.progress)
                 closed_tables.append(inputs.shared[key])
+        prompted_tables = []
+        if layout.prompted:
+            for backbone in layout.asr_backbones:
+                key = ("gbm prompted", backbone, json.dumps(words))
+                if key not in inputs.shared:
+                    inputs.shared[key] = prompted_evidence(backbone, inputs.rows, inputs.data_dir, words, device, 0,
+                                                           inputs.progress)
+                prompted_tables.append(inputs.shared[key])
         out = np.full(len(inputs.meta), np.nan)
-        out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables)
+        out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,
+                                                    prompted_tables)
         return out

@@ -121,6 +121,18 @@ class ClipDecode:
                                                                        # (whisper/closed.py; cached there)
     text_only: bool = False   # decoded in this pass and every token written was text (no token past end of
                               # text): token_ids is the whole sequence, so closed_equals_open may judge it
+    prompted: dict[str, list[np.ndarray]] = field(default_factory=dict)  # request key -> log p of each of its
+                                                                          # texts (whisper/prompted.py)
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """Teacher forcing after a prompt, asked of one clip (whisper/prompted.py builds them): `key` names
+    the prompt, `texts` are the expected texts and `sequences` their token ids."""
+    key: str
+    prompt: tuple[int, ...]
+    texts: tuple[str, ...]
+    sequences: tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -317,6 +329,18 @@ class WhisperEvidence:
                 out[k] = out[first[(rows[k], tuple(s))]]
         return out
 
+    def prompted_logprobs(self, encoded: np.ndarray, row: int, prompt: list[int] | tuple[int, ...],
+                          sequences: list[list[int]] | tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
+        """Teacher-forced log p of each token sequence after `prompt` (previous text, see
+        whisper/prompted.py), given encoder output row `row`."""
+        if not sequences:
+            return []
+        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.repeat(encoded[row: row + 1],
+                                                                                     len(sequences), 0)))
+        results = self.model.align(features, [*prompt, *self.start_sequence], [list(s) for s in sequences],
+                                   2 * int(encoded.shape[1]))
+        return [np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)) for r in results]
+
     def word_token_ids(self, pieces: list[str]) -> list[list[int]]:
         """BPE ids of each piece as it appears after a space (how Whisper spells a word in a sentence)."""
         return [self.tokenizer.encode(" " + p, add_special_tokens=False).ids for p in pieces]
@@ -343,13 +367,16 @@ class WhisperEvidence:
     # -- clips in, evidence out --
     def evidence(self, audios: list[np.ndarray], texts: list[list[str]],
                  decodes: list[ClipDecode | None] | None = None,
-                 closed: list[ClosedRequest | None] | None = None
+                 closed: list[ClosedRequest | None] | None = None,
+                 prompted: list[PromptRequest | None] | None = None
                  ) -> tuple[list[ClipDecode], list[list[RowEvidence]]]:
         """Evidence for each clip and each of its expected texts; `decodes` given for a clip are reused.
         `closed[i]`: also decode clip i over that closed vocabulary from the same encoder output (into
-        its ClipDecode.closed[closed[i].key])."""
+        its ClipDecode.closed[closed[i].key]); `prompted[i]`: also teacher-force its texts after that
+        prompt (into ClipDecode.prompted[prompted[i].key])."""
         decodes = list(decodes) if decodes is not None else [None] * len(audios)
         closed = list(closed) if closed is not None else [None] * len(audios)
+        prompted = list(prompted) if prompted is not None else [None] * len(audios)
         windows = [self.window_s(a) for a in audios]
         if len(set(windows)) > 1:  # one encoder call per window size, results back in order
             out_decodes: list[ClipDecode] = [None] * len(audios)
@@ -357,7 +384,7 @@ class WhisperEvidence:
             for w in sorted(set(windows)):
                 idx = [i for i, x in enumerate(windows) if x == w]
                 d, r = self.evidence([audios[i] for i in idx], [texts[i] for i in idx], [decodes[i] for i in idx],
-                                     [closed[i] for i in idx])
+                                     [closed[i] for i in idx], [prompted[i] for i in idx])
                 for k, i in enumerate(idx):
                     out_decodes[i], out_rows[i] = d[k], r[k]
             return out_decodes, out_rows
@@ -369,6 +396,10 @@ class WhisperEvidence:
                 ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[need]))
             for i, d in zip(need, self.decode(sub)):
                 decodes[i] = d
+        for i, request in enumerate(prompted):
+            if request is not None:
+                decodes[i].prompted[request.key] = self.prompted_logprobs(encoded, i, request.prompt,
+                                                                          request.sequences)
         closed_seqs: dict[tuple[int, str], list[int]] = {}   # (clip, request key) -> closed token ids
         for key in dict.fromkeys(c.key for c in closed if c is not None):
             idx = [i for i, c in enumerate(closed) if c is not None and c.key == key]
@@ -636,7 +667,10 @@ def add_to_asr_cache(path: Path, new: AsrCache) -> None:
 def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, cache: str | Path | None = None,
               batch_size: int | None = None, progress: bool = True, flush_every: int = 256,
               closed: dict[str, ClosedRequest] | None = None,
-              on_closed: Callable[[dict[tuple[str, str], ClosedTranscript]], None] | None = None) -> AsrTable:
+              on_closed: Callable[[dict[tuple[str, str], ClosedTranscript]], None] | None = None,
+              prompted: dict[str, PromptRequest] | None = None,
+              on_prompted: Callable[[dict[str, tuple[PromptRequest, list[np.ndarray]]]], None] | None = None
+              ) -> AsrTable:
     """Evidence for every row of a metadata table (filename, expected_text), in its order.
 
     Rows known to `cache` (asr_cache_path) are read back; the rest are computed in batches of
@@ -648,7 +682,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     `closed`: {filename: ClosedRequest} of clips that also want a closed-vocabulary transcript
     (whisper/closed.py); those this call encodes anyway are decoded from the same encoder output
     and handed to `on_closed` as {(filename, request key): ClosedTranscript} at every flush (the closed
-    cache lives in closed.py).
+    cache lives in closed.py). `prompted` / `on_prompted` the same for teacher forcing after a prompt
+    ({filename: (PromptRequest, log p of each of its texts)}; whisper/prompted.py).
     """
     for column in ("filename", "expected_text"):
         if column not in meta.columns:
@@ -668,6 +703,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     fresh = AsrCache()
     closed = closed or {}
     closed_fresh: dict[tuple[str, str], ClosedTranscript] = {}
+    prompted = prompted or {}
+    prompted_fresh: dict[str, tuple[PromptRequest, list[np.ndarray]]] = {}
     clip_names = list(todo)
     batch_size = batch_size or model.batch_size
     chunks = [clip_names[start: start + batch_size] for start in range(0, len(clip_names), batch_size)]
@@ -683,7 +720,7 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         if not batch:
             return [], [], []
         return (batch, *model.evidence(audios, [todo[n] for n in batch], [known.clips.get(n) for n in batch],
-                                       [closed.get(n) for n in batch]))
+                                       [closed.get(n) for n in batch], [prompted.get(n) for n in batch]))
 
     bar = tqdm(total=len(clip_names), desc=f"ASR evidence ({model.name})", unit="clip",
                disable=not progress or not clip_names)
@@ -693,6 +730,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
             if name in closed:
                 vocab = closed[name].key
                 closed_fresh[name, vocab] = decode.closed[vocab]
+            if name in prompted:
+                prompted_fresh[name] = (prompted[name], decode.prompted[prompted[name].key])
             for text, ev in zip(todo[name], rows):
                 fresh.rows[row_key(name, text)] = found_rows[row_key(name, text)] = ev
         bar.update(len(chunks[k]))
@@ -703,6 +742,9 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         if on_closed is not None and closed_fresh and (len(closed_fresh) >= flush_every or last_batch):
             on_closed(closed_fresh)
             closed_fresh = {}
+        if on_prompted is not None and prompted_fresh and (len(prompted_fresh) >= flush_every or last_batch):
+            on_prompted(prompted_fresh)
+            prompted_fresh = {}
     bar.close()
     X = np.full((len(meta), len(FEATURE_NAMES)), np.nan, np.float32)
     ok = np.zeros(len(meta), bool)

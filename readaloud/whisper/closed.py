@@ -74,6 +74,11 @@ LOOP_TOKENS = (4, 8)   # a closed decode writes at most 4 x its expected text's 
 _EDGE_PUNCTUATION = "\"'.,;:!?()[]{}-"
 
 
+def written_words(text: str) -> list[str]:
+    """The words of a text as written: lower case, edge punctuation stripped ("Nine," -> "nine")."""
+    return [w for w in (w.strip(_EDGE_PUNCTUATION).lower() for w in surface_words(text)) if w]
+
+
 def task_words(meta: pd.DataFrame) -> dict[str, list[str]]:
     """{task: sorted words of its expected texts} of a metadata table: each word as written (lower
     case, edge punctuation stripped: "nine") and normalised ("9"), since Whisper writes either."""
@@ -81,7 +86,7 @@ def task_words(meta: pd.DataFrame) -> dict[str, list[str]]:
     for task, text in zip(meta["task"].astype(str), meta["expected_text"]):
         if isinstance(text, str) and text.strip():
             words = out.setdefault(task, set())
-            words.update(w.strip(_EDGE_PUNCTUATION).lower() for w in surface_words(text))
+            words.update(written_words(text))
             words.update(t.text for t in normalise_tokens(text))
             words.discard("")
     return {task: sorted(words) for task, words in sorted(out.items())}

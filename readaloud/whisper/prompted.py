@@ -1,0 +1,236 @@
+"""The expected text's log p when Whisper is told the task's words first.
+
+Whisper's decoder is a language model as much as an ear: on a voice it cannot place, what it
+expects English to say outweighs what it hears, and the expected text of a right answer comes out
+nearly as unlikely as a wrong one. Whisper reads "previous text" before a transcript
+(<|startofprev|> ... <|startoftranscript|>), and the usual way to tell it a domain's words is to
+put them there. Here that text is the task's whole vocabulary (the words of its expected texts,
+alphabetical, the same prompt for every clip of the task: it says which words may come, not which
+one should), and the expected text is teacher-forced after it, on the same encoder output, in the
+prompt's own style: lower case words after a space, no mark. Written as the open transcript writes
+it instead ("Eight seven three." or "8, 7, 3."; asr.ExpectedRendering), it loses most of the gain
+(AUC below, 120 of the items: 0.953 in the prompt's style, 0.838 capitalised).
+
+On FSDD's nicolas (the speaker Whisper mishears; 200 test items, 89 right answers) the prompt
+lifted the AUC of the expected text's mean log p from 0.829 to 0.945 (tiny.en) and 0.839 to 0.939
+(base), the median log p of a right answer from -2.1 to -0.4, and the transcripts' exact match
+on right answers from 33% to 44% and 38% to 56%, with no wrong answer matched either way.
+
+A vocabulary too long for a prompt (sentences: the children's set has 813 words, 935 tokens;
+Whisper reads at most 223 tokens of previous text) gets no prompt: those rows' features are NaN
+and cost nothing. Like the closed vocabulary (whisper/closed.py), the words are the training
+table's per task, and at inference those plus the test table's. Features per row
+(`PROMPT_FEATURES`): mean, least and summed log p of the expected text's tokens, and the mean's
+gain over the unprompted one (asr's exp_mean_logp). Cached per (clip, expected text, vocabulary)
+in <data>/cache/prompted_v2_<model>.npz. A clip whose other ASR evidence is computed in the same run
+is scored from that pass's encoder output (asr_table(prompted=...)): one align call per clip for all
+its rows of a task, no encoder pass of its own; clips cached before get one here.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..audio import AudioError, load_audio
+from ..features import merge_npz_cache, read_npz_cache
+from ..layout import cache_dir
+from .asr import FEATURE_NAMES, AsrTable, PromptRequest, WhisperEvidence, expected_texts, row_key
+from .closed import merge_words, task_words, written_words
+
+log = logging.getLogger("readaloud")
+PROMPT_VERSION = 2   # 2: the expected text in the prompt's style
+PROMPT_MAX_TOKENS = 160   # of previous text (Whisper allows 223; the expected text needs the rest of 448)
+PROMPT_FEATURES: dict[str, str] = {
+    "prompt_mean_logp": "mean log p of the expected text's tokens after a prompt of the task's words",
+    "prompt_min_logp": "log p of its least likely token after the prompt",
+    "prompt_sum_logp": "sum of its tokens' log p after the prompt",
+    "prompt_gain_mean_logp": "prompt_mean_logp - exp_mean_logp: how much the task's words help",
+}
+PROMPT_FEATURE_NAMES = list(PROMPT_FEATURES)
+TABLE_COLUMNS = PROMPT_FEATURE_NAMES[:3]   # prompted_table's X: the gain needs the ASR table
+
+
+def prompt_words(words: list[str]) -> list[str]:
+    """The words a prompt lists: as written (the vocabulary also holds normalised forms, "9" beside
+    "nine": a prompt in words asks for words), alphabetical, each once."""
+    return sorted({w for w in words if not any(c.isdigit() for c in w)})
+
+
+def prompt_ids(model: WhisperEvidence, words: list[str]) -> list[int] | None:
+    """<|startofprev|> and the BPE ids of the task's words, or None when they do not fit."""
+    listed = prompt_words(words)
+    ids = model.tokenizer.encode(" " + " ".join(listed), add_special_tokens=False).ids if listed else []
+    if not ids or len(ids) > PROMPT_MAX_TOKENS:
+        return None
+    return [model._special("<|startofprev|>"), *ids]
+
+
+def vocabulary_key(words: list[str]) -> str:
+    return hashlib.sha1(json.dumps(prompt_words(words)).encode()).hexdigest()[:10]
+
+
+def _key(filename: str, expected: str, vocab_key: str) -> str:
+    return f"{row_key(filename, expected)}\t{vocab_key}"
+
+
+@dataclass
+class PromptedCache:
+    values: dict[str, np.ndarray] = field(default_factory=dict)   # key -> [mean, min, sum]
+
+
+def _parse(z) -> PromptedCache:
+    keys, values = z["keys"].tolist(), z["values"]
+    if values.shape != (len(keys), len(TABLE_COLUMNS)):
+        raise ValueError(f"{len(keys)} keys for values of shape {values.shape}")
+    return PromptedCache(dict(zip(keys, values.astype(np.float64))))
+
+
+def read_prompted_cache(path: Path) -> PromptedCache:
+    return read_npz_cache(path, _parse, "prompted log p cache") or PromptedCache()
+
+
+def _cache_arrays(table: PromptedCache) -> dict[str, np.ndarray]:
+    return dict(keys=np.array(list(table.values), dtype=str),
+                values=np.array(list(table.values.values()), np.float64).reshape(len(table.values),
+                                                                                 len(TABLE_COLUMNS)))
+
+
+def add_to_prompted_cache(path: Path, new: dict[str, np.ndarray]) -> None:
+    merge_npz_cache(path, read_prompted_cache, lambda table: table.values.update(new), _cache_arrays)
+
+
+def prompted_cache_path(data_dir: str | Path, model: WhisperEvidence) -> Path:
+    return cache_dir(data_dir) / f"prompted_v{PROMPT_VERSION}_{model.identity}.npz"
+
+
+def prompted_text_ids(model: WhisperEvidence, expected: str) -> list[int]:
+    """The expected text as the prompt writes words: lower case, each after a space, no marks."""
+    words = written_words(expected)
+    return model.tokenizer.encode(" " + " ".join(words), add_special_tokens=False).ids if words else []
+
+
+def logp_stats(logp: np.ndarray) -> np.ndarray:
+    """[mean, min, sum] of a token sequence's log p, NaN if it has none."""
+    if not logp.size:
+        return np.full(len(TABLE_COLUMNS), np.nan)
+    return np.array([logp.mean(), logp.min(), logp.sum()], np.float64)
+
+
+def prompted_logprobs(model: WhisperEvidence, audio: np.ndarray, prompt: list[int] | tuple[int, ...],
+                      sequences: list[list[int]] | tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
+    """Teacher-forced log p of each token sequence after `prompt`, on the clip's own encoder pass
+    (for clips whose other ASR evidence was cached before)."""
+    return model.prompted_logprobs(np.asarray(model.encode([audio])), 0, prompt, sequences)
+
+
+def task_vocabularies(meta: pd.DataFrame, words: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`words` completed with the rows' own words for tasks it lacks."""
+    return merge_words(words, {t: w for t, w in task_words(meta).items() if t not in words})
+
+
+def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
+                  known: dict[str, np.ndarray] | None = None) -> dict[tuple[str, str], PromptRequest]:
+    """{(filename, task): its PromptRequest} of every clip with a row of a task whose words (`words`;
+    a task missing there gets its rows' own words) fit in a prompt, holding the clip's texts of that
+    task that `known` (cache keys) lacks; clips with nothing left are left out."""
+    for column in ("filename", "task", "expected_text"):
+        if column not in meta.columns:
+            raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
+    words = task_vocabularies(meta, words)
+    prompts = {task: prompt_ids(model, w) for task, w in words.items()}
+    vocab_keys = {task: vocabulary_key(w) for task, w in words.items()}
+    known = known or {}
+    texts: dict[tuple[str, str], list[str]] = {}
+    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), expected_texts(meta)):
+        if text and prompts.get(task) is not None and prompted_text_ids(model, text) \
+                and _key(name, text, vocab_keys[task]) not in known and text not in texts.get((name, task), []):
+            texts.setdefault((name, task), []).append(text)
+    return {(name, task): PromptRequest(vocab_keys[task], tuple(prompts[task]), tuple(clip_texts),
+                                        tuple(tuple(prompted_text_ids(model, t)) for t in clip_texts))
+            for (name, task), clip_texts in texts.items()}
+
+
+def cache_entries(name: str, request: PromptRequest, logps: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The prompted cache's rows of one clip's request and the log p of its texts."""
+    return {_key(name, text, request.key): logp_stats(lp) for text, lp in zip(request.texts, logps)}
+
+
+def cache_writer(path: Path) -> Callable[[dict[str, tuple[PromptRequest, list[np.ndarray]]]], None]:
+    """What asr_table(on_prompted=...) calls with {filename: (request, log p of its texts)}: adds
+    them to the cache at `path`."""
+    def write(scored: dict[str, tuple[PromptRequest, list[np.ndarray]]]) -> None:
+        entries: dict[str, np.ndarray] = {}
+        for name, (request, logps) in scored.items():
+            entries.update(cache_entries(name, request, logps))
+        add_to_prompted_cache(path, entries)
+    return write
+
+
+def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
+                     cache: str | Path | None) -> dict[str, PromptRequest]:
+    """{filename: PromptRequest} of the clips whose prompted log p `cache` lacks: what
+    asr_table(prompted=...) scores from the encoder output it computes anyway (a clip's first task)."""
+    known = read_prompted_cache(Path(cache)).values if cache is not None else {}
+    out: dict[str, PromptRequest] = {}
+    for (name, _), request in clip_requests(meta, model, words, known).items():
+        out.setdefault(name, request)
+    return out
+
+
+def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, words: dict[str, list[str]],
+                   cache: str | Path | None = None, progress: bool = True, flush_every: int = 256) -> AsrTable:
+    """TABLE_COLUMNS of every row of `meta` (filename, task, expected_text) whose task's words
+    (`words`; a task missing there gets its rows' own words) fit in a prompt. Other rows, and those
+    of unreadable clips, are NaN and not ok; computed rows are added to `cache` every `flush_every`
+    clips."""
+    known = read_prompted_cache(Path(cache)) if cache is not None else PromptedCache()
+    found = dict(known.values)
+    requests = clip_requests(meta, model, words, found)
+
+    def score(item: tuple[str, str]) -> dict[str, np.ndarray] | None:
+        name, request = item[0], requests[item]
+        try:
+            audio = load_audio(Path(audio_dir) / name)
+        except AudioError as exc:
+            log.warning("no prompted log p for %s: %s", name, exc)
+            return None
+        return cache_entries(name, request, prompted_logprobs(model, audio, request.prompt, request.sequences))
+
+    items = list(requests)
+    fresh: dict[str, np.ndarray] = {}
+    for values in tqdm(model.map_clips(score, items), total=len(items), desc=f"prompted log p ({model.name})",
+                       unit="clip", disable=not progress or not items):
+        if values is None:
+            continue
+        fresh.update(values)
+        found.update(values)
+        if cache is not None and len(fresh) >= flush_every:
+            add_to_prompted_cache(Path(cache), fresh)
+            fresh = {}
+    if cache is not None and fresh:
+        add_to_prompted_cache(Path(cache), fresh)
+    X = np.full((len(meta), len(TABLE_COLUMNS)), np.nan, np.float32)
+    ok = np.zeros(len(meta), bool)
+    vocab_keys = {task: vocabulary_key(w) for task, w in task_vocabularies(meta, words).items()}
+    names, tasks, texts = meta["filename"].astype(str).tolist(), meta["task"].astype(str).tolist(), expected_texts(meta)
+    for row, (name, task, text) in enumerate(zip(names, tasks, texts)):
+        values = found.get(_key(name, text, vocab_keys[task])) if text and task in vocab_keys else None
+        if values is not None:
+            X[row], ok[row] = values, True
+    return AsrTable(X, ok, [""] * len(meta), [[] for _ in range(len(meta))])
+
+
+def prompted_block(open_table: AsrTable, prompted: AsrTable) -> np.ndarray:
+    """[rows, len(PROMPT_FEATURE_NAMES)] from one backbone's ASR evidence and prompted table (same
+    rows): the prompted log p and its gain over the unprompted mean. NaN where no prompt."""
+    X = prompted.X.astype(np.float64)
+    gain = X[:, 0] - open_table.X[:, FEATURE_NAMES.index("exp_mean_logp")].astype(np.float64)
+    return np.column_stack([X, gain])
