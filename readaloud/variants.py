@@ -94,14 +94,18 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
 # best-matching start is to the expected text. Children: model6asr OOF 0.2758 -> 0.2664, test 0.2408 -> 0.2385
 # (ensemble 0.2156 -> 0.2137); FSDD leave one speaker out, ensemble mean 0.0629 -> 0.0624; new words 0.1301 ->
 # 0.1291 (README: greedy decoding loops).
+# Task-word prompt (asr_prompt_logp, whisper/prompted.py): the expected text's log p after a prompt listing the
+# task's words, for tasks whose words fit in one (not the children's sentences). FSDD leave one speaker out,
+# seen words, ensemble: jackson 0.0274 -> 0.0173, nicolas 0.1583 -> 0.1379, george 0.0447 -> 0.0318
+# (README: a prompt of the task's words).
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
          "base (transcript vs expected text, teacher-forced log p; whisper/asr.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "
          "a transcript decoded over the task's words only, and how sure Whisper is of it; how far each transcript "
-         "loops",
+         "loops; the expected text's log p after a prompt of the task's words",
          arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
          gbm_max_leaf_nodes=8, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, gbm_ear_copies=1,
-         asr_closed_vocab=True, asr_closed_logp=True, asr_loop_features=True, seed=6)
+         asr_closed_vocab=True, asr_closed_logp=True, asr_loop_features=True, asr_prompt_logp=True, seed=6)
 register("model7whisper", "pair classifier on the pretrained Whisper tiny.en encoder (2nd place's design): conv stem "
          "+ lowest 3 of 4 layers frozen and run once per half (each at positions from 0), cached in float16; the "
          "top layer sees [TTS | pause | response]; attention + mean pooling, 2-layer head",
