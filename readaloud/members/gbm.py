@@ -561,31 +561,24 @@ class GBMPredictor:
             if here != self.model.asr_weights:
                 raise CheckpointError(f"its ASR features came from Whisper weights/settings {self.model.asr_weights}, "
                                       f"these are {here}: retrain the fold with these weights")
-        open_tables, closed_tables = [], []
         # the closed vocabulary: the training words and the test table's (one clip alone must not be its
         # own vocabulary)
         words = merge_words(self.model.closed_words, task_words(inputs.rows)) if layout.closed else None
-        for backbone in layout.asr_backbones:
-            key = ("gbm asr", backbone)
+        rows, folder, progress = inputs.rows, inputs.data_dir, inputs.progress
+
+        def shared(key, compute):   # computed for the first gbm fold that needs it, reused by the others
             if key not in inputs.shared:
-                inputs.shared[key] = asr_evidence(backbone, inputs.rows, inputs.data_dir, device, 0, inputs.progress,
-                                                  words, layout.prompted)
-            open_tables.append(inputs.shared[key])
-        if layout.closed:
-            for backbone in layout.asr_backbones:
-                key = ("gbm closed", backbone, json.dumps(words))
-                if key not in inputs.shared:
-                    inputs.shared[key] = closed_evidence(backbone, inputs.rows, inputs.data_dir, words, device, 0,
-                                                         inputs.progress)
-                closed_tables.append(inputs.shared[key])
-        prompted_tables = []
-        if layout.prompted:
-            for backbone in layout.asr_backbones:
-                key = ("gbm prompted", backbone, json.dumps(words))
-                if key not in inputs.shared:
-                    inputs.shared[key] = prompted_evidence(backbone, inputs.rows, inputs.data_dir, words, device, 0,
-                                                           inputs.progress)
-                prompted_tables.append(inputs.shared[key])
+                inputs.shared[key] = compute()
+            return inputs.shared[key]
+        open_tables = [shared(("gbm asr", b), lambda b=b: asr_evidence(b, rows, folder, device, 0, progress, words,
+                                                                        layout.prompted))
+                       for b in layout.asr_backbones]
+        closed_tables = [shared(("gbm closed", b, json.dumps(words)),
+                                lambda b=b: closed_evidence(b, rows, folder, words, device, 0, progress))
+                         for b in layout.asr_backbones] if layout.closed else []
+        prompted_tables = [shared(("gbm prompted", b, json.dumps(words)),
+                                  lambda b=b: prompted_evidence(b, rows, folder, words, device, 0, progress))
+                           for b in layout.asr_backbones] if layout.prompted else []
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,
                                                     prompted_tables)
