@@ -329,3 +329,29 @@ def test_broken_gbm_checkpoint_is_dropped(gbm):
         for f in (8, 9):
             (assets / f"model5gbm_{f}.pth").unlink()
     assert res["checkpoints_used"] == 1 and res["checkpoints_listed"] == 3
+
+
+def test_a_column_without_values_is_left_out_of_the_fit_and_the_checkpoint():
+    """scikit-learn cannot bin a column that is NaN in every training row (the prompted block of a set
+    whose every task has too many words for a prompt); drop_empty_columns leaves it out, the trees fit
+    on the rest, and GBMModel scores a full-layout table through the names the checkpoint keeps."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from readaloud.config import ModelConfig
+    from readaloud.members.gbm import FeatureLayout, GBMModel, drop_empty_columns
+    rng = np.random.default_rng(0)
+    layout = FeatureLayout(alignment=False, asr_backbones=())
+    names = layout.names
+    X = rng.normal(size=(300, len(names)))
+    X[:, 1] = np.nan
+    y = (X[:, 0] > 0).astype(int)
+    with pytest.raises(ValueError):
+        HistGradientBoostingClassifier(max_iter=5).fit(X, y)
+    X_all, X_fit, kept = drop_empty_columns(X, X[:200], names, "test")
+    assert kept == names[:1] + names[2:] and X_fit.shape == (200, len(names) - 1) and X_all.shape[1] == len(kept)
+    clf = fit_gbm(X_fit, y[:200], ModelConfig(arch="gbm", gbm_max_iter=20, gbm_min_samples_leaf=5), 0)
+    model = GBMModel({"feature_names": kept, "state_dict": _roundtrip(export_trees(clf)), "tasks": ["t"]}, layout)
+    np.testing.assert_allclose(model.trees.decision_function(X[200:][:, model.columns]),
+                               clf.decision_function(X_all[200:]), atol=1e-6)
+    same = drop_empty_columns(X_all, X_fit, kept, "test")
+    assert same[2] == kept and same[1] is X_fit

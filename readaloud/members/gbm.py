@@ -369,6 +369,20 @@ def asr_weights(backbone: str, device: str = "auto") -> str:
     return f"{asr.model_identity(model.model_dir)}_{model.settings.key()}"
 
 
+def drop_empty_columns(X: np.ndarray, X_fit: np.ndarray, names: list[str], what: str
+                       ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """X, X_fit and names without the columns that have no value in any row of X_fit (e.g. the
+    prompted block when no task's words fit in a prompt): scikit-learn cannot bin a column without
+    values, and the trees could not split on it. The checkpoint names the columns it keeps, and
+    GBMModel picks them by name."""
+    empty = np.isnan(X_fit).all(axis=0) if len(X_fit) else np.zeros(X.shape[1], bool)
+    if not empty.any():
+        return X, X_fit, names
+    log.info("%s: %d features have no value in any training row, left out: %s", what, int(empty.sum()),
+             ", ".join(n for n, e in zip(names, empty) if e))
+    return X[:, ~empty], X_fit[:, ~empty], [n for n, e in zip(names, empty) if not e]
+
+
 # ---- the member ----------------------------------------------------------
 
 class GBMMember(Member):
@@ -441,6 +455,7 @@ class GBMMember(Member):
             y_fit = np.concatenate([y_fit, copies["score"].to_numpy()[okc]])
             fold_fit = np.concatenate([fold_fit, copies["fold"].to_numpy()[okc]])
             is_copy = np.concatenate([is_copy, np.ones(n_copies, bool)])
+        X, X_fit, names = drop_empty_columns(X, X_fit, names, f"fold {data.fold}")
         t_feat = time.time() - t0
         stops_on_a_fold = fold_scheme(data.data_dir, data.n_folds) in UNHEARD_SCHEMES and data.n_folds >= 3
         log.info("fold %d: %d train (%d of them ear copies) / %d valid clips, %d features (%s), data and features "
