@@ -28,6 +28,7 @@ from readaloud.variants import variant_config
 from readaloud.whisper import asr
 from readaloud.whisper.closed import CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES
 from readaloud.whisper.loops import LOOP_FEATURE_NAMES
+from readaloud.whisper.prompted import PROMPT_FEATURE_NAMES
 
 BACKBONE = "whisper-tiny.en"
 OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4",  # 10 training clips a fold: let trees split
@@ -82,11 +83,12 @@ def test_feature_layout_of_configs():
     assert layout.closed, "model6asr decodes over the task's words by default"
     assert layout.closed_logp, "and reads how sure Whisper is of the closed transcript"
     assert layout.loops, "and how far its open and closed transcripts loop"
+    assert layout.prompted, "and the expected text's log p after a prompt of the task's words"
     assert len(layout.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) + 2 * len(CLOSED_FEATURE_NAMES) \
-        + 2 * len(CLOSED_LOGP_NAMES) + 4 * len(LOOP_FEATURE_NAMES)
+        + 2 * len(CLOSED_LOGP_NAMES) + 4 * len(LOOP_FEATURE_NAMES) + 2 * len(PROMPT_FEATURE_NAMES)
     assert layout.names[-2:] == ["task_code", "grade_code"] and "asr_whisper-base_exact_match" in layout.names
     without = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_closed_vocab": False}).model)
-    assert not without.closed and len(without.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) \
+    assert not without.closed and not without.prompted and len(without.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) \
         + 2 * len(LOOP_FEATURE_NAMES), "the open transcripts' loops only"
     only = gbm.FeatureLayout.of(variant_config("model6asr", {"gbm_features": "asr",
                                                              "asr_backbones": "/x/my-ct2"}).model)
