@@ -70,7 +70,10 @@ def prompt_ids(model: WhisperEvidence, words: list[str]) -> list[int] | None:
     ids = model.tokenizer.encode(" " + " ".join(listed), add_special_tokens=False).ids if listed else []
     if not ids or len(ids) > PROMPT_MAX_TOKENS:
         return None
-    return [model._special("<|startofprev|>"), *ids]
+    start = model.tokenizer.token_to_id("<|startofprev|>")
+    if start is None:
+        raise ValueError(f"{model.model_dir}/tokenizer.json has no <|startofprev|> token: not a Whisper tokenizer")
+    return [start, *ids]
 
 
 def vocabulary_key(words: list[str]) -> str:
