@@ -79,7 +79,7 @@ class ModelConfig:
                                       # closed vocabulary) loops and how near its best-matching start is to the
                                       # expected text (whisper/loops.py)
     asr_prompt_logp: bool = False     # gbm with the closed vocabulary: also the expected text's log p after a prompt
-                                      # of the task's words (whisper/prompted.py; its own encoder pass per clip)
+                                      # of the task's words (whisper/prompted.py; scored in the ASR pass)
 
 
 @dataclass

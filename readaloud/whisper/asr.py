@@ -319,11 +319,10 @@ class WhisperEvidence:
         todo = list(first.values())
         if not todo:
             return out
-        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[[rows[k] for k in todo]]))
-        frames = 2 * int(encoded.shape[1])   # mel frames of the window (the encoder halves them)
-        results = self.model.align(features, self.start_sequence, [sequences[k] for k in todo], frames)
-        for k, r in zip(todo, results):
-            out[k] = np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)).astype(np.float32)
+        logps = self._aligned_logprobs(encoded[[rows[k] for k in todo]], self.start_sequence,
+                                       [sequences[k] for k in todo])
+        for k, lp in zip(todo, logps):
+            out[k] = lp.astype(np.float32)
         for k, s in enumerate(sequences):
             if s and first[(rows[k], tuple(s))] != k:
                 out[k] = out[first[(rows[k], tuple(s))]]
@@ -335,10 +334,14 @@ class WhisperEvidence:
         whisper/prompted.py), given encoder output row `row`."""
         if not sequences:
             return []
-        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.repeat(encoded[row: row + 1],
-                                                                                     len(sequences), 0)))
-        results = self.model.align(features, [*prompt, *self.start_sequence], [list(s) for s in sequences],
-                                   2 * int(encoded.shape[1]))
+        return self._aligned_logprobs(np.repeat(encoded[row: row + 1], len(sequences), 0),
+                                      [*prompt, *self.start_sequence], [list(s) for s in sequences])
+
+    def _aligned_logprobs(self, encoded: np.ndarray, start: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
+        """float64 log p of sequences[k]'s tokens after `start`, teacher-forced on encoder output row k."""
+        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded))
+        frames = 2 * int(encoded.shape[1])   # mel frames of the window (the encoder halves them)
+        results = self.model.align(features, start, sequences, frames)
         return [np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)) for r in results]
 
     def word_token_ids(self, pieces: list[str]) -> list[list[int]]:

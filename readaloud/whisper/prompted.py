@@ -151,13 +151,16 @@ def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, l
     prompts = {task: prompt_ids(model, w) for task, w in words.items()}
     vocab_keys = {task: vocabulary_key(w) for task, w in words.items()}
     known = known or {}
-    texts: dict[tuple[str, str], list[str]] = {}
+    texts: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}   # (clip, task) -> {text: its ids}
     for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), expected_texts(meta)):
-        if text and prompts.get(task) is not None and prompted_text_ids(model, text) \
-                and _key(name, text, vocab_keys[task]) not in known and text not in texts.get((name, task), []):
-            texts.setdefault((name, task), []).append(text)
+        if not text or prompts.get(task) is None or _key(name, text, vocab_keys[task]) in known \
+                or text in texts.get((name, task), {}):
+            continue
+        ids = tuple(prompted_text_ids(model, text))
+        if ids:
+            texts.setdefault((name, task), {})[text] = ids
     return {(name, task): PromptRequest(vocab_keys[task], tuple(prompts[task]), tuple(clip_texts),
-                                        tuple(tuple(prompted_text_ids(model, t)) for t in clip_texts))
+                                        tuple(clip_texts.values()))
             for (name, task), clip_texts in texts.items()}
 
 
