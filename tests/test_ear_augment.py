@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from readaloud.audio import SAMPLE_RATE, load_audio, write_wav
-from readaloud.prep.ear_augment import EarAugment, copies_dir, copy_name, copy_rng, ensure_copies, perturb
+from readaloud.prep.ear_augment import EarAugment, copies_dir, copy_name, copy_rng, ensure_copies, gets_copies, perturb
 
 
 def _tone(seconds: float, freq: float) -> np.ndarray:
@@ -93,3 +93,28 @@ def test_the_folder_key_ignores_the_count_only():
     assert EarAugment(copies=1).key() == EarAugment(copies=3).key()
     assert EarAugment(seed=1).key() != EarAugment().key()
     assert EarAugment(snr_db_max=10.0).key() != EarAugment().key()
+
+
+def test_a_share_of_the_clips_gets_copies_the_same_ones_every_time(data):
+    folder, meta = data
+    names = [f"clip{i}.wav" for i in range(400)]
+    half = [n for n in names if gets_copies(n, EarAugment(share=0.5))]
+    assert 150 < len(half) < 250, len(half)
+    assert half == [n for n in names if gets_copies(n, EarAugment(share=0.5))], "deterministic"
+    quarter = {n for n in names if gets_copies(n, EarAugment(share=0.25))}
+    assert quarter < set(half), "a smaller share keeps only clips a larger one picked"
+    assert {n for n in names if gets_copies(n, EarAugment(share=0.5, seed=1))} != set(half), "the seed picks"
+    assert all(gets_copies(n, EarAugment()) for n in names)
+    every = ensure_copies(folder, meta, EarAugment(), progress=False)[1]
+    seed = next(s for s in range(50) if 0 < sum(gets_copies(n, EarAugment(share=0.5, seed=s))
+                                                for n in meta["filename"]) < len(meta))
+    aug = EarAugment(share=0.5, seed=seed)
+    some = ensure_copies(folder, meta, aug, progress=False)[1]
+    picked = [n for n in meta["filename"] if gets_copies(n, aug)]
+    assert some["source"].tolist() == picked and 0 < len(picked) < len(meta)
+    assert list(some.columns) == list(every.columns)
+    assert EarAugment(share=0.5).key() == EarAugment().key(), "the same copies, one folder"
+    none = ensure_copies(folder, meta.iloc[:0], EarAugment(), progress=False)[1]
+    assert len(none) == 0 and list(none.columns) == list(every.columns), "no rows: an empty table, every column"
+    with pytest.raises(ValueError):
+        EarAugment(share=0.0)

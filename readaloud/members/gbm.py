@@ -356,7 +356,7 @@ def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, d
     once in their own folder), its usable rows and the copies' metadata (score and fold are the
     source clip's). `words`: the closed vocabulary of the whole training table, not of `meta`'s
     rows alone (a fold's copies must decode over the words the other folds' clips do)."""
-    folder, copies = ensure_copies(data_dir, meta, EarAugment(copies=mc.gbm_ear_copies), progress)
+    folder, copies = ensure_copies(data_dir, meta, EarAugment(copies=mc.gbm_ear_copies, share=mc.gbm_ear_share), progress)
     clips = ensure_clip_features(folder, copies["filename"].tolist(), FeatureParams(n_mels=mc.n_mels),
                                  progress=progress)[0] if layout.alignment else None
     X, ok = feature_table(layout, copies, folder, clips, refs, tasks, device, threads, progress, words)

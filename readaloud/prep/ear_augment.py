@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 class EarAugment:
     """How the copies are made (chosen before any measurement, not tuned on a held-out speaker)."""
     copies: int = 1
+    share: float = 1.0         # of the clips that get copies, picked by a hash of the file name and seed
     speed_min: float = 0.8
     speed_max: float = 1.25
     snr_db_min: float = 0.0
@@ -50,15 +51,17 @@ class EarAugment:
     def __post_init__(self):
         if self.copies < 0:
             raise ValueError(f"copies must be 0 or more, got {self.copies}")
+        if not 0 < self.share <= 1:
+            raise ValueError(f"share must be in (0, 1], got {self.share}")
         if not 0 < self.speed_min <= self.speed_max:
             raise ValueError(f"speed range must be positive and ordered, got {self.speed_min}-{self.speed_max}")
         if self.snr_db_min > self.snr_db_max:
             raise ValueError(f"SNR range must be ordered, got {self.snr_db_min}-{self.snr_db_max}")
 
     def key(self) -> str:
-        """Names the copies' folder: every setting but the number of copies (copy c is the same
-        whatever the count)."""
-        settings = {k: v for k, v in asdict(self).items() if k != "copies"}
+        """Names the copies' folder: every setting but the number of copies and the share of clips
+        (copy c of a clip is the same whatever the count and share)."""
+        settings = {k: v for k, v in asdict(self).items() if k not in ("copies", "share")}
         return hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -82,6 +85,14 @@ def perturb(audio: np.ndarray, rng: np.random.Generator, aug: EarAugment) -> np.
     return (y / peak * 0.9 if peak > 0.99 else y).astype(np.float32)
 
 
+def gets_copies(filename: str, aug: EarAugment) -> bool:
+    """Whether a clip is among the `aug.share` of clips that get copies: a uniform draw from its
+    name and the seed, so the same clips in every fold, process and rerun, and a larger share keeps
+    every clip a smaller one picked."""
+    digest = hashlib.sha1(f"{aug.seed}:{filename}".encode()).digest()
+    return aug.share >= 1 or int.from_bytes(digest[:8], "little") / 2 ** 64 < aug.share
+
+
 def copy_name(filename: str, copy: int) -> str:
     return f"{Path(filename).stem}.ear{copy}.wav"
 
@@ -92,13 +103,16 @@ def copies_dir(data_dir: str | Path, aug: EarAugment) -> Path:
 
 def ensure_copies(data_dir: str | Path, meta: pd.DataFrame, aug: EarAugment, progress: bool = True
                   ) -> tuple[Path, pd.DataFrame]:
-    """The copies' folder and one metadata row per copy of each row of `meta` (its columns, with
-    `filename` the copy's and `source` the clip's); writes the copies it lacks. A clip that cannot
+    """The copies' folder and one metadata row per copy of each row of `meta` that gets copies
+    (`gets_copies`; its columns, with `filename` the copy's and `source` the clip's); writes the
+    copies it lacks. A clip that cannot
     be read gets no copies (it is already reported as a bad clip)."""
     folder = copies_dir(data_dir, aug)
     folder.mkdir(parents=True, exist_ok=True)
     rows, todo = [], []
     for row in meta.to_dict("records"):
+        if not gets_copies(str(row["filename"]), aug):
+            continue
         for c in range(aug.copies):
             name = copy_name(row["filename"], c)
             rows.append({**row, "filename": name, "source": row["filename"]})
@@ -121,4 +135,5 @@ def ensure_copies(data_dir: str | Path, meta: pd.DataFrame, aug: EarAugment, pro
     if todo or not settings.exists():  # what made the folder; every fold of a run would rewrite it otherwise
         atomic_write(settings, json.dumps(asdict(aug) | {"key": aug.key()}, indent=1))
     out = pd.DataFrame(rows, columns=[*meta.columns, "source"])
-    return folder, out[[(folder / n).exists() for n in out["filename"]]].reset_index(drop=True)
+    written = np.array([(folder / n).exists() for n in out["filename"]], bool)   # also when there are no rows
+    return folder, out[written].reset_index(drop=True)
