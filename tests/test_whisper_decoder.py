@@ -111,6 +111,39 @@ def test_window_encoder_equals_whispers_own_on_30_s_and_windows_grow_by_10_s():
     assert whisper_window_s(sr, 30.0) == 30 and whisper_window_s(sr, 0) == 30
 
 
+def test_the_frozen_encoder_runs_on_ctranslate2_with_the_same_numbers(trained, tmp_path):
+    """Default (auto): a named backbone's windows go through CTranslate2 at float32, which computes
+    what the transformers encoder computes from the same weights; the two engines cache apart, and
+    asking for CTranslate2 without a CTranslate2 folder is a config error."""
+    from readaloud.members.decoder import make_window_encoder
+    from readaloud.whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder
+    data = trained["data"]
+    meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
+    meta = meta.iloc[:3]
+    cats = Categories.from_meta(meta)
+    datasets = {}
+    for engine in ("auto", "torch"):
+        cfg = variant_config("model8decoder", {"decoder_encoder": engine})
+        model = build_model(cfg.model, 3, 4, 8).eval()
+        datasets[engine] = DecoderDataset(meta, data, model, cfg, cats, torch.device("cpu"), progress=False)
+    ct2, torch_engine = datasets["auto"].cache.encoder, datasets["torch"].cache.encoder
+    assert isinstance(ct2, Ct2WindowEncoder) and isinstance(torch_engine, TorchWindowEncoder)
+    assert ct2.key.startswith("ct2_float32_") and ct2.key != torch_engine.key
+    assert datasets["auto"].cache.store.data_path != datasets["torch"].cache.store.data_path
+    mel = datasets["auto"].cache.window(load_audio(data / meta["filename"].iloc[0]))[None]
+    a, b = ct2(mel), torch_engine(mel)
+    assert a.shape == b.shape == (1, 500, 384) and a.dtype == np.float32
+    assert float(np.abs(a - b).max()) < 1e-2 * float(np.abs(b).max()), "same weights, same encoder"
+    for f in meta["filename"]:
+        x, y = datasets["auto"].cache.get(f).astype(np.float32), datasets["torch"].cache.get(f).astype(np.float32)
+        assert x.shape == y.shape and float(np.abs(x - y).max()) < 1e-2 * float(np.abs(y).max()), f
+    hub = variant_config("model8decoder", {"decoder_encoder": "ctranslate2", "backbone": "openai/whisper-tiny.en"})
+    with pytest.raises(ConfigError, match="no CTranslate2 folder"):
+        make_window_encoder(hub.model, torch.device("cpu"), lambda: None)
+    with pytest.raises(ConfigError, match="decoder_encoder"):
+        variant_config("model8decoder", {"decoder_encoder": "onnx"})
+
+
 def test_config_errors_and_a_multilingual_backbone():
     with pytest.raises(ConfigError, match="backbone"):
         build_model(variant_config("model8decoder", {"backbone": ""}).model, 3, 4, 8)

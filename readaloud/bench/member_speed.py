@@ -36,23 +36,23 @@ def asr_stage(backbone: str, threads: int):
     return run
 
 
-def encoder_stage(backbone: str, threads: int):
-    """The decoder member's frozen encoder on one clip's window (what EncoderCache stores)."""
+def encoder_stage(mc, threads: int):
+    """The decoder member's frozen encoder on one clip's window (what EncoderCache stores), on the
+    engine the member uses (members/decoder.py make_window_encoder)."""
     import torch
-    from transformers import WhisperForConditionalGeneration
+    from transformers import WhisperConfig
 
     from ..features import FeatureParams, whisper_window_s, window_log_mel
-    from ..whisper.encoding import encode_window
+    from ..members.decoder import make_window_encoder
+    from ..members.encoder import load_pretrained_encoder
     from ..whisper.backbones import transformers_dir
     if threads > 0:
         torch.set_num_threads(threads)
-    encoder = WhisperForConditionalGeneration.from_pretrained(transformers_dir(backbone)).model.encoder.eval()
-    params = FeatureParams(n_mels=encoder.config.num_mel_bins)
+    engine = make_window_encoder(mc, torch.device("cpu"), lambda: load_pretrained_encoder(mc.backbone).eval())
+    params = FeatureParams(n_mels=WhisperConfig.from_pretrained(transformers_dir(mc.backbone)).num_mel_bins)
 
     def run(window: float, audio: np.ndarray, text: str) -> None:
-        mel = window_log_mel(audio, whisper_window_s(audio.size, window), params)
-        with torch.inference_mode():
-            encode_window(encoder, torch.from_numpy(mel)[None])
+        engine(window_log_mel(audio, whisper_window_s(audio.size, window), params)[None])
     return run
 
 
@@ -63,7 +63,7 @@ def member_stages(variant: str, threads: int) -> dict:
         return {f"ASR evidence ({b.strip()})": asr_stage(b.strip(), threads)
                 for b in cfg.model.asr_backbones.split(",") if b.strip()}
     if cfg.model.arch == "whisperdec":
-        return {f"frozen encoder ({cfg.model.backbone})": encoder_stage(cfg.model.backbone, threads)}
+        return {f"frozen encoder ({cfg.model.backbone})": encoder_stage(cfg.model, threads)}
     return {}
 
 

@@ -50,6 +50,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -70,8 +71,8 @@ from ..prep.dataset import Categories
 from ..prep.prepare import TrainingInputs
 from ..text import Vocab
 from ..whisper.asr import render_expected
-from ..whisper.encoding import encode_window
-from ..whisper.backbones import transformers_dir
+from ..whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder, WindowEncoder
+from ..whisper.backbones import ct2_folder, transformers_dir
 from .base import FoldData, TestInputs
 from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
 from .encdec import logp_pools, teacher_forced_states, token_pools
@@ -127,29 +128,41 @@ def clip_window(audio: np.ndarray, mel_params: FeatureParams) -> np.ndarray:
     return window_log_mel(audio, whisper_window_s(audio.size, WINDOW_S), mel_params)
 
 
-def encode_clips(encoder: WhisperEncoder, mels: list[np.ndarray], sizes: list[int], margin_s: float,
-                 device: torch.device):
+def encode_clips(encoder: WindowEncoder, mels: list[np.ndarray], sizes: list[int], margin_s: float):
     """(index, [positions, D] float16) per clip: one encoder call per window size, each output cut
     to its clip + margin_s. What EncoderCache stores, and the decoder's silent clip."""
     for width in sorted({m.shape[1] for m in mels}):
         rows = [b for b, m in enumerate(mels) if m.shape[1] == width]
-        with torch.inference_mode():
-            hidden = encode_window(encoder, torch.from_numpy(np.stack([mels[b] for b in rows])).to(device))
-        hidden = hidden.float().cpu().numpy()
+        hidden = encoder(np.stack([mels[b] for b in rows]))
         for k, b in enumerate(rows):
             yield b, hidden[k, :kept_positions(sizes[b], margin_s, hidden.shape[1])].astype(np.float16)
+
+
+def make_window_encoder(mc: ModelConfig, device: torch.device,
+                   encoder: WhisperEncoder | Callable[[], WhisperEncoder]) -> WindowEncoder:
+    """What encodes the frozen encoder's windows (`--decoder_encoder`): CTranslate2 at float32 when
+    the backbone has a CTranslate2 folder (named backbones, faster-whisper folders; auto), the
+    same numbers as the transformers encoder at 1.3x its speed on CPU (whisper/encoding.py), else
+    the transformers encoder itself (`encoder`, or a function that loads it)."""
+    folder = ct2_folder(mc.backbone) if mc.decoder_encoder in ("auto", "ctranslate2") else None
+    if mc.decoder_encoder == "ctranslate2" and folder is None:
+        raise ConfigError(f"--decoder_encoder ctranslate2: backbone {mc.backbone!r} has no CTranslate2 folder "
+                          f"(a named backbone or a folder with model.bin); use auto or torch")
+    if folder is not None:
+        return Ct2WindowEncoder(folder, device.type, "float32", torch.get_num_threads())
+    encoder = encoder if isinstance(encoder, nn.Module) else encoder()
+    return TorchWindowEncoder(encoder, device, encoder_weights_key(encoder))
 
 
 class EncoderCache:
     """The frozen encoder's output per clip, [positions, D] float16, in <data>/cache."""
 
-    def __init__(self, encoder: WhisperEncoder, data_dir: str | Path, margin_s: float, device: torch.device):
-        self.encoder, self.data_dir, self.margin_s, self.device = encoder, Path(data_dir), margin_s, device
-        cfg = encoder.config
-        self.n_positions = cfg.max_source_positions
-        self.mel_params = FeatureParams(n_mels=cfg.num_mel_bins)
-        params = EncoderCacheParams(width=cfg.d_model, weights_key=encoder_weights_key(encoder),
-                                    n_input_mels=cfg.num_mel_bins, window_s=WINDOW_S, margin_s=float(margin_s))
+    def __init__(self, encoder: WindowEncoder, config: WhisperConfig, data_dir: str | Path, margin_s: float):
+        self.encoder, self.data_dir, self.margin_s = encoder, Path(data_dir), margin_s
+        self.n_positions = config.max_source_positions
+        self.mel_params = FeatureParams(n_mels=config.num_mel_bins)
+        params = EncoderCacheParams(width=config.d_model, weights_key=encoder.key,
+                                    n_input_mels=config.num_mel_bins, window_s=WINDOW_S, margin_s=float(margin_s))
         self.store = FeatureStore(cache_dir(data_dir), f"whisperenc_{params.weights_key}", params)
 
     def __contains__(self, filename: str) -> bool:
@@ -173,10 +186,7 @@ class EncoderCache:
         return self.store.add_many(self._outputs(todo, progress))
 
     def _outputs(self, names: list[str], progress: bool):
-        batch_size = 16 if self.device.type == "cuda" else 1  # padded windows: one at a time is fastest on CPU
-        encoder, home = self.encoder, next(self.encoder.parameters()).device
-        was_training = encoder.training
-        encoder.to(self.device).eval()
+        batch_size = self.encoder.batch_size
         bar = tqdm(total=len(names), desc="Whisper encoder", unit="clip", disable=not progress, leave=False)
         try:
             for start in range(0, len(names), batch_size):
@@ -192,12 +202,11 @@ class EncoderCache:
                     keys.append(name)
                     mels.append(self.window(audio))
                     sizes.append(audio.size)
-                for b, encoded in encode_clips(encoder, mels, sizes, self.margin_s, self.device):
+                for b, encoded in encode_clips(self.encoder, mels, sizes, self.margin_s):
                     yield keys[b], encoded
                 bar.update(len(names[start: start + batch_size]))
         finally:
             bar.close()
-            encoder.to(home).train(was_training)
 
 
 # ---- the network ------------------------------------------------------------------------------------
@@ -242,6 +251,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         self.head = make_head(cfg, states_dim + cfg.task_dim + cfg.grade_dim + n_evidence)
         self.evidence_head = nn.Linear(n_evidence, 1)  # direct path: usable from the first updates
         self._null_memory: torch.Tensor | None = None  # decoder_contrast: the silent clip's encoding (derived)
+        self._window_encoders: dict[str, WindowEncoder] = {}   # per device (make_window_encoder)
         self.tokenizer_json = ""
         if tokenizer_json or whisper_config is None:
             self.set_tokenizer(tokenizer_json or backbone_tokenizer_json(cfg.backbone))
@@ -299,15 +309,21 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         null_states = self.decode(null, null_mask, unique_inputs)[:, k - 1:]
         return masked_target_logp(null_states, self.decoder.embed_tokens.weight, unique_targets, unique_kept)[inverse]
 
+    def window_encoder(self, device: torch.device) -> WindowEncoder:
+        """What encodes this model's frozen-encoder windows on `device` (make_window_encoder)."""
+        if str(device) not in self._window_encoders:
+            self._window_encoders[str(device)] = make_window_encoder(self.cfg, torch.device(device), self.encoder)
+        return self._window_encoders[str(device)]
+
     def null_memory(self, like: torch.Tensor) -> torch.Tensor:
         """[1, T, D] the frozen encoder's output for NULL_CLIP_S of silence, encoded by EncoderCache's
-        own steps (encode_clips): what the decoder hears when nobody speaks. Computed once from the
-        encoder's weights (not saved in checkpoints)."""
+        own steps and engine (encode_clips, window_encoder): what the decoder hears when nobody
+        speaks. Computed once from the encoder's weights (not saved in checkpoints)."""
         if self._null_memory is None or self._null_memory.device != like.device:
             silence = np.zeros(int(NULL_CLIP_S * SAMPLE_RATE), np.float32)
             mel = clip_window(silence, FeatureParams(n_mels=self.whisper_config.num_mel_bins))
-            (_, encoded), = encode_clips(self.encoder, [mel], [silence.size], self.cfg.memory_margin_s,
-                                         self.encoder.conv1.weight.device)
+            (_, encoded), = encode_clips(self.window_encoder(self.encoder.conv1.weight.device), [mel], [silence.size],
+                                         self.cfg.memory_margin_s)
             self._null_memory = torch.from_numpy(encoded.astype(np.float32))[None].to(like.device)
         return self._null_memory.to(like.dtype)
 
@@ -361,7 +377,8 @@ class DecoderDataset:
     def __init__(self, meta: pd.DataFrame, data_dir: str | Path, model: WhisperDecoderClassifier, cfg: RunConfig,
                  cats: Categories, device: torch.device | None = None, progress: bool = True):
         device = device or pick_device(cfg.device)
-        self.cache = EncoderCache(model.encoder, data_dir, cfg.model.memory_margin_s, device)
+        self.cache = EncoderCache(model.window_encoder(device), model.whisper_config, data_dir,
+                                  cfg.model.memory_margin_s)
         made = self.cache.ensure(meta["filename"].astype(str), progress=progress)
         if made:
             log.info("Whisper encoder: %d clips encoded into %s", made, self.cache.store.data_path)
@@ -442,8 +459,14 @@ class WhisperDecoderMember(NeuralMember):
                        progress: bool = True) -> None:
         """Every training clip's encoding, once, before parallel folds start."""
         for cfg in cfgs:
-            encoder = load_pretrained_encoder(cfg.model.backbone)
-            cache = EncoderCache(encoder, data_dir, cfg.model.memory_margin_s, pick_device(cfg.device))
+            loaded: list[WhisperEncoder] = []   # the transformers encoder, loaded only if it is the engine
+
+            def encoder() -> WhisperEncoder:
+                loaded[:] = loaded or [load_pretrained_encoder(cfg.model.backbone)]
+                return loaded[0]
+            engine = make_window_encoder(cfg.model, pick_device(cfg.device), encoder)
+            config = loaded[0].config if loaded else WhisperConfig.from_pretrained(transformers_dir(cfg.model.backbone))
+            cache = EncoderCache(engine, config, data_dir, cfg.model.memory_margin_s)
             made = cache.ensure(inputs.meta["filename"].astype(str), progress=progress)
             log.info("Whisper encoder of %s: %d clips encoded", cfg.model.backbone, made)
 

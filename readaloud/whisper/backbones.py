@@ -170,3 +170,12 @@ def transformers_dir(spec: str, assets: str | Path = "assets") -> str:
         raise BackboneError(f"backbone {spec!r}: no such folder. Give a named backbone "
                             f"({', '.join(NAMED_BACKBONES)}), a local folder or a hub id")
     return spec
+
+
+def ct2_folder(spec: str, assets: str | Path = "assets") -> Path | None:
+    """The CTranslate2 folder behind `--backbone`: a named backbone's, or the folder itself when it
+    is a CTranslate2 one; None for a transformers folder or a hub id (there is none)."""
+    if spec in NAMED_BACKBONES:
+        return ct2_model_dir(spec, backbones_root(assets) / "ct2")
+    folder = Path(spec).expanduser()
+    return folder if folder.is_dir() and is_ct2_folder(folder) else None
