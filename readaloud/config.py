@@ -55,6 +55,7 @@ class ModelConfig:
     decoder_encoder: str = "auto"      # whisperdec: what runs the frozen encoder for its cache: ctranslate2 (float32,
                                        # the same numbers 1.3x faster on CPU; needs the backbone's CTranslate2
                                        # folder), torch, or auto (ctranslate2 when there is such a folder)
+    decoder_encoder_compute: str = "float32"  # whisperdec on ctranslate2: its compute type (int8: faster, other numbers)
     memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)
     decoder_head_states: bool = True   # the head also reads the mean of the decoder's last states (False: only
                                        # the per-token evidence, task and grade: less to memorise texts by)
@@ -232,6 +233,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--model.freeze_layers must be 0 or more, got {cfg.model.freeze_layers!r}")
     if cfg.model.decoder_encoder not in ("auto", "ctranslate2", "torch"):
         raise ConfigError(f"--model.decoder_encoder must be auto, ctranslate2 or torch, got {cfg.model.decoder_encoder!r}")
+    if cfg.model.decoder_encoder_compute not in ("float32", "int8", "int8_float32", "float16", "int8_float16"):
+        raise ConfigError(f"--model.decoder_encoder_compute must be a CTranslate2 compute type (float32, int8, "
+                          f"int8_float32, float16, int8_float16), got {cfg.model.decoder_encoder_compute!r}")
     if cfg.model.gbm_ear_copies < 0:
         raise ConfigError(f"--model.gbm_ear_copies must be 0 or more, got {cfg.model.gbm_ear_copies!r}")
     if not 0 < cfg.model.gbm_ear_share <= 1:

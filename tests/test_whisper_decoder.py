@@ -142,6 +142,13 @@ def test_the_frozen_encoder_runs_on_ctranslate2_with_the_same_numbers(trained, t
         make_window_encoder(hub.model, torch.device("cpu"), lambda: None)
     with pytest.raises(ConfigError, match="decoder_encoder"):
         variant_config("model8decoder", {"decoder_encoder": "onnx"})
+    int8 = make_window_encoder(variant_config("model8decoder", {"decoder_encoder_compute": "int8"}).model,
+                               torch.device("cpu"), lambda: None)
+    assert int8.key.startswith("ct2_int8_") and int8.key != ct2.key, "another compute type, another cache"
+    c = int8(mel)
+    assert c.shape == a.shape and 0 < float(np.abs(c - a).max()) < 0.5 * float(np.abs(a).max())
+    with pytest.raises(ConfigError, match="decoder_encoder_compute"):
+        variant_config("model8decoder", {"decoder_encoder_compute": "int4"})
 
 
 def test_config_errors_and_a_multilingual_backbone():

@@ -149,7 +149,7 @@ def make_window_encoder(mc: ModelConfig, device: torch.device,
         raise ConfigError(f"--decoder_encoder ctranslate2: backbone {mc.backbone!r} has no CTranslate2 folder "
                           f"(a named backbone or a folder with model.bin); use auto or torch")
     if folder is not None:
-        return Ct2WindowEncoder(folder, device.type, "float32", torch.get_num_threads())
+        return Ct2WindowEncoder(folder, device.type, mc.decoder_encoder_compute, torch.get_num_threads())
     encoder = encoder if isinstance(encoder, nn.Module) else encoder()
     return TorchWindowEncoder(encoder, device, encoder_weights_key(encoder))
 
