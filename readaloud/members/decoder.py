@@ -5,8 +5,11 @@ The encoder (whisper-tiny.en, whisper-base, any --backbone) is frozen entirely a
 clip on a zero-padded window of 10 s (or the next multiple of 10 s that holds the clip, at most
 Whisper's 30 s: features.whisper_window_s; real-length input wrecks its transcripts, a 10 s window
 does not, and it encodes ~4x faster than 30 s); its output is
-cached in float16 (`EncoderCache`, a FeatureStore beside the clip features, named by a hash of the
-encoder's weights and the input settings), so an epoch runs only the decoder and the head.
+cached in float16 (`EncoderCache`, a FeatureStore beside the clip features, named by the engine,
+the encoder's weights and the input settings), so an epoch runs only the decoder and the head. The
+engine (`make_window_encoder`, `--decoder_encoder`): CTranslate2 at float32 when the backbone has a
+CTranslate2 folder (the same numbers as the transformers encoder, faster on CPU; whisper/encoding.py),
+else the transformers encoder.
 
 The decoder reads the English prompt (English-only model: <|startoftranscript|><|notimestamps|>;
 multilingual: <|startoftranscript|><|en|><|transcribe|><|notimestamps|>; ids from the backbone's
