@@ -310,3 +310,40 @@ def test_a_sequence_asked_twice_on_one_clip_is_aligned_once_with_the_same_log_p(
         alone = tiny.token_logprobs(encoded, [rows[k]], [seqs[k]])[0]
         assert np.allclose(alone, together[k], atol=1e-5), k
     assert not np.allclose(together[0], together[3], atol=1e-3), "the same tokens on another clip differ"
+
+
+THREADS_PROBE = """
+import sys
+import torch
+import ctranslate2
+from readaloud.whisper.backbones import ct2_model_dir
+torch.set_num_threads(2)
+print(torch.get_num_threads())
+if sys.argv[1] == "raw":
+    ctranslate2.models.Whisper(str(ct2_model_dir("whisper-tiny.en")), device="cpu", compute_type="int8",
+                               inter_threads=2, intra_threads=1)
+else:
+    import numpy as np
+    from readaloud.whisper.asr import WhisperEvidence
+    from readaloud.whisper.encoding import Ct2WindowEncoder
+    WhisperEvidence("whisper-tiny.en", device="cpu", threads=2, workers=2)   # inter_threads 2, intra_threads 1
+    print(torch.get_num_threads())
+    Ct2WindowEncoder(ct2_model_dir("whisper-tiny.en"), threads=1)(np.zeros((1, 80, 1000), np.float32))
+print(torch.get_num_threads())
+"""
+
+
+def test_loading_a_ctranslate2_model_leaves_torchs_threads_alone(root):
+    """CTranslate2 sets the loading thread's OpenMP thread count (torch's too) to the model's
+    intra_threads, so after the ASR models (one thread per clip) torch ran on one thread; the
+    loaders put it back. Fresh interpreters: whether a load moves it depends on what the process
+    did before (here as in train.py: torch's thread count read first)."""
+    import subprocess
+    import sys
+
+    def threads_after(how: str) -> list[int]:
+        out = subprocess.run([sys.executable, "-c", THREADS_PROBE, how], cwd=root, capture_output=True, text=True,
+                             check=True).stdout
+        return [int(x) for x in out.split()]
+    assert threads_after("raw") == [2, 1], "the premise: a raw load moves torch's thread count"
+    assert threads_after("loaders") == [2, 2, 2]

@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -179,6 +180,23 @@ def resolve_device(device: str = "auto", compute_type: str = "auto") -> tuple[st
     return device, compute_type
 
 
+def load_ct2_whisper(model_dir: str | Path, device: str, compute_type: str, inter_threads: int = 1,
+                     intra_threads: int = 0) -> ctranslate2.models.Whisper:
+    """`ctranslate2.models.Whisper`, leaving torch's thread count as it was. Loading a model sets the
+    calling thread's OpenMP thread count, which torch shares, to the model's intra_threads: a
+    process that had loaded the ASR models (one thread per clip) ran every later torch step on one
+    thread (model8decoder's encoder cache in train.py after model6asr: 7.9 clips/s, alone 14.7;
+    its inference folds in infer.py too)."""
+    torch = sys.modules.get("torch")   # not imported: nothing to keep
+    threads = torch.get_num_threads() if torch is not None else None
+    try:
+        return ctranslate2.models.Whisper(str(model_dir), device=device, compute_type=compute_type,
+                                          inter_threads=inter_threads, intra_threads=intra_threads)
+    finally:
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def available_cores() -> int:
     """The cores this process may run on (its affinity where the OS tells, else all)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -221,9 +239,8 @@ class WhisperEvidence:
         self.batch_size = CPU_BATCH if self.device == "cpu" else CUDA_BATCH
         threads = threads if threads > 0 else available_cores()
         self.workers = max(1, workers if workers > 0 else threads if self.device == "cpu" else 1)
-        self.model = ctranslate2.models.Whisper(str(self.model_dir), device=self.device,
-                                                compute_type=self.compute_type, inter_threads=self.workers,
-                                                intra_threads=max(1, threads // self.workers))
+        self.model = load_ct2_whisper(self.model_dir, self.device, self.compute_type, self.workers,
+                                      max(1, threads // self.workers))
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         self.eot = self._special("<|endoftext|>")
         sot, no_timestamps = self._special("<|startoftranscript|>"), self._special("<|notimestamps|>")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .asr import model_identity
+from .asr import load_ct2_whisper, model_identity
 
 
 def encode_window(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
@@ -75,8 +75,7 @@ class Ct2WindowEncoder:
 
     def __call__(self, mels: np.ndarray) -> np.ndarray:
         if self._model is None:
-            self._model = ctranslate2.models.Whisper(str(self.model_dir), device=self.device,
-                                                     compute_type=self.compute_type, intra_threads=self.threads)
+            self._model = load_ct2_whisper(self.model_dir, self.device, self.compute_type, 1, self.threads)
         out = self._model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mels, np.float32)),
                                  to_cpu=True)
         return np.asarray(out, np.float32)
