@@ -85,6 +85,8 @@ class ModelConfig:
                                       # expected text (whisper/loops.py)
     asr_prompt_logp: bool = False     # gbm with the closed vocabulary: also the expected text's log p after a prompt
                                       # of the task's words (whisper/prompted.py; scored in the ASR pass)
+    asr_prompt_per_clip: bool = False  # with asr_prompt_logp: a task whose words do not fit in a prompt (sentences)
+                                       # gets a prompt of each clip's own expected words instead of none
 
 
 @dataclass

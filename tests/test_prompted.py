@@ -154,3 +154,28 @@ def test_the_asr_pass_scores_the_prompt_from_its_own_encoder_output(tiny, clips,
     again = prompted.prompted_table(meta, data2, tiny, words, prompted.prompted_cache_path(data2, tiny), progress=False)
     np.testing.assert_allclose(again.X, reference.X, rtol=1e-6)
     assert again.ok.tolist() == reference.ok.tolist()
+
+
+def test_per_clip_prompts_give_a_too_long_task_its_clips_own_words(tiny, clips, tmp_path):
+    """asr_prompt_per_clip: the sentence row (its task's words do not fit) is scored after a prompt of
+    its own expected words; rows whose task fits keep the task's prompt; the ASR pass's requests
+    carry the same prompts, cached apart from the task prompts."""
+    from readaloud.audio import load_audio
+    from readaloud.whisper import prompted
+    folder, meta, words = clips
+    rows = prompted.row_prompts(meta, tiny, words, per_clip=True)
+    assert rows[0] == rows[1] == rows[3] != rows[2]
+    assert rows[2][1].startswith("own_") and tiny.tokenizer.decode(list(rows[2][0][1:])) == " nine seven two"
+    assert prompted.row_prompts(meta, tiny, words)[2] is None, "off: no prompt, as before"
+    cache = tmp_path / "prompted.npz"
+    table = prompted.prompted_table(meta, folder, tiny, words, cache, progress=False, per_clip=True)
+    assert table.ok.tolist() == [True, True, True, False]
+    audio = load_audio(folder / "a.wav")
+    lp = prompted.prompted_logprobs(tiny, audio, list(rows[2][0]), [prompted.prompted_text_ids(tiny, "seven two nine")])[0]
+    np.testing.assert_allclose(table.X[2], [lp.mean(), lp.min(), lp.sum()], rtol=1e-5)
+    assert abs(float(table.X[2, 0] - table.X[0, 0])) > 1e-4, "another prompt, another value"
+    off = prompted.prompted_table(meta, folder, tiny, words, cache, progress=False)
+    assert np.isnan(off.X[2]).all() and np.array_equal(off.X[:2], table.X[:2])
+    requests = prompted.pending_requests(meta, tiny, words, None, per_clip=True)
+    assert set(requests) == {"a.wav", "broken.wav"}
+    assert {r.key for r in prompted.clip_requests(meta, tiny, words, per_clip=True).values()} == {rows[0][1], rows[2][1]}

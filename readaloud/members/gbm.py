@@ -211,6 +211,7 @@ class FeatureLayout:
     closed_logp: bool = False  # then a block of the closed transcripts' log p and margins per backbone
     loops: bool = False        # then the loop features (whisper/loops.py) of each open, then each closed, transcript
     prompted: bool = False     # then the expected text's log p after a prompt of the task's words per backbone
+    prompt_per_clip: bool = False  # the prompt of a task whose words do not fit: the clip's own expected words
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -228,7 +229,8 @@ class FeatureLayout:
                               f"their feature block ({', '.join(labels)})")
         closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
         return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
-                   bool(mc.asr_loop_features), closed and bool(mc.asr_prompt_logp))
+                   bool(mc.asr_loop_features), closed and bool(mc.asr_prompt_logp),
+                   closed and bool(mc.asr_prompt_logp) and bool(mc.asr_prompt_per_clip))
 
     @property
     def names(self) -> list[str]:
@@ -295,7 +297,7 @@ def asr_device(device) -> str:
 
 def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str = "auto", threads: int = 0,
                  progress: bool = True, words: dict[str, list[str]] | None = None,
-                 prompt: bool = False) -> asr.AsrTable:
+                 prompt: bool = False, prompt_per_clip: bool = False) -> asr.AsrTable:
     """The ASR evidence of every row of `meta` from the data folder's cache, computing (and
     caching) only the rows it lacks. With `words` (the closed vocabulary per task) the clips it
     encodes are also decoded over that vocabulary into the closed cache (closed_evidence reads it),
@@ -309,7 +311,7 @@ def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str 
         on_closed = lambda transcripts: add_to_closed_cache(path, transcripts)  # noqa: E731
     if words is not None and prompt:
         prompt_path = prompted_cache_path(data_dir, model)
-        prompts = prompted_log_p.pending_requests(meta, model, words, prompt_path)
+        prompts = prompted_log_p.pending_requests(meta, model, words, prompt_path, prompt_per_clip)
         on_prompted = prompted_log_p.cache_writer(prompt_path)
     return asr.asr_table(meta, data_dir, model, asr.asr_cache_path(data_dir, model), progress=progress,
                          closed=requests, on_closed=on_closed, prompted=prompts, on_prompted=on_prompted)
@@ -324,11 +326,13 @@ def closed_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: di
 
 
 def prompted_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: dict[str, list[str]],
-                      device: str = "auto", threads: int = 0, progress: bool = True) -> asr.AsrTable:
+                      device: str = "auto", threads: int = 0, progress: bool = True,
+                      per_clip: bool = False) -> asr.AsrTable:
     """The expected texts' log p after a prompt of `words` (whisper/prompted.py) for every row of
     `meta`, from and to the data folder's cache."""
     model = evidence_model(backbone, device, threads)
-    return prompted_table(meta, data_dir, model, words, prompted_cache_path(data_dir, model), progress)
+    return prompted_table(meta, data_dir, model, words, prompted_cache_path(data_dir, model), progress,
+                          per_clip=per_clip)
 
 
 def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, clips, refs, tasks: list[str],
@@ -340,11 +344,12 @@ def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, cli
     acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
         if layout.alignment else None
     words = (task_words(meta) if words is None else words) if layout.closed else None
-    open_tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, words, layout.prompted)
-                   for b in layout.asr_backbones]
+    open_tables = [asr_evidence(b, meta, Path(data_dir), device, threads, progress, words, layout.prompted,
+                                layout.prompt_per_clip) for b in layout.asr_backbones]
     closed_tables = [closed_evidence(b, meta, Path(data_dir), words, device, threads, progress)
                      for b in layout.asr_backbones] if layout.closed else []
-    prompted_tables = [prompted_evidence(b, meta, Path(data_dir), words, device, threads, progress)
+    prompted_tables = [prompted_evidence(b, meta, Path(data_dir), words, device, threads, progress,
+                                         layout.prompt_per_clip)
                        for b in layout.asr_backbones] if layout.prompted else []
     return layout.table(meta, tasks, acoustic, open_tables, closed_tables, prompted_tables)
 
@@ -415,16 +420,18 @@ class GBMMember(Member):
         words = task_words(inputs.meta)
         closed_backbones = {b for c, lay in layouts if lay.closed for b in lay.asr_backbones}
         prompted_backbones = {b for c, lay in layouts if lay.prompted for b in lay.asr_backbones}
+        per_clip_backbones = {b for c, lay in layouts if lay.prompt_per_clip for b in lay.asr_backbones}
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts
                                               for b in lay.asr_backbones):
             asr_evidence(backbone, inputs.meta, Path(data_dir), device, 0, progress,
-                         words if backbone in closed_backbones else None, backbone in prompted_backbones)
+                         words if backbone in closed_backbones else None, backbone in prompted_backbones,
+                         backbone in per_clip_backbones)
         for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts if lay.closed
                                               for b in lay.asr_backbones):
             closed_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress)
-        for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in layouts if lay.prompted
-                                              for b in lay.asr_backbones):
-            prompted_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress)
+        for backbone, device, per_clip in dict.fromkeys((b, asr_device(c.device), lay.prompt_per_clip)
+                                                        for c, lay in layouts if lay.prompted for b in lay.asr_backbones):
+            prompted_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress, per_clip)
         for c, lay in layouts:  # the ear copies' features too, before parallel folds would race for them
             if c.model.gbm_ear_copies > 0:
                 refs = inputs.banks[c.tts, c.model.n_mels] if lay.alignment else None
@@ -586,13 +593,14 @@ class GBMPredictor:
                 inputs.shared[key] = compute()
             return inputs.shared[key]
         open_tables = [shared(("gbm asr", b), lambda b=b: asr_evidence(b, rows, folder, device, 0, progress, words,
-                                                                        layout.prompted))
+                                                                        layout.prompted, layout.prompt_per_clip))
                        for b in layout.asr_backbones]
         closed_tables = [shared(("gbm closed", b, json.dumps(words)),
                                 lambda b=b: closed_evidence(b, rows, folder, words, device, 0, progress))
                          for b in layout.asr_backbones] if layout.closed else []
-        prompted_tables = [shared(("gbm prompted", b, json.dumps(words)),
-                                  lambda b=b: prompted_evidence(b, rows, folder, words, device, 0, progress))
+        prompted_tables = [shared(("gbm prompted", b, json.dumps(words), layout.prompt_per_clip),
+                                  lambda b=b: prompted_evidence(b, rows, folder, words, device, 0, progress,
+                                                                layout.prompt_per_clip))
                            for b in layout.asr_backbones] if layout.prompted else []
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,

@@ -139,29 +139,53 @@ def task_vocabularies(meta: pd.DataFrame, words: dict[str, list[str]]) -> dict[s
     return merge_words(words, {t: w for t, w in task_words(meta).items() if t not in words})
 
 
-def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
-                  known: dict[str, np.ndarray] | None = None) -> dict[tuple[str, str], PromptRequest]:
-    """{(filename, task): its PromptRequest} of every clip with a row of a task whose words (`words`;
-    a task missing there gets its rows' own words) fit in a prompt, holding the clip's texts of that
-    task that `known` (cache keys) lacks; clips with nothing left are left out."""
+def row_prompts(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]], per_clip: bool = False
+                ) -> list[tuple[tuple[int, ...], str] | None]:
+    """Each row's (prompt ids, vocabulary key): its task's words (`words`; a task missing there gets
+    its rows' own words) when they fit in a prompt; else, with `per_clip`, the row's own expected
+    words (a sentence's words, alphabetical: which words may come, for tasks whose vocabulary is
+    too long); else None."""
     for column in ("filename", "task", "expected_text"):
         if column not in meta.columns:
             raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
     words = task_vocabularies(meta, words)
-    prompts = {task: prompt_ids(model, w) for task, w in words.items()}
-    vocab_keys = {task: vocabulary_key(w) for task, w in words.items()}
+    by_task = {task: (prompt_ids(model, w), vocabulary_key(w)) for task, w in words.items()}
+    out: list[tuple[tuple[int, ...], str] | None] = []
+    own: dict[str, tuple[tuple[int, ...], str] | None] = {}
+    for task, text in zip(meta["task"].astype(str), expected_texts(meta)):
+        ids, key = by_task.get(task, (None, ""))
+        if ids is not None:
+            out.append((tuple(ids), key))
+        elif per_clip and text:
+            if text not in own:
+                clip_ids = prompt_ids(model, written_words(text))
+                own[text] = (tuple(clip_ids), "own_" + vocabulary_key(written_words(text))) if clip_ids else None
+            out.append(own[text])
+        else:
+            out.append(None)
+    return out
+
+
+def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
+                  known: dict[str, np.ndarray] | None = None, per_clip: bool = False
+                  ) -> dict[tuple[str, str], PromptRequest]:
+    """{(filename, vocabulary key): its PromptRequest} of every clip with a row that has a prompt
+    (row_prompts), holding the clip's texts under that prompt that `known` (cache keys) lacks; clips
+    with nothing left are left out."""
+    prompts = row_prompts(meta, model, words, per_clip)
     known = known or {}
-    texts: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}   # (clip, task) -> {text: its ids}
-    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), expected_texts(meta)):
-        if not text or prompts.get(task) is None or _key(name, text, vocab_keys[task]) in known \
-                or text in texts.get((name, task), {}):
+    texts: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}   # (clip, vocabulary key) -> {text: its ids}
+    ids_of: dict[str, tuple[int, ...]] = {}
+    for name, text, prompt in zip(meta["filename"].astype(str), expected_texts(meta), prompts):
+        if not text or prompt is None or _key(name, text, prompt[1]) in known \
+                or text in texts.get((name, prompt[1]), {}):
             continue
         ids = tuple(prompted_text_ids(model, text))
         if ids:
-            texts.setdefault((name, task), {})[text] = ids
-    return {(name, task): PromptRequest(vocab_keys[task], tuple(prompts[task]), tuple(clip_texts),
-                                        tuple(clip_texts.values()))
-            for (name, task), clip_texts in texts.items()}
+            texts.setdefault((name, prompt[1]), {})[text] = ids
+            ids_of[prompt[1]] = prompt[0]
+    return {(name, key): PromptRequest(key, ids_of[key], tuple(clip_texts), tuple(clip_texts.values()))
+            for (name, key), clip_texts in texts.items()}
 
 
 def cache_entries(name: str, request: PromptRequest, logps: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -181,25 +205,26 @@ def cache_writer(path: Path) -> Callable[[dict[str, tuple[PromptRequest, list[np
 
 
 def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
-                     cache: str | Path | None) -> dict[str, PromptRequest]:
+                     cache: str | Path | None, per_clip: bool = False) -> dict[str, PromptRequest]:
     """{filename: PromptRequest} of the clips whose prompted log p `cache` lacks: what
     asr_table(prompted=...) scores from the encoder output it computes anyway (a clip's first task)."""
     known = read_prompted_cache(Path(cache)).values if cache is not None else {}
     out: dict[str, PromptRequest] = {}
-    for (name, _), request in clip_requests(meta, model, words, known).items():
+    for (name, _), request in clip_requests(meta, model, words, known, per_clip).items():
         out.setdefault(name, request)
     return out
 
 
 def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, words: dict[str, list[str]],
-                   cache: str | Path | None = None, progress: bool = True, flush_every: int = 256) -> AsrTable:
+                   cache: str | Path | None = None, progress: bool = True, flush_every: int = 256,
+                   per_clip: bool = False) -> AsrTable:
     """TABLE_COLUMNS of every row of `meta` (filename, task, expected_text) whose task's words
     (`words`; a task missing there gets its rows' own words) fit in a prompt. Other rows, and those
     of unreadable clips, are NaN and not ok; computed rows are added to `cache` every `flush_every`
     clips."""
     known = read_prompted_cache(Path(cache)) if cache is not None else PromptedCache()
     found = dict(known.values)
-    requests = clip_requests(meta, model, words, found)
+    requests = clip_requests(meta, model, words, found, per_clip)
 
     def score(item: tuple[str, str]) -> dict[str, np.ndarray] | None:
         name, request = item[0], requests[item]
@@ -225,10 +250,9 @@ def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvid
         add_to_prompted_cache(Path(cache), fresh)
     X = np.full((len(meta), len(TABLE_COLUMNS)), np.nan, np.float32)
     ok = np.zeros(len(meta), bool)
-    vocab_keys = {task: vocabulary_key(w) for task, w in task_vocabularies(meta, words).items()}
-    names, tasks, texts = meta["filename"].astype(str).tolist(), meta["task"].astype(str).tolist(), expected_texts(meta)
-    for row, (name, task, text) in enumerate(zip(names, tasks, texts)):
-        values = found.get(_key(name, text, vocab_keys[task])) if text and task in vocab_keys else None
+    names, texts = meta["filename"].astype(str).tolist(), expected_texts(meta)
+    for row, (name, text, prompt) in enumerate(zip(names, texts, row_prompts(meta, model, words, per_clip))):
+        values = found.get(_key(name, text, prompt[1])) if text and prompt is not None else None
         if values is not None:
             X[row], ok[row] = values, True
     return AsrTable(X, ok, [""] * len(meta), [[] for _ in range(len(meta))])
