@@ -184,7 +184,7 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     from readaloud.checkpoints import safe_load
     from readaloud.members import gbm
     from readaloud.prep.ear_augment import EarAugment, copies_dir
-    from readaloud.whisper import closed, prompted
+    from readaloud.whisper import asr, closed, prompted
     from readaloud.whisper.loops import LOOP_FEATURE_NAMES
     data, assets, tts = tmp_path / "data", tmp_path / "assets", tmp_path / "tts"
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
@@ -223,11 +223,16 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
         assert requests[name, task].key.startswith(closed.vocabulary_key(test_words[task]))
         assert f"{name}\t{requests[name, task].key}" in keys, name
     scored = prompted.read_prompted_cache(prompted.prompted_cache_path(data, model)).values
-    test_prompts = prompted.clip_requests(test_meta, model, test_words)
-    assert test_prompts, "the demo's word tasks fit in a prompt"
-    for (name, task), request in test_prompts.items():
-        assert request.key == prompted.vocabulary_key(test_words[task])
-        assert all(f"{name}\t{t}\t{request.key}" in scored for t in request.texts), name
+    test_prompts = prompted.row_prompts(test_meta, model, test_words, per_clip=True)   # model6asr's default
+    assert any(p is not None and not p[1].startswith("own_") for p in test_prompts), \
+        "the demo's word tasks fit in a prompt"
+    for name, task, text, prompt in zip(test_meta["filename"], test_meta["task"], asr.expected_texts(test_meta),
+                                        test_prompts):
+        if prompt is None:
+            continue
+        if not prompt[1].startswith("own_"):   # a task prompt: the task's words, training's and the test table's
+            assert prompt[1] == prompted.vocabulary_key(test_words[task])
+        assert f"{name}\t{text}\t{prompt[1]}" in scored, name
 
 
 def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny, digit_clips, monkeypatch):
