@@ -44,8 +44,6 @@ class TorchWindowEncoder:
 
     def __init__(self, encoder: WhisperEncoder, device: torch.device, weights_key: str):
         self.encoder, self.device = encoder, device
-        cfg = encoder.config
-        self.width, self.n_mels, self.n_positions = cfg.d_model, cfg.num_mel_bins, cfg.max_source_positions
         self.key = weights_key
         self.batch_size = 16 if device.type == "cuda" else 1  # padded windows: one at a time is fastest on CPU
 
