@@ -496,13 +496,9 @@ class WhisperDecoderMember(NeuralMember):
                        progress: bool = True) -> None:
         """Every training clip's encoding, once, before parallel folds start."""
         for cfg in cfgs:
-            loaded: list[WhisperEncoder] = []   # the transformers encoder, loaded only if it is the engine
-
-            def encoder() -> WhisperEncoder:
-                loaded[:] = loaded or [load_pretrained_encoder(cfg.model.backbone)]
-                return loaded[0]
-            engine = make_window_encoder(cfg.model, pick_device(cfg.device), encoder)
-            config = loaded[0].config if loaded else WhisperConfig.from_pretrained(transformers_dir(cfg.model.backbone))
+            backbone = cfg.model.backbone   # the transformers encoder is loaded only if it is the engine
+            engine = make_window_encoder(cfg.model, pick_device(cfg.device), lambda: load_pretrained_encoder(backbone))
+            config = WhisperConfig.from_pretrained(transformers_dir(backbone))
             cache = EncoderCache(engine, config, data_dir, cfg.model.memory_margin_s)
             made = cache.ensure(inputs.meta["filename"].astype(str), progress=progress)
             log.info("Whisper encoder of %s: %d clips encoded", cfg.model.backbone, made)

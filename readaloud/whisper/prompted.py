@@ -167,12 +167,13 @@ def row_prompts(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, lis
 
 
 def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
-                  known: dict[str, np.ndarray] | None = None, per_clip: bool = False
+                  known: dict[str, np.ndarray] | None = None, per_clip: bool = False,
+                  prompts: list[tuple[tuple[int, ...], str] | None] | None = None
                   ) -> dict[tuple[str, str], PromptRequest]:
     """{(filename, vocabulary key): its PromptRequest} of every clip with a row that has a prompt
-    (row_prompts), holding the clip's texts under that prompt that `known` (cache keys) lacks; clips
-    with nothing left are left out."""
-    prompts = row_prompts(meta, model, words, per_clip)
+    (`prompts`, the rows' row_prompts, derived here when not given), holding the clip's texts under
+    that prompt that `known` (cache keys) lacks; clips with nothing left are left out."""
+    prompts = prompts if prompts is not None else row_prompts(meta, model, words, per_clip)
     known = known or {}
     texts: dict[tuple[str, str], dict[str, tuple[int, ...]]] = {}   # (clip, vocabulary key) -> {text: its ids}
     ids_of: dict[str, tuple[int, ...]] = {}
@@ -224,7 +225,8 @@ def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvid
     clips."""
     known = read_prompted_cache(Path(cache)) if cache is not None else PromptedCache()
     found = dict(known.values)
-    requests = clip_requests(meta, model, words, found, per_clip)
+    prompts = row_prompts(meta, model, words, per_clip)
+    requests = clip_requests(meta, model, words, found, per_clip, prompts)
 
     def score(item: tuple[str, str]) -> dict[str, np.ndarray] | None:
         name, request = item[0], requests[item]
@@ -251,7 +253,7 @@ def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvid
     X = np.full((len(meta), len(TABLE_COLUMNS)), np.nan, np.float32)
     ok = np.zeros(len(meta), bool)
     names, texts = meta["filename"].astype(str).tolist(), expected_texts(meta)
-    for row, (name, text, prompt) in enumerate(zip(names, texts, row_prompts(meta, model, words, per_clip))):
+    for row, (name, text, prompt) in enumerate(zip(names, texts, prompts)):
         values = found.get(_key(name, text, prompt[1])) if text and prompt is not None else None
         if values is not None:
             X[row], ok[row] = values, True
