@@ -59,9 +59,6 @@ class ModelConfig:
     memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)
     decoder_head_states: bool = True   # the head also reads the mean of the decoder's last states (False: only
                                        # the per-token evidence, task and grade: less to memorise texts by)
-    decoder_prompt: str = "none"       # whisperdec: previous text before the transcript: none, or own (the clip's own
-                                       # expected words, alphabetical, and the text in that prompt's style; see
-                                       # members/decoder.py)
     decoder_contrast: bool = False     # also teacher-force on the encoding of silence and give the head each
                                        # token's log p minus its log p there (what the audio adds over the
                                        # decoder's own expectation of the text, which fine-tuning shifts)
@@ -238,8 +235,6 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--model.freeze_layers must be 0 or more, got {cfg.model.freeze_layers!r}")
     if cfg.model.decoder_encoder not in ("auto", "ctranslate2", "torch"):
         raise ConfigError(f"--model.decoder_encoder must be auto, ctranslate2 or torch, got {cfg.model.decoder_encoder!r}")
-    if cfg.model.decoder_prompt not in ("none", "own"):
-        raise ConfigError(f"--model.decoder_prompt must be none or own, got {cfg.model.decoder_prompt!r}")
     if cfg.model.decoder_encoder_compute not in ("float32", "int8", "int8_float32", "float16", "int8_float16"):
         raise ConfigError(f"--model.decoder_encoder_compute must be a CTranslate2 compute type (float32, int8, "
                           f"int8_float32, float16, int8_float16), got {cfg.model.decoder_encoder_compute!r}")

@@ -74,8 +74,6 @@ from ..prep.dataset import Categories
 from ..prep.prepare import TrainingInputs
 from ..text import Vocab
 from ..whisper.asr import render_expected
-from ..whisper.closed import written_words
-from ..whisper.prompted import prompt_ids
 from ..whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder, WindowEncoder
 from ..whisper.backbones import ct2_folder, transformers_dir
 from .base import FoldData, TestInputs
@@ -226,15 +224,6 @@ def backbone_tokenizer_json(backbone: str) -> str:
     return WhisperTokenizerFast.from_pretrained(resolved).backend_tokenizer.to_str()
 
 
-def text_states(states: torch.Tensor, n_prompt: torch.Tensor, n_targets: int) -> torch.Tensor:
-    """[B, n_targets, D]: each row's decoder states from its prompt's last position on (the position
-    that predicts the text's first token); prompts differ in length per row (`decoder_prompt own`),
-    so each row is read at its own offset. Positions past a row's input are clamped (masked later)."""
-    offsets = torch.arange(n_targets, device=states.device)[None] + (n_prompt.to(states.device)[:, None] - 1)
-    index = offsets.clamp(max=states.shape[1] - 1)[..., None].expand(-1, -1, states.shape[2])
-    return states.gather(1, index)
-
-
 class WhisperDecoderClassifier(SpeechEncoderModel):
     """P(score = 1 | the clip's cached Whisper encoding, the expected text's tokens, task, grade)."""
     pretrained_prefixes = ("encoder.", "decoder.")
@@ -285,26 +274,9 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
             raise ValueError(f"the backbone's tokenizer has no {token} token")
         return token_id
 
-    def text_prompt(self, text: str) -> list[int]:
-        """Previous text read before <|startoftranscript|>: with `decoder_prompt own`, <|startofprev|>
-        and the clip's own expected words, alphabetical (whisper/prompted.py's prompt; none when they
-        do not fit); else nothing."""
-        if self.cfg.decoder_prompt != "own":
-            return []
-        return prompt_ids(self, written_words(str(text))) or []
-
     def expected_tokens(self, text: str) -> tuple[list[int], list[int]]:
-        """The expected text's BPE ids and, per id, the index of the expected word it spells (-1: the
-        final mark). As Whisper writes it (" Honey likes cake."), or with `decoder_prompt own` in the
-        prompt's style (" honey likes cake": lower case words after a space, no mark; written as the
-        transcript writes it, the text after a prompt loses most of what the prompt gives: prompted.py)."""
-        if self.cfg.decoder_prompt == "own":
-            ids, word_of = [], []
-            for index, word in enumerate(written_words(str(text))):
-                word_ids = self.tokenizer.encode(" " + word, add_special_tokens=False).ids
-                ids += word_ids
-                word_of += [index] * len(word_ids)
-            return ids[:MAX_TEXT_TOKENS], word_of[:MAX_TEXT_TOKENS]
+        """The expected text's BPE ids as Whisper writes it (" Honey likes cake.") and, per id, the
+        index of the expected word it spells (-1: the final mark)."""
         pieces, piece_words = render_expected(str(text), "")
         ids, word_of = [], []
         for piece, words in zip(pieces, piece_words):
@@ -325,7 +297,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         return masked_token_scores(states, self.decoder.embed_tokens.weight, targets, mask)
 
 
-    def silent_logp(self, batch: dict) -> torch.Tensor:
+    def silent_logp(self, batch: dict, k: int) -> torch.Tensor:
         """[B, n tokens + 1] log p of the targets given the silent clip (0 past the text). It depends
         on the tokens alone, so a text that several clips of the batch share (a screener asks every
         child the same items) is decoded once; the decoder has no dropout (Whisper's is 0), so this
@@ -334,12 +306,10 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         rows, inverse = torch.unique(torch.cat([inputs, targets], dim=1), dim=0, return_inverse=True)
         unique_inputs, unique_targets = rows[:, : inputs.shape[1]], rows[:, inputs.shape[1]:]
         unique_kept = torch.zeros((len(rows), kept.shape[1]), dtype=torch.bool, device=kept.device)
-        unique_kept[inverse] = kept                      # rows with one text have one mask (and one prompt)
-        unique_prompt = torch.zeros(len(rows), dtype=batch["n_prompt"].dtype, device=kept.device)
-        unique_prompt[inverse] = batch["n_prompt"].to(kept.device)
+        unique_kept[inverse] = kept                      # rows with one text have one mask
         null = self.null_memory(batch["memory"]).expand(len(rows), -1, -1)
         null_mask = torch.ones(null.shape[:2], dtype=torch.bool, device=null.device)
-        null_states = text_states(self.decode(null, null_mask, unique_inputs), unique_prompt, unique_targets.shape[1])
+        null_states = self.decode(null, null_mask, unique_inputs)[:, k - 1:]
         return masked_target_logp(null_states, self.decoder.embed_tokens.weight, unique_targets, unique_kept)[inverse]
 
     def window_encoder(self, device: torch.device) -> WindowEncoder:
@@ -361,8 +331,8 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         return self._null_memory.to(like.dtype)
 
     def forward(self, batch: dict) -> dict:
-        states = text_states(self.decode(batch["memory"], batch["memory_mask"], batch["dec_inputs"]),
-                             batch["n_prompt"], batch["dec_targets"].shape[1])
+        k = batch["n_prompt"]
+        states = self.decode(batch["memory"], batch["memory_mask"], batch["dec_inputs"])[:, k - 1:]
         mask = batch["token_mask"]                        # [B, n tokens + 1]: the text's tokens and end of text
         s = self.token_scores(states, batch["dec_targets"], mask)
         tok, margin, ent = s["logp"], s["margin"], s["entropy"]
@@ -377,7 +347,7 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
             # the same tokens with the silent clip's memory: whatever the decoder expects of the text
             # without hearing it (its language model, shifted by fine-tuning on the training texts)
             # cancels in the difference
-            pools += logp_pools(tok - self.silent_logp(batch), mask, n)
+            pools += logp_pools(tok - self.silent_logp(batch, k), mask, n)
         feats = torch.stack(pools, dim=1)
         evidence = self.token_norm(feats).to(states.dtype)
         parts = [self.task_emb(batch["task"]), self.grade_emb(batch["grade"]), evidence]
@@ -419,8 +389,7 @@ class DecoderDataset:
             lambda t: isinstance(t, str) and bool(t.strip()))
         self.skipped = meta.loc[~usable, "filename"].tolist()
         self.meta = meta.loc[usable].reset_index(drop=True)
-        self.eot = model.eot
-        self.prompts = [model.text_prompt(t) + list(model.prompt) for t in self.meta["expected_text"]]
+        self.prompt, self.eot = list(model.prompt), model.eot
         self.texts = [model.expected_tokens(t) for t in self.meta["expected_text"]]
         self.task_ids = np.array([cats.task_id(t) for t in self.meta["task"]], dtype=np.int64)
         self.grade_ids = np.array([cats.grade_id(g) for g in self.meta["grade"]], dtype=np.int64)
@@ -431,35 +400,32 @@ class DecoderDataset:
         return len(self.meta)
 
     def item(self, i: int) -> dict:
-        return {"memory": self.cache.get(self.meta["filename"].iloc[i]), "prompt": self.prompts[i], "text": self.texts[i][0],
+        return {"memory": self.cache.get(self.meta["filename"].iloc[i]), "text": self.texts[i][0],
                 "task": self.task_ids[i], "grade": self.grade_ids[i],
                 "label": None if self.labels is None else self.labels[i]}
 
     def collate(self, items: list[dict], spec_augment=None, rng: np.random.Generator | None = None) -> dict:
-        """Memory padded to the longest (masked), inputs each row's prompt + text (padded with end of
-        text), targets the text + end of text, read from each row's prompt's last position on
-        (`n_prompt`: the prompt lengths)."""
+        """Memory padded to the longest (masked), inputs prompt + text (padded with end of text),
+        targets the text + end of text from the prompt's last position on."""
         if spec_augment is not None:
             raise ConfigError("model.arch whisperdec: SpecAugment cannot apply to cached encoder outputs")
         n_mem = max(it["memory"].shape[0] for it in items)
         width = items[0]["memory"].shape[1]
         memory = np.zeros((len(items), n_mem, width), np.float32)
         memory_mask = np.zeros((len(items), n_mem), bool)
-        n_prompt = [len(it["prompt"]) for it in items]
-        n_text = max(len(it["text"]) for it in items)
-        inputs = np.full((len(items), max(k + len(it["text"]) for k, it in zip(n_prompt, items))), self.eot, np.int64)
+        k, n_text = len(self.prompt), max(len(it["text"]) for it in items)
+        inputs = np.full((len(items), k + n_text), self.eot, np.int64)
         targets = np.full((len(items), n_text + 1), self.eot, np.int64)
         token_mask = np.zeros((len(items), n_text + 1), bool)
         for b, it in enumerate(items):
             t, text = it["memory"].shape[0], it["text"]
             memory[b, :t], memory_mask[b, :t] = it["memory"], True
-            k = n_prompt[b]
-            inputs[b, :k], inputs[b, k: k + len(text)] = it["prompt"], text
+            inputs[b, :k], inputs[b, k: k + len(text)] = self.prompt, text
             targets[b, : len(text)] = text          # targets[b, len(text)]: end of text
             token_mask[b, : len(text) + 1] = True
         batch = {"memory": torch.from_numpy(memory), "memory_mask": torch.from_numpy(memory_mask),
                  "dec_inputs": torch.from_numpy(inputs), "dec_targets": torch.from_numpy(targets),
-                 "token_mask": torch.from_numpy(token_mask), "n_prompt": torch.tensor(n_prompt),
+                 "token_mask": torch.from_numpy(token_mask), "n_prompt": k,
                  "task": torch.tensor([int(it["task"]) for it in items]),
                  "grade": torch.tensor([int(it["grade"]) for it in items])}
         if items[0]["label"] is not None:
