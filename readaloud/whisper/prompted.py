@@ -158,8 +158,9 @@ def row_prompts(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, lis
             out.append((tuple(ids), key))
         elif per_clip and text:
             if text not in own:
-                clip_ids = prompt_ids(model, written_words(text))
-                own[text] = (tuple(clip_ids), "own_" + vocabulary_key(written_words(text))) if clip_ids else None
+                clip_words = written_words(text)
+                clip_ids = prompt_ids(model, clip_words)
+                own[text] = (tuple(clip_ids), "own_" + vocabulary_key(clip_words)) if clip_ids else None
             out.append(own[text])
         else:
             out.append(None)
@@ -219,10 +220,10 @@ def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str
 def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence, words: dict[str, list[str]],
                    cache: str | Path | None = None, progress: bool = True, flush_every: int = 256,
                    per_clip: bool = False) -> AsrTable:
-    """TABLE_COLUMNS of every row of `meta` (filename, task, expected_text) whose task's words
-    (`words`; a task missing there gets its rows' own words) fit in a prompt. Other rows, and those
-    of unreadable clips, are NaN and not ok; computed rows are added to `cache` every `flush_every`
-    clips."""
+    """TABLE_COLUMNS of every row of `meta` (filename, task, expected_text) that has a prompt
+    (row_prompts: its task's words, `words`, a task missing there getting its rows' own words, when
+    they fit; else, with `per_clip`, its own expected words). Other rows, and those of unreadable
+    clips, are NaN and not ok; computed rows are added to `cache` every `flush_every` clips."""
     known = read_prompted_cache(Path(cache)) if cache is not None else PromptedCache()
     found = dict(known.values)
     prompts = row_prompts(meta, model, words, per_clip)
