@@ -7,7 +7,8 @@ taking its name apart.
     <assets>/<variant>_<fold>.pth        best weights + everything inference needs (written last)
     <assets>/<variant>_<fold>_oof.csv    out-of-fold predictions on the held-out fold
     <assets>/<variant>_<fold>.json       the fold's summary: variant, fold, n_folds, config, scores
-    <assets>/runs/<variant>_<fold>/      last.pth (resume state), best.pth, metrics.csv, train.log
+    <assets>/runs/<variant>_<fold>/      metrics.csv, train.log, plots; while the fold trains also
+                                         last.pth (resume state) and best.pth (removed once it is finished)
     <assets>/model_configs.json (+ .pkl) the ensemble
     <data>/cache/                        clip features, bad_clips.csv, folds_<k>.csv (+ .json), alignment tables
 """
@@ -100,6 +101,13 @@ class FoldPaths:
 
     def finished(self) -> bool:
         return self.checkpoint.exists() and self.oof.exists()
+
+    @property
+    def resume_state(self) -> tuple[Path, Path]:
+        """What only an unfinished fold needs: the state it resumes from and its best weights so far
+        (a finished fold's checkpoint holds those weights; a finished fold is skipped, --force and
+        --restart clear the run folder)."""
+        return self.last, self.best
 
     def read_summary(self) -> dict | None:
         """The fold's summary, or None when it is missing or unreadable."""

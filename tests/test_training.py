@@ -48,6 +48,11 @@ def test_killed_fold_resumes_to_the_same_weights(tiny_data, root, tmp_path):
     metrics = pd.read_csv(tmp_path / "b" / "runs" / "model1mean_0" / "metrics.csv")
     assert metrics["epoch"].tolist() == [1, 2, 3], "metrics survive the kill without duplicates"
     assert list((tmp_path / "b" / "runs" / "model1mean_0" / "tensorboard").glob("events.*"))
+    for run in ("a", "b"):   # finished: the resume state went, the record of the run stayed
+        run_dir = tmp_path / run / "runs" / "model1mean_0"
+        assert not (run_dir / "last.pth").exists() and not (run_dir / "best.pth").exists(), run
+        assert (run_dir / "metrics.csv").exists() and (run_dir / "curves.png").exists(), run
+    assert "removed its resume state" in resumed.stderr
     again = train(root, tiny_data, tmp_path / "b", "--epochs", "3")
     assert "already trained" in again.stdout
 
