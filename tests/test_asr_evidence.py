@@ -312,6 +312,27 @@ def test_a_sequence_asked_twice_on_one_clip_is_aligned_once_with_the_same_log_p(
     assert not np.allclose(together[0], together[3], atol=1e-3), "the same tokens on another clip differ"
 
 
+def test_aligning_without_the_timing_work_gives_the_same_log_p(tiny, clips):
+    """_aligned_logprobs asks align() for one encoder position of timing work (ALIGN_FRAMES): the
+    token probabilities must be, bit for bit, what align() gives with the window's frames, after
+    the plain start and after a prompt, for several rows at once."""
+    import ctranslate2
+    from readaloud.audio import load_audio
+    from readaloud.whisper.asr import ALIGN_FRAMES
+    folder, _ = clips
+    encoded = np.asarray(tiny.encode([load_audio(folder / "a.wav"), load_audio(folder / "c.wav")]))
+    seqs = [tiny.word_token_ids(["jump"])[0], [t for ids in tiny.word_token_ids(["three", "six"]) for t in ids]]
+    prompt = [tiny.tokenizer.token_to_id("<|startofprev|>"), *tiny.word_token_ids(["three"])[0]]
+    for start in (tiny.start_sequence, [*prompt, *tiny.start_sequence]):
+        ours = tiny._aligned_logprobs(encoded, start, seqs)
+        full = tiny.model.align(ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded)), start, seqs,
+                                2 * int(encoded.shape[1]))
+        assert ALIGN_FRAMES < 2 * encoded.shape[1]
+        for lp, r in zip(ours, full):
+            assert np.array_equal(lp, np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)))
+            assert lp.size and np.all(lp < 0)
+
+
 THREADS_PROBE = """
 import sys
 import torch

@@ -57,6 +57,7 @@ ASR_VERSION = 2
 CPU_BATCH = 1    # clips per encoder call on CPU: 30 s windows ran fastest one at a time (2 cores)
 CUDA_BATCH = 16
 T, R = TypeVar("T"), TypeVar("R")
+ALIGN_FRAMES = 2  # num_frames for Whisper.align: one encoder position of timing work (_aligned_logprobs)
 LOW_WORD_P = 0.1  # an expected word less likely than this counts as "low" in exp_low_word_frac
 SENTENCE_MARKS = ".?!"
 
@@ -355,10 +356,13 @@ class WhisperEvidence:
                                       [*prompt, *self.start_sequence], [list(s) for s in sequences])
 
     def _aligned_logprobs(self, encoded: np.ndarray, start: list[int], sequences: list[list[int]]) -> list[np.ndarray]:
-        """float64 log p of sequences[k]'s tokens after `start`, teacher-forced on encoder output row k."""
+        """float64 log p of sequences[k]'s tokens after `start`, teacher-forced on encoder output row k.
+        `align` also times each token against the audio (softmax, median filter and DTW over
+        `num_frames` // 2 encoder positions of its cross-attention), which nothing here reads: it is
+        given ALIGN_FRAMES, and the token probabilities, computed before and apart from that, are the
+        same as with the window's frames (tests/test_asr_evidence.py checks it)."""
         features = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded))
-        frames = 2 * int(encoded.shape[1])   # mel frames of the window (the encoder halves them)
-        results = self.model.align(features, start, sequences, frames)
+        results = self.model.align(features, start, sequences, ALIGN_FRAMES)
         return [np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)) for r in results]
 
     def word_token_ids(self, pieces: list[str]) -> list[list[int]]:
