@@ -76,31 +76,31 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
 # Ear copies (gbm_ear_copies=1, prep/ear_augment.py): trained on clips Whisper always hears right, the
 # trees took a matching transcript as proof and were confidently wrong on a voice it mishears (FSDD
 # nicolas held out: 0.382); one perturbed copy of each training clip shows them garbled transcripts
-# with their true labels (README: Unseen voices, ear copies).
+# with their true labels (docs/history.md: Unseen voices, ear copies).
 # Closed vocabulary (asr_closed_vocab, whisper/closed.py): a second greedy decode that may write only the
 # task's words, so a voice Whisper cannot place still comes back as the nearest task word, not as any
 # English ("Please,"); FSDD leave one speaker out 0.0705 -> 0.0650 (nicolas 0.190 -> 0.162), children
-# 0.223 -> 0.221, words never trained on 0.1655 -> 0.1576 (README: closed-vocabulary transcripts).
+# 0.223 -> 0.221, words never trained on 0.1655 -> 0.1576 (docs/history.md: closed-vocabulary transcripts).
 # 8-leaf trees (4 before): on the children's set OOF 0.2787 -> 0.2731 and test 0.254 -> 0.241 (ensemble
 # OOF 0.2300 -> 0.2261, test 0.223 -> 0.216); on both FSDD splits' cached features test 0.1178 -> 0.1085
-# and 0.1463 -> 0.1378, better for every held-out speaker (README: model6asr's trees).
+# and 0.1463 -> 0.1378, better for every held-out speaker (docs/history.md: model6asr's trees).
 # The closed transcript's log p (asr_closed_logp): how sure Whisper is of the task words it could write,
 # and how far below them the expected text is. FSDD nicolas held out 0.2228 -> 0.2005 (ensemble 0.1648 ->
 # 0.1606); new words nicolas 0.2451 -> 0.2352 (ensemble 0.2804 -> 0.2426), yweweler 0.1839 -> 0.1796
 # (0.1705 -> 0.1591); children 0.2410 -> 0.2408 (ensemble 0.2161 -> 0.2156; OOF 0.2731 -> 0.2758)
-# (README: the closed transcript's log p).
+# (docs/history.md: the closed transcript's log p).
 # Loop features (asr_loop_features, whisper/loops.py): how much of each open and closed transcript repeats a
 # cycle at its end (greedy decoding loops: tiny.en on 10% of FSDD clips, 1.6% of the children's) and how near its
 # best-matching start is to the expected text. Children: model6asr OOF 0.2758 -> 0.2664, test 0.2408 -> 0.2385
 # (ensemble 0.2156 -> 0.2137); FSDD leave one speaker out, ensemble mean 0.0629 -> 0.0624; new words 0.1301 ->
-# 0.1291 (README: greedy decoding loops).
+# 0.1291 (docs/history.md: greedy decoding loops).
 # Task-word prompt (asr_prompt_logp, whisper/prompted.py): the expected text's log p after a prompt listing the
 # task's words, for tasks whose words fit in one (not the children's sentences). FSDD leave one speaker out,
 # seen words, ensemble: jackson 0.0274 -> 0.0173, nicolas 0.1583 -> 0.1379, george 0.0447 -> 0.0318
-# (README: a prompt of the task's words).
+# (docs/history.md: a prompt of the task's words).
 # Per-clip prompt (asr_prompt_per_clip): a task whose words do not fit in a prompt (sentences) gets a prompt of
 # each clip's own expected words. Children (held out by child): model6asr 0.2385 -> 0.2123, ensemble 0.2137 ->
-# 0.2008 (OOF 0.2237 -> 0.2182); the FSDD digit tasks fit a task prompt and are unchanged (README: per-clip prompt).
+# 0.2008 (OOF 0.2237 -> 0.2182); the FSDD digit tasks fit a task prompt and are unchanged (docs/history.md: per-clip prompt).
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
          "base (transcript vs expected text, teacher-forced log p; whisper/asr.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "

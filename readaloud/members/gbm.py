@@ -170,7 +170,7 @@ def fit_gbm(X: np.ndarray, y: np.ndarray, mc: ModelConfig, seed: int, stop_folds
     stopping fold's loss is taken on its real clips only (a copy stands in for a voice Whisper
     mishears; it is not what the trees will score). On the cached features of both FSDD splits this
     kept leave one speaker out (model6asr 0.1177 -> 0.1178) and lowered words never trained on
-    (0.1518 -> 0.1463, OOF 0.150 -> 0.145; README, tree-settings probe).
+    (0.1518 -> 0.1463, OOF 0.150 -> 0.145; docs/history.md, "model6asr's trees").
     """
     y = y.astype(int)
     if stop_folds is not None:
