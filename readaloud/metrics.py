@@ -39,3 +39,29 @@ def task_priors(meta: pd.DataFrame, smoothing: float = 10.0) -> dict[str, float]
 
 def prior_predictions(priors: dict[str, float], tasks) -> np.ndarray:
     return np.array([priors.get(str(t), priors[""]) for t in tasks], dtype=np.float64)
+
+
+def log_loss_decomposition(y, p) -> dict[str, float]:
+    """Log loss split into what recalibration could fix and what it could not (the CORP
+    decomposition, Dimitriadis, Gneiting & Jordan 2021): log loss = miscalibration - discrimination
+    + uncertainty. `recalibrated` is the log loss after the best non-decreasing map of `p`, fitted
+    by pool-adjacent-violators on these very labels (tied predictions share one value): no
+    calibration of these scores, however it was fitted, can score lower on these clips. So a
+    speaker whose `recalibrated` is above a target needs better-ranked scores, not a better
+    calibration. `uncertainty` is the log loss of the labels' own base rate.
+
+    Every probability is clipped to [EPS, 1 - EPS] as `log_loss` clips it (the clipped PAV fit is
+    the best monotone map within those bounds), so miscalibration >= 0 and discrimination >= 0
+    up to rounding, and the three parts add up to `log_loss(y, p)` exactly."""
+    from sklearn.isotonic import IsotonicRegression
+    y = np.asarray(y, dtype=np.float64)
+    p = clip_prob(p)
+    if y.size == 0:
+        nan = float("nan")
+        return {"logloss": nan, "miscalibration": nan, "discrimination": nan, "uncertainty": nan,
+                "recalibrated": nan}
+    fitted = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(p, y).predict(p)
+    total, recalibrated = log_loss(y, p), log_loss(y, fitted)
+    uncertainty = log_loss(y, np.full_like(y, y.mean()))
+    return {"logloss": total, "miscalibration": total - recalibrated, "discrimination": uncertainty - recalibrated,
+            "uncertainty": uncertainty, "recalibrated": recalibrated}

@@ -34,7 +34,9 @@ def test_loso_runs_each_speaker_once_and_tabulates(tmp_path, monkeypatch):
         held = split["test"][0]
         member = {"a": 0.5, "b": 0.6, "c": 0.4}[held]
         return {"test_logloss": {"prior (base rate)": {"overall": 0.69}, "model1mean": {"overall": member},
-                                 "ensemble": {"overall": member - 0.05}}}
+                                 "ensemble": {"overall": member - 0.05}},
+                "decomposition": {"model1mean": {"recalibrated": member - 0.2},
+                                  "ensemble": {"recalibrated": member - 0.25}}}
 
     monkeypatch.setattr(quality, "main", fake_quality)
     out = tmp_path / "loso"
@@ -49,8 +51,12 @@ def test_loso_runs_each_speaker_once_and_tabulates(tmp_path, monkeypatch):
     assert table["model1mean"]["mean"] == pytest.approx(0.5)
     assert table["ensemble"]["mean"] == pytest.approx(0.45)
     assert table["ensemble"]["b"] == pytest.approx(0.55)
+    floor = res["recalibrated"]
+    assert floor["model1mean"]["mean"] == pytest.approx(0.3) and floor["ensemble"]["c"] == pytest.approx(0.15)
     md = (out / "loso.md").read_text()
     assert "| ensemble |" in md and "mean" in md
+    floor_rows = md.split("| recalibrated |")[1]
+    assert "| ensemble | 0.2500 | 0.3500 | 0.1500 | 0.2500 |" in floor_rows
     assert (out / "loso.png").stat().st_size > 1000
     # a rerun does not rebuild finished data sets
     before = (out / "heldout_a" / "data" / "split.json").stat().st_mtime_ns
@@ -62,3 +68,11 @@ def test_loso_refuses_a_single_speaker(tmp_path):
     (tmp_path / "b.py").write_text("")
     with pytest.raises(SystemExit, match="at least two"):
         loso.main(["--recordings", str(tmp_path), "--speakers", "a", "--builder", str(tmp_path / "b.py")])
+
+
+def test_loso_floor_only_for_predictors_every_speaker_decomposes():
+    a = {"decomposition": {"ensemble": {"recalibrated": 0.1}, "model1mean": {"recalibrated": 0.2}}}
+    b = {"decomposition": {"ensemble": {"recalibrated": 0.3}}}
+    old = {"test_logloss": {}}   # a summary written before the decomposition
+    assert loso.recalibrated_table({"a": a, "b": b}) == {"ensemble": {"a": 0.1, "b": 0.3, "mean": pytest.approx(0.2)}}
+    assert loso.recalibrated_table({"a": a, "c": old}) == {}

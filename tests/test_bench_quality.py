@@ -2,6 +2,7 @@
 import json
 
 import pandas as pd
+import pytest
 
 from conftest import run_script
 
@@ -25,3 +26,10 @@ def test_quality_benchmark_reports_per_task_and_grade(chain, tmp_path):
         assert (out / png).stat().st_size > 1000
     md = (out / "summary.md").read_text()
     assert "| ensemble |" in md and "reliability.png" in md
+    parts = summary["decomposition"]
+    assert set(parts) == {"model1mean", "ensemble"}   # the priors are not decomposed
+    for name, d in parts.items():
+        assert d["logloss"] == pytest.approx(table[name]["overall"])
+        assert d["miscalibration"] - d["discrimination"] + d["uncertainty"] == pytest.approx(d["logloss"])
+        assert d["recalibrated"] <= d["logloss"] + 1e-12
+    assert "| log loss | miscalibration | discrimination | uncertainty | recalibrated |" in md

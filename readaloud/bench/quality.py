@@ -52,6 +52,18 @@ def metrics_by(y: np.ndarray, p: np.ndarray, labels) -> dict[str, dict]:
             for value in sorted(labels.unique())}
 
 
+def decomposition_lines(parts: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown for {predictor: metrics.log_loss_decomposition(...)}: how much of each test log loss a
+    perfect recalibration would remove, and what it would leave."""
+    lines = ["Test log loss = miscalibration - discrimination + uncertainty (CORP decomposition; "
+             "*recalibrated*: after the best monotone map fitted on these test labels themselves, "
+             "a floor for any calibration, not a method):\n",
+             "| | log loss | miscalibration | discrimination | uncertainty | recalibrated |", "|---" * 6 + "|"]
+    keys = ("logloss", "miscalibration", "discrimination", "uncertainty", "recalibrated")
+    lines += [f"| {name} | " + " | ".join(f"{d[k]:.4f}" for k in keys) + " |" for name, d in parts.items()]
+    return lines
+
+
 def breakdown(y: np.ndarray, p: np.ndarray, meta: pd.DataFrame, columns=("task", "grade")) -> dict:
     """Log loss overall and per value of each column, flat: {"overall", "task=...", "grade=..."}."""
     from readaloud.metrics import log_loss
@@ -83,7 +95,7 @@ def main(argv=None) -> dict:
     from readaloud.layout import FoldPaths, saved_folds
     from readaloud.pipeline.ensemble import read_config
     from readaloud.pipeline.inference import run_inference
-    from readaloud.metrics import prior_predictions, task_priors
+    from readaloud.metrics import log_loss_decomposition, prior_predictions, task_priors
     from readaloud.plots import plot_cv_bars, plot_reliability, plot_task_losses
     from readaloud.variants import resolve_models
 
@@ -157,9 +169,11 @@ def main(argv=None) -> dict:
              "Test log loss:\n", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, row in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{row[c]:.4f}" for c in cols) + " |")
+    parts = {name: log_loss_decomposition(y, p) for name, p in preds.items() if not name.startswith("prior")}
+    lines += ["", *decomposition_lines(parts)]
     lines += ["", *(f"![{k}]({Path(v).name})" for k, v in plots.items())]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    summary = {"data": str(data), "test_logloss": table, "oof_logloss": config["oof_logloss"],
+    summary = {"data": str(data), "test_logloss": table, "decomposition": parts, "oof_logloss": config["oof_logloss"],
                "plots": {k: str(v) for k, v in plots.items()}, "predictions": files, "assets": str(assets),
                "seconds": seconds}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
