@@ -69,6 +69,10 @@ def test_children_bench_end_to_end(tmp_path, root):
     assert all(v > 0 for v in report["step_seconds"].values())
     md = (out / "children.md").read_text()
     assert "| ensemble |" in md and "| model5gbm |" in md and "swap" in md and "grade " in md
+    parts = report["decomposition"]
+    assert set(parts) == {"model5gbm", "ensemble"}
+    assert parts["ensemble"]["logloss"] == pytest.approx(report["predictors"]["ensemble"]["logloss"])
+    assert "| miscalibration | discrimination | uncertainty | recalibrated |" in md
     for png in ("reliability.png", "changes.png"):
         assert (out / png).stat().st_size > 1000
 

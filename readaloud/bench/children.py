@@ -135,7 +135,8 @@ def children_report(data: Path, summary: dict) -> dict:
             "predictors": {name: predictor_report(table, p) for name, p in preds.items()},
             "fold_seconds": seconds, "oof_logloss": summary["oof_logloss"],
             "blend": config.get("blend"), "fold_by": config.get("fold_by"),
-            "weights": {m["model"]: m["weight"] for m in config["members"]}}
+            "weights": {m["model"]: m["weight"] for m in config["members"]},
+            "decomposition": summary.get("decomposition", {})}
 
 
 def grade_order(grade: str) -> tuple:
@@ -180,8 +181,10 @@ def report_lines(report: dict, options: list[str], wall: float) -> list[str]:
     steps = ", ".join(f"{k} {v:.0f}" for k, v in report["step_seconds"].items())
     lines += ["", f"Wall seconds per step of this run (a rerun skips finished folds): {steps}."]
     lines += ["", f"Test clips per change type: {counts}. Ensemble weights: "
-              + ", ".join(f"{m} {w:.3f}" for m, w in report["weights"].items()) + ".",
-              "", "![reliability](reliability.png)", "", "![changes](changes.png)"]
+              + ", ".join(f"{m} {w:.3f}" for m, w in report["weights"].items()) + "."]
+    if report.get("decomposition"):
+        lines += ["", *quality.decomposition_lines(report["decomposition"])]
+    lines += ["", "![reliability](reliability.png)", "", "![changes](changes.png)"]
     return lines
 
 
