@@ -77,6 +77,12 @@ def recalibrated_table(results: dict[str, dict]) -> dict[str, dict[str, float]]:
     return table
 
 
+def table_lines(corner: str, table: dict[str, dict[str, float]], cols: list[str]) -> list[str]:
+    """Markdown rows of a {row: {speaker: loss, 'mean': loss}} table, speakers then the mean as columns."""
+    return ([(f"| {corner} | " if corner else "| | ") + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            + [f"| {r} | " + " | ".join(f"{vals[c]:.4f}" for c in cols) + " |" for r, vals in table.items()])
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # "--tts" passes on
     p.add_argument("--recordings", nargs="+", required=True, help="folder(s) of speaker recordings")
@@ -126,9 +132,7 @@ def main(argv=None) -> dict:
              + (f"training words {args.train_words}, test words {args.test_words} (never trained on); "
                 if args.train_words else "") +
              f"options: `{' '.join(passthrough) or '(defaults)'}`\n",
-             "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for r in rows:
-        lines.append(f"| {r} | " + " | ".join(f"{table[r][c]:.4f}" for c in cols) + " |")
+             *table_lines("", {r: table[r] for r in rows}, cols)]
     members = [r for r in rows if not r.startswith("prior") and r != "ensemble"]
     if "ensemble" in table and members:
         best = min(table[m]["mean"] for m in members)
@@ -138,9 +142,7 @@ def main(argv=None) -> dict:
         lines += ["", "Recalibrated: each speaker's test log loss after the best monotone map fitted on that "
                   "speaker's own test labels (metrics.log_loss_decomposition), a floor that no calibration "
                   "of these scores can go under; a speaker above a target here needs "
-                  "better-ranked scores:\n",
-                  "| recalibrated | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        lines += [f"| {r} | " + " | ".join(f"{floor[r][c]:.4f}" for c in cols) + " |" for r in floor]
+                  "better-ranked scores:\n", *table_lines("recalibrated", floor, cols)]
     out.mkdir(parents=True, exist_ok=True)
     plot = plot_grouped_losses({r: {c: table[r][c] for c in cols} for r in rows}, out / "loso.png",
                                title="Leave-one-speaker-out test log loss")
