@@ -51,7 +51,8 @@ def digit_clips(tmp_path_factory):
     meta = pd.DataFrame({"filename": ["a.wav", "a.wav", "b.wav", "broken.wav"],
                          "task": ["digit_span"] * 4,
                          "expected_text": ["seven two nine", "seven five nine", "four one", "six"]})
-    words = {"digit_span": ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]}
+    spelled = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    words = {"digit_span": sorted(spelled + [str(d) for d in range(10)])}   # as task_words writes them
     return folder, meta, words
 
 
@@ -113,7 +114,7 @@ def test_the_closed_log_p_is_the_teacher_forced_log_p_of_the_closed_tokens(tiny,
     requests = closed.clip_requests(meta, tiny, words)
     for row, name in enumerate(meta["filename"][:3]):
         encoded = tiny.encode([load_audio(folder / name)])
-        ids = tiny.closed_sequences(encoded, requests[name, "digit_span"])[0]
+        ids = tiny.closed_sequences(encoded, requests[name, "digit_span", meta["expected_text"][row]])[0]
         assert tiny.tokenizer.decode(ids).strip() == table.transcripts[row] and ids
         lp = tiny.token_logprobs(np.asarray(encoded), [0], [ids])[0]
         assert col["closed_mean_logp"][row] == pytest.approx(lp.mean(), abs=1e-5)
@@ -162,8 +163,9 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
     gbm.asr_evidence("whisper-tiny.en", meta, data, "cpu", 0, False, words)
     requests = closed.clip_requests(meta, tiny, words)
     decoded = closed.read_closed_cache(closed.closed_cache_path(data, tiny)).transcripts
-    assert set(decoded) == {f"{n}\t{requests[n, 'digit_span'].key}" for n in ("a.wav", "b.wav")}, \
-        "the ASR pass wrote both readable clips'"
+    first = {n: r for (n, _, _), r in reversed(list(requests.items()))}   # each clip's first row's request
+    assert set(decoded) == {f"{n}\t{first[n].key}" for n in ("a.wav", "b.wav")}, \
+        "the ASR pass wrote both readable clips' first requests"
 
     def no_decode(*a):
         raise AssertionError("a second encoder pass for a clip the ASR pass already decoded")
@@ -177,7 +179,7 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     """train.py + infer.py with --asr_closed_vocab true --asr_closed_logp true --asr_loop_features true
     --asr_prompt_logp true on a tiny demo set: the folds save the training vocabulary and read the closed, loop
     and prompted blocks, the ear copies get them too, every test row is scored by model6asr itself, and the
-    test clips' closed decodes and prompts use the training words plus the test table's."""
+    test clips' closed decodes and prompts use the training words plus the row's own, never another row's."""
     import json
 
     from conftest import run_script
@@ -216,22 +218,25 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     said = inferred.stdout + inferred.stderr
     assert "prediction failed" not in said and "from 2/2 checkpoints (model6asr)" in said, said[-2000:]
     test_meta = pd.read_csv(data / "test_metadata.csv")
-    test_words = closed.merge_words(words, closed.task_words(test_meta))
+    vocabularies = closed.row_vocabularies(test_meta, words)
     keys = closed.read_closed_cache(closed.closed_cache_path(data, model)).transcripts
-    requests = closed.clip_requests(test_meta, model, test_words)
-    for name, task in zip(test_meta["filename"], test_meta["task"]):
-        assert requests[name, task].key.startswith(closed.vocabulary_key(test_words[task]))
-        assert f"{name}\t{requests[name, task].key}" in keys, name
+    requests = closed.clip_requests(test_meta, model, words)
+    for name, task, text, vocabulary in zip(test_meta["filename"], test_meta["task"], test_meta["expected_text"],
+                                            vocabularies):
+        own = closed.task_words(pd.DataFrame({"task": [task], "expected_text": [text]}))[task]
+        assert set(vocabulary) == set(words[task]) | set(own), "the task's training words and the row's own"
+        assert requests[name, task, text].key.startswith(closed.vocabulary_key(vocabulary))
+        assert f"{name}\t{requests[name, task, text].key}" in keys, name
     scored = prompted.read_prompted_cache(prompted.prompted_cache_path(data, model)).values
-    test_prompts = prompted.row_prompts(test_meta, model, test_words, per_clip=True)   # model6asr's default
+    test_prompts = prompted.row_prompts(test_meta, model, words, per_clip=True)   # model6asr's default
     assert any(p is not None and not p[1].startswith("own_") for p in test_prompts), \
         "the demo's word tasks fit in a prompt"
-    for name, task, text, prompt in zip(test_meta["filename"], test_meta["task"], asr.expected_texts(test_meta),
-                                        test_prompts):
+    for name, text, prompt, vocabulary in zip(test_meta["filename"], asr.expected_texts(test_meta), test_prompts,
+                                              vocabularies):
         if prompt is None:
             continue
-        if not prompt[1].startswith("own_"):   # a task prompt: the task's words, training's and the test table's
-            assert prompt[1] == prompted.vocabulary_key(test_words[task])
+        if not prompt[1].startswith("own_"):   # a task prompt: the task's training words and the row's own
+            assert prompt[1] == prompted.vocabulary_key(vocabulary)
         assert f"{name}\t{text}\t{prompt[1]}" in scored, name
 
 
@@ -294,14 +299,31 @@ def test_a_closed_decode_stops_at_its_limit_and_the_limit_keys_the_cache(tiny, d
         ids = tiny.tokenizer.encode(" " + cut, add_special_tokens=False).ids if cut else []
         assert len(ids) <= limit // 2 and free.startswith(cut), (limit, cut, free)
     requests = closed.clip_requests(meta, tiny, words)
-    assert requests["a.wav", "digit_span"].max_length == closed.closed_max_length(
-        tiny, ["seven two nine", "seven five nine"])
+    assert requests["a.wav", "digit_span", "seven five nine"].max_length == closed.closed_max_length(
+        tiny, ["seven five nine"]), "each row's limit from its own text alone"
     longer = meta.assign(expected_text=meta["expected_text"].where(meta["filename"] != "b.wav",
                                                                    "four one four one four one"))
     other = closed.clip_requests(longer, tiny, words)
-    assert other["b.wav", "digit_span"].key != requests["b.wav", "digit_span"].key
-    assert other["a.wav", "digit_span"] == requests["a.wav", "digit_span"]
+    assert other["b.wav", "digit_span", "four one four one four one"].key != requests["b.wav", "digit_span", "four one"].key
+    assert other["a.wav", "digit_span", "seven two nine"] == requests["a.wav", "digit_span", "seven two nine"]
     cache = tmp_path / "closed.npz"
     closed.closed_table(meta, folder, tiny, words, cache, progress=False)
     assert set(closed.pending_requests(meta, tiny, words, cache)) == {"broken.wav"}, "unreadable: never cached"
     assert set(closed.pending_requests(longer, tiny, words, cache)) == {"b.wav", "broken.wav"}
+
+
+def test_a_rows_vocabulary_depends_on_that_row_alone():
+    """row_vocabularies: the task's training words plus the row's own; adding a row with new words,
+    of a known task or of one never trained on, leaves every other row's vocabulary as it was."""
+    from readaloud.whisper import closed
+    words = {"digit_span": ["1", "2", "4", "7", "four", "one", "seven", "two"], "blending": ["cat", "dog"]}
+    meta = pd.DataFrame({"task": ["digit_span", "digit_span"], "expected_text": ["seven two", "seven nine"]})
+    alone = closed.row_vocabularies(meta, words)
+    assert alone[0] == words["digit_span"]
+    assert set(alone[1]) == set(words["digit_span"]) | {"nine", "9"}
+    more = pd.concat([meta, pd.DataFrame({"task": ["digit_span", "mystery"],
+                                          "expected_text": ["eight zero", "zebra"]})], ignore_index=True)
+    together = closed.row_vocabularies(more, words)
+    assert together[:2] == alone, "another row's words never reach this row's vocabulary"
+    assert set(together[3]) == set(words["digit_span"]) | {"cat", "dog", "zebra"}, \
+        "a task never trained on: every training word and its own"

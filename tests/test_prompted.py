@@ -81,7 +81,7 @@ def test_prompted_log_p_scores_rows_with_a_prompt_and_is_cached(tiny, clips, tmp
     again = prompted.prompted_table(meta, folder, tiny, words, cache, progress=False)
     np.testing.assert_array_equal(again.X[:2], table.X[:2])
     assert again.ok.tolist() == table.ok.tolist()
-    other = dict(words, digit_span=DIGITS[:5] + ["seven", "nine"])    # another vocabulary is another prompt
+    other = dict(words, digit_span=DIGITS[:6] + ["seven", "nine"])    # another vocabulary is another prompt
     monkeypatch.undo()
     calls = []
     original = prompted.prompted_logprobs

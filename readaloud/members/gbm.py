@@ -38,7 +38,7 @@ from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
 from ..prep.prepare import TrainingInputs, ensure_clip_features
 from ..whisper import asr
 from ..whisper.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
-                              closed_logp_block, closed_table, merge_words, pending_requests, task_words)
+                              closed_logp_block, closed_table, pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES
 from ..whisper.loops import LOOP_FEATURE_NAMES, loop_block
 from ..whisper import prompted as prompted_log_p
@@ -583,9 +583,9 @@ class GBMPredictor:
             if here != self.model.asr_weights:
                 raise CheckpointError(f"its ASR features came from Whisper weights/settings {self.model.asr_weights}, "
                                       f"these are {here}: retrain the fold with these weights")
-        # the closed vocabulary: the training words and the test table's (one clip alone must not be its
-        # own vocabulary)
-        words = merge_words(self.model.closed_words, task_words(inputs.rows)) if layout.closed else None
+        # the closed vocabulary: the training words; each row adds its own (closed.row_vocabularies), never
+        # another row's
+        words = self.model.closed_words if layout.closed else None
         rows, folder, progress = inputs.rows, inputs.data_dir, inputs.progress
 
         def shared(key, compute):   # computed for the first gbm fold that needs it, reused by the others

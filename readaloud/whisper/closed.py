@@ -13,9 +13,11 @@ speaker (tiny.en / base), nicolas's correct items 27% -> 50% / 33% -> 58%, ywewe
 item matched either way (a substituted, dropped or added word is still a word of the vocabulary).
 
 The vocabulary is per task: the normalised words of the task's expected texts in the training
-table (the same for every fold, so computed once), and at inference those training words plus the
-test table's (a single test clip must not get a vocabulary of its own words only, in which any
-answer would come back as the expected one). A transcript and its tokens' log p are cached per (clip,
+table (the same for every fold, so computed once). At inference a row reads its task's training
+words plus its own expected text's words (row_vocabularies; a task never trained on reads every
+task's training words plus its own): never the other test rows', so a row's score depends on that
+row alone, and a single test clip never gets a vocabulary of its own words only, in which any
+answer would come back as the expected one. A transcript and its tokens' log p are cached per (clip,
 vocabulary, limit) in <data>/cache/closed_v3_<model>.npz; a clip whose other ASR evidence is computed in the same run is
 decoded from that pass's encoder output (asr_table(closed=...)), so the closed decode costs a
 decode, not another encoder pass. Features per row (`CLOSED_FEATURES`): exact match, word and
@@ -179,39 +181,53 @@ def closed_max_length(model: WhisperEvidence, texts: list[str]) -> int:
     return min(model.settings.max_length, 2 * (factor * longest + margin))
 
 
-def _vocab_keys(meta: pd.DataFrame, words: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str, str]]:
-    """`words` completed with the rows' own words for tasks it lacks, and each task's vocabulary key."""
-    words = merge_words(words, {t: w for t, w in task_words(meta).items() if t not in words})
-    return words, {task: vocabulary_key(w) for task, w in words.items()}
+def row_vocabularies(meta: pd.DataFrame, words: dict[str, list[str]]) -> list[list[str]]:
+    """Each row's vocabulary: its task's words in `words` (the training table's) and the words of its
+    own expected text; a task `words` lacks reads every task's words in `words`. No other row has a
+    say, so adding, removing or breaking a test row changes no other row's vocabulary. During
+    training `words` holds every row's own words already, so each row reads its task's words."""
+    every = sorted(set().union(*words.values())) if words else []
+    known = {task: set(w) for task, w in words.items()}
+    out: list[list[str]] = []
+    made: dict[tuple[str, str], list[str]] = {}
+    for task, text in zip(meta["task"].astype(str), meta["expected_text"]):
+        text = text if isinstance(text, str) else ""
+        if (task, text) not in made:
+            base = words.get(task, every)
+            own = set(written_words(text)) | {t.text for t in normalise_tokens(text)} if text.strip() else set()
+            own.discard("")
+            made[task, text] = base if own <= known.get(task, set(every)) else sorted(set(base) | own)
+        out.append(made[task, text])
+    return out
 
 
 def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]]
-                  ) -> dict[tuple[str, str], ClosedRequest]:
-    """{(filename, task): its ClosedRequest} of every row with an expected text: the task's
-    vocabulary (`words`; a task missing there gets its rows' own words) and a length limit from the
-    longest text the clip has in that task."""
-    words, vocab_keys = _vocab_keys(meta, words)
-    texts: dict[tuple[str, str], list[str]] = {}
-    for name, task, text in zip(meta["filename"].astype(str), meta["task"].astype(str), expected_texts(meta)):
-        if text:
-            texts.setdefault((name, task), []).append(text)
+                  ) -> dict[tuple[str, str, str], ClosedRequest]:
+    """{(filename, task, expected text): its ClosedRequest} of every row with an expected text: the
+    row's vocabulary (row_vocabularies) and a length limit from its own text."""
+    requests: dict[tuple[str, str, str], ClosedRequest] = {}
     suppress: dict[str, list[int]] = {}
-    out: dict[tuple[str, str], ClosedRequest] = {}
-    for (name, task), clip_texts in texts.items():
-        if task not in suppress:
-            suppress[task] = suppressed_tokens(model, allowed_tokens(model, words[task]))
-        limit = closed_max_length(model, clip_texts)
-        out[name, task] = ClosedRequest(vocab_keys[task], suppress[task], limit)
-    return out
+    limits: dict[str, int] = {}
+    for name, task, text, vocabulary in zip(meta["filename"].astype(str), meta["task"].astype(str),
+                                            expected_texts(meta), row_vocabularies(meta, words)):
+        if not text or (name, task, text) in requests:
+            continue
+        key = vocabulary_key(vocabulary)
+        if key not in suppress:
+            suppress[key] = suppressed_tokens(model, allowed_tokens(model, vocabulary))
+        if text not in limits:
+            limits[text] = closed_max_length(model, [text])
+        requests[name, task, text] = ClosedRequest(key, suppress[key], limits[text])
+    return requests
 
 
 def pending_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]],
                      cache: str | Path | None) -> dict[str, ClosedRequest]:
     """{filename: ClosedRequest} of the clips whose closed transcript `cache` lacks: what
-    asr_table(closed=...) decodes from the encoder output it computes anyway (a clip's first task)."""
+    asr_table(closed=...) decodes from the encoder output it computes anyway (a clip's first request)."""
     known = read_closed_cache(Path(cache)).transcripts if cache is not None else {}
     out: dict[str, ClosedRequest] = {}
-    for (name, _), request in clip_requests(meta, model, words).items():
+    for (name, _, _), request in clip_requests(meta, model, words).items():
         if name not in out and _key(name, request.key) not in known:
             out[name] = request
     return out
@@ -221,9 +237,9 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
                  words: dict[str, list[str]], cache: str | Path | None = None, progress: bool = True,
                  flush_every: int = 256) -> AsrTable:
     """TABLE_COLUMNS (CLOSED_FEATURES, then the closed transcript's mean and sum log p) of every row
-    of `meta` (filename, task, expected_text), each clip decoded
-    once per vocabulary of its rows' tasks (`words`; a task missing there gets its rows' own words);
-    computed transcripts are added to `cache` every `flush_every` clips."""
+    of `meta` (filename, task, expected_text), each clip decoded once per vocabulary and length limit
+    of its rows (clip_requests: the task's words in `words` and the row's own); computed transcripts
+    are added to `cache` every `flush_every` clips."""
     for column in ("filename", "task", "expected_text"):
         if column not in meta.columns:
             raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
@@ -233,10 +249,11 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     texts = expected_texts(meta)
     known = read_closed_cache(Path(cache)) if cache is not None else ClosedCache()
     found = dict(known.transcripts)
-    todo = [item for item, request in requests.items() if _key(item[0], request.key) not in found]
+    todo = list({(item[0], request.key): item for item, request in requests.items()
+                 if _key(item[0], request.key) not in found}.values())   # one decode per (clip, request)
 
-    def decode(item: tuple[str, str]) -> ClosedTranscript | None:
-        name, task = item
+    def decode(item: tuple[str, str, str]) -> ClosedTranscript | None:
+        name = item[0]
         try:
             audio = load_audio(Path(audio_dir) / name)
         except AudioError as exc:
@@ -245,12 +262,12 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
         return closed_decode(model, audio, requests[item])
 
     fresh: dict[tuple[str, str], ClosedTranscript] = {}
-    for (name, task), transcript in tqdm(zip(todo, model.map_clips(decode, todo)), total=len(todo),
-                                         desc=f"closed-vocabulary decode ({model.name})", unit="clip",
-                                         disable=not progress or not todo):
+    for item, transcript in tqdm(zip(todo, model.map_clips(decode, todo)), total=len(todo),
+                                 desc=f"closed-vocabulary decode ({model.name})", unit="clip",
+                                 disable=not progress or not todo):
         if transcript is None:
             continue
-        key = requests[name, task].key
+        name, key = item[0], requests[item].key
         fresh[name, key] = found[_key(name, key)] = transcript
         if cache is not None and len(fresh) >= flush_every:
             add_to_closed_cache(Path(cache), fresh)
@@ -261,7 +278,7 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
     ok = np.zeros(len(meta), bool)
     transcripts = [""] * len(meta)
     for row, (name, task, text) in enumerate(zip(names, tasks, texts)):
-        transcript = found.get(_key(name, requests[name, task].key)) if text else None
+        transcript = found.get(_key(name, requests[name, task, text].key)) if text else None
         if transcript is None:
             continue
         c = text_comparison(text, transcript.text)

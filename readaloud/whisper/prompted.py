@@ -19,7 +19,8 @@ on right answers from 33% to 44% and 38% to 56%, with no wrong answer matched ei
 A vocabulary too long for a prompt (sentences: the children's set has 813 words, 935 tokens;
 Whisper reads at most 223 tokens of previous text) gets no prompt: those rows' features are NaN
 and cost nothing. Like the closed vocabulary (whisper/closed.py), the words are the training
-table's per task, and at inference those plus the test table's. Features per row
+table's per task, and at inference a row reads its task's training words plus its own
+(closed.row_vocabularies): no other test row has a say. Features per row
 (`PROMPT_FEATURES`): mean, least and summed log p of the expected text's tokens, and the mean's
 gain over the unprompted one (asr's exp_mean_logp). Cached per (clip, expected text, vocabulary)
 in <data>/cache/prompted_v2_<model>.npz. A clip whose other ASR evidence is computed in the same run
@@ -43,7 +44,7 @@ from ..audio import AudioError, load_audio
 from ..features import merge_npz_cache, read_npz_cache
 from ..layout import cache_dir
 from .asr import FEATURE_NAMES, AsrTable, PromptRequest, WhisperEvidence, expected_texts, row_key
-from .closed import merge_words, task_words, written_words
+from .closed import row_vocabularies, written_words
 
 log = logging.getLogger("readaloud")
 PROMPT_VERSION = 2   # 2: the expected text in the prompt's style
@@ -134,28 +135,25 @@ def prompted_logprobs(model: WhisperEvidence, audio: np.ndarray, prompt: list[in
     return model.prompted_logprobs(np.asarray(model.encode([audio])), 0, prompt, sequences)
 
 
-def task_vocabularies(meta: pd.DataFrame, words: dict[str, list[str]]) -> dict[str, list[str]]:
-    """`words` completed with the rows' own words for tasks it lacks."""
-    return merge_words(words, {t: w for t, w in task_words(meta).items() if t not in words})
-
-
 def row_prompts(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]], per_clip: bool = False
                 ) -> list[tuple[tuple[int, ...], str] | None]:
-    """Each row's (prompt ids, vocabulary key): its task's words (`words`; a task missing there gets
-    its rows' own words) when they fit in a prompt; else, with `per_clip`, the row's own expected
-    words (a sentence's words, alphabetical: which words may come, for tasks whose vocabulary is
-    too long); else None."""
+    """Each row's (prompt ids, vocabulary key): its vocabulary (closed.row_vocabularies: its task's
+    words in `words` and its own) when it fits in a prompt; else, with `per_clip`, the row's own
+    expected words (a sentence's words, alphabetical: which words may come, for tasks whose vocabulary
+    is too long); else None. No other row has a say in a row's prompt."""
     for column in ("filename", "task", "expected_text"):
         if column not in meta.columns:
             raise ValueError(f"metadata has no {column!r} column (columns: {', '.join(meta.columns)})")
-    words = task_vocabularies(meta, words)
-    by_task = {task: (prompt_ids(model, w), vocabulary_key(w)) for task, w in words.items()}
     out: list[tuple[tuple[int, ...], str] | None] = []
+    prompts: dict[str, tuple[tuple[int, ...], str] | None] = {}
     own: dict[str, tuple[tuple[int, ...], str] | None] = {}
-    for task, text in zip(meta["task"].astype(str), expected_texts(meta)):
-        ids, key = by_task.get(task, (None, ""))
-        if ids is not None:
-            out.append((tuple(ids), key))
+    for text, vocabulary in zip(expected_texts(meta), row_vocabularies(meta, words)):
+        key = vocabulary_key(vocabulary)
+        if key not in prompts:
+            ids = prompt_ids(model, vocabulary)
+            prompts[key] = (tuple(ids), key) if ids is not None else None
+        if prompts[key] is not None:
+            out.append(prompts[key])
         elif per_clip and text:
             if text not in own:
                 clip_words = written_words(text)
@@ -221,8 +219,7 @@ def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvid
                    cache: str | Path | None = None, progress: bool = True, flush_every: int = 256,
                    per_clip: bool = False) -> AsrTable:
     """TABLE_COLUMNS of every row of `meta` (filename, task, expected_text) that has a prompt
-    (row_prompts: its task's words, `words`, a task missing there getting its rows' own words, when
-    they fit; else, with `per_clip`, its own expected words). Other rows, and those of unreadable
+    (row_prompts: its task's words in `words` and its own, when they fit; else, with `per_clip`, its own expected words). Other rows, and those of unreadable
     clips, are NaN and not ok; computed rows are added to `cache` every `flush_every` clips."""
     known = read_prompted_cache(Path(cache)) if cache is not None else PromptedCache()
     found = dict(known.values)
