@@ -1,13 +1,16 @@
 """Predict the test set with the fitted ensemble and write submission.csv (works offline).
 
     python infer.py [--data data] [--assets assets] [--out submission.csv] [--device auto] [--time_limit S]
-                    [--explain [FILE]]
+                    [--explain [FILE]] [--report DIR]
 
 Rows and order follow data/submission_format.csv. With data/test_labels.csv present the test
 log loss is printed (ensemble, each model, and the task prior). --explain also writes, per row,
 the expected words with Whisper's probability of each, the transcript and the least likely word
 (FILE .csv or .jsonl; default <out>_explain.csv), after the submission: its failure is logged,
-never the submission's.
+never the submission's. --report DIR writes DIR/index.html, a page for the people who check the
+scores (readaloud/pipeline/review.py: per row the clip, the words coloured by probability, the
+transcript, the ensemble's and each member's score; marks downloaded as corrections.csv for
+preprocess.py --corrections), also after the submission and never at its cost.
 """
 import argparse
 import json
@@ -31,6 +34,8 @@ def main():
     p.add_argument("--ray_shards", type=int, default=None, help="shards with --ray (default: as many as run at once)")
     p.add_argument("--explain", nargs="?", const="", default=None, metavar="FILE",
                    help="per-word evidence per row (.csv or .jsonl; default <out>_explain.csv)")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="a review page DIR/index.html: each row's clip, words by probability, scores, marks")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -60,6 +65,8 @@ def main():
         json.dump(result, f, indent=1)
     if args.explain is not None:
         explain(args)
+    if args.report is not None:
+        report(args, result)
     if "error" in result:
         print(result["error"], file=sys.stderr)
         sys.exit(2)
@@ -74,6 +81,19 @@ def explain(args) -> None:
         print(f"wrote {done['explain']}: {done['explained']}/{done['rows']} rows explained ({done['backbone']})")
     except Exception:
         logging.exception("--explain failed (the submission is written and unaffected)")
+
+
+def report(args, result: dict) -> None:
+    """infer.py --report DIR, after the submission is written: a failure is logged, nothing more."""
+    try:
+        from readaloud.pipeline.review import write_review  # here: even a broken import is logged
+        done = write_review(args.data, args.assets, args.report, args.out, result, args.device,
+                            progress=not args.no_progress)
+        print(f"wrote {done['report']}: {done['rows']} rows, {done['explained']} with word probabilities"
+              f" ({done['backbone'] or 'none'}), {done['labelled']} labelled, members: "
+              f"{', '.join(done['members']) or 'ensemble only'}")
+    except Exception:
+        logging.exception("--report failed (the submission is written and unaffected)")
 
 
 if __name__ == "__main__":

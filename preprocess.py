@@ -1,9 +1,12 @@
 """Prepare a data folder once: TTS references, cached log-mel features, the fold file.
 
     python preprocess.py [--data data] [--tts_dir tts_data] [--n_folds 6] [--tts espeak:en-us+f3] [--workers 2]
-                         [--fold_by stratified|voice | --groups FILE]
+                         [--fold_by stratified|voice | --groups FILE] [--corrections FILE]
 
-Idempotent: a rerun synthesizes and decodes only what is not cached yet.
+Idempotent: a rerun synthesizes and decodes only what is not cached yet. --corrections FILE (a
+filename,score CSV, as the review page of infer.py --report downloads it) first corrects the labels
+of training clips and adds test clips to training (readaloud/corrections.py); then retrain with
+train.py --force.
 """
 import argparse
 import logging
@@ -11,7 +14,8 @@ import time
 from pathlib import Path
 
 from readaloud.cli import add_common
-from readaloud.data import load_split
+from readaloud.corrections import apply_corrections, extend_folds
+from readaloud.data import DataError, load_split
 from readaloud.features import FeatureParams
 from readaloud.layout import bad_clips_path, fold_path
 from readaloud.prep.folds import SCHEMES, load_or_create_folds, mark_current, read_groups
@@ -35,6 +39,10 @@ def main():
     p.add_argument("--groups", default=None, metavar="FILE",
                    help="CSV with columns filename,group (or filename,speaker): each group (e.g. a child) "
                         "lies inside one fold, so out-of-fold scores are for unheard children")
+    p.add_argument("--corrections", default=None, metavar="FILE",
+                   help="CSV filename,score (the review page's corrections.csv): corrects training labels, adds "
+                        "test clips to training (data folder's CSVs rewritten, first versions kept, changes logged "
+                        "in corrections_log.csv)")
     args = p.parse_args()
     if args.groups and args.fold_by not in (None, "groups"):
         p.error(f"--groups makes 'groups' folds; it cannot be combined with --fold_by {args.fold_by}")
@@ -43,6 +51,13 @@ def main():
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     t0 = time.time()
     params = FeatureParams(n_mels=args.n_mels)
+    applied = None
+    if args.corrections:
+        try:
+            applied = apply_corrections(args.data, args.corrections)
+        except (OSError, DataError) as exc:
+            raise SystemExit(f"preprocess.py --corrections: {exc}") from None
+        print("\n".join(applied.lines()))
     train = load_split(args.data, "train").meta
     groups = None
     if args.groups:
@@ -60,6 +75,8 @@ def main():
         names += list(test["filename"])
     bank = ensure_references(args.tts_dir, args.tts, texts, params)
     store, bad = ensure_clip_features(args.data, names, params, workers=args.workers, retry_bad=args.retry_bad)
+    if applied is not None:  # also places clips a failed earlier run added but could not place
+        extend_folds(args.data, args.n_folds, train, groups)
     folds = load_or_create_folds(args.data, train, args.n_folds, args.fold_by, clips=store, groups=groups)
     mark_current(args.data, args.n_folds)  # train, check_models, get_config read the fold count from here
     print(f"references: {len(bank.index)} texts in {bank.root}")
@@ -71,6 +88,9 @@ def main():
     print(f"folds: {args.n_folds} ({scheme}) -> "
           f"{fold_path(args.data, args.n_folds)} "
           f"(sizes {folds.value_counts().sort_index().tolist()})")
+    if applied is not None and applied.changed:
+        print(f"the training labels changed: retrain every fold, e.g. python train.py --data {args.data} --force "
+              f"(then get_config.py and infer.py)")
     print(f"done in {time.time() - t0:.1f}s")
 
 
