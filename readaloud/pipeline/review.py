@@ -141,7 +141,7 @@ def page_rows(data_dir: Path, out_dir: Path, submission: pd.DataFrame, explanati
     return rows
 
 
-def reliability_svg(y: np.ndarray, p: np.ndarray, title: str, size: int = 150) -> str:
+def reliability_svg(y: np.ndarray, p: np.ndarray, title: str, size: int = 110) -> str:
     """An inline SVG reliability plot: observed rate against mean score per bin of the score, a dot
     per non-empty bin (its area the bin's clip count), the diagonal for perfect calibration."""
     pad, inner = 22, size - 30
@@ -172,8 +172,8 @@ def reliability_svg(y: np.ndarray, p: np.ndarray, title: str, size: int = 150) -
     if len(points) > 1:
         parts.append('<polyline fill="none" stroke="#1f6fb2" stroke-width="1" points="'
                      + " ".join(f"{x:.1f},{yv:.1f}" for x, yv in points) + '"/>')
-    parts.append(f'<text x="{pad + inner / 2:.1f}" y="{size + 4}" font-size="10" text-anchor="middle">'
-                 f'{html.escape(title)}</text><text x="{pad + inner / 2:.1f}" y="{size + 16}" font-size="10" '
+    parts.append(f'<text x="{pad + inner / 2:.1f}" y="{size + 4}" font-size="9" text-anchor="middle">'
+                 f'{html.escape(title)}</text><text x="{pad + inner / 2:.1f}" y="{size + 15}" font-size="9" '
                  f'text-anchor="middle">{len(p)} clips</text></svg>')
     return "".join(parts)
 
@@ -210,10 +210,10 @@ def summary_html(rows: list[dict], member_names: list[str], result: dict | None)
             plots.append(reliability_svg(gy, gp, f"{column} {value or '(none)'}"))
         lines.append("</tbody></table>")
         tables.append("".join(lines))
-    return ('<section id="summary"><h2>Summary</h2>' + "".join(head) + '<div class="tables">' + "".join(tables)
+    return ('<details id="summary" open><summary><h2>Summary</h2></summary>' + "".join(head) + '<div class="tables">' + "".join(tables)
             + '</div><p class="hint">Reliability: observed share of correct responses against the mean score, per '
             'tenth of the score; on the dashed diagonal the scores are calibrated, a dot\'s area is its clip '
-            'count.</p><div class="plots">' + "".join(plots) + "</div></section>")
+            'count.</p><div class="plots">' + "".join(plots) + "</div></details>")
 
 
 def storage_key(rows: list[dict]) -> str:
