@@ -252,17 +252,28 @@ def test_twenty_thousand_rows_stay_usable(browser, tmp_path):
     assert browser.console_errors() == []
 
 
-def test_corrections_round_trip_into_training(run, marked, tmp_path, root):
+@pytest.fixture(scope="module")
+def reviewed(run, request):
+    """The reviewer's corrections: the CSV the browser downloaded; without Chromium, the same rows
+    (the first test row wrong, the second correct) in the same format."""
+    if CHROMIUM.exists():
+        marked = request.getfixturevalue("marked")
+        return {"wrong": marked["wrong"], "right": marked["right"], "csv": marked["file"].read_text()}
+    names = pd.read_csv(run["out"], dtype={"filename": str})["filename"].tolist()
+    return {"wrong": names[0], "right": names[1], "csv": f"filename,score\n{names[0]},0\n{names[1]},1\n"}
+
+
+def test_corrections_round_trip_into_training(run, reviewed, tmp_path, root):
     """The downloaded corrections.csv (plus a training clip's label flipped, as a reviewer of
     training clips would) goes through preprocess.py --corrections into a copy of the data folder;
     train.py then trains on the corrected labels."""
+    marked = reviewed
     data = tmp_path / "data"
     shutil.copytree(run["data"], data)
     train_labels = pd.read_csv(data / "train_labels.csv", dtype={"filename": str})
     flipped, old = train_labels["filename"].iloc[0], int(train_labels["score"].iloc[0])
     corrections = tmp_path / "corrections.csv"
-    source = marked["file"].read_text() if marked["file"].exists() else marked["csv"]
-    corrections.write_text(source + f"{flipped},{1 - old}\n")
+    corrections.write_text(marked["csv"] + f"{flipped},{1 - old}\n")
     out = run_script(root, "preprocess.py", "--data", data, "--tts_dir", run["tts"], "--n_folds", 2,
                      "--workers", 1, "--corrections", corrections).stdout
     assert "1 training label(s) corrected, 2 test clip(s) added to training, 0 already as given" in out
