@@ -11,8 +11,9 @@ change is appended to `corrections_log.csv` beside them. Applying the same file 
 nothing the second time.
 
 An added clip needs a fold: the data set's current fold file is extended (the clip goes to its
-group's fold with a groups file, else to the fold with the fewest clips of its task), so every
-clip already there keeps its fold. Checkpoints trained before are stale: retrain with
+group's fold with a groups file, else to the fold with the fewest clips of its task; voice folds
+are not reclustered, so an added clip's voice may also be in other folds), so every clip already
+there keeps its fold. Checkpoints trained before are stale: retrain with
 `train.py --force`.
 """
 from __future__ import annotations
