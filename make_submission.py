@@ -2,9 +2,13 @@
 
     python make_submission.py [--assets assets] [--out submission.zip]
 
-The zip holds main.py at its root, the readaloud/ package, and under assets/: the
-checkpoints model_configs.json ships, model_configs.json/.pkl, and vendor/espeakng_loader
-(the espeak-ng library and voices, so TTS works offline without installing anything).
+The runtime is assumed to have only the packages of requirements-runtime.txt (a PyTorch runtime's
+usual ones; the zip carries that file too). Everything else travels in the zip: main.py at its
+root, the readaloud/ package, and under assets/: the checkpoints model_configs.json ships,
+model_configs.json/.pkl, the CTranslate2 Whisper folders of every backbone a shipped checkpoint
+reads (backbones/ct2/<name>: once, however many folds read them; model8decoder's checkpoints hold
+only their trained weights), and vendor/ with the CTranslate2 engine (ctranslate2 and its bundled
+libraries, MIT) and espeak-ng's library and voices (espeakng_loader), so nothing is installed there.
 """
 import argparse
 import json
@@ -12,6 +16,32 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+RUNTIME_REQUIREMENTS = "requirements-runtime.txt"
+
+
+def package_folders(module: str) -> list[Path]:
+    """An installed package's folder, and its wheel's bundled libraries (<name>.libs) if any."""
+    import importlib
+    folder = Path(importlib.import_module(module).__file__).resolve().parent
+    return [folder] + [p for p in [folder.with_name(f"{module}.libs")] if p.is_dir()]
+
+
+def shipped_backbones(assets: Path, checkpoints: list[str]) -> dict[str, Path]:
+    """{name: CTranslate2 folder} of the named Whisper backbones the checkpoints read (their configs)."""
+    from readaloud.checkpoints import safe_load
+    from readaloud.config import RunConfig
+    from readaloud.members.registry import member_for
+    from readaloud.whisper.backbones import NAMED_BACKBONES, ct2_model_dir
+    names: set[str] = set()
+    for checkpoint in checkpoints:
+        cfg = RunConfig.from_dict(json.loads(safe_load(assets / checkpoint)["config"]))
+        wanted = set(member_for(cfg).asr_backbones(cfg)) | {cfg.model.backbone}
+        unnamed = sorted(b for b in wanted if b and b not in NAMED_BACKBONES)
+        if unnamed:
+            raise SystemExit(f"{checkpoint} reads backbone(s) {unnamed}, which make_submission.py cannot ship "
+                             f"(only the named ones: {', '.join(NAMED_BACKBONES)})")
+        names |= {b for b in wanted if b}
+    return {name: ct2_model_dir(name, assets / "backbones" / "ct2") for name in sorted(names)}
 
 
 def build(assets: Path, out: Path) -> dict:
@@ -23,21 +53,29 @@ def build(assets: Path, out: Path) -> dict:
     missing = [c for c in checkpoints if not (assets / c).exists()]
     if missing:
         raise SystemExit(f"checkpoints listed in {config_path} are missing: {missing}")
-    import espeakng_loader
-    espeak = Path(espeakng_loader.__file__).parent
+    backbones = shipped_backbones(assets, checkpoints)
+    vendored = {m: package_folders(m) for m in ("espeakng_loader", "ctranslate2")}
     tmp = out.with_name(f".{out.name}.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
         z.write(ROOT / "submission_src" / "main.py", "main.py")
+        z.write(ROOT / RUNTIME_REQUIREMENTS, RUNTIME_REQUIREMENTS)
         for f in sorted((ROOT / "readaloud").rglob("*.py")):
             z.write(f, str(f.relative_to(ROOT)))
         for name in checkpoints + ["model_configs.json", "model_configs.pkl"]:
             if (assets / name).exists():
                 z.write(assets / name, f"assets/{name}")
-        for f in sorted(espeak.rglob("*")):
-            if f.is_file() and "__pycache__" not in f.parts:
-                z.write(f, f"assets/vendor/espeakng_loader/{f.relative_to(espeak)}")
+        for name, folder in backbones.items():
+            for f in sorted(folder.iterdir()):
+                if f.is_file():
+                    z.write(f, f"assets/backbones/ct2/{name}/{f.name}")
+        for folders in vendored.values():
+            for folder in folders:
+                for f in sorted(folder.rglob("*")):
+                    if f.is_file() and "__pycache__" not in f.parts:
+                        z.write(f, f"assets/vendor/{folder.name}/{f.relative_to(folder)}")
     tmp.replace(out)
-    return {"zip": str(out), "checkpoints": len(checkpoints), "megabytes": out.stat().st_size / 1e6}
+    return {"zip": str(out), "checkpoints": len(checkpoints), "backbones": sorted(backbones),
+            "vendored": sorted(vendored), "megabytes": out.stat().st_size / 1e6}
 
 
 def main():
@@ -46,7 +84,9 @@ def main():
     p.add_argument("--out", default="submission.zip")
     args = p.parse_args()
     info = build(Path(args.assets), Path(args.out))
-    print(f"wrote {info['zip']}: {info['checkpoints']} checkpoints, {info['megabytes']:.1f} MB")
+    print(f"wrote {info['zip']}: {info['checkpoints']} checkpoints, backbones {', '.join(info['backbones']) or 'none'}, "
+          f"vendored {', '.join(info['vendored'])}; {info['megabytes']:.1f} MB. The runtime needs only "
+          f"{RUNTIME_REQUIREMENTS} (inside the zip)")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ class DataError(ValueError):
 
 def _show_rows(df: pd.DataFrame, mask, column: str, limit: int = 8) -> str:
     bad = df.loc[mask]
-    shown = ", ".join(f"row {i + 2}: {bad.loc[i, column]!r}" for i in bad.index[:limit])
+    named = column != "filename" and "filename" in df.columns   # the value, and whose row it is
+    shown = ", ".join(f"row {i + 2}" + (f" ({bad.loc[i, 'filename']})" if named else "") + f": {bad.loc[i, column]!r}"
+                      for i in bad.index[:limit])
     more = f" (+{len(bad) - limit} more)" if len(bad) > limit else ""
     return shown + more
 
@@ -91,7 +93,10 @@ class Split:
         return "score" in self.meta.columns
 
 
-def _attach_labels(meta: pd.DataFrame, labels_path: Path, meta_path: Path) -> pd.DataFrame:
+def _attach_labels(meta: pd.DataFrame, labels_path: Path, meta_path: Path, strict: bool = True) -> pd.DataFrame:
+    """meta with a `score` column from the labels file. `strict` (training labels): any problem is an
+    error. Otherwise (test_labels.csv, read only to report a test log loss) a problem costs only its
+    rows: they are named in a warning and left unlabelled (NaN), never the inference."""
     labels = read_csv(labels_path, LABEL_COLUMNS)
     problems = []
     dup = labels["filename"].duplicated(keep=False)
@@ -104,11 +109,16 @@ def _attach_labels(meta: pd.DataFrame, labels_path: Path, meta_path: Path) -> pd
     if unlabeled.any():
         problems.append(f"{meta_path}: no label in {labels_path.name} for "
                         f"{_show_rows(meta, unlabeled, 'filename')}")
-    if problems:
+    if problems and strict:
         raise DataError("\n".join(problems))
-    score = labels.drop_duplicates("filename").set_index("filename")["score"].astype(float).astype(int)
+    if problems:
+        logging.getLogger("readaloud.data").warning("%s; those rows count in no test log loss", "; ".join(problems))
+    usable = labels[~dup & ~bad]
+    score = usable.set_index("filename")["score"].astype(float)
     meta = meta.copy()
-    meta["score"] = meta["filename"].map(score).astype(int)
+    meta["score"] = meta["filename"].map(score)
+    if strict:
+        meta["score"] = meta["score"].astype(int)
     return meta
 
 
@@ -130,7 +140,7 @@ def _labelled(data_dir: Path, split: str, meta: pd.DataFrame, meta_path: Path) -
             "%s: grade outside %s at %s", meta_path, KNOWN_GRADES, _show_rows(meta, odd, "grade"))
     labels_path = data_dir / ("train_labels.csv" if split == "train" else "test_labels.csv")
     if split == "train" or labels_path.exists():
-        meta = _attach_labels(meta, labels_path, meta_path)
+        meta = _attach_labels(meta, labels_path, meta_path, strict=split == "train")
     return meta
 
 
@@ -151,6 +161,7 @@ def load_test_rows(data_dir: str | Path) -> tuple[Split, dict[str, str]]:
     missing) still raises."""
     data_dir = Path(data_dir)
     meta, meta_path = _read_metadata(data_dir, "test")
+    meta["line"] = meta.index + 2   # the row's line in the file, for warnings that name it
     bad_rows = pd.Series(False, index=meta.index)
     problems: dict[str, str] = {}
     for mask, what in _row_checks(meta):

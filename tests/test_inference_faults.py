@@ -150,7 +150,10 @@ def test_unseen_task_and_grade_fall_back_with_a_warning(chain, tmp_path):
     out = tmp_path / "sub.csv"
     res = infer(chain, chain["assets"], out, data=data)
     assert res.returncode == 0
-    assert "['digit_span'] not seen in training" in res.stderr and "['4'] not seen in training" in res.stderr
+    first, second = test.loc[0, "filename"], test.loc[1, "filename"]
+    assert f"row 2 ({first}): task='digit_span'" in res.stderr, "file, line and value of the unseen task"
+    assert f"row 3 ({second}): grade='4'" in res.stderr, "file, line and value of the unseen grade"
+    assert "grade outside" in res.stderr and f"row 3 ({second}): '4'" in res.stderr
     result = json.loads(out.with_name("sub.csv.json").read_text())
     assert result["fallback_rows"] == 0, "the model predicts them, with its 'unknown' task/grade"
     valid_submission(out, data)

@@ -447,6 +447,40 @@ class DecoderPredictor(NeuralPredictor):
         return inputs.scatter(logits, ds.meta["filename"])
 
 
+def frozen_backbone_names(model: WhisperDecoderClassifier) -> set[str]:
+    """The state_dict names of the pretrained weights training left as the backbone gave them."""
+    return {name for name, p in model.named_parameters()
+            if not p.requires_grad and name.startswith(model.pretrained_prefixes)}
+
+
+def tensors_hash(state: dict[str, torch.Tensor], names) -> str:
+    h = hashlib.sha1()
+    for name in sorted(names):
+        tensor = state[name].detach().cpu().contiguous()
+        h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def with_frozen_backbone(ck: dict) -> dict[str, torch.Tensor]:
+    """A slim checkpoint's state_dict completed with the frozen weights of its backbone, checked by hash:
+    another backbone's weights would give other numbers, so they are refused."""
+    try:
+        frozen = json.loads(ck["frozen_backbone"])
+        backbone, names = frozen["backbone"], set(frozen["names"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"not a usable whisperdec checkpoint (frozen_backbone: {exc})") from exc
+    whisper = load_pretrained_whisper(backbone)
+    pretrained = {**{f"encoder.{k}": v for k, v in whisper.get_encoder().state_dict().items()},
+                  **{f"decoder.{k}": v for k, v in whisper.get_decoder().state_dict().items()}}
+    missing = sorted(names - set(pretrained))
+    if missing or tensors_hash(pretrained, names) != frozen["hash"]:
+        raise CheckpointError(f"its frozen weights come from backbone {backbone!r}, and the {backbone!r} found here "
+                              f"differs ({'lacks ' + ', '.join(missing[:3]) if missing else 'other values'}): install "
+                              f"the backbone it was trained with, or retrain the fold")
+    return {**{k: pretrained[k] for k in names}, **ck["state_dict"]}
+
+
 class WhisperDecoderMember(NeuralMember):
     family = "whisperdec"
     model_class = WhisperDecoderClassifier
@@ -470,9 +504,19 @@ class WhisperDecoderMember(NeuralMember):
             log.info("Whisper encoder of %s: %d clips encoded", cfg.model.backbone, made)
 
     def payload(self, model: WhisperDecoderClassifier, vocab: Vocab) -> dict:
-        return {**super().payload(model, vocab), "tokenizer": model.tokenizer_json}
+        """The trained weights only: the frozen backbone weights (encoder, token and position embeddings,
+        frozen decoder layers) are the backbone's own, so they are named by their hash and taken from the
+        backbone when the fold loads, not saved again in every fold."""
+        out = {**super().payload(model, vocab), "tokenizer": model.tokenizer_json}
+        frozen = frozen_backbone_names(model)
+        out["state_dict"] = {k: v for k, v in out["state_dict"].items() if k not in frozen}
+        out["frozen_backbone"] = json.dumps({"backbone": model.cfg.backbone, "names": sorted(frozen),
+                                             "hash": tensors_hash(model.state_dict(), frozen)})
+        return out
 
     def load(self, ck: dict, device) -> DecoderPredictor:
+        if "frozen_backbone" in ck:
+            ck = {**ck, "state_dict": with_frozen_backbone(ck)}
         loaded = super().load(ck, device)
         try:
             loaded.model.set_tokenizer(ck["tokenizer"])

@@ -94,12 +94,16 @@ def test_inputs(data_dir: Path, tts_dir, fmt: pd.DataFrame, device, progress: bo
     return TestInputs(meta, usable, data_dir, Path(tts_dir), device, progress), test.meta, problems
 
 
-def _warn_unseen(meta: pd.DataFrame, cats: Categories) -> None:
+def _warn_unseen(meta: pd.DataFrame, cats: Categories, source: str = "test_metadata.csv") -> None:
+    """One warning per column naming each row (file, line of `source`, value) whose value training never saw."""
     for col, known in (("task", cats.tasks), ("grade", cats.grades)):
-        unseen = sorted(set(meta[col]) - set(known))
-        if unseen:
-            log.warning("%s value(s) %s not seen in training: those clips use the model's 'unknown' %s",
-                        col, unseen, col)
+        unseen = ~meta[col].isin(set(known))
+        if unseen.any():
+            rows = [f"row {int(line)} ({name}): {col}={value!r}" for name, line, value in
+                    zip(meta.loc[unseen, "filename"], meta.loc[unseen, "line"], meta.loc[unseen, col])]
+            log.warning("%d row(s) of %s have a %s not seen in training and use the model's 'unknown' %s: %s%s",
+                        len(rows), source, col, col, "; ".join(rows[:20]),
+                        f" (+{len(rows) - 20} more)" if len(rows) > 20 else "")
 
 
 @dataclass
@@ -203,7 +207,10 @@ def run_inference(data_dir: str | Path = "data", assets_dir: str | Path = "asset
     reasons = {f: problems.get(f, "no model could predict it") for f in meta.loc[used_fallback, "filename"]}
     result = {"submission": str(out), "rows": len(sub), "models_used": sorted(per_model),
               "checkpoints_used": sum(len(v) for v in preds.logits.values()), "checkpoints_listed": preds.listed,
-              "fallback_rows": int(used_fallback.sum()), "fallback": reasons, "seconds": time.time() - start}
+              "fallback_rows": int(used_fallback.sum()), "fallback": reasons, "seconds": time.time() - start,
+              # each model's own probability per submission row (its folds' mean logit), None where it had none
+              "per_model": {m: [float(p) if np.isfinite(z) else None for z, p in zip(v, sigmoid(np.nan_to_num(v)))]
+                            for m, v in per_model.items()}}
     if "score" in test_meta.columns:
         y = meta["score"].to_numpy(dtype=float)
         ok = np.isfinite(y)

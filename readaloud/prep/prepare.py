@@ -17,6 +17,7 @@ from ..checkpoints import atomic_csv
 from ..data import load_split
 from ..features import FeatureParams, FeatureStore, iter_clip_features
 from ..layout import bad_clips_path, cache_dir, clip_store_name, writable_dir
+from .clip_digests import sync_clip_caches
 from .folds import load_or_create_folds
 from .references import ReferenceBank
 
@@ -37,8 +38,10 @@ def read_bad_clips(data_dir: str | Path) -> dict[str, str]:
 
 def ensure_clip_features(data_dir: str | Path, filenames: list[str], params: FeatureParams = FeatureParams(),
                          workers: int = 1, progress: bool = True, retry_bad: bool = False) -> tuple[FeatureStore, dict[str, str]]:
-    """Featurize every listed clip not cached yet. Returns the store and {filename: error}."""
+    """Featurize every listed clip not cached yet. Returns the store and {filename: error}. First,
+    every cache of the folder forgets the listed clips whose content changed (clip_digests)."""
     data_dir = Path(data_dir)
+    sync_clip_caches(data_dir, filenames)
     store = clip_store(data_dir, params)
     bad = read_bad_clips(data_dir)
     todo = [f for f in dict.fromkeys(filenames) if f not in store and (retry_bad or f not in bad)]

@@ -38,7 +38,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TypeVar
 
-import ctranslate2
 import numpy as np
 import pandas as pd
 import tokenizers
@@ -48,7 +47,7 @@ from ..audio import AudioError, load_audio
 from ..features import FeatureParams, merge_npz_cache, read_npz_cache, whisper_window_s, window_log_mel
 from ..layout import cache_dir
 from ..text import text_units
-from .backbones import NAMED_BACKBONES, ct2_model_dir
+from .backbones import NAMED_BACKBONES, BackboneError, ct2_model_dir
 from .normalise import (edit_distance, matched_pairs, normalise_tokens, spoken_text, surface_words)
 
 log = logging.getLogger("readaloud")
@@ -170,10 +169,22 @@ class AsrTable:
 
 # ---- the model ------------------------------------------------------------------------------------
 
+def ct2_engine():
+    """The ctranslate2 module, imported when first needed (importing the package needs no engine), or
+    an error saying how to get it."""
+    try:
+        import ctranslate2
+    except ImportError as exc:
+        raise BackboneError("the ASR evidence and the CTranslate2 encoder need the package 'ctranslate2', which is "
+                            "not installed. To fix: pip install ctranslate2==4.8.5 (a packed submission ships it "
+                            "under assets/vendor)") from exc
+    return ctranslate2
+
+
 def resolve_device(device: str = "auto", compute_type: str = "auto") -> tuple[str, str]:
     """("cuda", "float16") when a CUDA device is visible (or asked for), else ("cpu", "int8")."""
     if device == "auto":
-        device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+        device = "cuda" if ct2_engine().get_cuda_device_count() > 0 else "cpu"
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if compute_type == "auto":
@@ -182,7 +193,7 @@ def resolve_device(device: str = "auto", compute_type: str = "auto") -> tuple[st
 
 
 def load_ct2_whisper(model_dir: str | Path, device: str, compute_type: str, inter_threads: int = 1,
-                     intra_threads: int = 0) -> ctranslate2.models.Whisper:
+                     intra_threads: int = 0):
     """`ctranslate2.models.Whisper`, leaving torch's thread count as it was. Loading a model sets the
     calling thread's OpenMP thread count, which torch shares, to the model's intra_threads: a
     process that had loaded the ASR models (one thread per clip) ran every later torch step on one
@@ -191,7 +202,7 @@ def load_ct2_whisper(model_dir: str | Path, device: str, compute_type: str, inte
     torch = sys.modules.get("torch")   # not imported: nothing to keep
     threads = torch.get_num_threads() if torch is not None else None
     try:
-        return ctranslate2.models.Whisper(str(model_dir), device=device, compute_type=compute_type,
+        return ct2_engine().models.Whisper(str(model_dir), device=device, compute_type=compute_type,
                                           inter_threads=inter_threads, intra_threads=intra_threads)
     finally:
         if threads is not None and torch.get_num_threads() != threads:
@@ -272,7 +283,7 @@ class WhisperEvidence:
     def encode(self, audios: list[np.ndarray]):
         """Encoder output of clips that share one window size (`evidence` groups them)."""
         mels = np.stack([self.window_features(a) for a in audios])
-        return self.model.encode(ctranslate2.StorageView.from_array(mels), to_cpu=True)
+        return self.model.encode(ct2_engine().StorageView.from_array(mels), to_cpu=True)
 
     def decode(self, encoded) -> list[ClipDecode]:
         """Greedy transcripts of encoded clips (beam 1, no timestamps)."""
@@ -361,7 +372,7 @@ class WhisperEvidence:
         `num_frames` // 2 encoder positions of its cross-attention), which nothing here reads: it is
         given ALIGN_FRAMES, and the token probabilities, computed before and apart from that, are the
         same as with the window's frames (tests/test_asr_evidence.py checks it)."""
-        features = ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded))
+        features = ct2_engine().StorageView.from_array(np.ascontiguousarray(encoded))
         results = self.model.align(features, start, sequences, ALIGN_FRAMES)
         return [np.log(np.maximum(np.asarray(r.text_token_probs, np.float64), 1e-30)) for r in results]
 
@@ -417,7 +428,7 @@ class WhisperEvidence:
         need = [i for i, d in enumerate(decodes) if d is None]
         if need:
             sub = encoded_view if len(need) == len(audios) else \
-                ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[need]))
+                ct2_engine().StorageView.from_array(np.ascontiguousarray(encoded[need]))
             for i, d in zip(need, self.decode(sub)):
                 decodes[i] = d
         for i, request in enumerate(prompted):
@@ -433,7 +444,7 @@ class WhisperEvidence:
             idx = [i for i in idx if i not in same]
             if idx:
                 sub = encoded_view if len(idx) == len(audios) else \
-                    ctranslate2.StorageView.from_array(np.ascontiguousarray(encoded[idx]))
+                    ct2_engine().StorageView.from_array(np.ascontiguousarray(encoded[idx]))
                 closed_ids.update(zip(idx, self.closed_sequences(sub, request)))
             closed_seqs.update(((i, key), ids) for i, ids in closed_ids.items())
         # one teacher-forced pass: (clip, what) -> token ids, what = None (the transcript's own tokens),

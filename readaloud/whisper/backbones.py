@@ -117,13 +117,23 @@ def ct2_model_dir(name: str, cache_root: str | Path | None = None) -> Path:
     """A ready CTranslate2 folder (model.bin, config.json, tokenizer.json) for a named backbone.
 
     whisper-tiny.en is the installed package's folder as it is; whisper-base is joined once into
-    `cache_root/<name>` (default: $READALOUD_BACKBONES/ct2 or assets/backbones/ct2).
+    `cache_root/<name>` (default: $READALOUD_BACKBONES/ct2 or assets/backbones/ct2). Where the
+    weights packages are not installed (a packed submission's runtime), a complete folder already at
+    `cache_root/<name>` is used as it is (make_submission.py ships them there).
     """
     _check_name(name)
-    if name == "whisper-tiny.en":
-        return _tiny_en_dir()
     root = Path(cache_root) if cache_root is not None else backbones_root() / "ct2"
-    return _join_base(root / name)
+    try:
+        return _tiny_en_dir() if name == "whisper-tiny.en" else _join_base(root / name)
+    except BackboneError:
+        if shipped_ct2_dir(root / name) is not None:
+            return root / name
+        raise
+
+
+def shipped_ct2_dir(folder: Path) -> Path | None:
+    """`folder` if it holds a complete CTranslate2 Whisper (model, config, tokenizer), else None."""
+    return folder if all((folder / n).is_file() for n in CT2_FILES + ("tokenizer.json",)) else None
 
 
 def backbones_root(assets: str | Path = "assets") -> Path:

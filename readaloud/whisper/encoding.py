@@ -16,13 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import ctranslate2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from .asr import load_ct2_whisper, model_identity
+from .asr import ct2_engine, load_ct2_whisper, model_identity
 
 
 def encode_window(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
@@ -64,17 +63,17 @@ class Ct2WindowEncoder:
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", compute_type: str = "float32", threads: int = 0):
         self.model_dir, self.compute_type, self.threads = Path(model_dir), compute_type, max(0, threads)
-        if device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+        if device == "cuda" and ct2_engine().get_cuda_device_count() == 0:
             device = "cpu"   # a CTranslate2 without CUDA: the same numbers, on the CPU
         self.device = device
         self.key = f"ct2_{compute_type}_{model_identity(self.model_dir)}"
         self.batch_size = 16 if device == "cuda" else 1
-        self._model: ctranslate2.models.Whisper | None = None
+        self._model = None   # a ctranslate2.models.Whisper, loaded on first use
 
     def __call__(self, mels: np.ndarray) -> np.ndarray:
         if self._model is None:
             self._model = load_ct2_whisper(self.model_dir, self.device, self.compute_type, 1, self.threads)
-        out = self._model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mels, np.float32)),
+        out = self._model.encode(ct2_engine().StorageView.from_array(np.ascontiguousarray(mels, np.float32)),
                                  to_cpu=True)
         return np.asarray(out, np.float32)
 
