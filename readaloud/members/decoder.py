@@ -52,6 +52,7 @@ import json
 import logging
 import math
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -462,6 +463,20 @@ def tensors_hash(state: dict[str, torch.Tensor], names) -> str:
     return h.hexdigest()
 
 
+@lru_cache(maxsize=2)
+def backbone_state(backbone: str) -> dict[str, torch.Tensor]:
+    """The pretrained Whisper's encoder and decoder weights under this model's state_dict names, loaded
+    once per process (every fold of a backbone shares them)."""
+    whisper = load_pretrained_whisper(backbone)
+    return {**{f"encoder.{k}": v for k, v in whisper.get_encoder().state_dict().items()},
+            **{f"decoder.{k}": v for k, v in whisper.get_decoder().state_dict().items()}}
+
+
+@lru_cache(maxsize=8)
+def backbone_hash(backbone: str, names: tuple[str, ...]) -> str:
+    return tensors_hash(backbone_state(backbone), names)
+
+
 def with_frozen_backbone(ck: dict) -> dict[str, torch.Tensor]:
     """A slim checkpoint's state_dict completed with the frozen weights of its backbone, checked by hash:
     another backbone's weights would give other numbers, so they are refused."""
@@ -470,11 +485,9 @@ def with_frozen_backbone(ck: dict) -> dict[str, torch.Tensor]:
         backbone, names = frozen["backbone"], set(frozen["names"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"not a usable whisperdec checkpoint (frozen_backbone: {exc})") from exc
-    whisper = load_pretrained_whisper(backbone)
-    pretrained = {**{f"encoder.{k}": v for k, v in whisper.get_encoder().state_dict().items()},
-                  **{f"decoder.{k}": v for k, v in whisper.get_decoder().state_dict().items()}}
+    pretrained = backbone_state(backbone)
     missing = sorted(names - set(pretrained))
-    if missing or tensors_hash(pretrained, names) != frozen["hash"]:
+    if missing or backbone_hash(backbone, tuple(sorted(names))) != frozen["hash"]:
         raise CheckpointError(f"its frozen weights come from backbone {backbone!r}, and the {backbone!r} found here "
                               f"differs ({'lacks ' + ', '.join(missing[:3]) if missing else 'other values'}): install "
                               f"the backbone it was trained with, or retrain the fold")

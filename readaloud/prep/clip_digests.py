@@ -14,8 +14,8 @@ docs/benchmarks.md gives its measured cost.
 The caches are found by their shapes, one rule each, so a new cache that follows one of them is
 covered without a change here: a FeatureStore's `<name>.index.csv` (key column), a `.npz` table
 whose key arrays are named `keys` or `<prefix>_keys` with the rows of the arrays of the same
-prefix aligned to them (keys are the file name, or the file name then a tab and more), a CSV with
-a `filename` column (the bad-clip list), and an `ear_*` folder of copies named `<stem>.ear<k>.wav`
+prefix aligned to them (keys are the file name, or the file name then a tab and more), the bad-clip
+list (`bad_clips.csv`; the fold files are no cache and stay), and an `ear_*` folder of copies named `<stem>.ear<k>.wav`
 with caches of its own.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import pandas as pd
 
 from ..checkpoints import atomic_csv, atomic_write
 from ..features import file_lock
-from ..layout import cache_dir
+from ..layout import bad_clips_path, cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -121,9 +121,8 @@ def forget_clips(folder: str | Path, names: set[str]) -> int:
         dropped += _forget_in_index(index, names)
     for table in root.glob("*.npz"):
         dropped += _forget_in_npz(table, names)
-    for table in root.glob("*.csv"):
-        if table.name != MANIFEST and not table.name.endswith(".index.csv"):
-            dropped += _forget_in_csv(table, names)
+    if bad_clips_path(folder).exists():   # folds_<k>.csv is no cache: a clip keeps its fold whatever it says
+        dropped += _forget_in_csv(bad_clips_path(folder), names)
     for copies in root.glob("ear_*"):
         if not copies.is_dir():
             continue
