@@ -53,7 +53,7 @@ class ModelConfig:
     # whisperdec only (members/decoder.py: a real Whisper's decoder teacher-forced on the expected text)
     decoder_frozen_layers: int = 0     # the lowest N decoder layers do not train (token/position embeddings never do)
     decoder_encoder: str = "auto"      # whisperdec: what runs the frozen encoder for its cache: ctranslate2 (float32,
-                                       # the same numbers 1.3x faster on CPU; needs the backbone's CTranslate2
+                                       # the same numbers, faster on CPU; needs the backbone's CTranslate2
                                        # folder), torch, or auto (ctranslate2 when there is such a folder)
     decoder_encoder_compute: str = "float32"  # whisperdec on ctranslate2: its compute type (int8: faster, other numbers)
     memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)

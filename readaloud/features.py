@@ -83,10 +83,9 @@ def whisper_window_s(n_samples: int, shortest_s: float) -> float:
     """The padded window a clip of n_samples is read in: the smallest multiple of `shortest_s`
     that holds it, at most Whisper's 30 s (longer clips are cut there).
 
-    Whisper was trained on 30 s windows only, and real-length input wrecks its transcripts
-    (tiny.en exact match on children's sentences 22% -> 3%), but a 10 s padded window does not:
-    zero-shot probe on the children's set (tiny.en, gbm) 0.3041 at 30 s, 0.2725 at 10 s, at 4.5x
-    the clips/s. Growing by whole windows keeps every clip's speech inside the window and few
+    Whisper was trained on 30 s windows only, and real-length input wrecks its transcripts, but a
+    10 s padded window does not, at a fraction of 30 s's cost (docs/benchmarks.md, "Children reading
+    aloud", the 10 s window). Growing by whole windows keeps every clip's speech inside the window and few
     window sizes in a cache."""
     if shortest_s <= 0 or shortest_s >= WHISPER_WINDOW_S:
         return WHISPER_WINDOW_S

@@ -11,8 +11,8 @@ rounding:
     sum_t a_t (W_v,h m_t + b_v,h)              = W_v,h (sum_t a_t m_t) + b_v,h sum_t a_t
 
 That is cheaper while L x H < D (e.g. tiny.en, D 384, H 6: texts under 64 tokens), so
-`decoder_layer` takes this path then and the projections of the memory otherwise. On 378 demo
-clips (tiny.en, 1 thread) these projections were ~45% of a model8decoder epoch.
+`decoder_layer` takes this path then and the projections of the memory otherwise (what they cost
+a model8decoder epoch: docs/members.md, "model8decoder's step").
 
 The layer is transformers' WhisperDecoderLayer (its modules and their order: self-attention,
 cross-attention, feed-forward, each pre-norm with a residual), run here so the cross-attention

@@ -162,15 +162,12 @@ def fit_gbm(X: np.ndarray, y: np.ndarray, mc: ModelConfig, seed: int, stop_folds
     row, when folds keep voices apart): the trees grow on every training fold but `stop_fold`, the
     iteration count is the one with the lowest log loss on that whole fold, and the model is refit
     on all rows at that count. A random split would put clips of one child on both sides, so it
-    stops late on voices already heard, and it would leave 10% of the clips out of the final fit.
-    On the children's set (4 folds by child, model6asr's features) this kept the OOF log loss
-    (0.280 vs 0.279) and lowered the test log loss of the fold models (0.270 vs 0.284).
+    stops late on voices already heard, and it would leave 10% of the clips out of the final fit
+    (measured on the children's set: docs/members.md, "Measurements behind the code").
 
     `copies` (bool per row): the ear copies among the rows. They train but do not judge: the
     stopping fold's loss is taken on its real clips only (a copy stands in for a voice Whisper
-    mishears; it is not what the trees will score). On the cached features of both FSDD splits this
-    kept leave one speaker out (model6asr 0.1177 -> 0.1178) and lowered words never trained on
-    (0.1518 -> 0.1463, OOF 0.150 -> 0.145; docs/history.md, "model6asr's trees").
+    mishears; it is not what the trees will score; docs/members.md, "model6asr's trees").
     """
     y = y.astype(int)
     if stop_folds is not None:

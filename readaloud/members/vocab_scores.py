@@ -27,7 +27,7 @@ class _ProjectedTokenScores(torch.autograd.Function):
     """states [N, D] @ weight [V, D]^T -> per row: log p of the target, margin over the best other
     token, entropy. One [N, V] buffer serves as logits, then log p (saved for backward), then the
     logits' gradient: a fresh 50 MB tensor costs its page faults every step. softmax stands in for
-    exp (p = softmax(log p)): torch's softmax kernel is ~2x faster than its exp on CPU."""
+    exp (p = softmax(log p)): torch's softmax kernel is faster than its exp on CPU."""
 
     @staticmethod
     def forward(ctx, states: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):

@@ -96,8 +96,8 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
     are voices or children the fold's model never heard, like the test's children, so what OOF teaches the
     blend holds on the test), convex when they are stratified: then OOF clips share speakers
     with the training folds and are more confident-and-right than predictions for new
-    children; a free blend learns to sharpen them (weights summing to ~2 on the digit-span
-    set) and that backfired on a new voice (0.61 -> 0.83 log loss)."""
+    children; a free blend learns to sharpen them, and that backfired on a new voice
+    (docs/members.md, "Measurements behind the code")."""
     if blend not in ("auto", "logit", "convex"):
         raise ValueError(f"blend must be 'auto', 'logit' or 'convex', got {blend!r}")
     oofs = collect_oof(assets, models)

@@ -3,12 +3,10 @@
 Whisper tiny.en and base transcribe most adult voices right, so a gradient-boosted model trained
 on them learns "the transcript matches, so the answer is right" and never meets a clip the ear
 gets wrong. On a speaker it mishears (FSDD's nicolas: his correct items come back as "Please",
-"Nice", "You went by") that model is confidently wrong: held out, model6asr scored 0.382 there
-against 0.063-0.118 on the other three speakers. Each copy here is the clip resampled to 0.8-1.25x
+"Nice", "You went by") that model is confidently wrong. Each copy here is the clip resampled to 0.8-1.25x
 its speed (pitch, formants and tempo move together, like another vocal tract) with reddish noise
 at 0-15 dB SNR; it keeps the clip's label, so the trees learn how little a garbled transcript
-proves. With one copy per clip model6asr on nicolas went from 0.382 to 0.280 and the FSDD
-leave-one-speaker-out ensemble from 0.087 to 0.071 (README, "Ear copies").
+proves (what it measured: docs/members.md, "Ear copies for the trees").
 
 Copies are for training only (OOF and test clips are never perturbed) and stay in their source
 clip's fold. They are written once into <data>/cache/ear_<key>/ (16 kHz wav, deterministic per

@@ -4,8 +4,8 @@ likely it finds the expected text, as a fixed vector of numbers per (clip, expec
 Runs a CTranslate2 Whisper folder (`ctranslate2.models.Whisper`; int8 on CPU, float16 on CUDA).
 Per clip: Whisper's log-mel of the audio zero-padded to a window of 10 s, or the next multiple of
 10 s that holds the clip, at most 30 s (`AsrSettings.window_s`, features.whisper_window_s; Whisper
-was trained on 30 s windows, CTranslate2 also takes shorter ones; on the children's set the 10 s
-window scored as well as 30 s at 4.5x the clips/s), the encoder run once, then
+was trained on 30 s windows, CTranslate2 also takes shorter ones; a 10 s window is much faster and
+kept the children's scores: docs/benchmarks.md, "Children reading aloud", the 10 s window), the encoder run once, then
 
 - the greedy transcript (beam 1, no timestamps, English prompt: <|startoftranscript|>
   <|notimestamps|> for English-only models, <|startoftranscript|><|en|><|transcribe|>
@@ -197,8 +197,8 @@ def load_ct2_whisper(model_dir: str | Path, device: str, compute_type: str, inte
     """`ctranslate2.models.Whisper`, leaving torch's thread count as it was. Loading a model sets the
     calling thread's OpenMP thread count, which torch shares, to the model's intra_threads: a
     process that had loaded the ASR models (one thread per clip) ran every later torch step on one
-    thread (model8decoder's encoder cache in train.py after model6asr: 7.9 clips/s, alone 14.7;
-    its inference folds in infer.py too)."""
+    thread (model8decoder's encoder cache in train.py after model6asr, its inference folds in infer.py
+    too; docs/architecture.md, "A CTranslate2 load set torch's thread count")."""
     torch = sys.modules.get("torch")   # not imported: nothing to keep
     threads = torch.get_num_threads() if torch is not None else None
     try:
@@ -238,7 +238,7 @@ class WhisperEvidence:
         """`threads`: CPU threads in all (0: the cores this process may use). `workers`: clips run at
         once, each on threads // workers threads (0: one worker per thread on CPU, one on CUDA). One
         clip at a time per thread beats one clip on all threads (Whisper's batch-1 kernels leave
-        cores idle: 1.0-1.4x on 2 cores, README: ASR workers), and the evidence does not depend on
+        cores idle; docs/members.md, "ASR workers: one clip per thread"), and the evidence does not depend on
         the thread count. Callers that want the parallelism go through `map_clips`."""
         self.name = str(model) if str(model) in NAMED_BACKBONES else Path(model).name
         self.model_dir = ct2_model_dir(str(model)) if str(model) in NAMED_BACKBONES else Path(model)

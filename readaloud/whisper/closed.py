@@ -6,11 +6,10 @@ comes back as the likeliest English it resembles (FSDD's nicolas: "three eight" 
 small vocabulary, though, so a second greedy decode of the same encoder output may write only
 the words of the task's expected texts (their BPE tokens after a space or not, lower case or
 capitalised), ',' and '.', and end of text; every other token is suppressed. Among the words the
-child could have meant, which one does the audio favour? A correct clip's closed transcript
-matches the expected text far more often than its open one: on 100 test clips per held-out FSDD
-speaker (tiny.en / base), nicolas's correct items 27% -> 50% / 33% -> 58%, yweweler's 69% -> 90%
-/ 81% -> 94%, george's 75% -> 81% / 71% -> 85%, jackson's 92% -> 83% / 96% -> 94%, and no incorrect
-item matched either way (a substituted, dropped or added word is still a word of the vocabulary).
+child could have meant, which one does the audio favour? On voices Whisper cannot place, a correct
+clip's closed transcript matches the expected text far more often than its open one, and an
+incorrect item's does not (a substituted, dropped or added word is still a word of the vocabulary;
+measured: docs/members.md, "Closed-vocabulary transcripts").
 
 The vocabulary is per task: the normalised words of the task's expected texts in the training
 table (the same for every fold, so computed once). At inference a row reads its task's training
@@ -28,9 +27,9 @@ transcript it is unsure of, so a mismatch there proves less than one it writes w
 an expected text nearly as likely as the closed transcript is nearly as good an account of the audio.
 
 A restricted vocabulary traps Whisper in loops: with no way to say what it hears, it repeats
-words up to the length limit ("8, 1, 3, 2, 5, 8, 1, 3, 2, 5, ..." for "eight one three two"; on the
-demo's single words 10% of closed decodes ran to the limit, their mean length 12.6 tokens against
-the open decodes' 7.3). Such a transcript is long past any match, so a closed decode stops at 4x
+words up to the length limit ("8, 1, 3, 2, 5, 8, 1, 3, 2, 5, ..." for "eight one three two"; how
+often: docs/members.md, "The closed decode's length limit"). Such a transcript is long past any match,
+so a closed decode stops at 4x
 its clip's expected text in tokens + 8 (`closed_max_length`): a cut loop still has at least twice
 the expected words, so its exact match is 0 and its edit rates above 1 as before; only how far
 above 1 changes. The limit is part of the cache key (`ClosedRequest.key`).

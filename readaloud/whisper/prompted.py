@@ -8,13 +8,9 @@ put them there. Here that text is the task's whole vocabulary (the words of its 
 alphabetical, the same prompt for every clip of the task: it says which words may come, not which
 one should), and the expected text is teacher-forced after it, on the same encoder output, in the
 prompt's own style: lower case words after a space, no mark. Written as the open transcript writes
-it instead ("Eight seven three." or "8, 7, 3."; asr.ExpectedRendering), it loses most of the gain
-(AUC below, 120 of the items: 0.953 in the prompt's style, 0.838 capitalised).
-
-On FSDD's nicolas (the speaker Whisper mishears; 200 test items, 89 right answers) the prompt
-lifted the AUC of the expected text's mean log p from 0.829 to 0.945 (tiny.en) and 0.839 to 0.939
-(base), the median log p of a right answer from -2.1 to -0.4, and the transcripts' exact match
-on right answers from 33% to 44% and 38% to 56%, with no wrong answer matched either way.
+it instead ("Eight seven three." or "8, 7, 3."; asr.ExpectedRendering), it loses most of the gain.
+On the speaker Whisper mishears the prompt separates right answers from wrong ones far better
+(docs/members.md, "A prompt of the task's words").
 
 A vocabulary too long for a prompt (sentences: the children's set has 813 words, 935 tokens;
 Whisper reads at most 223 tokens of previous text) gets no prompt: those rows' features are NaN
