@@ -57,6 +57,9 @@ class ModelConfig:
                                        # folder), torch, or auto (ctranslate2 when there is such a folder)
     decoder_encoder_compute: str = "float32"  # whisperdec on ctranslate2: its compute type (int8: faster, other numbers)
     memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)
+    decoder_ear_layers: int = 0        # whisperdec: the top N encoder layers and its final layer norm train inside
+                                       # each fold (the ear adapts to the fold's children); the cache holds the
+                                       # output of the layers below, run by torch; 0: the whole encoder is frozen
     decoder_head_states: bool = True   # the head also reads the mean of the decoder's last states (False: only
                                        # the per-token evidence, task and grade: less to memorise texts by)
     decoder_contrast: bool = False     # also teacher-force on the encoding of silence and give the head each
@@ -231,6 +234,8 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")
     if cfg.model.decoder_frozen_layers < 0:
         raise ConfigError(f"--model.decoder_frozen_layers must be 0 or more, got {cfg.model.decoder_frozen_layers!r}")
+    if cfg.model.decoder_ear_layers < 0:
+        raise ConfigError(f"--model.decoder_ear_layers must be 0 or more, got {cfg.model.decoder_ear_layers!r}")
     if cfg.model.freeze_layers < 0:
         raise ConfigError(f"--model.freeze_layers must be 0 or more, got {cfg.model.freeze_layers!r}")
     if cfg.model.decoder_encoder not in ("auto", "ctranslate2", "torch"):

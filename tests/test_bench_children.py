@@ -75,6 +75,26 @@ def test_children_bench_end_to_end(tmp_path, root):
     assert "| miscalibration | discrimination | uncertainty | recalibrated |" in md
     for png in ("reliability.png", "changes.png"):
         assert (out / png).stat().st_size > 1000
+    oof = report["oof_children"]
+    assert set(oof) == {"model5gbm", "ensemble"} and set(oof["ensemble"]["children"]) == train_children
+    assert set(report["test_children"]["ensemble"]["children"]) == test_children
+    oof_rows = pd.read_csv(out / "assets" / "model5gbm_0_oof.csv", dtype={"filename": str})
+    assert oof["model5gbm"]["worst_child_logloss"] == max(oof["model5gbm"]["children"].values())
+    assert "Out of fold, on the training children" in md and "children above the prior" in md
+    assert len(oof_rows) > 0
+
+
+def test_per_child_figures():
+    """Median and worst child, children above the base rate on their own clips, correct readings."""
+    y = np.array([1, 0, 1, 0, 1, 1])
+    p = np.array([0.9, 0.1, 0.1, 0.9, 0.6, 0.6])
+    child = np.array(["a", "a", "b", "b", "c", "c"])
+    f = children.per_child(y, p, child, prior=0.5, correct=y == 1)
+    assert f["children"]["a"] == pytest.approx(-np.log(0.9)) and f["worst_child"] == "b"
+    assert f["worst_child_logloss"] == pytest.approx(-np.log(0.1))
+    assert f["children_above_prior"] == ["b"], "b is worse than 0.5 on its clips; a and c are better"
+    assert f["median_child"] == pytest.approx(-np.log(0.6))
+    assert f["correct_logloss"] == pytest.approx(np.mean(-np.log([0.9, 0.1, 0.6, 0.6])))
 
 
 def test_children_bench_refuses_an_out_folder_inside_the_repo(root):

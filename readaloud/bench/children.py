@@ -1,7 +1,8 @@
 """Children reading aloud: the quality benchmark on real children, held out by speaker.
 
     python -m readaloud.bench.children --out DIR [--source ../shared/data/speechocean_kids]
-        [--test-speakers 8] [--seed 0] [--models a,b] [--n_folds 4] [any quality/train option...]
+        [--test-speakers 8] [--seed 0] [--extra-train SOURCE ...] [--models a,b] [--n_folds 4]
+        [any quality/train option...]
 
 Builds a `sentence_repetition` screening set from children reading sentences (the source
 folder's utterances.csv and audio) with ../shared/bench/read_aloud_set.py (`--both`: every test
@@ -12,7 +13,9 @@ this command does not know go to the quality benchmark (and from there to train.
 
 Writes DIR/children.md and children.json: for the prior, each member and the ensemble, test log
 loss, AUC, log loss per grade and per change type (own, swap, drop, add, other), and the fold
-training time; reliability.png and changes.png beside them. A rerun reuses the set and every
+training time; then, out of fold on the training children and on the test children, the figures
+by child: log loss of the correct readings, the median and the worst child, and the children
+scored worse than the base rate on their own clips; reliability.png and changes.png beside them. A rerun reuses the set and every
 finished fold.
 """
 from __future__ import annotations
@@ -41,15 +44,17 @@ def shared_path(relative: str) -> Path:
                 SHARED_CANDIDATES[0] / relative)
 
 
-def build_set(builder: Path, source: Path, data: Path, test_speakers: int, seed: int) -> Path:
-    """The screening set in `data`, built once per recipe (a different recipe in the same folder is an error)."""
+def build_set(builder: Path, source: Path, data: Path, test_speakers: int, seed: int,
+              extra_train: list[Path] = ()) -> Path:
+    """The screening set in `data`, built once per recipe (a different recipe in the same folder is an error).
+    `extra_train`: other speakers' folders added to the training half only (the builder's --extra-train)."""
     recipe = {"builder": str(builder), "source": str(source), "test_speakers": test_speakers, "seed": seed,
-              "both": True}
+              "both": True, "extra_train": [str(p) for p in extra_train]}
     recipe_path = data / "bench_recipe.json"
+    compared = ("test_speakers", "seed", "both", "extra_train")
     if (data / "speakers.csv").exists() and recipe_path.exists():
         built = json.loads(recipe_path.read_text())
-        if {k: built.get(k) for k in ("test_speakers", "seed", "both")} != \
-                {k: recipe[k] for k in ("test_speakers", "seed", "both")}:
+        if {k: built.get(k, [] if k == "extra_train" else None) for k in compared} != {k: recipe[k] for k in compared}:
             raise SystemExit(f"{data} was built with {built}, not {recipe}: use another --out")
         return data
     if not builder.is_file():
@@ -58,7 +63,7 @@ def build_set(builder: Path, source: Path, data: Path, test_speakers: int, seed:
         raise SystemExit(f"{source}/utterances.csv not found: --source must be a folder of children's "
                          f"utterances (utt,speaker,age,gender,text) and their audio")
     cmd = [sys.executable, str(builder), str(source), "--out", str(data), "--test-speakers", str(test_speakers),
-           "--both", "--seed", str(seed)]
+           "--both", "--seed", str(seed), *(["--extra-train", *map(str, extra_train)] if extra_train else [])]
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     recipe_path.write_text(json.dumps(recipe, indent=1))
@@ -129,7 +134,10 @@ def children_report(data: Path, summary: dict) -> dict:
     seconds["ensemble"] = {"folds": sum(s["folds"] for s in seconds.values()),  # every member it was fitted on
                            "seconds": sum(s["seconds"] for s in seconds.values())}
     unseen = sorted(set(table["grade"]) - set(train_meta["grade"].astype(str)), key=grade_order)
-    return {"data": str(data), "children": held_out_check(data), "n_train": len(train_meta), "n_test": len(table),
+    y, prior = table["score"].to_numpy(float), float(train_meta["score"].mean())
+    test_children = {name: per_child(y, p, table["speaker"].to_numpy(), prior, (table["change"] == "own").to_numpy())
+                     for name, p in preds.items() if name != "prior (base rate)"}
+    return {"oof_children": oof_children(data, assets), "test_children": test_children, "data": str(data), "children": held_out_check(data), "n_train": len(train_meta), "n_test": len(table),
             "grades_unseen_in_training": unseen, "step_seconds": summary.get("seconds", {}),
             "changes_in_test": table["change"].value_counts().reindex(CHANGES, fill_value=0).to_dict(),
             "predictors": {name: predictor_report(table, p) for name, p in preds.items()},
@@ -137,6 +145,59 @@ def children_report(data: Path, summary: dict) -> dict:
             "blend": config.get("blend"), "fold_by": config.get("fold_by"),
             "weights": {m["model"]: m["weight"] for m in config["members"]},
             "decomposition": summary.get("decomposition", {})}
+
+
+def per_child(y: np.ndarray, p: np.ndarray, children: np.ndarray, prior: float, correct: np.ndarray) -> dict:
+    """One predictor's figures by child: each child's log loss, the median and the worst child, how many
+    children score worse than the training base rate on their own clips, and the log loss of the correct
+    readings (the child's own sentence), overall and of the worst child."""
+    from readaloud.metrics import log_loss
+    rows = pd.DataFrame({"y": y, "p": p, "child": children, "correct": correct})
+    losses, above = {}, []
+    for child, part in rows.groupby("child", sort=True):
+        losses[str(child)] = log_loss(part["y"].to_numpy(), part["p"].to_numpy())
+        if losses[str(child)] > log_loss(part["y"].to_numpy(), np.full(len(part), prior)):
+            above.append(str(child))
+    worst = max(losses, key=losses.get)
+    right = rows[rows["correct"]]
+    return {"logloss": log_loss(y, p), "correct_logloss": log_loss(right["y"].to_numpy(), right["p"].to_numpy()),
+            "median_child": float(np.median(list(losses.values()))), "worst_child": worst,
+            "worst_child_logloss": losses[worst], "children_above_prior": above, "n_children": len(losses),
+            "children": losses}
+
+
+def oof_children(data: Path, assets: Path) -> dict:
+    """Per-child figures of the out-of-fold predictions on the training children (folds grouped by
+    child: no child's clips were scored by a model that heard that child), for each member and for the
+    ensemble (its blend of the members' OOF logits)."""
+    from readaloud.metrics import sigmoid
+    from readaloud.pipeline.ensemble import collect_oof, oof_matrix, read_config
+    config = read_config(assets)
+    table, names = oof_matrix(collect_oof(assets))
+    speakers = pd.read_csv(data / "speakers.csv", dtype=str).set_index("filename")
+    table = table.join(speakers, on="filename")
+    if table["speaker"].isna().any():
+        raise ValueError(f"{data / 'speakers.csv'} names no child for OOF clip "
+                         f"{table.loc[table['speaker'].isna(), 'filename'].iloc[0]}")
+    y = table["score"].to_numpy(float)
+    prior = float(y.mean())
+    weights = {m["model"]: m["weight"] for m in config["members"]}
+    preds = {m: sigmoid(table[m].to_numpy(float)) for m in names}
+    preds["ensemble"] = sigmoid(sum(w * table[m].to_numpy(float) for m, w in weights.items()) + config["bias"])
+    correct = (table["change"] == "own").to_numpy()
+    return {name: per_child(y, p, table["speaker"].to_numpy(), prior, correct) for name, p in preds.items()}
+
+
+def child_lines(title: str, figures: dict) -> list[str]:
+    """A table of per-child figures, one row per predictor."""
+    lines = [f"{title}\n", "| | log loss | correct readings | median child | worst child | children above the prior |",
+             "|---|---|---|---|---|---|"]
+    for name, f in figures.items():
+        above = f["children_above_prior"]
+        lines.append(f"| {name} | {f['logloss']:.4f} | {f['correct_logloss']:.4f} | {f['median_child']:.4f} | "
+                     f"{f['worst_child_logloss']:.4f} ({f['worst_child']}) | {len(above)} of {f['n_children']}"
+                     + (f" ({', '.join(above[:6])}{' ...' if len(above) > 6 else ''})" if above else "") + " |")
+    return lines
 
 
 def grade_order(grade: str) -> tuple:
@@ -182,6 +243,9 @@ def report_lines(report: dict, options: list[str], wall: float) -> list[str]:
     lines += ["", f"Wall seconds per step of this run (a rerun skips finished folds): {steps}."]
     lines += ["", f"Test clips per change type: {counts}. Ensemble weights: "
               + ", ".join(f"{m} {w:.3f}" for m, w in report["weights"].items()) + "."]
+    lines += ["", *child_lines("Out of fold, on the training children (folds grouped by child; what every choice "
+                               "is decided on):", report["oof_children"])]
+    lines += ["", *child_lines("On the test children:", report["test_children"])]
     if report.get("decomposition"):
         lines += ["", *quality.decomposition_lines(report["decomposition"])]
     lines += ["", "![reliability](reliability.png)", "", "![changes](changes.png)"]
@@ -195,6 +259,8 @@ def main(argv=None) -> dict:
                    help="children's utterances.csv and audio (default: %(default)s)")
     p.add_argument("--builder", default=str(shared_path("bench/read_aloud_set.py")))
     p.add_argument("--test-speakers", type=int, default=8, help="children held out for the test")
+    p.add_argument("--extra-train", nargs="*", default=[], metavar="SOURCE",
+                   help="other speakers' folders for the training half only (e.g. ../shared/data/speechocean_adults)")
     p.add_argument("--seed", type=int, default=0, help="the builder's seed (which children, which changes)")
     p.add_argument("--models", default=None, help="comma-separated variants, or 'all' (default: the default ensemble)")
     p.add_argument("--n_folds", type=int, default=4)
@@ -206,7 +272,7 @@ def main(argv=None) -> dict:
     if out == ROOT or ROOT in out.parents:
         raise SystemExit(f"--out {out} is inside the repository: the set's recordings never go there")
     data = build_set(Path(args.builder).resolve(), Path(args.source).resolve(), out / "data", args.test_speakers,
-                     args.seed)
+                     args.seed, [Path(p).resolve() for p in args.extra_train])
     held_out_check(data)  # before any training
     options = [*(["--models", args.models] if args.models else []), "--n_folds", str(args.n_folds), *passthrough]
     options += ["--tts_dir", str(Path(args.tts_dir).resolve() if args.tts_dir else out / "tts")]

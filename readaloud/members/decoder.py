@@ -148,6 +148,17 @@ def make_window_encoder(mc: ModelConfig, device: torch.device,
     the backbone has a CTranslate2 folder (named backbones, faster-whisper folders; auto), the
     same numbers as the transformers encoder at 1.3x its speed on CPU (whisper/encoding.py), else
     the transformers encoder itself (`encoder`, or a function that loads it)."""
+    if mc.decoder_ear_layers > 0:   # the layers below the adapted ones: only torch gives their output
+        if mc.decoder_encoder == "ctranslate2":
+            raise ConfigError("--decoder_ear_layers caches the layers below the adapted ones, which only the torch "
+                              "encoder gives: use --decoder_encoder auto or torch")
+        encoder = encoder if isinstance(encoder, nn.Module) else encoder()
+        below = len(encoder.layers) - mc.decoder_ear_layers
+        if below < 0:
+            raise ConfigError(f"--decoder_ear_layers {mc.decoder_ear_layers}: the encoder has {len(encoder.layers)} layers")
+        lower = [("stem1.", encoder.conv1), ("stem2.", encoder.conv2), ("pos.", encoder.embed_positions),
+                 *((f"{i}.", layer) for i, layer in enumerate(encoder.layers[:below]))]
+        return TorchWindowEncoder(encoder, device, weights_key(lower), layers=below)
     folder = ct2_folder(mc.backbone) if mc.decoder_encoder in ("auto", "ctranslate2") else None
     if mc.decoder_encoder == "ctranslate2" and folder is None:
         raise ConfigError(f"--decoder_encoder ctranslate2: backbone {mc.backbone!r} has no CTranslate2 folder "
@@ -237,6 +248,11 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
                               "(whisper-tiny.en, whisper-base, a Whisper folder or hub id)")
         super().__init__(cfg, whisper_config, encoder)
         self.encoder.requires_grad_(False)  # run once per clip and cached (EncoderCache)
+        if cfg.decoder_ear_layers > len(self.encoder.layers):
+            raise ConfigError(f"--decoder_ear_layers {cfg.decoder_ear_layers}: the encoder has "
+                              f"{len(self.encoder.layers)} layers")
+        for module in self.ear_modules():   # the ear: the top layers adapt inside the fold (the cache holds below)
+            module.requires_grad_(True)
         if decoder is None:
             decoder = (WhisperDecoder(self.whisper_config) if whisper_config is not None
                        else load_pretrained_whisper(cfg.backbone).get_decoder())
@@ -288,9 +304,23 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         return (ids + mark)[:MAX_TEXT_TOKENS], (word_of + [-1] * len(mark))[:MAX_TEXT_TOKENS]
 
     # ---- forward --------------------------------------------------------------------------------
+    def ear_modules(self) -> list[nn.Module]:
+        """The encoder's top cfg.decoder_ear_layers layers and its final layer norm (none at 0)."""
+        n = self.cfg.decoder_ear_layers
+        return [*self.encoder.layers[len(self.encoder.layers) - n:], self.encoder.layer_norm] if n else []
+
+    def ear(self, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        """The cached memory through the adapted top encoder layers (padded positions masked out of their
+        attention), or as it is when the whole encoder is frozen."""
+        if not self.cfg.decoder_ear_layers:
+            return memory
+        top = self.encoder.layers[len(self.encoder.layers) - self.cfg.decoder_ear_layers:]
+        dtype = self.encoder.layer_norm.weight.dtype
+        return self.encoder.layer_norm(self.run_layers(memory.to(dtype), memory_mask, top))
+
     def decode(self, memory: torch.Tensor, memory_mask: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Decoder states [B, L, D]: causal self-attention, cross-attention to the unmasked memory only."""
-        return teacher_forced_states(self.decoder, memory, memory_mask, inputs, self.training)
+        return teacher_forced_states(self.decoder, self.ear(memory, memory_mask), memory_mask, inputs, self.training)
 
     def token_scores(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per target position [B, L]: log p of the target, its margin over the best other token,

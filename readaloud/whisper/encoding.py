@@ -24,26 +24,28 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from .asr import ct2_engine, load_ct2_whisper, model_identity
 
 
-def encode_window(encoder: WhisperEncoder, mels: torch.Tensor) -> torch.Tensor:
+def encode_window(encoder: WhisperEncoder, mels: torch.Tensor, layers: int | None = None) -> torch.Tensor:
     """Whisper's encoder on [B, n_mels, frames] windows of up to 30 s -> [B, frames / 2, D]: the
     same arithmetic as WhisperEncoder.forward, whose check allows only 30 s (a test compares the
-    two there); the position table is cut to the window."""
+    two there); the position table is cut to the window. `layers`: only the stem and the lowest
+    `layers` layers, no final layer norm (what an encoder whose top layers train reads, cached)."""
     x = F.gelu(encoder.conv1(mels.to(encoder.conv1.weight.dtype)))
     x = F.gelu(encoder.conv2(x)).transpose(1, 2)
     x = x + encoder.embed_positions.weight[: x.shape[1]].to(x.dtype)
-    for layer in encoder.layers:
+    for layer in encoder.layers[:layers]:
         out = layer(x, None)
         x = out[0] if isinstance(out, tuple) else out
-    return encoder.layer_norm(x)
+    return x if layers is not None and layers < len(encoder.layers) else encoder.layer_norm(x)
 
 
 class TorchWindowEncoder:
     """A transformers Whisper encoder as a window encoder: [B, n_mels, frames] float32 numpy ->
     [B, frames / 2, D] float32. `key` names its outputs in caches (the weights' hash)."""
 
-    def __init__(self, encoder: WhisperEncoder, device: torch.device, weights_key: str):
-        self.encoder, self.device = encoder, device
-        self.key = weights_key
+    def __init__(self, encoder: WhisperEncoder, device: torch.device, weights_key: str, layers: int | None = None):
+        """`layers`: the lowest layers only (encode_window); the key then names them."""
+        self.encoder, self.device, self.layers = encoder, device, layers
+        self.key = weights_key if layers is None else f"{weights_key}_below{layers}"
         self.batch_size = 16 if device.type == "cuda" else 1  # padded windows: one at a time is fastest on CPU
 
     def __call__(self, mels: np.ndarray) -> np.ndarray:
@@ -52,7 +54,7 @@ class TorchWindowEncoder:
         encoder.to(self.device).eval()
         try:
             with torch.inference_mode():
-                return encode_window(encoder, torch.from_numpy(mels).to(self.device)).float().cpu().numpy()
+                return encode_window(encoder, torch.from_numpy(mels).to(self.device), self.layers).float().cpu().numpy()
         finally:
             encoder.to(home).train(was_training)
 
