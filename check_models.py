@@ -42,7 +42,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common(p)
     p.add_argument("--n_folds", type=int, default=None, help="a check: the fold file's count (default: read from it)")
-    p.add_argument("--models", default=None, help="comma-separated (default: every variant with files in assets)")
+    p.add_argument("--models", "--variants", dest="models", default=None,
+                   help="comma-separated variants (default: every variant with files in assets)")
     p.add_argument("--retrain", action="store_true", help="run the retrain commands now")
     p.add_argument("--jobs", type=int, default=2, help="folds retrained at once (default: %(default)s)")
     add_ray_options(p)  # --retrain --ray [ADDRESS]: the folds as Ray tasks, like train.py --ray

@@ -16,7 +16,8 @@ from readaloud.pipeline.ensemble import build_config, write_config
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common(p)
-    p.add_argument("--models", default=None, help="comma-separated (default: every model with OOF files)")
+    p.add_argument("--models", "--variants", dest="models", default=None,
+                   help="comma-separated variants (default: every variant with OOF files)")
     p.add_argument("--max_folds", type=int, default=None, help="checkpoints to ship per model (default: all)")
     p.add_argument("--blend", choices=("auto", "logit", "convex"), default="auto",
                    help="logit: non-negative weights + bias (recalibrates on OOF); convex: weights sum to 1, "

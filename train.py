@@ -25,7 +25,7 @@ def main():
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
                                 allow_abbrev=False)  # config keys pass on whole: --tts is not --tts_dir
     add_common(p)
-    p.add_argument("--models", default=None,
+    p.add_argument("--models", "--variants", dest="models", default=None,
                    help=f"comma-separated variants, or 'all' (default: the default ensemble, {','.join(default_variants())})")
     p.add_argument("--folds", default=None, help="comma-separated folds (default: all)")
     p.add_argument("--n_folds", type=int, default=None, help="a check: the fold file's count (default: read from it)")

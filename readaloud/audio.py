@@ -20,7 +20,7 @@ class AudioError(ValueError):
 
 def resample(audio: np.ndarray, orig_sr: int, target_sr: int = SAMPLE_RATE) -> np.ndarray:
     """Polyphase resampling (exact rational ratio, anti-aliased)."""
-    from scipy.signal import resample_poly  # here, not at import: training processes never resample (1.5 s)
+    from scipy.signal import resample_poly  # here, not at import: training processes never resample (its import is slow)
     if orig_sr == target_sr:
         return audio.astype(np.float32, copy=False)
     g = math.gcd(int(orig_sr), int(target_sr))

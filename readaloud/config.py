@@ -76,18 +76,18 @@ class ModelConfig:
     asr_backbones: str = "whisper-tiny.en"  # gbm with asr: comma-separated named backbones
                                             # (whisper-tiny.en, whisper-base) or CTranslate2 Whisper folders
     gbm_ear_copies: int = 0           # gbm: perturbed copies of each training clip, same label and fold, so the
-                                      # trees see clips the Whisper ear mishears (prep/ear_augment.py); 0 = none
+                                      # trees see clips the Whisper ear mishears (members/asr/ear_augment.py); 0 = none
     gbm_ear_share: float = 1.0        # gbm: the share of training clips that get ear copies (picked by file name)
     asr_closed_vocab: bool = False    # gbm with asr: also a greedy decode that may write only the task's words,
-                                      # compared with the expected text (whisper/closed.py); model6asr sets it
+                                      # compared with the expected text (members/asr/closed.py); model6asr sets it
     asr_closed_logp: bool = False     # gbm with the closed vocabulary: also the closed transcript's teacher-forced
-                                      # log p and the expected text's margin over it (whisper/closed.py;
+                                      # log p and the expected text's margin over it (members/asr/closed.py;
                                       # off with asr_closed_vocab off); model6asr sets it
     asr_loop_features: bool = False   # gbm with asr: also how far each transcript (open, and closed with the
                                       # closed vocabulary) loops and how near its best-matching start is to the
-                                      # expected text (whisper/loops.py)
+                                      # expected text (members/asr/loops.py)
     asr_prompt_logp: bool = False     # gbm with the closed vocabulary: also the expected text's log p after a prompt
-                                      # of the task's words (whisper/prompted.py; scored in the ASR pass)
+                                      # of the task's words (members/asr/prompted.py; scored in the ASR pass)
     asr_prompt_per_clip: bool = False  # with asr_prompt_logp: a task whose words do not fit in a prompt (sentences)
                                        # gets a prompt of each clip's own expected words instead of none
 

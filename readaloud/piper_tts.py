@@ -19,7 +19,7 @@ length differs). The default therefore sets both scales to 0: the multiplied noi
 zero, the audio is a pure function of (text, settings), at no extra cost, and it is the
 voice's mean rendering, which is what a reference should be. For the voice's own noisy
 settings pass ``seed``: every call then builds a fresh session after
-``onnxruntime.set_seed(seed)`` (about 0.4 s more per text; note set_seed is process-wide).
+``onnxruntime.set_seed(seed)`` (slower per text; note set_seed is process-wide).
 """
 from __future__ import annotations
 

@@ -23,12 +23,12 @@ from readaloud.config import ConfigError
 from readaloud.members import gbm
 from readaloud.members.alignment import FEATURE_NAMES as ALIGNMENT_NAMES
 from readaloud.members.registry import member_named
-from readaloud.prep.ear_augment import EarAugment, copies_dir
+from readaloud.members.asr.ear_augment import EarAugment, copies_dir
 from readaloud.variants import variant_config
 from readaloud.whisper import asr
-from readaloud.whisper.closed import CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES
-from readaloud.whisper.loops import LOOP_FEATURE_NAMES
-from readaloud.whisper.prompted import PROMPT_FEATURE_NAMES
+from readaloud.members.asr.closed import CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES
+from readaloud.members.asr.loops import LOOP_FEATURE_NAMES
+from readaloud.members.asr.prompted import PROMPT_FEATURE_NAMES
 
 BACKBONE = "whisper-tiny.en"
 OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4",  # 10 training clips a fold: let trees split

@@ -1,4 +1,4 @@
-"""Greedy decoding loops (whisper/loops.py): the loop is found, what comes after the answer costs
+"""Greedy decoding loops (members/asr/loops.py): the loop is found, what comes after the answer costs
 nothing, and the trees' table gets one block per transcript when asked."""
 import random
 
@@ -9,8 +9,8 @@ import pytest
 from readaloud.config import ModelConfig
 from readaloud.members.gbm import FeatureLayout
 from readaloud.whisper.asr import FEATURE_NAMES, AsrTable
-from readaloud.whisper.closed import TABLE_COLUMNS
-from readaloud.whisper.loops import LOOP_FEATURE_NAMES, loop_block, loop_features, loop_length
+from readaloud.members.asr.closed import TABLE_COLUMNS
+from readaloud.members.asr.loops import LOOP_FEATURE_NAMES, loop_block, loop_features, loop_length
 from readaloud.whisper.normalise import edit_distance, prefix_edit_distances
 
 

@@ -1,4 +1,4 @@
-"""The expected text's log p after a prompt of the task's words (whisper/prompted.py) and its block
+"""The expected text's log p after a prompt of the task's words (members/asr/prompted.py) and its block
 in the trees' table."""
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def tiny():
 
 
 def test_a_prompt_lists_the_written_words_once_and_only_when_they_fit(tiny):
-    from readaloud.whisper import prompted
+    from readaloud.members.asr import prompted
     words = ["nine", "9", "two", "2", "nine", "seven"]
     assert prompted.prompt_words(words) == ["nine", "seven", "two"]
     assert prompted.vocabulary_key(words) == prompted.vocabulary_key(["two", "seven", "nine"])
@@ -51,7 +51,8 @@ def clips(tmp_path_factory):
 
 def test_prompted_log_p_scores_rows_with_a_prompt_and_is_cached(tiny, clips, tmp_path, monkeypatch, caplog):
     from readaloud.audio import load_audio
-    from readaloud.whisper import asr, prompted
+    from readaloud.whisper import asr
+    from readaloud.members.asr import prompted
     folder, meta, words = clips
     open_table = asr.asr_table(meta, folder, tiny, None, progress=False)
     cache = tmp_path / "prompted.npz"
@@ -93,9 +94,9 @@ def test_prompted_log_p_scores_rows_with_a_prompt_and_is_cached(tiny, clips, tmp
 def test_the_prompted_block_comes_with_the_closed_vocabulary_and_keeps_rows_without_a_prompt():
     from readaloud.config import ModelConfig
     from readaloud.members.gbm import FeatureLayout
-    from readaloud.whisper import closed as closed_vocab
+    from readaloud.members.asr import closed as closed_vocab
     from readaloud.whisper.asr import FEATURE_NAMES, AsrTable
-    from readaloud.whisper.prompted import PROMPT_FEATURE_NAMES, TABLE_COLUMNS
+    from readaloud.members.asr.prompted import PROMPT_FEATURE_NAMES, TABLE_COLUMNS
     mc = ModelConfig(arch="gbm", gbm_features="asr", asr_backbones="whisper-tiny.en,whisper-base",
                      asr_closed_vocab=True)
     without = FeatureLayout.of(mc)
@@ -132,7 +133,7 @@ def test_the_asr_pass_scores_the_prompt_from_its_own_encoder_output(tiny, clips,
     (no encoder pass of its own) and equals that of a separate prompted pass."""
     import shutil
     from readaloud.members import gbm
-    from readaloud.whisper import prompted
+    from readaloud.members.asr import prompted
     folder, meta, words = clips
     reference = prompted.prompted_table(meta, folder, tiny, words, tmp_path / "reference.npz", progress=False)
     data = tmp_path / "data"
@@ -161,7 +162,7 @@ def test_per_clip_prompts_give_a_too_long_task_its_clips_own_words(tiny, clips, 
     its own expected words; rows whose task fits keep the task's prompt; the ASR pass's requests
     carry the same prompts, cached apart from the task prompts."""
     from readaloud.audio import load_audio
-    from readaloud.whisper import prompted
+    from readaloud.members.asr import prompted
     folder, meta, words = clips
     rows = prompted.row_prompts(meta, tiny, words, per_clip=True)
     assert rows[0] == rows[1] == rows[3] != rows[2]

@@ -1,4 +1,4 @@
-"""The closed decode's length limit (whisper/closed.py closed_max_length): its time and what it changes.
+"""The closed decode's length limit (members/asr/closed.py closed_max_length): its time and what it changes.
 
     python -m readaloud.bench.closed_limit --data DIR [--n 200] [--backbones whisper-tiny.en,whisper-base]
                                            [--threads 1] [--out bench_out]
@@ -27,7 +27,7 @@ def compare(backbone: str, rows, data: Path, threads: int) -> dict:
     """Seconds of closed decoding without and with the limit, and what the limit changed."""
     from ..audio import AudioError, load_audio
     from ..whisper.asr import ClosedRequest, WhisperEvidence, expected_texts, text_comparison
-    from ..whisper.closed import clip_requests, task_words
+    from ..members.asr.closed import clip_requests, task_words
     model = WhisperEvidence(backbone, threads=threads, workers=1)
     requests = clip_requests(rows, model, task_words(rows))
     free_s = limited_s = 0.0
@@ -39,7 +39,7 @@ def compare(backbone: str, rows, data: Path, threads: int) -> dict:
             encoded = model.encode([load_audio(data / name)])
         except AudioError:
             continue
-        limited = requests[name, task]
+        limited = requests[name, task, text]
         free = ClosedRequest(limited.vocabulary, limited.suppress, model.settings.max_length)
         t = time.perf_counter()
         a = model.closed_decode(encoded, free)[0]

@@ -16,7 +16,7 @@ kept the children's scores: docs/benchmarks.md, "Children reading aloud", the 10
   agrees with the transcript after normalisation ("seven" / "7,", "kate" / "Kate"), Whisper's own
   spelling of that stretch is used, elsewhere the expected words as given (first letter of the
   sentence capitalised), then a sentence-final mark whose log p says whether the text ends there.
-- optionally (`ClosedRequest`, whisper/closed.py) a greedy decode over the task's words only, whose
+- optionally (`ClosedRequest`, members/asr/closed.py) a greedy decode over the task's words only, whose
   tokens are teacher-forced in the same pass (`ClosedTranscript`).
 
 `FEATURES` lists the numbers and what each means. Per-word log p (the sum over a word's BPE tokens)
@@ -104,7 +104,7 @@ class AsrSettings:
 
 @dataclass
 class ClosedTranscript:
-    """A closed-vocabulary transcript (whisper/closed.py) and the teacher-forced log p of its tokens
+    """A closed-vocabulary transcript (members/asr/closed.py) and the teacher-forced log p of its tokens
     on the same encoder output (softmax over text tokens, as tr_mean_logp; NaN: empty transcript):
     how sure Whisper is of the nearest task words it could write."""
     text: str
@@ -119,16 +119,16 @@ class ClipDecode:
     token_ids: list[int]
     stats: dict[str, float]
     closed: dict[str, ClosedTranscript] = field(default_factory=dict)  # request key -> closed transcript
-                                                                       # (whisper/closed.py; cached there)
+                                                                       # (members/asr/closed.py; cached there)
     text_only: bool = False   # decoded in this pass and every token written was text (no token past end of
                               # text): token_ids is the whole sequence, so closed_equals_open may judge it
     prompted: dict[str, list[np.ndarray]] = field(default_factory=dict)  # request key -> log p of each of its
-                                                                          # texts (whisper/prompted.py)
+                                                                          # texts (members/asr/prompted.py)
 
 
 @dataclass(frozen=True)
 class PromptRequest:
-    """Teacher forcing after a prompt, asked of one clip (whisper/prompted.py builds them): `key` names
+    """Teacher forcing after a prompt, asked of one clip (members/asr/prompted.py builds them): `key` names
     the prompt, `texts` are the expected texts and `sequences` their token ids."""
     key: str
     prompt: tuple[int, ...]
@@ -138,7 +138,7 @@ class PromptRequest:
 
 @dataclass(frozen=True)
 class ClosedRequest:
-    """A closed-vocabulary decode asked of one clip (whisper/closed.py builds them): `vocabulary`
+    """A closed-vocabulary decode asked of one clip (members/asr/closed.py builds them): `vocabulary`
     names the allowed words, `suppress` the ids it may not write, `max_length` CTranslate2's limit
     for it; `key`, both names together, is the transcript's cache key."""
     vocabulary: str
@@ -320,7 +320,7 @@ class WhisperEvidence:
 
     def closed_sequences(self, encoded, request: ClosedRequest) -> list[list[int]]:
         """Greedy token ids (text only) of encoded clips that never write a suppressed token and stop
-        at the request's length limit (whisper/closed.py)."""
+        at the request's length limit (members/asr/closed.py)."""
         results = self.model.generate(encoded, [self.prompt] * encoded.shape[0], beam_size=1,
                                       max_length=min(request.max_length, self.settings.max_length),
                                       suppress_tokens=request.suppress, suppress_blank=True)
@@ -360,7 +360,7 @@ class WhisperEvidence:
     def prompted_logprobs(self, encoded: np.ndarray, row: int, prompt: list[int] | tuple[int, ...],
                           sequences: list[list[int]] | tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
         """Teacher-forced log p of each token sequence after `prompt` (previous text, see
-        whisper/prompted.py), given encoder output row `row`."""
+        members/asr/prompted.py), given encoder output row `row`."""
         if not sequences:
             return []
         return self._aligned_logprobs(np.repeat(encoded[row: row + 1], len(sequences), 0),
@@ -715,10 +715,10 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     row without expected text, is left out of `ok` with a warning naming it.
 
     `closed`: {filename: ClosedRequest} of clips that also want a closed-vocabulary transcript
-    (whisper/closed.py); those this call encodes anyway are decoded from the same encoder output
+    (members/asr/closed.py); those this call encodes anyway are decoded from the same encoder output
     and handed to `on_closed` as {(filename, request key): ClosedTranscript} at every flush (the closed
     cache lives in closed.py). `prompted` / `on_prompted` the same for teacher forcing after a prompt
-    ({filename: (PromptRequest, log p of each of its texts)}; whisper/prompted.py).
+    ({filename: (PromptRequest, log p of each of its texts)}; members/asr/prompted.py).
     """
     for column in ("filename", "expected_text"):
         if column not in meta.columns:

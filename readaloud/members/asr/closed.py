@@ -46,12 +46,12 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..audio import AudioError, load_audio
-from ..features import merge_npz_cache, read_npz_cache
-from ..layout import cache_dir
-from .asr import (FEATURE_NAMES, AsrTable, ClosedRequest, ClosedTranscript, WhisperEvidence, expected_texts,
+from ...audio import AudioError, load_audio
+from ...features import merge_npz_cache, read_npz_cache
+from ...layout import cache_dir
+from ...whisper.asr import (FEATURE_NAMES, AsrTable, ClosedRequest, ClosedTranscript, WhisperEvidence, expected_texts,
                   text_comparison)
-from .normalise import normalise_tokens, surface_words
+from ...whisper.normalise import normalise_tokens, surface_words
 
 log = logging.getLogger("readaloud")
 CLOSED_VERSION = 3   # 2: closed decodes stop at closed_max_length; 3: with their tokens' log p

@@ -14,7 +14,7 @@ On the speaker Whisper mishears the prompt separates right answers from wrong on
 
 A vocabulary too long for a prompt (sentences: the children's set has 813 words, 935 tokens;
 Whisper reads at most 223 tokens of previous text) gets no prompt: those rows' features are NaN
-and cost nothing. Like the closed vocabulary (whisper/closed.py), the words are the training
+and cost nothing. Like the closed vocabulary (closed.py), the words are the training
 table's per task, and at inference a row reads its task's training words plus its own
 (closed.row_vocabularies): no other test row has a say. Features per row
 (`PROMPT_FEATURES`): mean, least and summed log p of the expected text's tokens, and the mean's
@@ -36,10 +36,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..audio import AudioError, load_audio
-from ..features import merge_npz_cache, read_npz_cache
-from ..layout import cache_dir
-from .asr import FEATURE_NAMES, AsrTable, PromptRequest, WhisperEvidence, expected_texts, row_key
+from ...audio import AudioError, load_audio
+from ...features import merge_npz_cache, read_npz_cache
+from ...layout import cache_dir
+from ...whisper.asr import FEATURE_NAMES, AsrTable, PromptRequest, WhisperEvidence, expected_texts, row_key
 from .closed import row_vocabularies, written_words
 
 log = logging.getLogger("readaloud")

@@ -2,10 +2,9 @@
 
 On a short clip it cannot place, Whisper's greedy decode often falls into a loop and repeats a
 word or a phrase until its length limit: "8, 10, 3, 8, 10, 3, 8, 10, 8, 8, 8, ..." for "eight
-seven three", "I do not know where I do not know where I do not k" for "i do not know where". By
-`loop_length`, tiny.en's open transcript loops on 80 of the 800 FSDD LOSO test clips (base: 29) and
-on 19 of the 1,200 children's clips (base: 15), and 36 of those 80 (9 of 19) are right answers; the
-closed-vocabulary decodes (whisper/closed.py) loop a little more often (94, 41; 27, 17).
+seven three", "I do not know where I do not know where I do not k" for "i do not know where", and
+many looped transcripts are right answers; the closed-vocabulary decodes (closed.py) loop a little
+more often (how often: docs/members.md, "Greedy decoding loops").
 The edit distances of asr.py count every repeated word, so a looped transcript of a right answer
 looks as wrong as silence. These features read the transcript the way a person would:
 
@@ -26,7 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .normalise import normalise_tokens, prefix_edit_distances
+from ...whisper.normalise import normalise_tokens, prefix_edit_distances
 
 LOOP_FEATURES: dict[str, str] = {
     "loop_share": "share of the transcript's words that repeat an earlier cycle at its end (a greedy "

@@ -27,9 +27,9 @@ import pandas as pd
 from scipy.signal import lfilter
 from tqdm.auto import tqdm
 
-from ..audio import SAMPLE_RATE, AudioError, load_audio, resample, write_wav
-from ..checkpoints import atomic_write
-from ..layout import cache_dir
+from ...audio import SAMPLE_RATE, AudioError, load_audio, resample, write_wav
+from ...checkpoints import atomic_write
+from ...layout import cache_dir
 
 log = logging.getLogger(__name__)
 
