@@ -72,7 +72,7 @@ class ModelConfig:
     gbm_min_samples_leaf: int = 20
     gbm_l2: float = 1.0
     gbm_features: str = "alignment"   # alignment | asr | alignment+asr: the feature table the trees read
-                                      # (asr: evidence of a pretrained Whisper per clip, whisper/asr.py)
+                                      # (asr: evidence of a pretrained Whisper per clip, members/asr/evidence.py)
     asr_backbones: str = "whisper-tiny.en"  # gbm with asr: comma-separated named backbones
                                             # (whisper-tiny.en, whisper-base) or CTranslate2 Whisper folders
     gbm_ear_copies: int = 0           # gbm: perturbed copies of each training clip, same label and fold, so the

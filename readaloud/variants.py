@@ -91,7 +91,7 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
 # Per-clip prompt (asr_prompt_per_clip): a task whose words do not fit in a prompt (sentences) gets a prompt of
 # each clip's own expected words; tasks that fit a task prompt are unchanged.
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
-         "base (transcript vs expected text, teacher-forced log p; whisper/asr.py), cached per clip; "
+         "base (transcript vs expected text, teacher-forced log p; members/asr/evidence.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "
          "a transcript decoded over the task's words only, and how sure Whisper is of it; how far each transcript "
          "loops; the expected text's log p after a prompt of the task's words (of the clip's own words where the "

@@ -25,7 +25,7 @@ from readaloud.members.alignment import FEATURE_NAMES as ALIGNMENT_NAMES
 from readaloud.members.registry import member_named
 from readaloud.members.asr.ear_augment import EarAugment, copies_dir
 from readaloud.variants import variant_config
-from readaloud.whisper import asr
+from readaloud.members.asr import evidence as asr
 from readaloud.members.asr.closed import CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES
 from readaloud.members.asr.loops import LOOP_FEATURE_NAMES
 from readaloud.members.asr.prompted import PROMPT_FEATURE_NAMES

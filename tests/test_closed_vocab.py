@@ -22,7 +22,7 @@ def test_task_words_keep_each_task_apart_in_both_spellings():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from readaloud.whisper.asr import WhisperEvidence
+    from readaloud.members.asr.evidence import WhisperEvidence
     return WhisperEvidence("whisper-tiny.en", threads=2)
 
 
@@ -89,7 +89,7 @@ def test_closed_transcripts_score_rows_and_are_cached_per_clip_and_vocabulary(ti
 def test_the_trees_table_gets_a_closed_block_per_backbone():
     from readaloud.config import ModelConfig
     from readaloud.members.gbm import FeatureLayout
-    from readaloud.whisper.asr import FEATURE_NAMES
+    from readaloud.members.asr.evidence import FEATURE_NAMES
     from readaloud.members.asr.closed import CLOSED_FEATURE_NAMES
     mc = ModelConfig(arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base")
     plain = FeatureLayout.of(mc)
@@ -107,7 +107,7 @@ def test_the_closed_log_p_is_the_teacher_forced_log_p_of_the_closed_tokens(tiny,
     the clip (computed here directly from the encoder output), NaN for an unreadable clip; a wrong
     expected text is less likely than the closed transcript (margin < 0), a right one not by much."""
     from readaloud.audio import load_audio
-    from readaloud.whisper import asr
+    from readaloud.members.asr import evidence as asr
     from readaloud.members.asr import closed
     folder, meta, words = digit_clips
     table = closed.closed_table(meta, folder, tiny, words, tmp_path / "closed.npz", progress=False)
@@ -187,7 +187,7 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     from readaloud.checkpoints import safe_load
     from readaloud.members import gbm
     from readaloud.members.asr.ear_augment import EarAugment, copies_dir
-    from readaloud.whisper import asr
+    from readaloud.members.asr import evidence as asr
     from readaloud.members.asr import closed, prompted
     from readaloud.members.asr.loops import LOOP_FEATURE_NAMES
     data, assets, tts = tmp_path / "data", tmp_path / "assets", tmp_path / "tts"
@@ -248,7 +248,7 @@ def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny
     the same; a vocabulary that lacks a token the open decode wrote, or allows a symbol the open
     decode may not write, decodes."""
     from readaloud.audio import load_audio
-    from readaloud.whisper.asr import ClosedRequest
+    from readaloud.members.asr.evidence import ClosedRequest
     from readaloud.members.asr.closed import allowed_tokens, suppressed_tokens, vocabulary_key
     folder, _, words = digit_clips
     decoded = []
@@ -288,7 +288,7 @@ def test_a_closed_decode_stops_at_its_limit_and_the_limit_keys_the_cache(tiny, d
     cut at another limit."""
     from readaloud.audio import load_audio
     from readaloud.members.asr import closed
-    from readaloud.whisper.asr import ClosedRequest
+    from readaloud.members.asr.evidence import ClosedRequest
     folder, meta, words = digit_clips
     n = len(tiny.tokenizer.encode(" seven two nine", add_special_tokens=False).ids)
     assert closed.closed_max_length(tiny, ["four", "seven two nine"]) == 2 * (4 * n + 8)

@@ -8,7 +8,7 @@ import pytest
 
 from readaloud.config import ModelConfig
 from readaloud.members.gbm import FeatureLayout
-from readaloud.whisper.asr import FEATURE_NAMES, AsrTable
+from readaloud.members.asr.evidence import FEATURE_NAMES, AsrTable
 from readaloud.members.asr.closed import TABLE_COLUMNS
 from readaloud.members.asr.loops import LOOP_FEATURE_NAMES, loop_block, loop_features, loop_length
 from readaloud.whisper.normalise import edit_distance, prefix_edit_distances

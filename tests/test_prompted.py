@@ -13,7 +13,7 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from readaloud.whisper.asr import WhisperEvidence
+    from readaloud.members.asr.evidence import WhisperEvidence
     return WhisperEvidence("whisper-tiny.en", threads=2)
 
 
@@ -51,7 +51,7 @@ def clips(tmp_path_factory):
 
 def test_prompted_log_p_scores_rows_with_a_prompt_and_is_cached(tiny, clips, tmp_path, monkeypatch, caplog):
     from readaloud.audio import load_audio
-    from readaloud.whisper import asr
+    from readaloud.members.asr import evidence as asr
     from readaloud.members.asr import prompted
     folder, meta, words = clips
     open_table = asr.asr_table(meta, folder, tiny, None, progress=False)
@@ -95,7 +95,7 @@ def test_the_prompted_block_comes_with_the_closed_vocabulary_and_keeps_rows_with
     from readaloud.config import ModelConfig
     from readaloud.members.gbm import FeatureLayout
     from readaloud.members.asr import closed as closed_vocab
-    from readaloud.whisper.asr import FEATURE_NAMES, AsrTable
+    from readaloud.members.asr.evidence import FEATURE_NAMES, AsrTable
     from readaloud.members.asr.prompted import PROMPT_FEATURE_NAMES, TABLE_COLUMNS
     mc = ModelConfig(arch="gbm", gbm_features="asr", asr_backbones="whisper-tiny.en,whisper-base",
                      asr_closed_vocab=True)

@@ -2,7 +2,7 @@
 
     python -m readaloud.bench.asr_paths --data DIR --backbones whisper-tiny.en,whisper-base --n 60 --out OUT
 
-The ASR evidence (`readaloud.whisper.asr.WhisperEvidence`) runs through CTranslate2, int8 on CPU.
+The ASR evidence (`readaloud.members.asr.evidence.WhisperEvidence`) runs through CTranslate2, int8 on CPU.
 The same weights also load as a transformers `WhisperForConditionalGeneration` (the converted
 backbone folder of `whisper.backbones.transformers_dir`). `TransformersWhisperEvidence` computes
 the evidence that way, in float32, with everything else shared: the same padded log-mel window
@@ -10,7 +10,7 @@ the evidence that way, in float32, with everything else shared: the same padded 
 and token ids (the CTranslate2 folder's tokenizer), the same greedy decode rules (beam 1, no
 timestamps, CTranslate2's suppressed tokens and step limit), teacher forcing scored as
 CTranslate2's `Whisper.align` scores it (softmax over the text tokens only, ids below
-<|endoftext|>), and asr.py's own rendering and feature code on top (`WhisperEvidence.evidence`).
+<|endoftext|>), and evidence.py's own rendering and feature code on top (`WhisperEvidence.evidence`).
 
 For N rows of DIR/train_metadata.csv (a seeded sample) each path scores every row, one clip per
 call, with the same thread count, the paths taking turns row by row (so load from other processes
@@ -37,7 +37,8 @@ from ..audio import load_audio
 from . import write_report
 from ..features import FeatureParams
 from ..whisper.encoding import encode_window
-from ..whisper.asr import FEATURE_NAMES, AsrSettings, ClipDecode, WhisperEvidence, available_cores, model_identity
+from ..members.asr.evidence import FEATURE_NAMES, AsrSettings, ClipDecode, WhisperEvidence
+from ..whisper.asr import available_cores, model_identity
 from ..whisper.backbones import NAMED_BACKBONES, backbones_root, ct2_model_dir, transformers_dir
 from ..whisper.normalise import normalise_words
 

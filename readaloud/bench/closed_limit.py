@@ -26,7 +26,7 @@ MATTERS = ("exact_match", "word_edit_rate", "phone_edit_rate")
 def compare(backbone: str, rows, data: Path, threads: int) -> dict:
     """Seconds of closed decoding without and with the limit, and what the limit changed."""
     from ..audio import AudioError, load_audio
-    from ..whisper.asr import ClosedRequest, WhisperEvidence, expected_texts, text_comparison
+    from ..members.asr.evidence import ClosedRequest, WhisperEvidence, expected_texts, text_comparison
     from ..members.asr.closed import clip_requests, task_words
     model = WhisperEvidence(backbone, threads=threads, workers=1)
     requests = clip_requests(rows, model, task_words(rows))

@@ -27,7 +27,7 @@ WINDOWS = (30.0, 10.0)
 
 def asr_stage(backbone: str, threads: int):
     """A function clip -> seconds for each window: the member's ASR evidence of one clip."""
-    from ..whisper.asr import AsrSettings, WhisperEvidence
+    from ..members.asr.evidence import AsrSettings, WhisperEvidence
     models = {w: WhisperEvidence(backbone, threads=threads, settings=AsrSettings(window_s=w), workers=1)
               for w in WINDOWS}  # one clip at a time on all threads: the per-clip cost
 

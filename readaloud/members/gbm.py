@@ -6,7 +6,7 @@ folds, same bad-clip handling, same files: `<variant>_<fold>.pth`, `_oof.csv`, `
 
 The classifier is scikit-learn's HistGradientBoostingClassifier on a feature table chosen by
 `model.gbm_features`: the alignment features of alignment.py, the ASR evidence of pretrained
-Whisper models (whisper/asr.py, one block per `model.asr_backbones` entry), or both, then the
+Whisper models (asr/evidence.py, one block per `model.asr_backbones` entry), or both, then the
 task and grade codes. Both kinds are computed once per clip and cached in the data folder
 (`prepare_shared` fills the caches before parallel folds start; inference fills them for test
 rows through TestInputs.shared). The checkpoint holds no pickled scikit-learn object: the fitted trees are
@@ -36,7 +36,7 @@ from ..prep.dataset import Categories
 from .asr.ear_augment import EarAugment, ensure_copies
 from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
 from ..prep.prepare import TrainingInputs, ensure_clip_features
-from ..whisper import asr
+from .asr import evidence as asr
 from .asr.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
                               closed_logp_block, closed_table, pending_requests, task_words)
 from ..whisper.backbones import NAMED_BACKBONES

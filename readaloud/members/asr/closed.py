@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from ...audio import AudioError, load_audio
 from ...features import merge_npz_cache, read_npz_cache
 from ...layout import cache_dir
-from ...whisper.asr import (FEATURE_NAMES, AsrTable, ClosedRequest, ClosedTranscript, WhisperEvidence, expected_texts,
+from .evidence import (FEATURE_NAMES, AsrTable, ClosedRequest, ClosedTranscript, WhisperEvidence, expected_texts,
                   text_comparison)
 from ...whisper.normalise import normalise_tokens, surface_words
 

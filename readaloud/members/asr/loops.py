@@ -5,7 +5,7 @@ word or a phrase until its length limit: "8, 10, 3, 8, 10, 3, 8, 10, 8, 8, 8, ..
 seven three", "I do not know where I do not know where I do not k" for "i do not know where", and
 many looped transcripts are right answers; the closed-vocabulary decodes (closed.py) loop a little
 more often (how often: docs/members.md, "Greedy decoding loops").
-The edit distances of asr.py count every repeated word, so a looped transcript of a right answer
+The edit distances of evidence.py count every repeated word, so a looped transcript of a right answer
 looks as wrong as silence. These features read the transcript the way a person would:
 
 - `loop_share`: the share of the transcript's normalised words that only repeat an earlier cycle

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from ...audio import AudioError, load_audio
 from ...features import merge_npz_cache, read_npz_cache
 from ...layout import cache_dir
-from ...whisper.asr import FEATURE_NAMES, AsrTable, PromptRequest, WhisperEvidence, expected_texts, row_key
+from .evidence import FEATURE_NAMES, AsrTable, PromptRequest, WhisperEvidence, expected_texts, row_key
 from .closed import row_vocabularies, written_words
 
 log = logging.getLogger("readaloud")
