@@ -138,3 +138,20 @@ def test_a_dead_fork_server_falls_back_to_fresh_interpreters(tmp_path, monkeypat
     assert results == {"quick_0": 0, "slow_0": 0}, "both folds ran, exec'd"
     assert (assets / "slow_seen.txt").read_text() == "1 1"
     assert "could not fork from the fork server" in capsys.readouterr().out
+
+
+def test_fold_jobs_get_absolute_folders_whatever_the_callers_directory(tmp_path, monkeypatch):
+    """A fold job starts in the repository: folders given relative to the caller's directory reach it
+    as absolute paths (train.py started from elsewhere once failed with 'no fold file')."""
+    script = tmp_path / "train_echo.py"
+    script.write_text("import sys, json, pathlib\n"
+                      "a = sys.argv[1:]\n"
+                      "pathlib.Path(a[a.index('--assets') + 1], 'argv.json').write_text(json.dumps(a))\n")
+    monkeypatch.setattr(runner, "script_for", lambda v: script)
+    work = tmp_path / "elsewhere"
+    (work / "assets").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    assert runner.run_jobs(["echo"], [0], "data", "assets", "tts", jobs=1, progress=False, poll=0.05) == {"echo_0": 0}
+    argv = json.loads((work / "assets" / "argv.json").read_text())
+    for flag, name in (("--data", "data"), ("--assets", "assets"), ("--tts_dir", "tts")):
+        assert argv[argv.index(flag) + 1] == str(work / name)

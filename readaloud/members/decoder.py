@@ -1,15 +1,17 @@
 """A real Whisper's decoder teacher-forced on the expected text (`model.arch = "whisperdec"`): the
 1st-place design of the "Goodnight Moon" challenge on pretrained weights.
 
-The encoder (whisper-tiny.en, whisper-base, any --backbone) is frozen entirely and runs once per
-clip on a zero-padded window of 10 s (or the next multiple of 10 s that holds the clip, at most
-Whisper's 30 s: features.whisper_window_s; real-length input wrecks its transcripts, a 10 s window
-does not, and it encodes ~4x faster than 30 s); its output is
-cached in float16 (`EncoderCache`, a FeatureStore beside the clip features, named by the engine,
-the encoder's weights and the input settings), so an epoch runs only the decoder and the head. The
-engine (`make_window_encoder`, `--decoder_encoder`): CTranslate2 at float32 when the backbone has a
-CTranslate2 folder (the same numbers as the transformers encoder, faster on CPU; whisper/encoding.py),
-else the transformers encoder.
+The encoder (whisper-tiny.en, whisper-base, any --backbone) runs once per clip on a zero-padded
+window of 10 s (or the next multiple of 10 s that holds the clip, at most Whisper's 30 s:
+features.whisper_window_s; real-length input wrecks its transcripts, a padded 10 s window does not,
+and it encodes faster than 30 s); its output is cached in float16 (`EncoderCache`, a FeatureStore
+beside the clip features, named by the engine, the encoder's weights and the input settings), so an
+epoch runs only the decoder and the head. The engine (`make_window_encoder`, `--decoder_encoder`):
+CTranslate2 at float32 when the backbone has a CTranslate2 folder (the same numbers as the
+transformers encoder, faster on CPU; whisper/encoding.py), else the transformers encoder. With
+`--decoder_ear_layers N` the cache holds the output of the layers below the top N (torch), and
+those top layers and the final layer norm train inside the fold: the ear adapts to the fold's
+children, never to a clip it scores.
 
 The decoder reads the English prompt (English-only model: <|startoftranscript|><|notimestamps|>;
 multilingual: <|startoftranscript|><|en|><|transcribe|><|notimestamps|>; ids from the backbone's
@@ -17,33 +19,22 @@ tokenizer) + the expected text as Whisper writes it (whisper/asr.py render_expec
 space, the first letter capitalised, then ".") and predicts each expected token and the end of
 text. Per token: log p of the expected token, its margin over the best other token, the entropy;
 pooled (mean, min, max) -> MLP with task and grade embeddings -> one logit (`--decoder_head_states
-true` also gives the head the mean of the decoder's last states; on the children's set that let it
-memorise: held-out log loss 0.385 / 0.583 on folds 0 / 1 against 0.287 / 0.224 without). The loss is BCE on the score + ctc_weight x the token cross-entropy of
-the expected text on clips scored 1 (it teaches the decoder children's voices). The decoder's
-layers train at --lr (the lowest decoder_frozen_layers do not; its embeddings never do), the
-head at lr x head_lr_scale.
+true` also gives the head the mean of the decoder's last states, which let it memorise the
+children's texts: docs/members.md). The loss is BCE on the score + ctc_weight x the token
+cross-entropy of the expected text on clips scored 1 (it teaches the decoder children's voices).
+The decoder's layers train at --lr (the lowest decoder_frozen_layers do not; its embeddings never
+do), the head at lr x head_lr_scale.
 
-Cutting the cached encoder output to the clip + `memory_margin_s` (the decoder's cross-attention
-then sees only those positions; Whisper still encoded the 30 s window). Measured on 30 clips of the
-children's set (tiny.en, 2 busy CPU threads; encoder 1.23 s per 30 s window), the pretrained
-decoder's mean log p of the expected text against all 1500 positions:
-
-    kept          positions  correlation  mean |diff|  token |diff|  decoder forward
-    all 30 s        1500       1            0            0             449 ms/clip
-    clip + 0 s       176       0.963        0.44         0.55          346 ms/clip
-    clip + 0.5 s     201       0.981        0.28         0.38          346 ms/clip
-    clip + 1 s       226       0.984        0.25         0.35          301 ms/clip
-    clip + 2 s       276       0.986        0.22         0.31          334 ms/clip
-
-Chosen: clip + 1 s (default). It keeps 15% of the positions (cache 1.15 MB -> 0.17 MB a clip for
-tiny.en, 1.4 GB -> 0.2 GB for the children's 1200 clips) and the cross-attention's keys and values,
-which train and are recomputed every epoch, cost ~6x less; the log p it yields ranks clips like the
-full window's (0.984), though each token moves by ~0.35 nats, which fine-tuning on the cut memory
-absorbs. Margins past 1 s buy little agreement. `--memory_margin_s -1` keeps the whole window
-(where a GPU makes the cost moot).
+The cached encoder output is cut to the clip + `memory_margin_s` (the decoder's cross-attention then
+sees only those positions; Whisper still encoded the whole window): the cross-attention's keys and
+values, recomputed every epoch, cost far less, and the log p it yields ranks clips as the full
+window's does (the measurement behind the 1 s default: docs/members.md). `--memory_margin_s -1` keeps
+the whole window (where a GPU makes the cost moot).
 
 The decoder runs in our own loop like members/encdec.py, so the cross-attention gets a padding
-mask (WhisperDecoder.forward, transformers 5.23, hands its layers none).
+mask (WhisperDecoder.forward, transformers 5.23, hands its layers none). A fold's checkpoint holds
+only its trained weights: the frozen ones are the backbone's, named by their hash and read from the
+backbone when it loads.
 """
 from __future__ import annotations
 
@@ -146,8 +137,9 @@ def make_window_encoder(mc: ModelConfig, device: torch.device,
                    encoder: WhisperEncoder | Callable[[], WhisperEncoder]) -> WindowEncoder:
     """What encodes the frozen encoder's windows (`--decoder_encoder`): CTranslate2 at float32 when
     the backbone has a CTranslate2 folder (named backbones, faster-whisper folders; auto), the
-    same numbers as the transformers encoder at 1.3x its speed on CPU (whisper/encoding.py), else
-    the transformers encoder itself (`encoder`, or a function that loads it)."""
+    same numbers as the transformers encoder, faster on CPU (whisper/encoding.py), else the
+    transformers encoder itself (`encoder`, or a function that loads it). With decoder_ear_layers,
+    the torch encoder's layers below the adapted ones."""
     if mc.decoder_ear_layers > 0:   # the layers below the adapted ones: only torch gives their output
         if mc.decoder_encoder == "ctranslate2":
             raise ConfigError("--decoder_ear_layers caches the layers below the adapted ones, which only the torch "

@@ -187,8 +187,8 @@ def write_fold(member: Member, data: FoldData, paths: FoldPaths, result: FitResu
 
 def drop_resume_state(paths: FoldPaths) -> None:
     """Remove a finished fold's resume state: nothing reads it again, and for a fine-tuned Whisper
-    decoder it was ~378 MB a fold (optimizer moments + a copy of the best weights) beside its
-    155 MB checkpoint."""
+    decoder it is several times the size of the fold's checkpoint (optimizer moments + a copy of the
+    best weights; docs/members.md)."""
     freed = 0
     for p in paths.resume_state:
         if p.exists():

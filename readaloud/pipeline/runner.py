@@ -82,8 +82,10 @@ def run_fold_jobs(specs: list[tuple[str, int, list[str]]], data: str, assets: st
     extra = list(extra or [])
     queue: list[Job] = []
     for v, f, own in specs:
-        args = [sys.executable, str(script_for(v)), "--fold", str(f), "--data", str(data), "--assets", str(assets),
-                "--tts_dir", str(tts_dir), "--no_progress", "--quiet"]
+        # absolute: a fold job starts in the repository, wherever train.py was started from
+        args = [sys.executable, str(script_for(v)), "--fold", str(f), "--data", str(Path(data).resolve()),
+                "--assets", str(Path(assets).resolve()), "--tts_dir", str(Path(tts_dir).resolve()),
+                "--no_progress", "--quiet"]
         queue.append(Job(v, f, args + list(own) + extra, FoldPaths(Path(assets), v, f)))
     if not queue:
         return {}

@@ -1,16 +1,15 @@
 """A transformers Whisper encoder on log-mel windows shorter than its 30 s.
 
-Whisper was trained on 30 s windows and `WhisperEncoder.forward` refuses anything else; on 2 CPU
-cores a 10 s window encodes ~4x faster and keeps the transcripts (real-length input does not:
+Whisper was trained on 30 s windows and `WhisperEncoder.forward` refuses anything else; on a CPU a
+10 s window encodes several times faster and keeps the transcripts (real-length input does not:
 features.whisper_window_s). The frozen-encoder members (members/decoder.py) and the benchmarks
 that compare ASR paths or time members use this one function.
 
 A frozen encoder's whole job is windows in, hidden states out, so it may run on either engine
 (`TorchWindowEncoder`, `Ct2WindowEncoder`): CTranslate2 at float32 computes what the transformers
-encoder computes from the same weights (tiny.en on 60 demo clips: max |difference| 8e-4 of values up
-to 11; 1.8% of the float16 values the cache stores move by one step) at 1.3x the clips/s on 2 CPU
-cores (13.8 against 10.4; at int8, 17-19, but 9% mean relative error), and needs no transformers
-copy of the weights.
+encoder computes from the same weights, to float16 rounding of the cached values, faster on CPU,
+and needs no transformers copy of the weights (int8 is faster still but moves the numbers); the
+measurements are in docs/members.md.
 """
 from __future__ import annotations
 
