@@ -88,6 +88,9 @@ class ModelConfig:
                                       # expected text (members/asr/loops.py)
     asr_prompt_logp: bool = False     # gbm with the closed vocabulary: also the expected text's log p after a prompt
                                       # of the task's words (members/asr/prompted.py; scored in the ASR pass)
+    asr_agreement: bool = False        # gbm: how far each other backbone's transcripts (open, and closed with
+                                       # asr_closed_vocab) are from the first backbone's: a voice the ears cannot
+                                       # place comes out as different words from each
     asr_prompt_per_clip: bool = False  # with asr_prompt_logp: a task whose words do not fit in a prompt (sentences)
                                        # gets a prompt of each clip's own expected words instead of none
 

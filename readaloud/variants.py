@@ -90,16 +90,18 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
 # task's words, for tasks whose words fit in one (not the children's sentences).
 # Per-clip prompt (asr_prompt_per_clip): a task whose words do not fit in a prompt (sentences) gets a prompt of
 # each clip's own expected words; tasks that fit a task prompt are unchanged.
+# Agreement (asr_agreement): how far base's open and closed transcripts are from tiny.en's; a voice
+# neither Whisper can place comes out as different words from each, so a mismatch proves less there.
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
          "base (transcript vs expected text, teacher-forced log p; members/asr/evidence.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "
          "a transcript decoded over the task's words only, and how sure Whisper is of it; how far each transcript "
          "loops; the expected text's log p after a prompt of the task's words (of the clip's own words where the "
-         "task's do not fit)",
+         "task's do not fit); how far the two Whispers' transcripts disagree",
          arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
          gbm_max_leaf_nodes=8, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, gbm_ear_copies=1,
          asr_closed_vocab=True, asr_closed_logp=True, asr_loop_features=True, asr_prompt_logp=True,
-         asr_prompt_per_clip=True, seed=6)
+         asr_prompt_per_clip=True, asr_agreement=True, seed=6)
 register("model7whisper", "pair classifier on the pretrained Whisper tiny.en encoder (2nd place's design): conv stem "
          "+ lowest 3 of 4 layers frozen and run once per half (each at positions from 0), cached in float16; the "
          "top layer sees [TTS | pause | response]; attention + mean pooling, 2-layer head",

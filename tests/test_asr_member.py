@@ -84,12 +84,19 @@ def test_feature_layout_of_configs():
     assert layout.closed_logp, "and reads how sure Whisper is of the closed transcript"
     assert layout.loops, "and how far its open and closed transcripts loop"
     assert layout.prompted, "and the expected text's log p after a prompt of the task's words"
+    assert layout.agreement, "and how far base's transcripts are from tiny.en's"
     assert len(layout.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) + 2 * len(CLOSED_FEATURE_NAMES) \
-        + 2 * len(CLOSED_LOGP_NAMES) + 4 * len(LOOP_FEATURE_NAMES) + 2 * len(PROMPT_FEATURE_NAMES)
+        + 2 * len(CLOSED_LOGP_NAMES) + 4 * len(LOOP_FEATURE_NAMES) + 2 * len(PROMPT_FEATURE_NAMES) \
+        + 2 * len(gbm.AGREEMENT_NAMES)
     assert layout.names[-2:] == ["task_code", "grade_code"] and "asr_whisper-base_exact_match" in layout.names
+    assert [n for n in layout.names if n.startswith("asr_agree_")] == [
+        "asr_agree_whisper-base_word_edit_rate", "asr_agree_whisper-base_phone_edit_rate",
+        "asr_agree_whisper-base_closed_word_edit_rate", "asr_agree_whisper-base_closed_phone_edit_rate"]
+    one = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_backbones": "whisper-tiny.en"}).model)
+    assert not one.agreement, "one Whisper: nothing to agree with"
     without = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_closed_vocab": False}).model)
     assert not without.closed and not without.prompted and len(without.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) \
-        + 2 * len(LOOP_FEATURE_NAMES), "the open transcripts' loops only"
+        + 2 * len(LOOP_FEATURE_NAMES) + len(gbm.AGREEMENT_NAMES), "the open transcripts' loops and agreement only"
     only = gbm.FeatureLayout.of(variant_config("model6asr", {"gbm_features": "asr",
                                                              "asr_backbones": "/x/my-ct2"}).model)
     assert not only.alignment and only.names[0] == "asr_my-ct2_exact_match"
@@ -99,6 +106,19 @@ def test_feature_layout_of_configs():
         gbm.FeatureLayout.of(variant_config("model6asr", {"asr_backbones": " , "}).model)
     with pytest.raises(ConfigError, match="share"):
         gbm.FeatureLayout.of(variant_config("model6asr", {"asr_backbones": "a/whisper-base,whisper-base"}).model)
+
+
+def test_agreement_block_measures_how_far_two_ears_disagree():
+    """agreement_block: 0 where both Whispers wrote the same words, the word edit rate where they did
+    not, NaN where either has no transcript."""
+    first = asr.AsrTable(np.zeros((3, 1)), np.array([True, True, False]), ["the cat sat", "the cat sat", "x"], [[]] * 3)
+    other = asr.AsrTable(np.zeros((3, 1)), np.array([True, True, True]), ["The cat sat.", "hi my cousin", "x"],
+                         [[]] * 3)
+    block = gbm.agreement_block(first, other)
+    assert block.shape == (3, len(gbm.AGREEMENT_NAMES))
+    assert block[0].tolist() == [0.0, 0.0], "the same words, however written"
+    assert block[1, 0] == pytest.approx(1.0) and block[1, 1] > 0.5
+    assert np.isnan(block[2]).all()
 
 
 def test_asr_cache_is_filled_once_before_the_folds(trained):

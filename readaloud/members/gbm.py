@@ -209,6 +209,7 @@ class FeatureLayout:
     loops: bool = False        # then the loop features (asr/loops.py) of each open, then each closed, transcript
     prompted: bool = False     # then the expected text's log p after a prompt of the task's words per backbone
     prompt_per_clip: bool = False  # the prompt of a task whose words do not fit: the clip's own expected words
+    agreement: bool = False    # then how far each other backbone's transcripts are from the first backbone's
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -227,7 +228,8 @@ class FeatureLayout:
         closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
         return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
                    bool(mc.asr_loop_features), closed and bool(mc.asr_prompt_logp),
-                   closed and bool(mc.asr_prompt_logp) and bool(mc.asr_prompt_per_clip))
+                   closed and bool(mc.asr_prompt_logp) and bool(mc.asr_prompt_per_clip),
+                   bool(mc.asr_agreement) and len(backbones) > 1)
 
     @property
     def names(self) -> list[str]:
@@ -242,6 +244,10 @@ class FeatureLayout:
                           for n in LOOP_FEATURE_NAMES]
         if self.prompted:
             asr_names += [f"asr_{backbone_label(b)}_{n}" for b in self.asr_backbones for n in PROMPT_FEATURE_NAMES]
+        if self.agreement:
+            kinds = ("",) + (("closed_",) if self.closed else ())
+            asr_names += [f"asr_agree_{backbone_label(b)}_{kind}{n}" for b in self.asr_backbones[1:] for kind in kinds
+                          for n in AGREEMENT_NAMES]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
@@ -275,8 +281,30 @@ class FeatureLayout:
             blocks += [loop_block(texts, t.transcripts, t.ok) for t in open_tables + closed_tables]
         if self.prompted:
             blocks += [prompted_block(o, p) for o, p in zip(open_tables, prompted_tables)]
+        if self.agreement:
+            pairs = [(open_tables[0], t) for t in open_tables[1:]]
+            if self.closed:
+                pairs = [p for k in range(1, n) for p in ((open_tables[0], open_tables[k]),
+                                                          (closed_tables[0], closed_tables[k]))]
+            blocks += [agreement_block(first, other) for first, other in pairs]
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
+
+
+AGREEMENT_NAMES = ("word_edit_rate", "phone_edit_rate")
+
+
+def agreement_block(first: asr.AsrTable, other: asr.AsrTable) -> np.ndarray:
+    """[rows, len(AGREEMENT_NAMES)]: word and phoneme edit rates of `other`'s transcript against
+    `first`'s (NaN where either has none). Two ears that hear the same words agree whatever the child
+    said; a voice neither can place comes out as different words from each, so a mismatch with the
+    expected text proves less there."""
+    block = np.full((len(first.transcripts), len(AGREEMENT_NAMES)), np.nan)
+    for row, (a, b) in enumerate(zip(first.transcripts, other.transcripts)):
+        if first.ok[row] and other.ok[row]:
+            c = asr.text_comparison(a, b)
+            block[row] = [c["word_edit_rate"], c["phone_edit_rate"]]
+    return block
 
 
 @lru_cache(maxsize=4)
