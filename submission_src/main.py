@@ -20,6 +20,11 @@ sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("READALOUD_BACKBONES", str(HERE / "assets" / "backbones"))
+# The kernels the Makefile pins for training and infer.py (torch, MKL and oneDNN, CTranslate2's too): set
+# before either is imported, so the runtime computes the numbers the training machine's infer.py did
+# (without them the int8 ASR kernels differ, and a tree split can turn on a feature's last digits)
+for _name, _value in (("ATEN_CPU_CAPABILITY", "avx2"), ("MKL_CBWR", "AVX2"), ("ONEDNN_MAX_CPU_ISA", "AVX2")):
+    os.environ.setdefault(_name, _value)
 
 
 def write_half_submission(data: Path, out: Path) -> None:
