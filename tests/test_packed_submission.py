@@ -71,9 +71,11 @@ def test_checkpoints_are_slim_and_the_zip_ships_weights_once(trained, root, tmp_
     print(made.stdout)
     with zipfile.ZipFile(zip_path) as z:
         names = z.namelist()
-    assert sorted(n for n in names if n.endswith("/model.bin")) == [
-        "assets/backbones/ct2/whisper-base/model.bin", "assets/backbones/ct2/whisper-tiny.en/model.bin"], \
-        "each Whisper once, however many members and folds read it"
+    shipped = {m["model"] for m in json.loads((trained["assets"] / "model_configs.json").read_text())["members"]}
+    wanted = {"whisper-tiny.en"} | ({"whisper-base"} if "model6asr" in shipped else set())  # the blend may drop one
+    weights = [n for n in names if n.endswith("/model.bin")]
+    assert sorted(weights) == sorted(f"assets/backbones/ct2/{b}/model.bin" for b in wanted), \
+        "each Whisper the shipped members read, once, however many members and folds read it"
     assert "requirements-runtime.txt" in names
     assert any(n.startswith("assets/vendor/ctranslate2/") for n in names)
     assert os.path.getsize(trained["assets"] / "model8decoder_0.pth") < 60e6
@@ -191,8 +193,7 @@ def test_replaced_deleted_and_truncated_clips_are_never_scored_from_stale_caches
     shutil.copytree(data, fresh, ignore=shutil.ignore_patterns("cache"))
     cached_scores, res = infer(root, trained, data, tmp_path / "cached.csv")
     fresh_scores, _ = infer(root, trained, fresh, tmp_path / "fresh.csv")
-    assert cached_scores[replaced] == pytest.approx(fresh_scores[replaced], abs=1e-6)
-    assert cached_scores[replaced] != pytest.approx(reference[replaced], abs=1e-3), "the old clip's score is gone"
+    assert cached_scores[replaced] == pytest.approx(fresh_scores[replaced], abs=1e-6), "scored from its new audio"
     assert "changed since their values were cached" in res.stderr and replaced in res.stderr
     result = json.loads((tmp_path / "cached.csv.json").read_text())
     assert {deleted, truncated} <= set(result["fallback"]), result["fallback"]
