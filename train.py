@@ -2,6 +2,7 @@
 
     python train.py [--models model1mean,model3mapd] [--folds 0,2] [--jobs 2]
                     [--epochs E] [--force] [--gpus 0,1] [--data data] [--assets assets] [any --key value]
+    python train.py --plan [--clips N --test_clips M] [...]   # hours and disk of each stage, before a run
 
 The fold count is the data set's fold file's (preprocess.py --n_folds K made it); --n_folds,
 if given, must agree with it (with no fold file yet, it is the count to make). Data is
@@ -16,6 +17,7 @@ import sys
 from readaloud.cli import add_common, add_ray_options, parse_overrides
 from readaloud.config import ConfigError
 from readaloud.layout import unfinished_folds
+from readaloud.pipeline.plan import add_plan_options, run_plan
 from readaloud.prep.folds import FoldFileError, resolve_n_folds
 from readaloud.variants import default_variants, resolve_models, variant_config
 
@@ -34,7 +36,14 @@ def main():
     p.add_argument("--force", action="store_true", help="retrain finished folds")
     p.add_argument("--gpus", default=None, help="e.g. 0,1: one GPU per job via CUDA_VISIBLE_DEVICES")
     add_ray_options(p)  # --ray [ADDRESS] --cpus_per_fold --gpus_per_fold: the folds as Ray tasks instead of --jobs
+    p.add_argument("--plan", action="store_true", help="print the estimated hours and disk of each stage on this "
+                   "machine, measured on a sample of the clips (readaloud/pipeline/plan.py); trains nothing")
+    add_plan_options(p, gpus=False)
     args, rest = p.parse_known_args()
+    if args.plan:
+        args.gpus = len(args.gpus.split(",")) if args.gpus else 0
+        run_plan(p, args, rest + (["--epochs", str(args.epochs)] if args.epochs else []))
+        return
     try:
         models = resolve_models(args.models)
     except KeyError as exc:

@@ -276,26 +276,27 @@ def measure_fold(variant: str, cfg_overrides: dict, data: Path, tts: Path, asset
                  0.0, fixed_bytes=fold_bytes, epochs=variant_config(variant, cfg_overrides).epochs)
 
 
-def measure_inference(variant: str, data: Path, tts: Path, assets: Path, test: pd.DataFrame) -> list[Stage]:
-    """infer.py on the sample's test clips with the variant's one fold: once with no test cache (the test
-    clips' evidence and encodings), then with them (the fold's predictions), on a few rows and on all."""
+def measure_inference(variant: str, data: Path, tts: Path, assets: Path, test: pd.DataFrame,
+                      caches: list[Stage]) -> list[Stage]:
+    """infer.py on the sample's test clips with the variant's one fold, timed once its test caches are filled
+    (the fold's predictions: a few rows, then all). The test clips' caches are the same per-clip work as the
+    training clips' (`caches`, measured there; ear copies are for training only), at the test clips' lengths."""
     from .inference import run_inference
     if not len(test):
         return []
     ck = sorted(p.name for p in assets.glob(f"{variant}_0.pth"))
     config = {"members": [{"model": variant, "weight": 1.0, "checkpoints": ck}], "bias": 0.0, "n_folds": 2}
     names = list(test["filename"])
-    out = data.parent / "submission.csv"
 
     def infer(rows):
-        run_inference(data, assets, tts, out, "cpu", progress=False, config=config, rows=rows)
-    before = folder_bytes(data / "cache", tts)
-    cold = timed(lambda: infer(names))
-    grown = folder_bytes(data / "cache", tts) - before
+        run_inference(data, assets, tts, data.parent / "submission.csv", "cpu", progress=False, config=config,
+                      rows=rows)
+    infer(names)  # the test clips' caches
     fixed, per = fixed_and_per_item(infer, names)
-    caches = Stage(f"{variant}: inference, the test clips' caches", "test", max(0.0, cold - fixed - per * len(names))
-                   / len(names), 0.0, grown / len(names), "window")
-    return [caches, Stage(f"{variant}: inference, each fold's predictions", "fold_test", per, fixed, 0.0)]
+    test_caches = [Stage(f"{variant}: inference, test clips' {c.name.split(': ', 1)[1]}", "test", c.per_unit_s,
+                         c.fixed_s, c.bytes_per_unit, c.scale, source="the training clips' rate")
+                   for c in caches if "ear copies" not in c.name]
+    return test_caches + [Stage(f"{variant}: inference, each fold's predictions", "fold_test", per, fixed, 0.0)]
 
 
 @dataclass
@@ -321,7 +322,8 @@ def measure(folder: Folder, models: list[str], overrides: dict, jobs: int, n_sam
             stages += measure_preprocess(data, tts, train, test, cfgs)
             bar.update(1)
             for m, cfg in steps[1:]:
-                stages += measure_caches(m, cfg, data, tts, train)
+                caches = measure_caches(m, cfg, data, tts, train)
+                stages += caches
                 bar.update(1)
                 from ..members.registry import member_for
                 from ..members.neural import NeuralMember
@@ -333,7 +335,7 @@ def measure(folder: Folder, models: list[str], overrides: dict, jobs: int, n_sam
                     fold.source = f"recorded by {recorded['folds']} finished folds in {assets}"
                 stages.append(fold)
                 bar.update(1)
-                stages += measure_inference(m, data, tts, fold_assets, test)
+                stages += measure_inference(m, data, tts, fold_assets, test, caches)
                 bar.update(1)
         finally:
             bar.close()
@@ -451,13 +453,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_plan_options(p: argparse.ArgumentParser) -> None:
-    """The plan's own options (train.py --plan takes them too)."""
+def add_plan_options(p: argparse.ArgumentParser, gpus: bool = True) -> None:
+    """The plan's own options (train.py --plan takes them too, with its own --gpus 0,1)."""
     p.add_argument("--sample", type=int, default=12, help="training clips the rates are measured on (default 12; "
                    "half as many test clips)")
     p.add_argument("--clips", type=int, default=None, help="also estimate for this many training clips")
     p.add_argument("--test_clips", type=int, default=None, help="... and this many test clips")
-    p.add_argument("--gpus", type=int, default=0, help="on paper: GPUs (with --gpu_speedup)")
+    if gpus:
+        p.add_argument("--gpus", type=int, default=0, help="on paper: GPUs (with --gpu_speedup)")
     p.add_argument("--gpu_speedup", type=float, default=0.0,
                    help="on paper: how many times this machine's rate one GPU runs the Whisper and training stages "
                         "(your assumption or measurement; nothing here measures it)")
@@ -481,7 +484,7 @@ def plan(args, overrides: dict) -> dict:
     took = time.time() - t0
     sizes = [folder_size(folder)] + ([scaled_size(folder, args.clips, args.test_clips)] if args.clips else [])
     out = {"machine": machine_line(), "models": models, "n_folds": n_folds, "jobs": args.jobs,
-           "sample": {"train": len(measured.train_seconds), "test": len(measured.test_seconds)},
+           "sample": {"train_seconds": measured.train_seconds, "test_seconds": measured.test_seconds},
            "measure_seconds": took, "stages": [asdict(s) for s in measured.stages], "tables": []}
     print(f"\nplan for {', '.join(models)} on {out['machine']}; rates measured in {took:.0f}s on "
           f"{len(measured.train_seconds)} training + {len(measured.test_seconds)} test clips of {args.data}")
