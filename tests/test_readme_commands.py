@@ -157,10 +157,21 @@ def run_infer(command, ws):
         assert (ws.real / report / "index.html").exists(), shown(proc)
 
 
+def run_plan(command, ws):
+    """The plan on the real-data workspace, its rates measured on 6 clips, tiny.en only: a table with a total,
+    and the data folder left as it was."""
+    data = ws.real / "data"
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()}
+    proc = run([*python_args(command), "--sample", "6", "--asr_backbones", "whisper-tiny.en"], ws.real)
+    assert proc.returncode == 0 and "| **total** |" in proc.stdout, shown(proc)
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*") if p.is_file()} == before, "the plan wrote into data/"
+
+
 RUNNERS = [
     (r"make demo", run_make_demo),
     (r"make test", run_make_test),
     (r"make submission", run_make_submission),
+    (r"python -m readaloud\.pipeline\.plan( .*)?", run_plan),
     (r"python preprocess\.py( .*)?", run_preprocess),
     (r"python train\.py( .*)?", run_train),
     (r"python check_models\.py( .*)?", run_check_models),
