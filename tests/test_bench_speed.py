@@ -16,7 +16,7 @@ def tiny(tmp_path_factory, root):
 
 def test_speed_benchmark_measures_both_paths_and_both_job_counts(tiny, root):
     out = tiny / "bench" / "speed.md"
-    run = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--data", str(tiny / "data"),
+    run = subprocess.run([sys.executable, "-m", "readaloud.bench.speed", "--from_scratch", "--data", str(tiny / "data"),
                           "--tts_dir", str(tiny / "tts"), "--n", "8", "--repeats", "1", "--models", "2",
                           "--jobs_models", "model1mean,model5gbm", "--jobs_folds", "0", "--jobs_epochs", "1",
                           "--thread_scaling", "small", "--scaling_n", "8",

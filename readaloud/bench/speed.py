@@ -1,6 +1,12 @@
-"""Speed benchmark: the straightforward pipeline vs the project's, same model size, same clips.
+"""Speed benchmark. By default the default ensemble (readaloud/bench/ensemble_speed.py): items/s of each
+member's training and inference, cold and warm, and its per-clip Whisper work at a 30 s window against 10 s:
 
-    python -m readaloud.bench.speed [--data data] [--n 96] [--repeats 3] [--models 3]
+    python -m readaloud.bench.speed --data DIR [--models a,b] [--n 16] [--out bench_out/speed.md]
+
+With --from_scratch, the earlier measurement of the from-scratch pair members: the straightforward
+pipeline vs the project's, same model size, same clips:
+
+    python -m readaloud.bench.speed --from_scratch [--data data] [--n 96] [--repeats 3] [--models 3]
                                     [--jobs_models a,b] [--jobs_folds 0,1] [--jobs_epochs 2]
                                     [--thread_scaling small,base] [--skip_jobs] [--skip_paths]
                                     [--out bench_out/speed.md]
@@ -127,7 +133,7 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
 
 
 def _one_command(path, mode, args, threads, dims, n, barrier: bool = False) -> list[str]:
-    return [sys.executable, "-m", "readaloud.bench.speed", "--_one", path, mode,
+    return [sys.executable, "-m", "readaloud.bench.speed", "--from_scratch", "--_one", path, mode,
             "--data", str(Path(args.data).resolve()), "--tts_dir", str(Path(args.tts_dir).resolve()),
             "--n", str(n or args.n), "--models", str(args.models),
             "--threads", str(threads or args.threads), "--batch", str(args.batch),
@@ -298,6 +304,15 @@ def machine() -> str:
 
 
 def main(argv=None):
+    """The default ensemble's report, or with --from_scratch (or the internal --_one) the earlier one."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--from_scratch" not in argv and "--_one" not in argv:
+        from .ensemble_speed import main as ensemble_main
+        return ensemble_main(argv)
+    return from_scratch_main([a for a in argv if a != "--from_scratch"])
+
+
+def from_scratch_main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="data")
     p.add_argument("--n", type=int, default=96, help="clips per measurement")
