@@ -25,6 +25,14 @@ def run_script(root, *args, ok=True, env=None, cwd=None, timeout=900):
     return proc
 
 
+def preprocessed_demo(root, base: Path, n_train: int, n_test: int, seed: int, n_folds: int = 2) -> tuple[Path, Path]:
+    """A demo set made and preprocessed under `base`: (data folder, references folder)."""
+    data, tts = base / "data", base / "tts"
+    run_script(root, "make_demo_data.py", "--out", data, "--n-train", n_train, "--n-test", n_test, "--seed", seed)
+    run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", n_folds, "--workers", 1)
+    return data, tts
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory, root):
     """A tiny demo set run through the whole chain: data, preprocess, train.py (two models x two

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_script
+from conftest import preprocessed_demo, run_script
 from readaloud.pipeline import plan
 
 
@@ -17,9 +17,7 @@ def listing(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory, root):
     base = tmp_path_factory.mktemp("plan")
-    data, tts = base / "data", base / "tts"
-    run_script(root, "make_demo_data.py", "--out", data, "--n-train", 16, "--n-test", 8, "--seed", 1)
-    run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
+    data, tts = preprocessed_demo(root, base, 16, 8, seed=1)
     before = listing(data), listing(tts)
     mp = pytest.MonkeyPatch()
     mp.setenv("READALOUD_BACKBONES", str(base / "backbones"))
