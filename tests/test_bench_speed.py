@@ -41,3 +41,23 @@ def test_speed_benchmark_measures_both_paths_and_both_job_counts(tiny, root):
     assert "| small (d_model 128, 3 layers) |" in text
     assert "project / straightforward" in text and "`train.py --jobs 1` vs `--jobs 2`" in text
     assert (tiny / "bench" / "jobs2_assets" / "model5gbm_0.pth").exists(), "job assets beside the report"
+
+
+def test_speed_benchmark_reports_each_default_member_cold_and_warm(tiny, root, monkeypatch):
+    """The default report (one member here, model8decoder, to stay small): training and inference items/s
+    cold and warm, the ensemble's row, the per-clip work at both windows; the data folder gets no cache."""
+    from readaloud.bench import speed
+    monkeypatch.setenv("READALOUD_BACKBONES", str(tiny / "backbones"))
+    before = sorted(p.name for p in (tiny / "data").iterdir())
+    out = tiny / "ens" / "speed.md"
+    report = speed.main(["--data", str(tiny / "data"), "--models", "model8decoder", "--n", "2", "--out", str(out)])
+    r = report["members"]["model8decoder"]
+    assert r["train_clips"] == 60 and r["test_clips"] == 6 and r["fold_s"] > 0 and r["caches_s"] > 0
+    assert r["infer_cold_s"] > 0 and r["infer_warm_s"] > 0
+    e = report["ensemble"]
+    assert e["train_cold_s"] == r["caches_s"] + r["fold_s"] and e["train_warm_s"] == r["fold_s"]
+    assert list(report["member_speed"]["members"]["model8decoder"]) == ["frozen encoder (whisper-tiny.en)"]
+    text = out.read_text()
+    assert f"| model8decoder | 60 | {60 / (r['caches_s'] + r['fold_s']):.2f} | {60 / r['fold_s']:.2f} |" in text
+    assert "| **ensemble** |" in text and "30 s window" in text and out.with_suffix(".json").exists()
+    assert sorted(p.name for p in (tiny / "data").iterdir()) == before, "no cache written into the data folder"
