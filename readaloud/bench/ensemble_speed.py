@@ -29,16 +29,16 @@ from ..pipeline.plan import machine_line
 
 def copy_folder(data: Path, dest: Path) -> Path:
     """The data folder's CSVs and clips (no cache) in `dest`, with its fold file's folds (else 2 stratified)."""
-    from ..layout import fold_files
-    from ..prep.folds import data_set_n_folds, load_or_create_folds, mark_current
     from ..data import load_split
+    from ..pipeline.plan import existing_n_folds
+    from ..prep.folds import load_or_create_folds, mark_current
     dest.mkdir(parents=True)
     for f in data.iterdir():
         if f.is_file():
             shutil.copy2(f, dest / f.name)
-    n_folds = data_set_n_folds(data) if fold_files(data) else 2
+    n_folds = existing_n_folds(data) or 2
     train = load_split(dest, "train").meta
-    if fold_files(data):
+    if existing_n_folds(data):
         shutil.copytree(data / "cache", dest / "cache",
                         ignore=lambda d, names: [n for n in names if not n.startswith("folds")])
     load_or_create_folds(dest, train, n_folds)

@@ -115,6 +115,11 @@ def read_folder(data: str | Path) -> Folder:
     return Folder(data, train, test)
 
 
+def existing_n_folds(data: str | Path) -> int | None:
+    """The fold count of the folder's fold file, None without one (and no cache folder made to look)."""
+    return data_set_n_folds(data) if (Path(data) / "cache").is_dir() and fold_files(data) else None
+
+
 def unit_length(seconds, scale: str) -> np.ndarray:
     """What a clip's cost grows with: the padded window Whisper reads it in, its duration, or nothing."""
     s = np.asarray(seconds, dtype=float)
@@ -476,7 +481,7 @@ def plan(args, overrides: dict) -> dict:
                         "assumption to state; nothing here can measure it)")
     models = resolve_models(args.models)
     folder = read_folder(args.data)
-    n_folds = args.n_folds or (data_set_n_folds(args.data) if fold_files(args.data) else 6)
+    n_folds = args.n_folds or existing_n_folds(args.data) or 6
     if n_folds < 2:
         raise PlanError(f"--n_folds must be at least 2 (got {n_folds})")
     t0 = time.time()
