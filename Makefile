@@ -16,9 +16,10 @@ N_TEST  ?= 600
 # model6asr, model8decoder, on real Whisper weights); MODELS=all or a list for others
 EPOCHS  ?=
 MODELS  ?=
-# the from-scratch variants (model1mean .. model4encdec, for a language with no pretrained Whisper)
-# read an encoder pretrained on synthetic speech: BACKBONE=$(ASSETS)/pretrained_encoder runs
-# pretrain.py first, e.g. make demo MODELS=model1mean,model2attn,model3mapd,model5gbm EPOCHS=2 \
+# the pair variants (model1mean .. model4encdec) read Whisper tiny.en by default; for a language with
+# no pretrained Whisper they run on a small encoder pretrained on synthetic speech:
+# BACKBONE=$(ASSETS)/pretrained_encoder runs pretrain.py first and switches them to their from-scratch
+# settings, e.g. make demo MODELS=model1mean,model2attn,model3mapd,model5gbm EPOCHS=2 \
 #   BACKBONE=assets/pretrained_encoder N_TRAIN=3000 (the earlier demo)
 BACKBONE ?=
 # The same numbers on every run and on other x86 machines: torch and MKL pick kernels by processor

@@ -3,8 +3,10 @@
     python pretrain.py [--out assets/pretrained_encoder] [--data data] [--n_utterances 8000]
                        [--epochs 4] [--workers 2] [--threads 2] [--force]
 
-Then train with it: `python train.py --backbone assets/pretrained_encoder` (the same
-from_pretrained path a real Whisper checkpoint takes). Training texts of --data, if any,
+Then train the pair variants on it, for a language with no pretrained Whisper: `python train.py
+--models model1mean,model2attn,model3mapd,model5gbm --backbone assets/pretrained_encoder` (the
+same from_pretrained path a real Whisper checkpoint takes; such a folder switches each variant to
+its from-scratch settings, readaloud/variants.py). Training texts of --data, if any,
 are added to the synthetic corpus (texts only: no audio, no labels). A rerun with the same
 settings does nothing.
 """

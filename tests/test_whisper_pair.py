@@ -1,7 +1,9 @@
-"""The pair member on the real Whisper tiny.en (model7whisper): the frozen layers' cache equals
-running those layers, the cached and the per-batch paths give the same logits, and
-`--backbone whisper-tiny.en` trains a tiny fold end to end whose checkpoint loads weights-only
-and predicts. One demo set and one converted backbone for the whole module."""
+"""The pair family on the real Whisper tiny.en, its default: the frozen layers' cache equals running
+those layers, the cached and the per-batch paths give the same logits, and `train_model3mapd.py
+--fold 0 --n_folds 2` with no backbone flag trains a tiny fold on tiny.en whose checkpoint loads
+weights-only and predicts; model7whisper fine-tunes the whole encoder (the GPU recipe) and
+`--backbone scratch` still trains the small encoder from scratch. One demo set and one converted
+backbone for the whole module."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,24 +26,24 @@ FP16_TOL = 2e-3  # relative to the largest magnitude: a float16 mantissa is 10 b
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, root):
-    """A converted tiny.en (READALOUD_BACKBONES), a tiny demo set and one model7whisper fold trained
-    with `--backbone whisper-tiny.en` (1 epoch, 2 updates)."""
+    """A converted tiny.en (READALOUD_BACKBONES), a tiny demo set and one model3mapd fold trained with
+    its defaults, no backbone flag (1 epoch, 2 updates)."""
     base = tmp_path_factory.mktemp("whisper_pair")
     env = {"READALOUD_BACKBONES": str(base / "backbones")}
     data, assets, tts = base / "data", base / "assets", base / "tts"
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 24, "--n-test", 6, "--seed", 5)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("READALOUD_BACKBONES", env["READALOUD_BACKBONES"])
-        run_script(root, "train_model7whisper.py", "--fold", 0, "--n_folds", 2, "--data", data, "--assets", assets,
-                   "--tts_dir", tts, "--epochs", 1, "--max_updates", 2, "--backbone", "whisper-tiny.en", env=env)
-        yield {"data": data, "assets": assets, "tts": tts, "base": base}
+        run_script(root, "train_model3mapd.py", "--fold", 0, "--n_folds", 2, "--data", data, "--assets", assets,
+                   "--tts_dir", tts, "--epochs", 1, "--max_updates", 2, env=env)
+        yield {"data": data, "assets": assets, "tts": tts, "base": base, "env": env}
 
 
 @pytest.fixture(scope="module")
 def stores(trained):
     data, tts = trained["data"], trained["tts"]
     meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
-    cfg = variant_config("model7whisper")
+    cfg = variant_config("model3mapd")
     refs = ensure_references(tts, cfg.tts, meta["expected_text"].unique(), FeatureParams(), progress=False)
     clips, _ = ensure_clip_features(data, meta["filename"].tolist(), FeatureParams(), progress=False)
     return meta, clips, refs
@@ -55,20 +57,21 @@ def fresh_model(cfg, meta, vocab):
 
 def test_backbone_settings_follow_a_real_whisper():
     cfg = variant_config("model1mean", {"backbone": "whisper-tiny.en"})
-    assert cfg.model.position_pool == 1 and variant_config("model1mean").model.position_pool == 2
+    assert cfg.model.position_pool == 1 and variant_config("model1mean").model.position_pool == 1
+    assert variant_config("model1mean", {"backbone": "scratch"}).model.position_pool == 2
     assert variant_config("model1mean", {"backbone": "whisper-tiny.en", "position_pool": 2}).model.position_pool == 2
     assert backbone_input_settings("some/hub-id") == {"position_pool": 1}
     with pytest.raises(ConfigError, match="freeze_layers"):
         apply_overrides(cfg, {"freeze_layers": -1})
     with pytest.raises(ValueError, match="position_pool 1"):
         build_network(PairClassifier, apply_overrides(cfg, {"position_pool": 2}).model, 1, 1, 4)
-    assert frozen_cache_usable(variant_config("model7whisper"))
-    assert not frozen_cache_usable(variant_config("model7whisper", {"spec_time_masks": 2}))
+    assert frozen_cache_usable(variant_config("model3mapd"))
+    assert not frozen_cache_usable(variant_config("model3mapd", {"spec_time_masks": 2}))
 
 
 def test_cache_equals_running_the_frozen_layers(trained, stores):
     meta, clips, refs = stores
-    cfg = variant_config("model7whisper")
+    cfg = variant_config("model3mapd")
     vocab = Vocab.build(meta["expected_text"], cfg.model.ctc_unit)
     model, _ = fresh_model(cfg, meta, vocab)
     for name, p in model.named_parameters():  # stem and the lowest 3 layers frozen, the top one trains
@@ -91,7 +94,7 @@ def test_cache_equals_running_the_frozen_layers(trained, stores):
 
 def test_cached_path_gives_the_logits_of_the_per_batch_path(trained, stores):
     meta, clips, refs = stores
-    cfg = variant_config("model7whisper")
+    cfg = variant_config("model3mapd")
     vocab = Vocab.build(meta["expected_text"], cfg.model.ctc_unit)
     model, cats = fresh_model(cfg, meta, vocab)
     cached = pair_dataset(meta, clips, refs, vocab, cats, model, cfg, progress=False)
@@ -118,7 +121,7 @@ def test_cached_path_gives_the_logits_of_the_per_batch_path(trained, stores):
 
 def test_fold_trained_on_tiny_en_loads_weights_only_and_predicts(trained):
     from readaloud.pipeline.inference import load_fold_model, test_inputs
-    path = trained["assets"] / "model7whisper_0.pth"
+    path = trained["assets"] / "model3mapd_0.pth"
     fm = load_fold_model(path, torch.device("cpu"))  # safe_load: torch.load(weights_only=True)
     assert fm.predictor.cfg.model.backbone == "whisper-tiny.en" and fm.predictor.cfg.model.freeze_layers == 3
     # the frozen layers left training exactly as the backbone has them; the top layer moved
@@ -132,3 +135,42 @@ def test_fold_trained_on_tiny_en_loads_weights_only_and_predicts(trained):
     logits = fm.predictor.predict(inputs)
     assert len(logits) == len(fmt) and not problems
     assert np.isfinite(logits).all() and np.std(logits) > 0
+
+
+def test_every_pair_variant_reads_a_pretrained_whisper_unless_told_scratch(tmp_path):
+    from readaloud.variants import VARIANTS, scratch_variants
+    pair = [n for n in VARIANTS if variant_config(n).model.arch in ("pair", "encdec")]
+    assert {"model1mean", "model2attn", "model3mapd", "model4encdec", "model7whisper"} <= set(pair)
+    for name in pair:
+        cfg = variant_config(name)
+        assert cfg.model.backbone == "whisper-tiny.en" and cfg.model.position_pool == 1, name
+    for name in scratch_variants():
+        cfg = variant_config(name, {"backbone": "scratch"})
+        assert cfg.model.backbone == "" and cfg.model.freeze_layers == 0 and cfg.model.position_pool == 2, name
+        assert cfg.model.d_model == 128 and cfg.optim.lr == 1e-3, name
+    # a folder pretrain.py wrote: the from-scratch settings, on that encoder, at its pooling
+    folder = tmp_path / "pretrained_encoder"
+    folder.mkdir()
+    (folder / "pretraining.json").write_text('{"settings": {"model": {"position_pool": 2, "n_mels": 80}}}')
+    cfg = variant_config("model1mean", {"backbone": str(folder)})
+    assert cfg.model.backbone == str(folder) and cfg.model.freeze_layers == 0 and cfg.data.aug_prob == 0.5
+    with pytest.raises(ConfigError, match="model8decoder reads a pretrained Whisper.*model1mean"):
+        variant_config("model8decoder", {"backbone": "scratch"})
+    assert variant_config("model7whisper").model.freeze_layers == 0  # the GPU recipe: the whole encoder trains
+
+
+def test_the_gpu_recipe_and_the_scratch_option_train_a_tiny_fold(trained, root):
+    from readaloud.pipeline.inference import load_fold_model
+    data, tts, env = trained["data"], trained["tts"], trained["env"]
+    full, scratch = trained["base"] / "full", trained["base"] / "scratch"
+    common = ["--fold", 0, "--n_folds", 2, "--data", data, "--tts_dir", tts, "--epochs", 1, "--max_updates", 2]
+    run_script(root, "train_model7whisper.py", *common, "--assets", full, env=env)
+    run_script(root, "train_model3mapd.py", *common, "--assets", scratch, "--backbone", "scratch", env=env)
+    fm = load_fold_model(full / "model7whisper_0.pth", torch.device("cpu"))
+    pretrained = load_pretrained_encoder("whisper-tiny.en").state_dict()
+    moved = fm.model.encoder.state_dict()
+    for name in ("conv1.weight", "layers.0.fc1.weight", "layers.3.fc1.weight"):  # nothing frozen
+        assert not torch.equal(moved[name], pretrained[name]), name
+    fm = load_fold_model(scratch / "model3mapd_0.pth", torch.device("cpu"))
+    cfg = fm.predictor.cfg
+    assert cfg.model.backbone == "" and cfg.model.freeze_layers == 0 and fm.model.encoder.config.d_model == 128
