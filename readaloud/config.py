@@ -17,10 +17,10 @@ from pathlib import Path
 @dataclass
 class ModelConfig:
     arch: str = "pair"             # the member family (members/registry.py): pair: encoder over
-                                   # [TTS | pause | response] + classifier (members/pair.py); encdec: 1st-place
+                                   # [TTS | pause | response] + classifier (members/pair/pair.py); encdec: 1st-place
                                    # encoder-decoder teacher-forced on expected_text; gbm: gradient
                                    # boosting on alignment features (no neural network); whisperdec: a
-                                   # pretrained Whisper's decoder teacher-forced on it (members/decoder.py)
+                                   # pretrained Whisper's decoder teacher-forced on it (members/decoder/decoder.py)
     backbone: str = ""             # "" = small randomly initialised Whisper below; else path or hub id
     d_model: int = 128             # encoder width (ignored with a backbone)
     encoder_layers: int = 3
@@ -34,7 +34,7 @@ class ModelConfig:
                                    # (variant_config sets it from --backbone unless given)
     freeze_layers: int = 0         # with a backbone: conv stem + the lowest N encoder layers frozen; the pair
                                    # runs them on each half alone (positions from 0) and, without input
-                                   # augmentation, caches their outputs once (float16, members/frozen.py)
+                                   # augmentation, caches their outputs once (float16, members/pair/frozen.py)
     pooling: str = "mean"          # mean | attention | attention_mean
     head_layers: int = 1           # 1 = linear; 2 = hidden layer + GELU + dropout
     head_hidden: int = 256
@@ -50,7 +50,7 @@ class ModelConfig:
     match_dim: int = 64            # learned projection the similarities are measured in
     # encdec only
     decoder_layers: int = 2        # transformer decoder layers over the expected text's tokens
-    # whisperdec only (members/decoder.py: a real Whisper's decoder teacher-forced on the expected text)
+    # whisperdec only (members/decoder/decoder.py: a real Whisper's decoder teacher-forced on the expected text)
     decoder_frozen_layers: int = 0     # the lowest N decoder layers do not train (token/position embeddings never do)
     decoder_encoder: str = "auto"      # whisperdec: what runs the frozen encoder for its cache: ctranslate2 (float32,
                                        # the same numbers, faster on CPU; needs the backbone's CTranslate2
@@ -72,22 +72,22 @@ class ModelConfig:
     gbm_min_samples_leaf: int = 20
     gbm_l2: float = 1.0
     gbm_features: str = "alignment"   # alignment | asr | alignment+asr: the feature table the trees read
-                                      # (asr: evidence of a pretrained Whisper per clip, members/asr/evidence.py)
+                                      # (asr: evidence of a pretrained Whisper per clip, members/gbm/evidence.py)
     asr_backbones: str = "whisper-tiny.en"  # gbm with asr: comma-separated named backbones
                                             # (whisper-tiny.en, whisper-base) or CTranslate2 Whisper folders
     gbm_ear_copies: int = 0           # gbm: perturbed copies of each training clip, same label and fold, so the
-                                      # trees see clips the Whisper ear mishears (members/asr/ear_augment.py); 0 = none
+                                      # trees see clips the Whisper ear mishears (members/gbm/ear_augment.py); 0 = none
     gbm_ear_share: float = 1.0        # gbm: the share of training clips that get ear copies (picked by file name)
     asr_closed_vocab: bool = False    # gbm with asr: also a greedy decode that may write only the task's words,
-                                      # compared with the expected text (members/asr/closed.py); model6asr sets it
+                                      # compared with the expected text (members/gbm/closed.py); model6asr sets it
     asr_closed_logp: bool = False     # gbm with the closed vocabulary: also the closed transcript's teacher-forced
-                                      # log p and the expected text's margin over it (members/asr/closed.py;
+                                      # log p and the expected text's margin over it (members/gbm/closed.py;
                                       # off with asr_closed_vocab off); model6asr sets it
     asr_loop_features: bool = False   # gbm with asr: also how far each transcript (open, and closed with the
                                       # closed vocabulary) loops and how near its best-matching start is to the
-                                      # expected text (members/asr/loops.py)
+                                      # expected text (members/gbm/loops.py)
     asr_prompt_logp: bool = False     # gbm with the closed vocabulary: also the expected text's log p after a prompt
-                                      # of the task's words (members/asr/prompted.py; scored in the ASR pass)
+                                      # of the task's words (members/gbm/prompted.py; scored in the ASR pass)
     asr_agreement: bool = False        # gbm: how far each other backbone's transcripts (open, and closed with
                                        # asr_closed_vocab) are from the first backbone's: a voice the ears cannot
                                        # place comes out as different words from each

@@ -122,25 +122,25 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
          scratch={})  # reads no encoder: the same on every --backbone
 # model6asr's options, each kept because it lowered held-out log loss (the figures: docs/members.md,
 # family gbm, and "Measurements behind the code"):
-# Ear copies (gbm_ear_copies=1, members/asr/ear_augment.py): trained on clips Whisper always hears right, the
+# Ear copies (gbm_ear_copies=1, members/gbm/ear_augment.py): trained on clips Whisper always hears right, the
 # trees took a matching transcript as proof and were confidently wrong on a voice it mishears; one
 # perturbed copy of each training clip shows them garbled transcripts with their true labels.
-# Closed vocabulary (asr_closed_vocab, members/asr/closed.py): a second greedy decode that may write only the
+# Closed vocabulary (asr_closed_vocab, members/gbm/closed.py): a second greedy decode that may write only the
 # task's words, so a voice Whisper cannot place still comes back as the nearest task word, not as any
 # English ("Please,").
 # 8-leaf trees (4 before): chosen on the children's set, the yardstick closest to the users.
 # The closed transcript's log p (asr_closed_logp): how sure Whisper is of the task words it could write,
 # and how far below them the expected text is.
-# Loop features (asr_loop_features, members/asr/loops.py): how much of each open and closed transcript repeats a
+# Loop features (asr_loop_features, members/gbm/loops.py): how much of each open and closed transcript repeats a
 # cycle at its end (greedy decoding loops) and how near its best-matching start is to the expected text.
-# Task-word prompt (asr_prompt_logp, members/asr/prompted.py): the expected text's log p after a prompt listing the
+# Task-word prompt (asr_prompt_logp, members/gbm/prompted.py): the expected text's log p after a prompt listing the
 # task's words, for tasks whose words fit in one (not the children's sentences).
 # Per-clip prompt (asr_prompt_per_clip): a task whose words do not fit in a prompt (sentences) gets a prompt of
 # each clip's own expected words; tasks that fit a task prompt are unchanged.
 # Agreement (asr_agreement): how far base's open and closed transcripts are from tiny.en's; a voice
 # neither Whisper can place comes out as different words from each, so a mismatch proves less there.
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
-         "base (transcript vs expected text, teacher-forced log p; members/asr/evidence.py), cached per clip; "
+         "base (transcript vs expected text, teacher-forced log p; members/gbm/evidence.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "
          "a transcript decoded over the task's words only, and how sure Whisper is of it; how far each transcript "
          "loops; the expected text's log p after a prompt of the task's words (of the clip's own words where the "

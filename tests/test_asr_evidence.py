@@ -1,4 +1,4 @@
-"""ASR evidence (readaloud/members/asr/evidence.py): text normalisation, the installed tiny.en on espeak speech,
+"""ASR evidence (readaloud/members/gbm/evidence.py): text normalisation, the installed tiny.en on espeak speech,
 and the per-clip cache (read back without recomputing, merged across calls, recomputed if damaged)."""
 import json
 import logging
@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from readaloud.whisper.normalise import (edit_distance, matched_pairs, normalise_tokens, normalise_words,
+from readaloud.normalise import (edit_distance, matched_pairs, normalise_tokens, normalise_words,
                                          spoken_text)
 
 # ---- normalisation --------------------------------------------------------------------------------------
@@ -88,7 +88,7 @@ SENTENCE, SWAPPED, SWAP_AT = "the boy can jump high", "the boy can swim high", 3
 
 @pytest.fixture(scope="module")
 def tiny():
-    from readaloud.members.asr.evidence import WhisperEvidence
+    from readaloud.members.gbm.evidence import WhisperEvidence
     return WhisperEvidence("whisper-tiny.en", threads=2)
 
 
@@ -120,7 +120,7 @@ def _count_decodes(model, monkeypatch) -> list:
 
 
 def test_espeak_sentence_matches_and_a_swapped_word_is_the_least_likely(tiny, clips, monkeypatch, caplog):
-    from readaloud.members.asr.evidence import FEATURE_NAMES, asr_table
+    from readaloud.members.gbm.evidence import FEATURE_NAMES, asr_table
     folder, meta = clips
     decodes = _count_decodes(tiny, monkeypatch)
     with caplog.at_level(logging.WARNING, logger="readaloud"):
@@ -145,7 +145,7 @@ def test_espeak_sentence_matches_and_a_swapped_word_is_the_least_likely(tiny, cl
 
 def test_one_clip_gives_a_documented_vector(tiny, clips):
     from readaloud.audio import load_audio
-    from readaloud.members.asr.evidence import FEATURES, clip_evidence
+    from readaloud.members.gbm.evidence import FEATURES, clip_evidence
     folder, _ = clips
     names, vector, evidence = clip_evidence(tiny, load_audio(folder / "b.wav"), "please open the door")
     assert names == list(FEATURES) and vector.dtype == np.float32 and vector.shape == (len(names),)
@@ -153,7 +153,7 @@ def test_one_clip_gives_a_documented_vector(tiny, clips):
 
 
 def test_asr_evidence_is_cached_once_per_clip(tiny, clips, tmp_path, monkeypatch, caplog):
-    from readaloud.members.asr import evidence as asr
+    from readaloud.members.gbm import evidence as asr
     folder, meta = clips
     cache = tmp_path / "cache" / "asr.npz"
     decodes = _count_decodes(tiny, monkeypatch)
@@ -191,7 +191,7 @@ def test_asr_evidence_is_cached_once_per_clip(tiny, clips, tmp_path, monkeypatch
 
 
 def test_cache_names_the_model_and_settings(tiny, tmp_path):
-    from readaloud.members.asr.evidence import AsrSettings, asr_cache_path, model_identity
+    from readaloud.members.gbm.evidence import AsrSettings, asr_cache_path, model_identity
     path = asr_cache_path(tmp_path, tiny)
     assert path.parent == tmp_path / "cache" and tiny.name in path.name
     assert model_identity(tiny.model_dir) in path.name and tiny.compute_type in path.name
@@ -257,7 +257,7 @@ def test_workers_give_what_one_worker_gives_in_order(tiny, clips):
     two threads does, and map_clips hands results back in input order, errors included."""
     import time
 
-    from readaloud.members.asr.evidence import WhisperEvidence, asr_table
+    from readaloud.members.gbm.evidence import WhisperEvidence, asr_table
     folder, meta = clips
     serial = WhisperEvidence("whisper-tiny.en", threads=2, workers=1)
     assert tiny.workers == 2 and serial.workers == 1
@@ -318,7 +318,7 @@ def test_aligning_without_the_timing_work_gives_the_same_log_p(tiny, clips):
     the plain start and after a prompt, for several rows at once."""
     import ctranslate2
     from readaloud.audio import load_audio
-    from readaloud.members.asr.evidence import ALIGN_FRAMES
+    from readaloud.members.gbm.evidence import ALIGN_FRAMES
     folder, _ = clips
     encoded = np.asarray(tiny.encode([load_audio(folder / "a.wav"), load_audio(folder / "c.wav")]))
     seqs = [tiny.word_token_ids(["jump"])[0], [t for ids in tiny.word_token_ids(["three", "six"]) for t in ids]]
@@ -345,7 +345,7 @@ if sys.argv[1] == "raw":
                                inter_threads=2, intra_threads=1)
 else:
     import numpy as np
-    from readaloud.members.asr.evidence import WhisperEvidence
+    from readaloud.members.gbm.evidence import WhisperEvidence
     from readaloud.whisper.encoding import Ct2WindowEncoder
     WhisperEvidence("whisper-tiny.en", device="cpu", threads=2, workers=2)   # inter_threads 2, intra_threads 1
     print(torch.get_num_threads())

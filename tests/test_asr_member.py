@@ -20,15 +20,15 @@ import torch
 from conftest import run_script
 from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
 from readaloud.config import ConfigError
-from readaloud.members import gbm
-from readaloud.members.alignment import FEATURE_NAMES as ALIGNMENT_NAMES
+from readaloud.members.gbm import gbm
+from readaloud.members.gbm.alignment import FEATURE_NAMES as ALIGNMENT_NAMES
 from readaloud.members.registry import member_named
-from readaloud.members.asr.ear_augment import EarAugment, copies_dir
+from readaloud.members.gbm.ear_augment import EarAugment, copies_dir
 from readaloud.variants import variant_config
-from readaloud.members.asr import evidence as asr
-from readaloud.members.asr.closed import CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES
-from readaloud.members.asr.loops import LOOP_FEATURE_NAMES
-from readaloud.members.asr.prompted import PROMPT_FEATURE_NAMES
+from readaloud.members.gbm import evidence as asr
+from readaloud.members.gbm.closed import CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES
+from readaloud.members.gbm.loops import LOOP_FEATURE_NAMES
+from readaloud.members.gbm.prompted import PROMPT_FEATURE_NAMES
 
 BACKBONE = "whisper-tiny.en"
 OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4",  # 10 training clips a fold: let trees split

@@ -61,7 +61,7 @@ def test_the_swapped_word_costs_log_p_in_the_transformers_path_too(report):
     """A check that the transformers path scores the expected text, not just echoes the transcript."""
     from readaloud.audio import load_audio
     from readaloud.bench.asr_paths import TransformersWhisperEvidence
-    from readaloud.members.asr.evidence import FEATURE_NAMES
+    from readaloud.members.gbm.evidence import FEATURE_NAMES
     _, out = report
     assert json.loads((out / "asr_paths.json").read_text())["n"] == 2
     text = (out / "asr_paths.md").read_text()

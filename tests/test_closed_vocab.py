@@ -1,4 +1,4 @@
-"""Closed-vocabulary transcripts (members/asr/closed.py) and their block in the trees' table."""
+"""Closed-vocabulary transcripts (members/gbm/closed.py) and their block in the trees' table."""
 from __future__ import annotations
 
 import logging
@@ -9,7 +9,7 @@ import pytest
 
 
 def test_task_words_keep_each_task_apart_in_both_spellings():
-    from readaloud.members.asr.closed import merge_words, task_words, vocabulary_key
+    from readaloud.members.gbm.closed import merge_words, task_words, vocabulary_key
     meta = pd.DataFrame({"task": ["digits", "digits", "sentence", "sentence"],
                          "expected_text": ["Nine three", "six", "The cat, sat.", np.nan]})
     words = task_words(meta)
@@ -22,12 +22,12 @@ def test_task_words_keep_each_task_apart_in_both_spellings():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from readaloud.members.asr.evidence import WhisperEvidence
+    from readaloud.members.gbm.evidence import WhisperEvidence
     return WhisperEvidence("whisper-tiny.en", threads=2)
 
 
 def test_only_the_vocabulary_can_be_written(tiny):
-    from readaloud.members.asr.closed import allowed_tokens, suppressed_tokens
+    from readaloud.members.gbm.closed import allowed_tokens, suppressed_tokens
     allowed = allowed_tokens(tiny, ["seven", "two"])
     suppress = set(suppressed_tokens(tiny, allowed))
     seven = tiny.tokenizer.encode(" seven", add_special_tokens=False).ids
@@ -58,7 +58,7 @@ def digit_clips(tmp_path_factory):
 
 def test_closed_transcripts_score_rows_and_are_cached_per_clip_and_vocabulary(tiny, digit_clips, tmp_path,
                                                                             monkeypatch, caplog):
-    from readaloud.members.asr import closed
+    from readaloud.members.gbm import closed
     folder, meta, words = digit_clips
     cache = tmp_path / "closed.npz"
     calls = []
@@ -88,9 +88,9 @@ def test_closed_transcripts_score_rows_and_are_cached_per_clip_and_vocabulary(ti
 
 def test_the_trees_table_gets_a_closed_block_per_backbone():
     from readaloud.config import ModelConfig
-    from readaloud.members.gbm import FeatureLayout
-    from readaloud.members.asr.evidence import FEATURE_NAMES
-    from readaloud.members.asr.closed import CLOSED_FEATURE_NAMES
+    from readaloud.members.gbm.gbm import FeatureLayout
+    from readaloud.members.gbm.evidence import FEATURE_NAMES
+    from readaloud.members.gbm.closed import CLOSED_FEATURE_NAMES
     mc = ModelConfig(arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base")
     plain = FeatureLayout.of(mc)
     mc.asr_closed_vocab = True
@@ -107,8 +107,8 @@ def test_the_closed_log_p_is_the_teacher_forced_log_p_of_the_closed_tokens(tiny,
     the clip (computed here directly from the encoder output), NaN for an unreadable clip; a wrong
     expected text is less likely than the closed transcript (margin < 0), a right one not by much."""
     from readaloud.audio import load_audio
-    from readaloud.members.asr import evidence as asr
-    from readaloud.members.asr import closed
+    from readaloud.members.gbm import evidence as asr
+    from readaloud.members.gbm import closed
     folder, meta, words = digit_clips
     table = closed.closed_table(meta, folder, tiny, words, tmp_path / "closed.npz", progress=False)
     col = {n: table.X[:, k] for k, n in enumerate(closed.TABLE_COLUMNS)}
@@ -132,8 +132,8 @@ def test_the_closed_log_p_is_the_teacher_forced_log_p_of_the_closed_tokens(tiny,
 
 def test_the_closed_log_p_block_comes_with_the_closed_vocabulary_only():
     from readaloud.config import ModelConfig
-    from readaloud.members.gbm import FeatureLayout
-    from readaloud.members.asr.closed import CLOSED_LOGP_NAMES
+    from readaloud.members.gbm.gbm import FeatureLayout
+    from readaloud.members.gbm.closed import CLOSED_LOGP_NAMES
     mc = ModelConfig(arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
                      asr_closed_vocab=True)
     closed_only = FeatureLayout.of(mc)
@@ -152,8 +152,8 @@ def test_the_asr_pass_decodes_the_closed_vocabulary_from_its_own_encoder_output(
     """gbm.asr_evidence with words: the closed transcripts come out of the ASR evidence pass (no second
     encoder pass) and equal those of a separate closed pass."""
     import shutil
-    from readaloud.members import gbm
-    from readaloud.members.asr import closed
+    from readaloud.members.gbm import gbm
+    from readaloud.members.gbm import closed
     folder, meta, words = digit_clips
     reference = closed.closed_table(meta, folder, tiny, words, tmp_path / "reference.npz", progress=False)
     data = tmp_path / "data"
@@ -185,11 +185,11 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
 
     from conftest import run_script
     from readaloud.checkpoints import safe_load
-    from readaloud.members import gbm
-    from readaloud.members.asr.ear_augment import EarAugment, copies_dir
-    from readaloud.members.asr import evidence as asr
-    from readaloud.members.asr import closed, prompted
-    from readaloud.members.asr.loops import LOOP_FEATURE_NAMES
+    from readaloud.members.gbm import gbm
+    from readaloud.members.gbm.ear_augment import EarAugment, copies_dir
+    from readaloud.members.gbm import evidence as asr
+    from readaloud.members.gbm import closed, prompted
+    from readaloud.members.gbm.loops import LOOP_FEATURE_NAMES
     data, assets, tts = tmp_path / "data", tmp_path / "assets", tmp_path / "tts"
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
     run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
@@ -248,8 +248,8 @@ def test_the_closed_decode_is_skipped_only_where_it_must_equal_the_open_one(tiny
     the same; a vocabulary that lacks a token the open decode wrote, or allows a symbol the open
     decode may not write, decodes."""
     from readaloud.audio import load_audio
-    from readaloud.members.asr.evidence import ClosedRequest
-    from readaloud.members.asr.closed import allowed_tokens, suppressed_tokens, vocabulary_key
+    from readaloud.members.gbm.evidence import ClosedRequest
+    from readaloud.members.gbm.closed import allowed_tokens, suppressed_tokens, vocabulary_key
     folder, _, words = digit_clips
     decoded = []
     real_sequences = tiny.closed_sequences
@@ -287,8 +287,8 @@ def test_a_closed_decode_stops_at_its_limit_and_the_limit_keys_the_cache(tiny, d
     one; a longer expected text is another request, so the cache never hands a clip a transcript
     cut at another limit."""
     from readaloud.audio import load_audio
-    from readaloud.members.asr import closed
-    from readaloud.members.asr.evidence import ClosedRequest
+    from readaloud.members.gbm import closed
+    from readaloud.members.gbm.evidence import ClosedRequest
     folder, meta, words = digit_clips
     n = len(tiny.tokenizer.encode(" seven two nine", add_special_tokens=False).ids)
     assert closed.closed_max_length(tiny, ["four", "seven two nine"]) == 2 * (4 * n + 8)
@@ -317,7 +317,7 @@ def test_a_closed_decode_stops_at_its_limit_and_the_limit_keys_the_cache(tiny, d
 def test_a_rows_vocabulary_depends_on_that_row_alone():
     """row_vocabularies: the task's training words plus the row's own; adding a row with new words,
     of a known task or of one never trained on, leaves every other row's vocabulary as it was."""
-    from readaloud.members.asr import closed
+    from readaloud.members.gbm import closed
     words = {"digit_span": ["1", "2", "4", "7", "four", "one", "seven", "two"], "blending": ["cat", "dog"]}
     meta = pd.DataFrame({"task": ["digit_span", "digit_span"], "expected_text": ["seven two", "seven nine"]})
     alone = closed.row_vocabularies(meta, words)

@@ -1,12 +1,12 @@
-"""The decoder layer with memory-side cross-attention (members/cross_attention.py) computes what
+"""The decoder layer with memory-side cross-attention (members/encdec/cross_attention.py) computes what
 transformers' WhisperDecoderLayer computes, outputs and gradients, on both of its paths."""
 import pytest
 import torch
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer
 
-from readaloud.members import cross_attention
-from readaloud.members.cross_attention import decoder_layer, memory_side_cross_attention
+from readaloud.members.encdec import cross_attention
+from readaloud.members.encdec.cross_attention import decoder_layer, memory_side_cross_attention
 
 
 def _layer(seed=0):

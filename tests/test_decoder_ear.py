@@ -53,7 +53,7 @@ def test_the_ear_adapts_on_the_folds_training_clips_only(demo, root):
     a, b = trained_weights(demo / "assets_a"), trained_weights(demo / "assets_b")
     assert set(a) == set(b) and "encoder.layers.3.fc1.weight" in a, "the ear's layer is saved with the fold"
     assert all(torch.equal(a[k], b[k]) for k in a), "an OOF clip's audio changed the fold's weights"
-    from readaloud.members.decoder import backbone_state
+    from readaloud.members.decoder.decoder import backbone_state
     pretrained = backbone_state("whisper-tiny.en")["encoder.layers.3.fc1.weight"]
     assert not torch.equal(a["encoder.layers.3.fc1.weight"], pretrained), "the ear trained"
     oof_a = pd.read_csv(demo / "assets_a" / "model8decoder_0_oof.csv")

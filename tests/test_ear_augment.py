@@ -1,4 +1,4 @@
-"""Ear copies (members/asr/ear_augment.py): perturbed training clips for the gbm member.
+"""Ear copies (members/gbm/ear_augment.py): perturbed training clips for the gbm member.
 
 A copy is deterministic (same bytes on a rerun, in any process), is made once (a rerun writes
 nothing), keeps its source clip's row (label, fold, text) and is really perturbed; a clip that
@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from readaloud.audio import SAMPLE_RATE, load_audio, write_wav
-from readaloud.members.asr.ear_augment import EarAugment, copies_dir, copy_name, copy_rng, ensure_copies, gets_copies, perturb
+from readaloud.members.gbm.ear_augment import EarAugment, copies_dir, copy_name, copy_rng, ensure_copies, gets_copies, perturb
 
 
 def _tone(seconds: float, freq: float) -> np.ndarray:

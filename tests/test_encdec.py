@@ -10,8 +10,8 @@ import torch
 from readaloud.checkpoints import atomic_save
 from readaloud.config import ModelConfig
 from readaloud.prep.dataset import collate
-from readaloud.members.encdec import EncDecClassifier
-from readaloud.members.encoder import whisper_config_dict
+from readaloud.members.encdec.encdec import EncDecClassifier
+from readaloud.members.pair.encoder import whisper_config_dict
 from readaloud.members.registry import build_model
 from readaloud.text import Vocab
 from readaloud.variants import variant_config

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from conftest import run_script
-from readaloud.members.alignment import ACOUSTIC_NAMES, FEATURE_NAMES, acoustic_table, clip_features
+from readaloud.members.gbm.alignment import ACOUSTIC_NAMES, FEATURE_NAMES, acoustic_table, clip_features
 from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
 from readaloud.config import RunConfig
-from readaloud.members.gbm import TreeEnsemble, export_trees, fit_gbm, stopping_fold
+from readaloud.members.gbm.gbm import TreeEnsemble, export_trees, fit_gbm, stopping_fold
 from readaloud.metrics import logit, prior_predictions, sigmoid, task_priors
 
 OOF_COLUMNS = ["filename", "fold", "task", "grade", "score", "logit", "fallback", "pred"]
@@ -177,7 +177,7 @@ def test_features_are_finite_on_real_clips(gbm):
 def test_alignment_features_are_cached_once_per_clip(gbm, tmp_path, monkeypatch, caplog):
     """train.py computed the table before its jobs; reading it back gives the same numbers, and a
     damaged cache is recomputed, never trusted."""
-    from readaloud.members import alignment
+    from readaloud.members.gbm import alignment
     from readaloud.features import FeatureParams
     from readaloud.prep.prepare import ensure_clip_features, ensure_references
     meta = pd.read_csv(gbm["data"] / "train_metadata.csv", dtype=str)
@@ -338,7 +338,7 @@ def test_a_column_without_values_is_left_out_of_the_fit_and_the_checkpoint():
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from readaloud.config import ModelConfig
-    from readaloud.members.gbm import FeatureLayout, GBMModel, drop_empty_columns
+    from readaloud.members.gbm.gbm import FeatureLayout, GBMModel, drop_empty_columns
     rng = np.random.default_rng(0)
     layout = FeatureLayout(alignment=False, asr_backbones=())
     names = layout.names

@@ -1,4 +1,4 @@
-"""Greedy decoding loops (members/asr/loops.py): the loop is found, what comes after the answer costs
+"""Greedy decoding loops (members/gbm/loops.py): the loop is found, what comes after the answer costs
 nothing, and the trees' table gets one block per transcript when asked."""
 import random
 
@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 
 from readaloud.config import ModelConfig
-from readaloud.members.gbm import FeatureLayout
-from readaloud.members.asr.evidence import FEATURE_NAMES, AsrTable
-from readaloud.members.asr.closed import TABLE_COLUMNS
-from readaloud.members.asr.loops import LOOP_FEATURE_NAMES, loop_block, loop_features, loop_length
-from readaloud.whisper.normalise import edit_distance, prefix_edit_distances
+from readaloud.members.gbm.gbm import FeatureLayout
+from readaloud.members.gbm.evidence import FEATURE_NAMES, AsrTable
+from readaloud.members.gbm.closed import TABLE_COLUMNS
+from readaloud.members.gbm.loops import LOOP_FEATURE_NAMES, loop_block, loop_features, loop_length
+from readaloud.normalise import edit_distance, prefix_edit_distances
 
 
 def test_prefix_edit_distances_are_the_distances_to_every_prefix():

@@ -6,7 +6,7 @@ import torch
 
 from readaloud.config import ModelConfig
 from readaloud.prep.dataset import collate
-from readaloud.members.encoder import small_whisper_config
+from readaloud.members.pair.encoder import small_whisper_config
 from readaloud.members.registry import build_model
 from readaloud.variants import VARIANTS, variant_config
 

@@ -1,4 +1,4 @@
-"""The expected text's log p after a prompt of the task's words (members/asr/prompted.py) and its block
+"""The expected text's log p after a prompt of the task's words (members/gbm/prompted.py) and its block
 in the trees' table."""
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ DIGITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"
 
 @pytest.fixture(scope="module")
 def tiny():
-    from readaloud.members.asr.evidence import WhisperEvidence
+    from readaloud.members.gbm.evidence import WhisperEvidence
     return WhisperEvidence("whisper-tiny.en", threads=2)
 
 
 def test_a_prompt_lists_the_written_words_once_and_only_when_they_fit(tiny):
-    from readaloud.members.asr import prompted
+    from readaloud.members.gbm import prompted
     words = ["nine", "9", "two", "2", "nine", "seven"]
     assert prompted.prompt_words(words) == ["nine", "seven", "two"]
     assert prompted.vocabulary_key(words) == prompted.vocabulary_key(["two", "seven", "nine"])
@@ -51,8 +51,8 @@ def clips(tmp_path_factory):
 
 def test_prompted_log_p_scores_rows_with_a_prompt_and_is_cached(tiny, clips, tmp_path, monkeypatch, caplog):
     from readaloud.audio import load_audio
-    from readaloud.members.asr import evidence as asr
-    from readaloud.members.asr import prompted
+    from readaloud.members.gbm import evidence as asr
+    from readaloud.members.gbm import prompted
     folder, meta, words = clips
     open_table = asr.asr_table(meta, folder, tiny, None, progress=False)
     cache = tmp_path / "prompted.npz"
@@ -93,10 +93,10 @@ def test_prompted_log_p_scores_rows_with_a_prompt_and_is_cached(tiny, clips, tmp
 
 def test_the_prompted_block_comes_with_the_closed_vocabulary_and_keeps_rows_without_a_prompt():
     from readaloud.config import ModelConfig
-    from readaloud.members.gbm import FeatureLayout
-    from readaloud.members.asr import closed as closed_vocab
-    from readaloud.members.asr.evidence import FEATURE_NAMES, AsrTable
-    from readaloud.members.asr.prompted import PROMPT_FEATURE_NAMES, TABLE_COLUMNS
+    from readaloud.members.gbm.gbm import FeatureLayout
+    from readaloud.members.gbm import closed as closed_vocab
+    from readaloud.members.gbm.evidence import FEATURE_NAMES, AsrTable
+    from readaloud.members.gbm.prompted import PROMPT_FEATURE_NAMES, TABLE_COLUMNS
     mc = ModelConfig(arch="gbm", gbm_features="asr", asr_backbones="whisper-tiny.en,whisper-base",
                      asr_closed_vocab=True)
     without = FeatureLayout.of(mc)
@@ -132,8 +132,8 @@ def test_the_asr_pass_scores_the_prompt_from_its_own_encoder_output(tiny, clips,
     """gbm.asr_evidence with words and prompt: the prompted log p comes out of the ASR evidence pass
     (no encoder pass of its own) and equals that of a separate prompted pass."""
     import shutil
-    from readaloud.members import gbm
-    from readaloud.members.asr import prompted
+    from readaloud.members.gbm import gbm
+    from readaloud.members.gbm import prompted
     folder, meta, words = clips
     reference = prompted.prompted_table(meta, folder, tiny, words, tmp_path / "reference.npz", progress=False)
     data = tmp_path / "data"
@@ -162,7 +162,7 @@ def test_per_clip_prompts_give_a_too_long_task_its_clips_own_words(tiny, clips, 
     its own expected words; rows whose task fits keep the task's prompt; the ASR pass's requests
     carry the same prompts, cached apart from the task prompts."""
     from readaloud.audio import load_audio
-    from readaloud.members.asr import prompted
+    from readaloud.members.gbm import prompted
     folder, meta, words = clips
     rows = prompted.row_prompts(meta, tiny, words, per_clip=True)
     assert rows[0] == rows[1] == rows[3] != rows[2]

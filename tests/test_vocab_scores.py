@@ -1,8 +1,8 @@
-"""The few-pass token scores (members/vocab_scores.py) equal plain autograd's, values and gradients."""
+"""The few-pass token scores (members/decoder/vocab_scores.py) equal plain autograd's, values and gradients."""
 import torch
 import torch.nn.functional as F
 
-from readaloud.members.vocab_scores import (ROWS_PER_CHUNK, masked_target_logp, masked_token_scores,
+from readaloud.members.decoder.vocab_scores import (ROWS_PER_CHUNK, masked_target_logp, masked_token_scores,
                                             projected_token_scores)
 
 NAMES = ("logp", "margin", "entropy")

@@ -14,7 +14,7 @@ from conftest import run_script
 from readaloud.audio import load_audio
 from readaloud.config import ConfigError
 from readaloud.features import whisper_window_s
-from readaloud.members.decoder import DecoderDataset, WhisperDecoderClassifier
+from readaloud.members.decoder.decoder import DecoderDataset, WhisperDecoderClassifier
 from readaloud.whisper.encoding import encode_window
 from readaloud.members.registry import build_model
 from readaloud.prep.dataset import Categories
@@ -115,7 +115,7 @@ def test_the_frozen_encoder_runs_on_ctranslate2_with_the_same_numbers(trained, t
     """Default (auto): a named backbone's windows go through CTranslate2 at float32, which computes
     what the transformers encoder computes from the same weights; the two engines cache apart, and
     asking for CTranslate2 without a CTranslate2 folder is a config error."""
-    from readaloud.members.decoder import make_window_encoder
+    from readaloud.members.decoder.decoder import make_window_encoder
     from readaloud.whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder
     data = trained["data"]
     meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
@@ -170,7 +170,7 @@ def test_contrast_features_are_log_p_over_the_decoders_answer_to_silence(trained
     """decoder_contrast: the head's extra evidence is each token's log p given the clip minus its log
     p given the encoding of silence, which a direct WhisperForConditionalGeneration forward on a
     silent window reproduces; the silent memory is derived, never saved."""
-    from readaloud.members.decoder import N_CONTRAST_FEATURES, N_TOKEN_FEATURES, NULL_CLIP_S
+    from readaloud.members.decoder.decoder import N_CONTRAST_FEATURES, N_TOKEN_FEATURES, NULL_CLIP_S
     data = trained["data"]
     meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
     meta = meta.iloc[:2]

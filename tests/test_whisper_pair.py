@@ -12,10 +12,10 @@ import torch
 from conftest import run_script
 from readaloud.config import ConfigError, apply_overrides, backbone_input_settings
 from readaloud.features import FeatureParams
-from readaloud.members.encoder import build_network, load_pretrained_encoder
-from readaloud.members.frozen import FrozenCache, FrozenPairDataset, frozen_cache_usable
-from readaloud.members.neural import pair_dataset, predict_logits
-from readaloud.members.pair import PairClassifier
+from readaloud.members.pair.encoder import build_network, load_pretrained_encoder
+from readaloud.members.pair.frozen import FrozenCache, FrozenPairDataset, frozen_cache_usable
+from readaloud.members.pair.neural import pair_dataset, predict_logits
+from readaloud.members.pair.pair import PairClassifier
 from readaloud.prep.dataset import Categories, PairDataset
 from readaloud.prep.prepare import ensure_clip_features, ensure_references
 from readaloud.text import Vocab, normalise_text

@@ -2,7 +2,7 @@
 
     python -m readaloud.bench.asr_paths --data DIR --backbones whisper-tiny.en,whisper-base --n 60 --out OUT
 
-The ASR evidence (`readaloud.members.asr.evidence.WhisperEvidence`) runs through CTranslate2, int8 on CPU.
+The ASR evidence (`readaloud.members.gbm.evidence.WhisperEvidence`) runs through CTranslate2, int8 on CPU.
 The same weights also load as a transformers `WhisperForConditionalGeneration` (the converted
 backbone folder of `whisper.backbones.transformers_dir`). `TransformersWhisperEvidence` computes
 the evidence that way, in float32, with everything else shared: the same padded log-mel window
@@ -37,10 +37,10 @@ from ..audio import load_audio
 from . import write_report
 from ..features import FeatureParams
 from ..whisper.encoding import encode_window
-from ..members.asr.evidence import FEATURE_NAMES, AsrSettings, ClipDecode, WhisperEvidence
+from ..members.gbm.evidence import FEATURE_NAMES, AsrSettings, ClipDecode, WhisperEvidence
 from ..whisper.asr import available_cores, model_identity
 from ..whisper.backbones import NAMED_BACKBONES, backbones_root, ct2_model_dir, transformers_dir
-from ..whisper.normalise import normalise_words
+from ..normalise import normalise_words
 
 SEED = 0
 CT2_INT8, CT2_FLOAT32, TRANSFORMERS = "ctranslate2-int8", "ctranslate2-float32", "transformers-float32"

@@ -23,8 +23,8 @@ from . import write_report
 
 def run_table(backbone: str, threads: int, workers: int, rows, data: Path, closed: bool):
     """(seconds, AsrTable, closed transcripts) of one uncached pass over `rows`."""
-    from ..members.asr.evidence import WhisperEvidence, asr_table
-    from ..members.asr.closed import pending_requests, task_words
+    from ..members.gbm.evidence import WhisperEvidence, asr_table
+    from ..members.gbm.closed import pending_requests, task_words
     model = WhisperEvidence(backbone, threads=threads, workers=workers)
     requests = pending_requests(rows, model, task_words(rows), None) if closed else None
     transcripts: dict = {}

@@ -1,4 +1,4 @@
-"""The closed decode's length limit (members/asr/closed.py closed_max_length): its time and what it changes.
+"""The closed decode's length limit (members/gbm/closed.py closed_max_length): its time and what it changes.
 
     python -m readaloud.bench.closed_limit --data DIR [--n 200] [--backbones whisper-tiny.en,whisper-base]
                                            [--threads 1] [--out bench_out]
@@ -26,8 +26,8 @@ MATTERS = ("exact_match", "word_edit_rate", "phone_edit_rate")
 def compare(backbone: str, rows, data: Path, threads: int) -> dict:
     """Seconds of closed decoding without and with the limit, and what the limit changed."""
     from ..audio import AudioError, load_audio
-    from ..members.asr.evidence import ClosedRequest, WhisperEvidence, expected_texts, text_comparison
-    from ..members.asr.closed import clip_requests, task_words
+    from ..members.gbm.evidence import ClosedRequest, WhisperEvidence, expected_texts, text_comparison
+    from ..members.gbm.closed import clip_requests, task_words
     model = WhisperEvidence(backbone, threads=threads, workers=1)
     requests = clip_requests(rows, model, task_words(rows))
     free_s = limited_s = 0.0

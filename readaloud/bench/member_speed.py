@@ -27,7 +27,7 @@ WINDOWS = (30.0, 10.0)
 
 def asr_stage(backbone: str, threads: int):
     """A function clip -> seconds for each window: the member's ASR evidence of one clip."""
-    from ..members.asr.evidence import AsrSettings, WhisperEvidence
+    from ..members.gbm.evidence import AsrSettings, WhisperEvidence
     models = {w: WhisperEvidence(backbone, threads=threads, settings=AsrSettings(window_s=w), workers=1)
               for w in WINDOWS}  # one clip at a time on all threads: the per-clip cost
 
@@ -38,13 +38,13 @@ def asr_stage(backbone: str, threads: int):
 
 def encoder_stage(mc, threads: int):
     """The decoder member's frozen encoder on one clip's window (what EncoderCache stores), on the
-    engine the member uses (members/decoder.py make_window_encoder)."""
+    engine the member uses (members/decoder/decoder.py make_window_encoder)."""
     import torch
     from transformers import WhisperConfig
 
     from ..features import FeatureParams, whisper_window_s, window_log_mel
-    from ..members.decoder import make_window_encoder
-    from ..members.encoder import load_pretrained_encoder
+    from ..members.decoder.decoder import make_window_encoder
+    from ..members.pair.encoder import load_pretrained_encoder
     from ..whisper.backbones import transformers_dir
     if threads > 0:
         torch.set_num_threads(threads)

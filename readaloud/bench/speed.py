@@ -106,7 +106,7 @@ def run_path(path: str, mode: str, data: str, n: int, n_models: int, threads: in
                         m.encoder(features(meta.iloc[s: s + batch])).last_hidden_state.mean(1)
     else:
         from readaloud.prep.dataset import PairDataset, bucket_batches, collate
-        from readaloud.members.neural import predict_logits
+        from readaloud.members.pair.neural import predict_logits
         cfg = ModelConfig(**(dims or {}))
         models = [build_model(cfg, len(cats.tasks), len(cats.grades), len(vocab)) for _ in range(n_models if mode == "infer" else 1)]
         m0 = models[0]

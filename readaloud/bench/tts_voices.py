@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from readaloud.whisper.normalise import edit_distance
+from readaloud.normalise import edit_distance
 
 SENTENCES = [
     "the dog ran to the park",

@@ -5,7 +5,7 @@
 DIR is a screening set in the competition layout with its answers kept back (train_metadata.csv,
 train_labels.csv, test_metadata.csv, test_labels.csv; `../shared/bench/read_aloud_set.py` and
 `digit_span.py` write one, with held-out speakers in the test part). For each backbone the ASR
-evidence of every clip (`readaloud.members.asr.evidence`, cached in DIR/cache) goes to two small
+evidence of every clip (`readaloud.members.gbm.evidence`, cached in DIR/cache) goes to two small
 classifiers fitted on the training part: a gradient-boosted model (scikit-learn's
 HistGradientBoostingClassifier, 6-leaf trees, at least 30 clips a leaf) and a logistic regression
 (median-imputed, standardised). With several backbones their features are also joined. Test log
@@ -31,7 +31,7 @@ from sklearn.preprocessing import StandardScaler
 
 from . import write_report
 from ..metrics import log_loss
-from ..members.asr.evidence import FEATURE_NAMES, AsrSettings, WhisperEvidence, asr_cache_path, asr_table
+from ..members.gbm.evidence import FEATURE_NAMES, AsrSettings, WhisperEvidence, asr_cache_path, asr_table
 
 SEED = 0
 

@@ -1,1 +1,2 @@
-"""The ensemble's model families: one module each, behind one protocol (base.py) and one registry."""
+"""The ensemble's model families: one folder each (gbm/, decoder/, pair/, encdec/), behind one
+protocol (base.py) and one registry (registry.py)."""

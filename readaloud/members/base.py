@@ -111,7 +111,7 @@ class Member:
         """Fill caches this family's folds all read, once, before parallel jobs start."""
 
     def asr_backbones(self, cfg: RunConfig) -> list[str]:
-        """The Whisper backbones whose ASR evidence (members/asr/evidence.py) a model of this config reads;
+        """The Whisper backbones whose ASR evidence (members/gbm/evidence.py) a model of this config reads;
         infer.py --explain takes its per-word evidence from the first of a shipped member."""
         return []
 

@@ -1,19 +1,19 @@
 """The model families of the ensemble: config model.arch -> its Member class.
 
-Adding a family: one module in members/ with a Member subclass (see base.py; a network is a
-NeuralMember naming its model class), its import and one entry in FAMILIES below, and a
-variant in variants.py that sets `arch` to it.
+Adding a family: one folder in members/ with a module holding its Member subclass (see base.py; a
+network is a NeuralMember naming its model class), its import and one entry in FAMILIES below,
+and a variant in variants.py that sets `arch` to it.
 """
 from __future__ import annotations
 
 from ..config import ConfigError, ModelConfig, RunConfig
 from .base import Member
-from .decoder import WhisperDecoderMember
-from .encdec import EncDecMember
-from .encoder import SpeechEncoderModel, build_network
-from .gbm import GBMMember
-from .neural import NeuralMember
-from .pair import PairMember
+from .decoder.decoder import WhisperDecoderMember
+from .encdec.encdec import EncDecMember
+from .gbm.gbm import GBMMember
+from .pair.encoder import SpeechEncoderModel, build_network
+from .pair.neural import NeuralMember
+from .pair.pair import PairMember
 
 FAMILIES: dict[str, type[Member]] = {m.family: m for m in (
     PairMember,

@@ -2,7 +2,7 @@
 Whisper finds each expected word in the clip, what it heard, and the word it rates least likely
 (the challenge's explainability track: which word was missed).
 
-The numbers are the ASR evidence of members/asr/evidence.py (teacher-forced log p of the expected text,
+The numbers are the ASR evidence of members/gbm/evidence.py (teacher-forced log p of the expected text,
 summed per word), from the first ASR backbone of the shipped ensemble's members (a gbm member with
 `gbm_features` including asr), else whisper-tiny.en. They come from the data folder's ASR cache,
 which inference has just filled when such a member is shipped, so explaining costs no second
@@ -22,8 +22,8 @@ from ..checkpoints import atomic_csv, atomic_write
 from ..config import RunConfig
 from ..data import load_submission_format, load_test_rows
 from ..layout import summary_beside
-from ..members.gbm import asr_device, asr_evidence
-from ..members.neural import pick_device
+from ..members.gbm.gbm import asr_device, asr_evidence
+from ..members.pair.neural import pick_device
 from ..members.registry import member_for
 from .inference import ensemble_members
 

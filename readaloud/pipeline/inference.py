@@ -24,7 +24,7 @@ from ..data import DataError, load_split, load_submission_format, load_test_rows
 from ..features import FeatureParams
 from ..layout import retrain_command, saved_folds, summary_beside
 from ..members.base import Predictor, TestInputs
-from ..members.neural import pick_device
+from ..members.pair.neural import pick_device
 from ..members.registry import member_named
 from ..metrics import clip_prob, log_loss, prior_predictions, sigmoid, task_priors
 from ..prep.dataset import Categories

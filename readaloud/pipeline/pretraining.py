@@ -29,7 +29,7 @@ from ..config import ModelConfig
 from ..demo.generator import lexicon, speak_like_a_child
 from ..features import FeatureParams, FeatureStore, clip_features
 from ..layout import BACKBONE_HEADS, BACKBONE_VOCAB
-from ..members.pair import PairClassifier, multi_hot, segment_presence
+from ..members.pair.pair import PairClassifier, multi_hot, segment_presence
 from ..prep.dataset import bucket_batches
 from ..text import Vocab, normalise_text
 

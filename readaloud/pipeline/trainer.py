@@ -34,7 +34,7 @@ from ..metrics import log_loss, sigmoid
 from ..prep.augment import Augmenter
 from ..prep.dataset import SpecAugment, bucket_batches, to_device
 from ..members.base import FitContext, FitResult, FoldData
-from ..members.neural import NeuralMember, autocast, pick_device, predict_logits
+from ..members.pair.neural import NeuralMember, autocast, pick_device, predict_logits
 from .batches import BatchesAhead
 from .tracking import Trackers
 

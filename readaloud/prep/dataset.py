@@ -143,7 +143,7 @@ def collate(items: list[dict], spec_augment=None, rng: np.random.Generator | Non
     }
     if items[0]["label"] is not None:
         batch["label"] = torch.tensor([float(it["label"]) for it in items])
-    if items[0].get("frozen_hidden"):  # rows are cached frozen-layer outputs per position (members/frozen.py)
+    if items[0].get("frozen_hidden"):  # rows are cached frozen-layer outputs per position (members/pair/frozen.py)
         batch["frozen_hidden"] = True
     return batch
 

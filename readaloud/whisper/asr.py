@@ -1,7 +1,7 @@
 """A CTranslate2 Whisper folder loaded offline, and the expected text written as Whisper writes it.
 
-Shared by the members that read a real Whisper: model6asr's evidence (members/asr/evidence.py), the
-CTranslate2 window encoder (whisper/encoding.py) and model8decoder (members/decoder.py, which
+Shared by the members that read a real Whisper: model6asr's evidence (members/gbm/evidence.py), the
+CTranslate2 window encoder (whisper/encoding.py) and model8decoder (members/decoder/decoder.py, which
 teacher-forces `render_expected`'s pieces). The ctranslate2 package is imported when first needed.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .backbones import BackboneError
-from .normalise import matched_pairs, normalise_tokens, surface_words
+from ..normalise import matched_pairs, normalise_tokens, surface_words
 
 SENTENCE_MARKS = ".?!"  # a sentence-final mark: the rendering's last piece loses it (the caller adds its own)
 

@@ -2,7 +2,7 @@
 
 Whisper was trained on 30 s windows and `WhisperEncoder.forward` refuses anything else; on a CPU a
 10 s window encodes several times faster and keeps the transcripts (real-length input does not:
-features.whisper_window_s). The frozen-encoder members (members/decoder.py) and the benchmarks
+features.whisper_window_s). The frozen-encoder members (members/decoder/decoder.py) and the benchmarks
 that compare ASR paths or time members use this one function.
 
 A frozen encoder's whole job is windows in, hidden states out, so it may run on either engine

@@ -51,7 +51,7 @@ from ...features import merge_npz_cache, read_npz_cache
 from ...layout import cache_dir
 from .evidence import (FEATURE_NAMES, AsrTable, ClosedRequest, ClosedTranscript, WhisperEvidence, expected_texts,
                   text_comparison)
-from ...whisper.normalise import normalise_tokens, surface_words
+from ...normalise import normalise_tokens, surface_words
 
 log = logging.getLogger("readaloud")
 CLOSED_VERSION = 3   # 2: closed decodes stop at closed_max_length; 3: with their tokens' log p

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ..config import ModelConfig, RunConfig
-from ..layout import BACKBONE_HEADS, BACKBONE_VOCAB
-from ..text import Vocab
-from ..prep.prepare import TrainingInputs
+from ...config import ModelConfig, RunConfig
+from ...layout import BACKBONE_HEADS, BACKBONE_VOCAB
+from ...text import Vocab
+from ...prep.prepare import TrainingInputs
 from .encoder import AttentionPool, FeatureScaler, SpeechEncoderModel, build_network, make_head, masked_mean, segment
 from .frozen import FrozenCache, frozen_cache_usable
 from .neural import NeuralMember

@@ -31,7 +31,7 @@ values, recomputed every epoch, cost far less, and the log p it yields ranks cli
 window's does (the measurement behind the 1 s default: docs/members.md). `--memory_margin_s -1` keeps
 the whole window (where a GPU makes the cost moot).
 
-The decoder runs in our own loop like members/encdec.py, so the cross-attention gets a padding
+The decoder runs in our own loop like members/encdec/encdec.py, so the cross-attention gets a padding
 mask (WhisperDecoder.forward, transformers 5.23, hands its layers none). A fold's checkpoint holds
 only its trained weights: the frozen ones are the backbone's, named by their hash and read from the
 backbone when it loads.
@@ -57,22 +57,23 @@ from tqdm.auto import tqdm
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
-from ..audio import SAMPLE_RATE, AudioError, load_audio
-from ..checkpoints import CheckpointError
-from ..config import ConfigError, ModelConfig, RunConfig
-from ..features import FeatureParams, FeatureStore, whisper_window_s, window_log_mel
-from ..layout import cache_dir
-from ..prep.dataset import Categories
-from ..prep.prepare import TrainingInputs
-from ..text import Vocab
-from ..whisper.asr import render_expected
-from ..whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder, WindowEncoder
-from ..whisper.backbones import ct2_folder, transformers_dir
-from .base import FoldData, TestInputs
-from .encoder import FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper, make_head
-from .encdec import logp_pools, teacher_forced_states, token_pools
-from .frozen import weights_key
-from .neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
+from ...audio import SAMPLE_RATE, AudioError, load_audio
+from ...checkpoints import CheckpointError
+from ...config import ConfigError, ModelConfig, RunConfig
+from ...features import FeatureParams, FeatureStore, whisper_window_s, window_log_mel
+from ...layout import cache_dir
+from ...prep.dataset import Categories
+from ...prep.prepare import TrainingInputs
+from ...text import Vocab
+from ...whisper.asr import render_expected
+from ...whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder, WindowEncoder
+from ...whisper.backbones import ct2_folder, transformers_dir
+from ..base import FoldData, TestInputs
+from ..pair.encoder import (FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper,
+                            make_head)
+from ..encdec.encdec import logp_pools, teacher_forced_states, token_pools
+from ..pair.frozen import weights_key
+from ..pair.neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
 from .vocab_scores import masked_target_logp, masked_token_scores
 
 log = logging.getLogger("readaloud.train")

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..checkpoints import CheckpointError
-from ..config import RunConfig
-from ..prep.dataset import Categories, PairDataset, bucket_batches, to_device
-from ..text import Vocab
-from .base import FitContext, FitResult, FoldData, Member, TestInputs
+from ...checkpoints import CheckpointError
+from ...config import RunConfig
+from ...prep.dataset import Categories, PairDataset, bucket_batches, to_device
+from ...text import Vocab
+from ..base import FitContext, FitResult, FoldData, Member, TestInputs
 from .encoder import SpeechEncoderModel, build_network, whisper_config_dict
 from .frozen import FrozenPairDataset, frozen_cache_usable
 

@@ -1,7 +1,7 @@
 """Frozen lower encoder layers, computed once: their outputs per half, cached in float16.
 
 With `freeze_layers = N` the conv stem and the lowest N layers of a pretrained Whisper never
-change, and the pair runs them on each half alone (members/encoder.py `encode_pair`): the
+change, and the pair runs them on each half alone (members/pair/encoder.py `encode_pair`): the
 reference half (TTS reference + pause) per expected text, the response half per clip, each at
 positions from 0 as if it were its own clip. So their outputs are a pure function of the half,
 and each epoch only has to run the trainable layers above them and the heads.
@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig
-from ..features import FeatureStore
-from ..prep.dataset import PairDataset
-from ..text import normalise_text
+from ...config import RunConfig
+from ...features import FeatureStore
+from ...prep.dataset import PairDataset
+from ...text import normalise_text
 from .encoder import SpeechEncoderModel
 
 log = logging.getLogger("readaloud.train")

@@ -6,7 +6,7 @@ on Whisper's fixed 30 s window. `build_network` makes a fresh network of a membe
 whisper.backbones.transformers_dir) or the skeleton a checkpoint's weights are loaded into.
 With `freeze_layers = N` the conv stem and the lowest N layers do not train; the pair runs
 them on each half of its input alone (`encode_pair`), so their outputs can be cached
-(members/frozen.py) and an epoch costs only the layers above them.
+(members/pair/frozen.py) and an epoch costs only the layers above them.
 """
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ..config import ModelConfig, backbone_input_settings
-from ..whisper.backbones import transformers_dir
+from ...config import ModelConfig, backbone_input_settings
+from ...whisper.backbones import transformers_dir
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class SpeechEncoderModel(nn.Module):
         runs on each half alone, as if each were its own clip (positions from 0; the reference
         half is reference + pause), so its outputs can be cached once per half; the trainable
         layers then see the concatenation. A batch of cached outputs (`frozen_hidden`, from
-        members/frozen.py) skips the frozen part.
+        members/pair/frozen.py) skips the frozen part.
         """
         if self.cfg.freeze_layers == 0:
             return self.encode(batch["feats"], batch["frame_mask"])

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..features import merge_npz_cache, read_npz_cache
-from ..layout import alignment_cache_path as layout_alignment_cache_path
-from ..text import normalise_text, text_units
+from ...features import merge_npz_cache, read_npz_cache
+from ...layout import alignment_cache_path as layout_alignment_cache_path
+from ...text import normalise_text, text_units
 
 log = logging.getLogger("readaloud")
 

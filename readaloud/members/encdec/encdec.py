@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
-from ..config import ModelConfig
+from ...config import ModelConfig
 from .cross_attention import decoder_layer
-from .encoder import FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
-from .neural import NeuralMember
+from ..pair.encoder import FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
+from ..pair.neural import NeuralMember
 
 MAX_TOKENS = 448        # decoder positions (Whisper's own); longer texts are cut (EOS included)
 N_TOKEN_FEATURES = 10

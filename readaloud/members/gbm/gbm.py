@@ -6,7 +6,7 @@ folds, same bad-clip handling, same files: `<variant>_<fold>.pth`, `_oof.csv`, `
 
 The classifier is scikit-learn's HistGradientBoostingClassifier on a feature table chosen by
 `model.gbm_features`: the alignment features of alignment.py, the ASR evidence of pretrained
-Whisper models (asr/evidence.py, one block per `model.asr_backbones` entry), or both, then the
+Whisper models (evidence.py, one block per `model.asr_backbones` entry), or both, then the
 task and grade codes. Both kinds are computed once per clip and cached in the data folder
 (`prepare_shared` fills the caches before parallel folds start; inference fills them for test
 rows through TestInputs.shared). The checkpoint holds no pickled scikit-learn object: the fitted trees are
@@ -28,24 +28,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..checkpoints import CheckpointError, atomic_csv
-from ..config import ConfigError, ModelConfig, RunConfig
-from ..metrics import log_loss, sigmoid
-from ..features import FeatureParams
-from ..prep.dataset import Categories
-from .asr.ear_augment import EarAugment, ensure_copies
-from ..prep.folds import UNHEARD_SCHEMES, fold_scheme
-from ..prep.prepare import TrainingInputs, ensure_clip_features
-from .asr import evidence as asr
-from .asr.closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
+from ...checkpoints import CheckpointError, atomic_csv
+from ...config import ConfigError, ModelConfig, RunConfig
+from ...metrics import log_loss, sigmoid
+from ...features import FeatureParams
+from ...prep.dataset import Categories
+from .ear_augment import EarAugment, ensure_copies
+from ...prep.folds import UNHEARD_SCHEMES, fold_scheme
+from ...prep.prepare import TrainingInputs, ensure_clip_features
+from . import evidence as asr
+from .closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
                               closed_logp_block, closed_table, pending_requests, task_words)
-from ..whisper.backbones import NAMED_BACKBONES
-from .asr.loops import LOOP_FEATURE_NAMES, loop_block
-from .asr import prompted as prompted_log_p
-from .asr.prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
+from ...whisper.backbones import NAMED_BACKBONES
+from .loops import LOOP_FEATURE_NAMES, loop_block
+from . import prompted as prompted_log_p
+from .prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
-from .base import FitContext, FitResult, FoldData, Member, TestInputs
+from ..base import FitContext, FitResult, FoldData, Member, TestInputs
 
 log = logging.getLogger("readaloud.train")
 NODE_FIELDS = ("feature", "threshold", "missing_go_to_left", "left", "right", "is_leaf", "value")
@@ -206,7 +206,7 @@ class FeatureLayout:
     asr_backbones: tuple[str, ...]
     closed: bool = False       # a block of closed-vocabulary features per backbone after the ASR blocks
     closed_logp: bool = False  # then a block of the closed transcripts' log p and margins per backbone
-    loops: bool = False        # then the loop features (asr/loops.py) of each open, then each closed, transcript
+    loops: bool = False        # then the loop features (loops.py) of each open, then each closed, transcript
     prompted: bool = False     # then the expected text's log p after a prompt of the task's words per backbone
     prompt_per_clip: bool = False  # the prompt of a task whose words do not fit: the clip's own expected words
     agreement: bool = False    # then how far each other backbone's transcripts are from the first backbone's
@@ -344,7 +344,7 @@ def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str 
 
 def closed_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: dict[str, list[str]],
                     device: str = "auto", threads: int = 0, progress: bool = True) -> asr.AsrTable:
-    """The closed-vocabulary features of every row of `meta` over `words` (members/asr/closed.py),
+    """The closed-vocabulary features of every row of `meta` over `words` (members/gbm/closed.py),
     from and to the data folder's cache."""
     model = evidence_model(backbone, device, threads)
     return closed_table(meta, data_dir, model, words, closed_cache_path(data_dir, model), progress)
@@ -353,7 +353,7 @@ def closed_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: di
 def prompted_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: dict[str, list[str]],
                       device: str = "auto", threads: int = 0, progress: bool = True,
                       per_clip: bool = False) -> asr.AsrTable:
-    """The expected texts' log p after a prompt of `words` (members/asr/prompted.py) for every row of
+    """The expected texts' log p after a prompt of `words` (members/gbm/prompted.py) for every row of
     `meta`, from and to the data folder's cache."""
     model = evidence_model(backbone, device, threads)
     return prompted_table(meta, data_dir, model, words, prompted_cache_path(data_dir, model), progress,
@@ -382,7 +382,7 @@ def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, cli
 def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, data_dir: Path, refs,
                    tasks: list[str], device: str, threads: int, progress: bool,
                    words: dict[str, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """The table of the perturbed copies of `meta`'s clips (members/asr/ear_augment.py; made and cached
+    """The table of the perturbed copies of `meta`'s clips (members/gbm/ear_augment.py; made and cached
     once in their own folder), its usable rows and the copies' metadata (score and fold are the
     source clip's). `words`: the closed vocabulary of the whole training table, not of `meta`'s
     rows alone (a fold's copies must decode over the words the other folds' clips do)."""

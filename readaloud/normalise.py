@@ -16,7 +16,7 @@ brought to one canonical form of word tokens:
 - hesitations Whisper sometimes writes ("um", "uh", "hmm") are dropped; "ok" -> "okay".
 
 Every token remembers the span of surface words (whitespace-separated words of the original text)
-it came from, which lets asr.py copy Whisper's spelling of a word it agrees with.
+it came from, which lets whisper/asr.py copy Whisper's spelling of a word it agrees with.
 """
 from __future__ import annotations
 

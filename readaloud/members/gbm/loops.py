@@ -25,7 +25,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ...whisper.normalise import normalise_tokens, prefix_edit_distances
+from ...normalise import normalise_tokens, prefix_edit_distances
 
 LOOP_FEATURES: dict[str, str] = {
     "loop_share": "share of the transcript's words that repeat an earlier cycle at its end (a greedy "

@@ -16,7 +16,7 @@ kept the children's scores: docs/benchmarks.md, "Children reading aloud", the 10
   agrees with the transcript after normalisation ("seven" / "7,", "kate" / "Kate"), Whisper's own
   spelling of that stretch is used, elsewhere the expected words as given (first letter of the
   sentence capitalised), then a sentence-final mark whose log p says whether the text ends there.
-- optionally (`ClosedRequest`, members/asr/closed.py) a greedy decode over the task's words only, whose
+- optionally (`ClosedRequest`, members/gbm/closed.py) a greedy decode over the task's words only, whose
   tokens are teacher-forced in the same pass (`ClosedTranscript`).
 
 `FEATURES` lists the numbers and what each means. Per-word log p (the sum over a word's BPE tokens)
@@ -47,7 +47,7 @@ from ...text import text_units
 from ...whisper.asr import (SENTENCE_MARKS, available_cores, ct2_engine, load_ct2_whisper, model_identity,
                             render_expected, resolve_device)
 from ...whisper.backbones import NAMED_BACKBONES, ct2_model_dir
-from ...whisper.normalise import edit_distance, normalise_tokens, spoken_text, surface_words
+from ...normalise import edit_distance, normalise_tokens, spoken_text, surface_words
 
 log = logging.getLogger("readaloud")
 
@@ -102,7 +102,7 @@ class AsrSettings:
 
 @dataclass
 class ClosedTranscript:
-    """A closed-vocabulary transcript (members/asr/closed.py) and the teacher-forced log p of its tokens
+    """A closed-vocabulary transcript (members/gbm/closed.py) and the teacher-forced log p of its tokens
     on the same encoder output (softmax over text tokens, as tr_mean_logp; NaN: empty transcript):
     how sure Whisper is of the nearest task words it could write."""
     text: str
@@ -117,16 +117,16 @@ class ClipDecode:
     token_ids: list[int]
     stats: dict[str, float]
     closed: dict[str, ClosedTranscript] = field(default_factory=dict)  # request key -> closed transcript
-                                                                       # (members/asr/closed.py; cached there)
+                                                                       # (members/gbm/closed.py; cached there)
     text_only: bool = False   # decoded in this pass and every token written was text (no token past end of
                               # text): token_ids is the whole sequence, so closed_equals_open may judge it
     prompted: dict[str, list[np.ndarray]] = field(default_factory=dict)  # request key -> log p of each of its
-                                                                          # texts (members/asr/prompted.py)
+                                                                          # texts (members/gbm/prompted.py)
 
 
 @dataclass(frozen=True)
 class PromptRequest:
-    """Teacher forcing after a prompt, asked of one clip (members/asr/prompted.py builds them): `key` names
+    """Teacher forcing after a prompt, asked of one clip (members/gbm/prompted.py builds them): `key` names
     the prompt, `texts` are the expected texts and `sequences` their token ids."""
     key: str
     prompt: tuple[int, ...]
@@ -136,7 +136,7 @@ class PromptRequest:
 
 @dataclass(frozen=True)
 class ClosedRequest:
-    """A closed-vocabulary decode asked of one clip (members/asr/closed.py builds them): `vocabulary`
+    """A closed-vocabulary decode asked of one clip (members/gbm/closed.py builds them): `vocabulary`
     names the allowed words, `suppress` the ids it may not write, `max_length` CTranslate2's limit
     for it; `key`, both names together, is the transcript's cache key."""
     vocabulary: str
@@ -255,7 +255,7 @@ class WhisperEvidence:
 
     def closed_sequences(self, encoded, request: ClosedRequest) -> list[list[int]]:
         """Greedy token ids (text only) of encoded clips that never write a suppressed token and stop
-        at the request's length limit (members/asr/closed.py)."""
+        at the request's length limit (members/gbm/closed.py)."""
         results = self.model.generate(encoded, [self.prompt] * encoded.shape[0], beam_size=1,
                                       max_length=min(request.max_length, self.settings.max_length),
                                       suppress_tokens=request.suppress, suppress_blank=True)
@@ -295,7 +295,7 @@ class WhisperEvidence:
     def prompted_logprobs(self, encoded: np.ndarray, row: int, prompt: list[int] | tuple[int, ...],
                           sequences: list[list[int]] | tuple[tuple[int, ...], ...]) -> list[np.ndarray]:
         """Teacher-forced log p of each token sequence after `prompt` (previous text, see
-        members/asr/prompted.py), given encoder output row `row`."""
+        members/gbm/prompted.py), given encoder output row `row`."""
         if not sequences:
             return []
         return self._aligned_logprobs(np.repeat(encoded[row: row + 1], len(sequences), 0),
@@ -493,7 +493,7 @@ def row_evidence(plan: ExpectedRendering, logp: np.ndarray, decode: ClipDecode) 
 
 
 # ---- the cache ------------------------------------------------------------------------------------------
-# Like the alignment table's (members/alignment.py): one npz per data folder and model identity,
+# Like the alignment table's (members/gbm/alignment.py): one npz per data folder and model identity,
 # merged under a lock and replaced atomically; a damaged file is recomputed, never trusted. The
 # two could share one keyed-table helper; this one holds two tables (clips and rows).
 
@@ -578,10 +578,10 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     row without expected text, is left out of `ok` with a warning naming it.
 
     `closed`: {filename: ClosedRequest} of clips that also want a closed-vocabulary transcript
-    (members/asr/closed.py); those this call encodes anyway are decoded from the same encoder output
+    (members/gbm/closed.py); those this call encodes anyway are decoded from the same encoder output
     and handed to `on_closed` as {(filename, request key): ClosedTranscript} at every flush (the closed
     cache lives in closed.py). `prompted` / `on_prompted` the same for teacher forcing after a prompt
-    ({filename: (PromptRequest, log p of each of its texts)}; members/asr/prompted.py).
+    ({filename: (PromptRequest, log p of each of its texts)}; members/gbm/prompted.py).
     """
     for column in ("filename", "expected_text"):
         if column not in meta.columns:
