@@ -96,7 +96,7 @@ VOICE_AUGMENTATION = dict(aug_prob=0.5, aug_warp=0.15, aug_stretch=0.15, aug_noi
                           aug_cutouts=2)
 
 # The pair family (2nd place's design) on a pretrained Whisper: the conv stem and the lowest layers
-# frozen and run once per half (members/frozen.py caches them), the top layer compares
+# frozen and run once per half (members/pair/frozen.py caches them), the top layer compares
 # [TTS | pause | response]; a lower learning rate than a fresh encoder's, and no input augmentation,
 # which would make the frozen part run on every batch.
 PAIR_ON_WHISPER = dict(backbone="whisper-tiny.en", freeze_layers=3, lr=2e-4, spec_time_masks=0, spec_freq_masks=0)

@@ -331,7 +331,7 @@ def measure(folder: Folder, models: list[str], overrides: dict, jobs: int, n_sam
                 stages += caches
                 bar.update(1)
                 from ..members.registry import member_for
-                from ..members.neural import NeuralMember
+                from ..members.pair.neural import NeuralMember
                 neural = isinstance(member_for(cfg), NeuralMember)
                 recorded = recorded_fold(assets, m)
                 fold = measure_fold(m, overrides, data, tts, fold_assets, threads, len(train), neural)
