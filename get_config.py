@@ -35,7 +35,8 @@ def main():
     if dropped:
         print(f"weight ~0, not shipped: {', '.join(dropped)}")
     best = config["best_single"]
-    print(f"\nOOF log loss on {config['n_oof']} clips: ensemble {config['oof_logloss']:.4f} | "
+    print(f"\nOOF log loss on {config['n_oof']} clips: ensemble {config['oof_logloss']:.4f} "
+          f"(blend fitted without each fold in turn: {config['oof_logloss_cross_fitted']:.4f}) | "
           f"best single ({best}) {config['oof_logloss_single'][best]:.4f} | prior {config['oof_logloss_prior']:.4f}")
     print(f"blend: {config['blend']} (folds: {config['fold_by']})")
     print(f"wrote {js} and {pk}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from readaloud.checkpoints import CheckpointError, atomic_save, safe_load
-from readaloud.pipeline.ensemble import build_config, fit_weights, read_config, write_config
+from readaloud.pipeline.ensemble import build_config, cross_fitted_logits, fit_weights, read_config, write_config
 from readaloud.metrics import log_loss, sigmoid
 
 
@@ -22,6 +22,28 @@ def test_fit_weights_beats_each_member_and_is_non_negative():
     assert (w >= 0).all() and w[2] < 1e-3
     ens = log_loss(y, sigmoid(X @ w + b))
     assert ens < min(log_loss(y, sigmoid(X[:, j])) for j in range(2))
+
+
+def test_a_cross_fitted_blend_never_saw_the_clip_it_scores():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 600)
+    signal = 2 * y - 1.0
+    table = pd.DataFrame({"a": signal + rng.normal(0, 1.0, y.size), "b": signal + rng.normal(0, 2.0, y.size),
+                          "score": y, "fold": np.arange(y.size) % 3})
+    for blend in ("logit", "convex"):
+        crossed = cross_fitted_logits(table, ["a", "b"], blend)
+        flipped = table.assign(score=np.where(table["fold"] == 0, 1 - y, y))  # fold 0's labels reversed
+        again = cross_fitted_logits(flipped, ["a", "b"], blend)
+        held = (table["fold"] == 0).to_numpy()
+        assert np.array_equal(crossed[held], again[held]), "fold 0's logits come from weights fitted without it"
+        assert not np.allclose(crossed[~held], again[~held]), "the other folds' weights read fold 0's labels"
+        # fold 0's weights are those fitted on folds 1 and 2 alone
+        w, b = fit_weights(table.loc[~held, ["a", "b"]].to_numpy(), y[~held]) if blend == "logit" else (None, None)
+        if blend == "logit":
+            assert np.allclose(crossed[held], table.loc[held, ["a", "b"]].to_numpy() @ w + b)
+    one_fold = table.assign(fold=0)
+    w, b = fit_weights(one_fold[["a", "b"]].to_numpy(), y)
+    assert np.allclose(cross_fitted_logits(one_fold, ["a", "b"], "logit"), one_fold[["a", "b"]].to_numpy() @ w + b)
 
 
 def test_build_config_from_oof_files(tmp_path):

@@ -169,9 +169,11 @@ def per_child(y: np.ndarray, p: np.ndarray, children: np.ndarray, prior: float, 
 def oof_children(data: Path, assets: Path) -> dict:
     """Per-child figures of the out-of-fold predictions on the training children (folds grouped by
     child: no child's clips were scored by a model that heard that child), for each member and for the
-    ensemble (its blend of the members' OOF logits)."""
+    ensemble (its blend of the members' OOF logits), and for the ensemble with its blend fitted without
+    each fold in turn (the blend's weights are fitted on these same clips; cross-fitted, nothing of the
+    ensemble saw the clip it scores)."""
     from readaloud.metrics import sigmoid
-    from readaloud.pipeline.ensemble import collect_oof, oof_matrix, read_config
+    from readaloud.pipeline.ensemble import collect_oof, cross_fitted_logits, oof_matrix, read_config
     config = read_config(assets)
     table, names = oof_matrix(collect_oof(assets))
     speakers = pd.read_csv(data / "speakers.csv", dtype=str).set_index("filename")
@@ -184,6 +186,8 @@ def oof_children(data: Path, assets: Path) -> dict:
     weights = {m["model"]: m["weight"] for m in config["members"]}
     preds = {m: sigmoid(table[m].to_numpy(float)) for m in names}
     preds["ensemble"] = sigmoid(sum(w * table[m].to_numpy(float) for m, w in weights.items()) + config["bias"])
+    if len(names) > 1:  # the blend's weights fitted without each fold in turn: nothing of it saw the clip
+        preds["ensemble, blend cross-fitted"] = sigmoid(cross_fitted_logits(table, names, config.get("blend", "logit")))
     correct = (table["change"] == "own").to_numpy()
     return {name: per_child(y, p, table["speaker"].to_numpy(), prior, correct) for name, p in preds.items()}
 

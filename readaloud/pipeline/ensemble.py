@@ -77,6 +77,26 @@ def fit_convex_weights(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]
     return w / w.sum(), 0.0
 
 
+def cross_fitted_logits(table: pd.DataFrame, names: list[str], blend: str) -> np.ndarray:
+    """The blend's logit of every OOF clip with its weights fitted on the other folds' clips only.
+
+    The blend's own OOF figure (`oof_logloss`) scores the weights on the clips they were fitted on;
+    refitting without each fold in turn scores the ensemble as a whole on clips nothing of it saw,
+    so a choice made on it cannot be over-tuned to the blend. With a single fold there is nothing
+    to hold out: the in-sample blend is returned."""
+    X, y, folds = table[names].to_numpy(np.float64), table["score"].to_numpy(), table["fold"].to_numpy()
+    fit = fit_weights if blend == "logit" else fit_convex_weights
+    out = np.zeros(len(y))
+    if len(np.unique(folds)) < 2:
+        w, b = fit(X, y)
+        return X @ w + b
+    for k in np.unique(folds):
+        held = folds == k
+        w, b = fit(X[~held], y[~held])
+        out[held] = X[held] @ w + b
+    return out
+
+
 def choose_folds(assets: str | Path, model: str, available: list[int], max_folds: int | None) -> list[int]:
     """The folds whose checkpoints to ship: all, or the `max_folds` with the best validation loss."""
     if not max_folds or max_folds >= len(available):
@@ -137,6 +157,7 @@ def build_config(assets: str | Path, models: list[str] | None = None, max_folds:
         "bias": b,
         "n_oof": int(len(y)),
         "oof_logloss": log_loss(y, ens_pred),
+        "oof_logloss_cross_fitted": log_loss(y, sigmoid(cross_fitted_logits(table, names, blend))),
         "oof_logloss_single": singles,
         "best_single": min(singles, key=singles.get),
         "oof_logloss_prior": log_loss(y, np.full(len(y), prior)),
