@@ -6,16 +6,14 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import run_script
+from conftest import preprocessed_demo, run_script
 from readaloud.variants import VARIANTS, variant_config
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, root):
     base = tmp_path_factory.mktemp("every_variant")
-    data, tts = base / "data", base / "tts"
-    run_script(root, "make_demo_data.py", "--out", data, "--n-train", 24, "--n-test", 6, "--seed", 11)
-    run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
+    data, tts = preprocessed_demo(root, base, n_train=24, n_test=6, seed=11)
     return {"base": base, "data": data, "tts": tts, "env": {"READALOUD_BACKBONES": str(base / "backbones")}}
 
 
