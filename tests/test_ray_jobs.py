@@ -20,7 +20,8 @@ from conftest import run_script
 from readaloud import ray_jobs
 
 # the smallest model the trainer tests use; one torch thread, as a Ray fold of 1 CPU gets
-TINY = ["--d_model", "32", "--encoder_layers", "1", "--encoder_heads", "2", "--ffn_dim", "64",
+# the trainer's mechanics on a tiny small encoder (--backbone scratch: model1mean reads tiny.en by default)
+TINY = ["--backbone", "scratch", "--d_model", "32", "--encoder_layers", "1", "--encoder_heads", "2", "--ffn_dim", "64",
         "--threads", "1", "--batch_max_frames", "3000", "--match_dim", "16"]
 FOLDS = (0, 1)
 EPOCHS = 3  # a fold killed after its first and after its second checkpoint still has an epoch to go
