@@ -146,6 +146,25 @@ def merge_npz_cache(path: Path, read, merge, arrays) -> None:
         atomic_write(path, buf.getvalue())
 
 
+class BatchedCacheWrites:
+    """Entries computed clip by clip, handed to `add(cache, entries)` every `flush_every` of them and
+    once more at the end (`close`), so an interrupted run keeps what it did. No cache: nothing is written."""
+
+    def __init__(self, add, cache: Path | None, flush_every: int):
+        self.add, self.cache, self.flush_every = add, cache, flush_every
+        self.fresh: dict = {}
+
+    def update(self, entries: dict) -> None:
+        self.fresh.update(entries)
+        if self.cache is not None and len(self.fresh) >= self.flush_every:
+            self.close()
+
+    def close(self) -> None:
+        if self.cache is not None and self.fresh:
+            self.add(self.cache, self.fresh)
+        self.fresh = {}
+
+
 class FeatureStore:
     """Append-only store of [frames, n_mels] float16 arrays keyed by a string.
 

@@ -54,10 +54,9 @@ def variant_config(name: str, overrides: dict | None = None) -> RunConfig:
     `backbone: scratch` (or a folder pretrain.py wrote) switches the variant to its from-scratch
     settings (`register(..., scratch=...)`): the small encoder of config.ModelConfig, randomly
     initialised or pretrained on synthetic speech."""
-    if name in VARIANTS:
-        variant = VARIANTS[name]
-    else:
+    if name not in VARIANTS:
         raise KeyError(f"unknown model variant {name!r}; registered: {', '.join(sorted(VARIANTS))}")
+    variant = VARIANTS[name]
     overrides = dict(overrides or {})
     layers = [variant["overrides"]]
     backbone = str(overrides.get("backbone", overrides.get("model.backbone", "")))

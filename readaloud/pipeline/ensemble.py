@@ -86,10 +86,10 @@ def cross_fitted_logits(table: pd.DataFrame, names: list[str], blend: str) -> np
     to hold out: the in-sample blend is returned."""
     X, y, folds = table[names].to_numpy(np.float64), table["score"].to_numpy(), table["fold"].to_numpy()
     fit = fit_weights if blend == "logit" else fit_convex_weights
-    out = np.zeros(len(y))
     if len(np.unique(folds)) < 2:
         w, b = fit(X, y)
         return X @ w + b
+    out = np.zeros(len(y))
     for k in np.unique(folds):
         held = folds == k
         w, b = fit(X[~held], y[~held])

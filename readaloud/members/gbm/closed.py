@@ -47,7 +47,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ...audio import AudioError, load_audio
-from ...features import merge_npz_cache, read_npz_cache
+from ...features import BatchedCacheWrites, merge_npz_cache, read_npz_cache
 from ...layout import cache_dir
 from .evidence import (FEATURE_NAMES, AsrTable, ClosedRequest, ClosedTranscript, WhisperEvidence, expected_texts,
                   text_comparison)
@@ -260,19 +260,16 @@ def closed_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEviden
             return None
         return closed_decode(model, audio, requests[item])
 
-    fresh: dict[tuple[str, str], ClosedTranscript] = {}
+    writes = BatchedCacheWrites(add_to_closed_cache, None if cache is None else Path(cache), flush_every)
     for item, transcript in tqdm(zip(todo, model.map_clips(decode, todo)), total=len(todo),
                                  desc=f"closed-vocabulary decode ({model.name})", unit="clip",
                                  disable=not progress or not todo):
         if transcript is None:
             continue
         name, key = item[0], requests[item].key
-        fresh[name, key] = found[_key(name, key)] = transcript
-        if cache is not None and len(fresh) >= flush_every:
-            add_to_closed_cache(Path(cache), fresh)
-            fresh = {}
-    if cache is not None and fresh:
-        add_to_closed_cache(Path(cache), fresh)
+        found[_key(name, key)] = transcript
+        writes.update({(name, key): transcript})
+    writes.close()
     X = np.full((len(meta), len(TABLE_COLUMNS)), np.nan, np.float32)
     ok = np.zeros(len(meta), bool)
     transcripts = [""] * len(meta)

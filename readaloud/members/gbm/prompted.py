@@ -37,7 +37,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ...audio import AudioError, load_audio
-from ...features import merge_npz_cache, read_npz_cache
+from ...features import BatchedCacheWrites, merge_npz_cache, read_npz_cache
 from ...layout import cache_dir
 from .evidence import FEATURE_NAMES, AsrTable, PromptRequest, WhisperEvidence, expected_texts, row_key
 from .closed import row_vocabularies, written_words
@@ -232,18 +232,14 @@ def prompted_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvid
         return cache_entries(name, request, prompted_logprobs(model, audio, request.prompt, request.sequences))
 
     items = list(requests)
-    fresh: dict[str, np.ndarray] = {}
+    writes = BatchedCacheWrites(add_to_prompted_cache, None if cache is None else Path(cache), flush_every)
     for values in tqdm(model.map_clips(score, items), total=len(items), desc=f"prompted log p ({model.name})",
                        unit="clip", disable=not progress or not items):
         if values is None:
             continue
-        fresh.update(values)
         found.update(values)
-        if cache is not None and len(fresh) >= flush_every:
-            add_to_prompted_cache(Path(cache), fresh)
-            fresh = {}
-    if cache is not None and fresh:
-        add_to_prompted_cache(Path(cache), fresh)
+        writes.update(values)
+    writes.close()
     X = np.full((len(meta), len(TABLE_COLUMNS)), np.nan, np.float32)
     ok = np.zeros(len(meta), bool)
     names, texts = meta["filename"].astype(str).tolist(), expected_texts(meta)
