@@ -116,7 +116,7 @@ def predictor_report(table: pd.DataFrame, pred: np.ndarray) -> dict:
             "change": quality.metrics_by(y, pred, table["change"])}
 
 
-def children_report(data: Path, summary: dict) -> dict:
+def children_report(data: Path, summary: dict, children: set[str] | None = None) -> dict:
     """Every predictor of a quality run scored on the test children, with training times and checks."""
     from readaloud.data import load_split
     from readaloud.pipeline.ensemble import read_config
@@ -137,7 +137,7 @@ def children_report(data: Path, summary: dict) -> dict:
     y, prior = table["score"].to_numpy(float), float(train_meta["score"].mean())
     test_children = {name: per_child(y, p, table["speaker"].to_numpy(), prior, (table["change"] == "own").to_numpy())
                      for name, p in preds.items() if name != "prior (base rate)"}
-    return {"oof_children": oof_children(data, assets), "test_children": test_children, "data": str(data), "children": held_out_check(data), "n_train": len(train_meta), "n_test": len(table),
+    return {"oof_children": oof_children(data, assets, children), "test_children": test_children, "data": str(data), "children": held_out_check(data), "n_train": len(train_meta), "n_test": len(table),
             "grades_unseen_in_training": unseen, "step_seconds": summary.get("seconds", {}),
             "changes_in_test": table["change"].value_counts().reindex(CHANGES, fill_value=0).to_dict(),
             "predictors": {name: predictor_report(table, p) for name, p in preds.items()},
@@ -166,7 +166,15 @@ def per_child(y: np.ndarray, p: np.ndarray, children: np.ndarray, prior: float, 
             "children": losses}
 
 
-def oof_children(data: Path, assets: Path) -> dict:
+def source_children(source: Path) -> set[str]:
+    """The speakers of the children's source folder (its utterances.csv): the training half may also hold
+    other speakers (`--extra-train`), whose clips train every model but are not children to report on."""
+    import csv
+    with open(source / "utterances.csv", newline="") as fh:
+        return {row["speaker"] for row in csv.DictReader(fh)}
+
+
+def oof_children(data: Path, assets: Path, children: set[str] | None = None) -> dict:
     """Per-child figures of the out-of-fold predictions on the training children (folds grouped by
     child: no child's clips were scored by a model that heard that child), for each member and for the
     ensemble (its blend of the members' OOF logits), and for the ensemble with its blend fitted without
@@ -181,15 +189,20 @@ def oof_children(data: Path, assets: Path) -> dict:
     if table["speaker"].isna().any():
         raise ValueError(f"{data / 'speakers.csv'} names no child for OOF clip "
                          f"{table.loc[table['speaker'].isna(), 'filename'].iloc[0]}")
-    y = table["score"].to_numpy(float)
-    prior = float(y.mean())
     weights = {m["model"]: m["weight"] for m in config["members"]}
     preds = {m: sigmoid(table[m].to_numpy(float)) for m in names}
     preds["ensemble"] = sigmoid(sum(w * table[m].to_numpy(float) for m, w in weights.items()) + config["bias"])
     if len(names) > 1:  # the blend's weights fitted without each fold in turn: nothing of it saw the clip
         preds["ensemble, blend cross-fitted"] = sigmoid(cross_fitted_logits(table, names, config.get("blend", "logit")))
-    correct = (table["change"] == "own").to_numpy()
-    return {name: per_child(y, p, table["speaker"].to_numpy(), prior, correct) for name, p in preds.items()}
+    # every OOF clip fitted the blend above; the figures are the children's (not --extra-train speakers')
+    keep = table["speaker"].isin(children).to_numpy() if children is not None else np.ones(len(table), bool)
+    if not keep.any():
+        raise ValueError(f"no OOF clip in {assets} is by a child of the source folder")
+    y = table["score"].to_numpy(float)[keep]
+    prior = float(y.mean())
+    correct = (table["change"] == "own").to_numpy()[keep]
+    return {name: per_child(y, p[keep], table["speaker"].to_numpy()[keep], prior, correct)
+            for name, p in preds.items()}
 
 
 def child_lines(title: str, figures: dict) -> list[str]:
@@ -282,7 +295,7 @@ def main(argv=None) -> dict:
     options += ["--tts_dir", str(Path(args.tts_dir).resolve() if args.tts_dir else out / "tts")]
     summary = quality.main(["--data", str(data), "--out", str(out), "--groups", str(data / "speakers.csv"),
                             *options])
-    report = children_report(data, summary)
+    report = children_report(data, summary, source_children(Path(args.source).resolve()))
     wall = time.time() - t0
     report |= {"options": options, "wall_seconds": wall, "load_average": os.getloadavg()[0]}
     change_losses = {name: {c: r["change"][c]["logloss"] for c in CHANGES if c in r["change"]}
