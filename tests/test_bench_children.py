@@ -100,3 +100,33 @@ def test_per_child_figures():
 def test_children_bench_refuses_an_out_folder_inside_the_repo(root):
     with pytest.raises(SystemExit, match="inside the repository"):
         children.main(["--out", str(root / "bench_out" / "children")])
+
+
+def test_oof_children_reports_only_the_source_children(tmp_path, monkeypatch):
+    """Speakers added to the training half (--extra-train adults) train the models and fit the blend,
+    but the per-child figures and the prior are the source children's alone."""
+    from readaloud.pipeline import ensemble
+    rows = pd.DataFrame({"filename": [f"f{i}.wav" for i in range(8)], "fold": [0, 0, 1, 1, 0, 1, 0, 1],
+                         "task": "sentence_repetition", "grade": "1", "score": [1, 0, 1, 0, 1, 1, 1, 1],
+                         "logit": [2.0, -2.0, 1.0, -1.0, 3.0, 3.0, -3.0, -3.0]})
+    speakers = pd.DataFrame({"filename": rows["filename"], "speaker": ["a", "a", "b", "b", "z", "z", "z", "z"],
+                             "change": ["own", "swap", "own", "drop", "own", "own", "own", "own"]})
+    (tmp_path / "data").mkdir()
+    speakers.to_csv(tmp_path / "data" / "speakers.csv", index=False)
+    monkeypatch.setattr(ensemble, "collect_oof", lambda assets: {"m": rows})
+    monkeypatch.setattr(ensemble, "read_config", lambda assets: {"members": [{"model": "m", "weight": 1.0}],
+                                                                  "bias": 0.0})
+    (tmp_path / "source").mkdir()
+    pd.DataFrame({"utt": ["1", "2"], "speaker": ["a", "b"], "age": [7, 8], "gender": "f", "text": "X"}).to_csv(
+        tmp_path / "source" / "utterances.csv", index=False)
+    kids = children.source_children(tmp_path / "source")
+    assert kids == {"a", "b"}
+    figures = children.oof_children(tmp_path / "data", tmp_path / "assets", kids)
+    assert set(figures["m"]["children"]) == {"a", "b"} and figures["m"]["n_children"] == 2
+    p = 1 / (1 + np.exp(-np.array([2.0, -2.0, 1.0, -1.0])))
+    y = np.array([1, 0, 1, 0])
+    assert figures["m"]["logloss"] == pytest.approx(np.mean(-np.log(np.where(y == 1, p, 1 - p))))
+    everyone = children.oof_children(tmp_path / "data", tmp_path / "assets")
+    assert set(everyone["m"]["children"]) == {"a", "b", "z"}, "without a source, every training speaker"
+    with pytest.raises(ValueError, match="no OOF clip"):
+        children.oof_children(tmp_path / "data", tmp_path / "assets", {"nobody"})
