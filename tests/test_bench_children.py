@@ -49,6 +49,8 @@ def test_children_bench_end_to_end(tmp_path, root):
     test_children = set(speakers.loc[test["filename"], "speaker"])
     assert len(test_children) == 2 and len(train_children) == 6 and not train_children & test_children
     assert report["children"] == {"train": sorted(train_children), "test": sorted(test_children)}
+    assert report["source_children"] == sorted(f"{i + 1:04d}" for i in range(len(VOICES)))
+    assert "other speakers" not in (out / "children.md").read_text(), "no --extra-train: children only"
     folds = pd.read_csv(out / "data" / "cache" / "folds_2.csv", dtype=str)
     per_child = folds.assign(child=speakers.loc[folds["filename"], "speaker"].to_numpy()).groupby("child")["fold"]
     assert set(per_child.groups) == train_children and (per_child.nunique() == 1).all(), "a child in two folds"

@@ -137,7 +137,8 @@ def children_report(data: Path, summary: dict, children: set[str] | None = None)
     y, prior = table["score"].to_numpy(float), float(train_meta["score"].mean())
     test_children = {name: per_child(y, p, table["speaker"].to_numpy(), prior, (table["change"] == "own").to_numpy())
                      for name, p in preds.items() if name != "prior (base rate)"}
-    return {"oof_children": oof_children(data, assets, children), "test_children": test_children, "data": str(data), "children": held_out_check(data), "n_train": len(train_meta), "n_test": len(table),
+    return {"oof_children": oof_children(data, assets, children), "test_children": test_children, "data": str(data), "children": held_out_check(data),
+            "source_children": sorted(children) if children is not None else None, "n_train": len(train_meta), "n_test": len(table),
             "grades_unseen_in_training": unseen, "step_seconds": summary.get("seconds", {}),
             "changes_in_test": table["change"].value_counts().reindex(CHANGES, fill_value=0).to_dict(),
             "predictors": {name: predictor_report(table, p) for name, p in preds.items()},
@@ -233,11 +234,14 @@ def report_lines(report: dict, options: list[str], wall: float) -> list[str]:
     unseen = set(report["grades_unseen_in_training"])
     changes = [c for c in CHANGES if c in first["change"]] + [c for c in first["change"] if c not in CHANGES]
     kids = report["children"]
+    extra = sorted(set(kids["train"]) - set(report["source_children"])) if report.get("source_children") else []
     lines = ["# Children reading aloud: speaker-held-out test\n",
-             f"{report['n_train']} training clips from {len(kids['train'])} children, {report['n_test']} test "
+             f"{report['n_train']} training clips from {len(kids['train']) - len(extra)} children"
+             + (f" and {len(extra)} other speakers (--extra-train; they train every model, the figures by child "
+                f"leave them out)" if extra else "") + f", {report['n_test']} test "
              f"clips from {len(kids['test'])} other children (each clip once with its own sentence, once "
              f"changed); folds grouped by child ({report['fold_by']}); ensemble blend {report['blend']}, OOF log "
-             f"loss {report['oof_logloss']:.4f}; options `{' '.join(options) or '(defaults)'}`; "
+             f"loss {report['oof_logloss']:.4f} (all training clips); options `{' '.join(options) or '(defaults)'}`; "
              f"this run {wall:.0f} s wall on {os.cpu_count()} CPUs (load {os.getloadavg()[0]:.1f} at the end).\n",
              "Test log loss (AUC overall), per grade and per change type; fold seconds = training time "
              "summed over the member's folds (the ensemble's: over all members); test seconds = inference on "
