@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from readaloud.bench import hearing_gates
-from readaloud.members.gbm.evidence import AsrCache, ClipDecode, add_to_asr_cache
+from readaloud.members.gbm.evidence import ASR_VERSION, AsrCache, ClipDecode, add_to_asr_cache
 from readaloud.metrics import log_loss, sigmoid
 
 
@@ -37,7 +37,6 @@ def test_report_on_a_small_run(tmp_path, monkeypatch):
                          "score": y})
     oofs = {m: rows.assign(logit=(2 * y - 1) * s + rng.normal(0, 1, n)) for m, s in (("a", 2.0), ("b", 1.0))}
     monkeypatch.setattr(ensemble, "collect_oof", lambda assets: oofs)
-    monkeypatch.setattr(hearing_gates, "collect_oof", lambda assets: oofs)
     data = tmp_path / "run" / "data"
     (data / "cache").mkdir(parents=True)
     speakers = [f"k{i % 6}" if i < 36 else "adult" for i in range(n)]
@@ -47,7 +46,7 @@ def test_report_on_a_small_run(tmp_path, monkeypatch):
         clips = {f: ClipDecode("the cat sat" if i % 3 or tag == "base" else "a dog", [1, 2],
                                {"gen_avg_logprob": -0.1 * (i % 7), "no_speech_prob": 0.01, "tr_mean_logp": -0.2,
                                 "tr_sum_logp": -1.0}) for i, f in enumerate(names)}
-        add_to_asr_cache(data / "cache" / f"asr_v2_whisper-{tag}_x_int8_y.npz", AsrCache(clips=clips))
+        add_to_asr_cache(data / "cache" / f"asr_v{ASR_VERSION}_whisper-{tag}_x_int8_y.npz", AsrCache(clips=clips))
     source = tmp_path / "source"
     source.mkdir()
     pd.DataFrame({"utt": range(6), "speaker": [f"k{i}" for i in range(6)], "age": 7, "gender": "f",

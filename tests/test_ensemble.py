@@ -37,9 +37,8 @@ def test_a_cross_fitted_blend_never_saw_the_clip_it_scores():
         held = (table["fold"] == 0).to_numpy()
         assert np.array_equal(crossed[held], again[held]), "fold 0's logits come from weights fitted without it"
         assert not np.allclose(crossed[~held], again[~held]), "the other folds' weights read fold 0's labels"
-        # fold 0's weights are those fitted on folds 1 and 2 alone
-        w, b = fit_weights(table.loc[~held, ["a", "b"]].to_numpy(), y[~held]) if blend == "logit" else (None, None)
-        if blend == "logit":
+        if blend == "logit":  # fold 0's weights are those fitted on folds 1 and 2 alone
+            w, b = fit_weights(table.loc[~held, ["a", "b"]].to_numpy(), y[~held])
             assert np.allclose(crossed[held], table.loc[held, ["a", "b"]].to_numpy() @ w + b)
     one_fold = table.assign(fold=0)
     w, b = fit_weights(one_fold[["a", "b"]].to_numpy(), y)

@@ -175,6 +175,32 @@ def source_children(source: Path) -> set[str]:
         return {row["speaker"] for row in csv.DictReader(fh)}
 
 
+def oof_table(data: Path, assets: Path) -> tuple[pd.DataFrame, list[str]]:
+    """(every OOF clip that all members scored, with its members' logits and its speaker and change from
+    speakers.csv; the member names)."""
+    from readaloud.pipeline.ensemble import collect_oof, oof_matrix
+    table, names = oof_matrix(collect_oof(assets))
+    table = table.join(pd.read_csv(data / "speakers.csv", dtype=str).set_index("filename"), on="filename")
+    if table["speaker"].isna().any():
+        raise ValueError(f"{data / 'speakers.csv'} names no child for OOF clip "
+                         f"{table.loc[table['speaker'].isna(), 'filename'].iloc[0]}")
+    return table, names
+
+
+def children_figures(table: pd.DataFrame, preds: dict[str, np.ndarray], children: set[str] | None) -> dict:
+    """per_child of each predictor's probabilities over the rows of `table` by the given children (all
+    rows when None): every row may have fitted a blend, but --extra-train speakers are not children to
+    report on. The prior is those children's base rate."""
+    keep = table["speaker"].isin(children).to_numpy() if children is not None else np.ones(len(table), bool)
+    if not keep.any():
+        raise ValueError("no OOF clip is by a child of the source folder")
+    y = table["score"].to_numpy(float)[keep]
+    prior = float(y.mean())
+    correct = (table["change"] == "own").to_numpy()[keep]
+    return {name: per_child(y, p[keep], table["speaker"].to_numpy()[keep], prior, correct)
+            for name, p in preds.items()}
+
+
 def oof_children(data: Path, assets: Path, children: set[str] | None = None) -> dict:
     """Per-child figures of the out-of-fold predictions on the training children (folds grouped by
     child: no child's clips were scored by a model that heard that child), for each member and for the
@@ -182,28 +208,15 @@ def oof_children(data: Path, assets: Path, children: set[str] | None = None) -> 
     each fold in turn (the blend's weights are fitted on these same clips; cross-fitted, nothing of the
     ensemble saw the clip it scores)."""
     from readaloud.metrics import sigmoid
-    from readaloud.pipeline.ensemble import collect_oof, cross_fitted_logits, oof_matrix, read_config
+    from readaloud.pipeline.ensemble import cross_fitted_logits, read_config
     config = read_config(assets)
-    table, names = oof_matrix(collect_oof(assets))
-    speakers = pd.read_csv(data / "speakers.csv", dtype=str).set_index("filename")
-    table = table.join(speakers, on="filename")
-    if table["speaker"].isna().any():
-        raise ValueError(f"{data / 'speakers.csv'} names no child for OOF clip "
-                         f"{table.loc[table['speaker'].isna(), 'filename'].iloc[0]}")
+    table, names = oof_table(data, assets)
     weights = {m["model"]: m["weight"] for m in config["members"]}
     preds = {m: sigmoid(table[m].to_numpy(float)) for m in names}
     preds["ensemble"] = sigmoid(sum(w * table[m].to_numpy(float) for m, w in weights.items()) + config["bias"])
     if len(names) > 1:  # the blend's weights fitted without each fold in turn: nothing of it saw the clip
         preds["ensemble, blend cross-fitted"] = sigmoid(cross_fitted_logits(table, names, config.get("blend", "logit")))
-    # every OOF clip fitted the blend above; the figures are the children's (not --extra-train speakers')
-    keep = table["speaker"].isin(children).to_numpy() if children is not None else np.ones(len(table), bool)
-    if not keep.any():
-        raise ValueError(f"no OOF clip in {assets} is by a child of the source folder")
-    y = table["score"].to_numpy(float)[keep]
-    prior = float(y.mean())
-    correct = (table["change"] == "own").to_numpy()[keep]
-    return {name: per_child(y, p[keep], table["speaker"].to_numpy()[keep], prior, correct)
-            for name, p in preds.items()}
+    return children_figures(table, preds, children)
 
 
 def child_lines(title: str, figures: dict) -> list[str]:

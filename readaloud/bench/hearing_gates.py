@@ -29,14 +29,15 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import minimize
 
-from readaloud.bench.children import per_child, shared_path, source_children
-from readaloud.members.gbm.evidence import read_asr_cache, text_comparison
+from readaloud.bench.children import child_lines, children_figures, oof_table, shared_path, source_children
+from readaloud.members.gbm.evidence import ASR_VERSION, read_asr_cache, text_comparison
 from readaloud.metrics import sigmoid
-from readaloud.pipeline.ensemble import collect_oof, oof_matrix
 
 CLIP_SIGNALS = ("gen_avg_logprob", "tr_mean_logp", "no_speech_prob")
+EARS = {"tiny": "whisper-tiny.en", "base": "whisper-base"}   # what model6asr reads, by its signals' prefix
+NO_GATE = "none (today's blend)"
 GATES = {  # name -> the signals it reads (columns of hearing_signals)
-    "none (today's blend)": [],
+    NO_GATE: [],
     **{f"{b}_{s}": [f"{b}_{s}"] for b in ("tiny", "base") for s in CLIP_SIGNALS},
     "agree_word": ["agree_word"], "agree_phone": ["agree_phone"], "member_gap": ["member_gap"],
     "gen_hinge0.6": ["gen_hinge0.6"], "gen_hinge0.8": ["gen_hinge0.8"], "gen_hinge1.0": ["gen_hinge1.0"],
@@ -53,15 +54,16 @@ def hearing_signals(table: pd.DataFrame, data: Path, members: list[str]) -> pd.D
     disagreement. Clips a cache lacks read NaN (standardised to 0: no gate)."""
     out = pd.DataFrame(index=table.index)
     transcripts = {}
-    for path in sorted(glob.glob(str(data / "cache" / "asr_v*_whisper-*.npz"))):
-        tag = "tiny" if "tiny" in Path(path).name else "base"
-        cache = read_asr_cache(Path(path))
+    for tag, backbone in EARS.items():
+        paths = sorted(glob.glob(str(data / "cache" / f"asr_v{ASR_VERSION}_{backbone}_*.npz")))
+        if len(paths) != 1:
+            raise FileNotFoundError(f"{data / 'cache'} holds {len(paths)} ASR evidence tables of {backbone}, "
+                                    f"not one (run model6asr first; one compute type and decode setting)")
+        cache = read_asr_cache(Path(paths[0]))
         clips = [cache.clips.get(f) for f in table["filename"]]
         for s in CLIP_SIGNALS:
             out[f"{tag}_{s}"] = [c.stats.get(s, np.nan) if c else np.nan for c in clips]
         transcripts[tag] = [c.transcript if c else None for c in clips]
-    if set(transcripts) != {"tiny", "base"}:
-        raise FileNotFoundError(f"{data / 'cache'} lacks tiny.en's or base's ASR evidence (run model6asr first)")
     pairs = list(zip(transcripts["tiny"], transcripts["base"]))
     comparisons = [text_comparison(a, b) if a is not None and b is not None else None for a, b in pairs]
     out["agree_word"] = [c["word_edit_rate"] if c else np.nan for c in comparisons]
@@ -121,25 +123,15 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     run = Path(args.run)
     data, out = run / "data", Path(args.out or run)
-    table, members = oof_matrix(collect_oof(run / "assets"))
-    table = table.join(pd.read_csv(data / "speakers.csv", dtype=str).set_index("filename"), on="filename")
+    table, members = oof_table(data, run / "assets")
     signals = hearing_signals(table, data, members)
-    kids = table["speaker"].isin(source_children(Path(args.source))).to_numpy()
     X, y, folds = table[members].to_numpy(float), table["score"].to_numpy(float), table["fold"].to_numpy()
-    prior = float(y[kids].mean())
-    correct = (table["change"] == "own").to_numpy()[kids]
-    results = {}
-    for name, columns in GATES.items():
-        z = cross_fitted_gated(X, y, signals[columns].to_numpy(float), folds)
-        results[name] = per_child(y[kids], sigmoid(z[kids]), table["speaker"].to_numpy()[kids], prior, correct)
-    lines = [f"# Hearing gates on {run} (members {', '.join(members)}; {int(kids.sum())} OOF clips of "
-             f"{len(set(table['speaker'][kids]))} children scored, {len(y)} clips fit the blends)\n",
-             "| gate | log loss | correct readings | median child | worst child | children above the prior |",
-             "|---|---|---|---|---|---|"]
-    for name, f in results.items():
-        lines.append(f"| {name} | {f['logloss']:.4f} | {f['correct_logloss']:.4f} | {f['median_child']:.4f} | "
-                     f"{f['worst_child_logloss']:.4f} ({f['worst_child']}) | {len(f['children_above_prior'])} of "
-                     f"{f['n_children']} |")
+    preds = {name: sigmoid(cross_fitted_gated(X, y, signals[columns].to_numpy(float), folds))
+             for name, columns in GATES.items()}
+    results = children_figures(table, preds, source_children(Path(args.source)))
+    lines = child_lines(f"# Hearing gates on {run} (members {', '.join(members)}; the OOF clips of "
+                        f"{results[NO_GATE]['n_children']} children scored, all {len(y)} OOF clips fit the "
+                        f"blends)", results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "hearing_gates.md").write_text("\n".join(lines) + "\n")
     (out / "hearing_gates.json").write_text(json.dumps(results, indent=1))
