@@ -117,6 +117,8 @@ class DataConfig:
     batch_max_frames: int = 6000   # padded frames per batch (10 ms each): batches are built by size
     max_batch_size: int = 64
     task_dropout: float = 0.05     # share of training items shown with an unknown task/grade
+    text_negatives: int = 0        # per training row scored 1, rows of the same clip with a changed text
+                                   # scored 0 (prep/text_negatives.py; the whisperdec family)
     prefetch: int = -1             # batches built ahead in a background thread (-1: 2 on GPU, 0 on CPU)
     spec_time_masks: int = 2       # SpecAugment on the response only (0 = off)
     spec_time_width: int = 12

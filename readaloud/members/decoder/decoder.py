@@ -520,6 +520,7 @@ def with_frozen_backbone(ck: dict) -> dict[str, torch.Tensor]:
 class WhisperDecoderMember(NeuralMember):
     family = "whisperdec"
     model_class = WhisperDecoderClassifier
+    takes_text_negatives = True   # a text is only tokens: nothing is made for it in advance
 
     def dataset(self, meta, data: FoldData, model: WhisperDecoderClassifier, vocab: Vocab) -> DecoderDataset:
         dc = data.cfg.data

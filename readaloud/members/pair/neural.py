@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ...checkpoints import CheckpointError
-from ...config import RunConfig
+from ...config import ConfigError, RunConfig
 from ...prep.dataset import Categories, PairDataset, bucket_batches, to_device
+from ...prep.text_negatives import with_text_negatives
 from ...text import Vocab
 from ..base import FitContext, FitResult, FoldData, Member, TestInputs
 from .encoder import SpeechEncoderModel, build_network, whisper_config_dict
@@ -98,6 +100,19 @@ class NeuralMember(Member):
         model = build_network(self.model_class, cfg.model, len(data.cats.tasks), len(data.cats.grades), len(vocab))
         self.warm_start(model, vocab, cfg)
         return model, vocab
+
+    takes_text_negatives: ClassVar[bool] = False   # can read texts that preprocess made nothing for
+
+    def training_rows(self, data: FoldData) -> pd.DataFrame:
+        """The fold's training rows, and with `--text_negatives N` N changed texts of each row scored 1
+        (prep/text_negatives.py); only a family that needs nothing made in advance for a text takes them."""
+        n = data.cfg.data.text_negatives
+        if n <= 0:
+            return data.train_meta
+        if not self.takes_text_negatives:
+            raise ConfigError(f"--text_negatives {n}: model.arch {self.family} reads what preprocess made for "
+                              f"each expected text and cannot take made texts; the whisperdec family can")
+        return with_text_negatives(data.train_meta, n, data.seed)
 
     def dataset(self, meta, data: FoldData, model: SpeechEncoderModel, vocab: Vocab):
         """The rows of `meta` (a part of the fold) as this family's network reads them in training."""
