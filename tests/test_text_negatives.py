@@ -69,7 +69,8 @@ def fold_data(n: int, fold: int = 0):
     cfg = RunConfig()
     cfg.data.text_negatives = n
     meta = rows()
-    return SimpleNamespace(cfg=cfg, train_meta=meta[meta["fold"] != fold], seed=7)
+    return SimpleNamespace(cfg=cfg, meta=meta, train_meta=meta[meta["fold"] != fold], seed=7,
+                           is_valid=(meta["fold"] == fold).to_numpy())
 
 
 def test_only_the_folds_training_rows_get_changed_texts():
@@ -87,3 +88,10 @@ def test_a_family_that_cannot_read_made_texts_refuses():
     from readaloud.members.registry import member_named
     with pytest.raises(ConfigError, match="text_negatives"):
         member_named("pair").training_rows(fold_data(1))
+
+
+def test_the_trees_refuse_made_texts_rather_than_ignore_them():
+    from readaloud.members.registry import member_named
+    data = fold_data(1)
+    with pytest.raises(ConfigError, match="text_negatives"):
+        member_named("gbm").fit(data, None)
