@@ -57,6 +57,8 @@ class ModelConfig:
                                        # folder), torch, or auto (ctranslate2 when there is such a folder)
     decoder_encoder_compute: str = "float32"  # whisperdec on ctranslate2: its compute type (int8: faster, other numbers)
     memory_margin_s: float = 1.0       # the cached encoder output is cut to the clip + this margin (< 0: all 30 s)
+    decoder_window_s: float = 10.0     # the frozen encoder reads a clip in the smallest multiple of this that
+                                       # holds it (up to Whisper's 30 s): 10 s for the frozen ear's transcripts
     decoder_ear_layers: int = 0        # whisperdec: the top N encoder layers and its final layer norm train inside
                                        # each fold (the ear adapts to the fold's children); the cache holds the
                                        # output of the layers below, run by torch; 0: the whole encoder is frozen

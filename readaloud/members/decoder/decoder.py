@@ -119,9 +119,10 @@ def kept_positions(n_samples: int, margin_s: float, n_positions: int) -> int:
     return max(1, min(n_positions, math.ceil((n_samples / SAMPLE_RATE + margin_s) / POSITION_S)))
 
 
-def clip_window(audio: np.ndarray, mel_params: FeatureParams) -> np.ndarray:
-    """[n_mels, frames] log-mel of the audio zero-padded to its window (features.whisper_window_s)."""
-    return window_log_mel(audio, whisper_window_s(audio.size, WINDOW_S), mel_params)
+def clip_window(audio: np.ndarray, mel_params: FeatureParams, window_s: float = WINDOW_S) -> np.ndarray:
+    """[n_mels, frames] log-mel of the audio zero-padded to its window: the smallest multiple of
+    `window_s` that holds it (features.whisper_window_s)."""
+    return window_log_mel(audio, whisper_window_s(audio.size, window_s), mel_params)
 
 
 def encode_clips(encoder: WindowEncoder, mels: list[np.ndarray], sizes: list[int], margin_s: float):
@@ -165,12 +166,14 @@ def make_window_encoder(mc: ModelConfig, device: torch.device,
 class EncoderCache:
     """The frozen encoder's output per clip, [positions, D] float16, in <data>/cache."""
 
-    def __init__(self, encoder: WindowEncoder, config: WhisperConfig, data_dir: str | Path, margin_s: float):
-        self.encoder, self.data_dir, self.margin_s = encoder, Path(data_dir), margin_s
+    def __init__(self, encoder: WindowEncoder, config: WhisperConfig, data_dir: str | Path, margin_s: float,
+                 window_s: float = WINDOW_S):
+        self.encoder, self.data_dir, self.margin_s, self.window_s = encoder, Path(data_dir), margin_s, window_s
         self.n_positions = config.max_source_positions
         self.mel_params = FeatureParams(n_mels=config.num_mel_bins)
         params = EncoderCacheParams(width=config.d_model, weights_key=encoder.key,
-                                    n_input_mels=config.num_mel_bins, window_s=WINDOW_S, margin_s=float(margin_s))
+                                    n_input_mels=config.num_mel_bins, window_s=float(window_s),
+                                    margin_s=float(margin_s))
         self.store = FeatureStore(cache_dir(data_dir), f"whisperenc_{params.weights_key}", params)
 
     def __contains__(self, filename: str) -> bool:
@@ -183,7 +186,7 @@ class EncoderCache:
         return self.store.length(filename)
 
     def window(self, audio: np.ndarray) -> np.ndarray:
-        return clip_window(audio, self.mel_params)
+        return clip_window(audio, self.mel_params, self.window_s)
 
     def ensure(self, filenames, progress: bool = True) -> int:
         """Encode every clip not cached yet; returns how many were computed. Unreadable clips are
@@ -348,7 +351,8 @@ class WhisperDecoderClassifier(SpeechEncoderModel):
         speaks. Computed once from the encoder's weights (not saved in checkpoints)."""
         if self._null_memory is None or self._null_memory.device != like.device:
             silence = np.zeros(int(NULL_CLIP_S * SAMPLE_RATE), np.float32)
-            mel = clip_window(silence, FeatureParams(n_mels=self.whisper_config.num_mel_bins))
+            mel = clip_window(silence, FeatureParams(n_mels=self.whisper_config.num_mel_bins),
+                              self.cfg.decoder_window_s)
             (_, encoded), = encode_clips(self.window_encoder(self.encoder.conv1.weight.device), [mel], [silence.size],
                                          self.cfg.memory_margin_s)
             self._null_memory = torch.from_numpy(encoded.astype(np.float32))[None].to(like.device)
@@ -405,7 +409,7 @@ class DecoderDataset:
                  cats: Categories, device: torch.device | None = None, progress: bool = True):
         device = device or pick_device(cfg.device)
         self.cache = EncoderCache(model.window_encoder(device), model.whisper_config, data_dir,
-                                  cfg.model.memory_margin_s)
+                                  cfg.model.memory_margin_s, cfg.model.decoder_window_s)
         made = self.cache.ensure(meta["filename"].astype(str), progress=progress)
         if made:
             log.info("Whisper encoder: %d clips encoded into %s", made, self.cache.store.data_path)
@@ -536,7 +540,7 @@ class WhisperDecoderMember(NeuralMember):
             backbone = cfg.model.backbone   # the transformers encoder is loaded only if it is the engine
             engine = make_window_encoder(cfg.model, pick_device(cfg.device), lambda: load_pretrained_encoder(backbone))
             config = WhisperConfig.from_pretrained(transformers_dir(backbone))
-            cache = EncoderCache(engine, config, data_dir, cfg.model.memory_margin_s)
+            cache = EncoderCache(engine, config, data_dir, cfg.model.memory_margin_s, cfg.model.decoder_window_s)
             made = cache.ensure(inputs.meta["filename"].astype(str), progress=progress)
             log.info("Whisper encoder of %s: %d clips encoded", cfg.model.backbone, made)
 
