@@ -188,10 +188,14 @@ class FeatureStore:
         stale = self.meta_path.exists() and json.loads(self.meta_path.read_text()).get("feature_key") != meta["feature_key"]
         if stale or not self.meta_path.exists():
             with file_lock(self.root / f".{self.name}.lock"):
+                # decided again under the lock: another process may have reset it and added frames since
+                stale = self.meta_path.exists() and \
+                    json.loads(self.meta_path.read_text()).get("feature_key") != meta["feature_key"]
                 if stale:  # built with other feature settings: start over rather than mix frames
                     for p in (self.data_path, self.index_path):
                         p.unlink(missing_ok=True)
-                atomic_write(self.meta_path, json.dumps(meta, indent=1))
+                if stale or not self.meta_path.exists():
+                    atomic_write(self.meta_path, json.dumps(meta, indent=1))
         self._index = {}
         if self.index_path.exists():
             df = pd.read_csv(self.index_path, dtype={"key": str}, keep_default_na=False)

@@ -97,6 +97,31 @@ def test_cached_encoder_path_equals_a_direct_whisper_forward(trained, tmp_path):
         assert float(direct.std()) > 0.1  # the tokens' log p differ: not a comparison of constants
 
 
+def test_a_shorter_window_is_its_own_cache_of_the_clip_s_window(trained):
+    """--decoder_window_s 2: each clip is encoded in the smallest multiple of 2 s that holds it (so
+    its positions are that window's, fewer than the 10 s window's), into a cache of its own; the
+    default's cache and numbers are untouched."""
+    data = trained["data"]
+    meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
+    meta = meta.iloc[:3]
+    sets = {}
+    for window in (10.0, 2.0):
+        cfg = variant_config("model8decoder", {"memory_margin_s": -1.0, "decoder_window_s": window})
+        model = build_model(cfg.model, 3, 4, 8).eval()
+        sets[window] = DecoderDataset(meta, data, model, cfg, Categories.from_meta(meta), torch.device("cpu"),
+                                      progress=False)
+    long, short = sets[10.0], sets[2.0]
+    assert long.cache.store.data_path != short.cache.store.data_path
+    assert long.lengths.tolist() == [500] * 3
+    for k, name in enumerate(meta["filename"]):
+        seconds = load_audio(data / name).size / 16000
+        assert short.lengths[k] == whisper_window_s(int(seconds * 16000), 2.0) * 50 < 500
+        assert short.lengths[k] >= seconds * 50   # the window holds the whole clip
+    first = meta["filename"].iloc[0]
+    assert not np.allclose(short.cache.get(first)[:50], long.cache.get(first)[:50], atol=1e-2), \
+        "attention over a shorter window gives other encodings, not a slice of the 10 s ones"
+
+
 def test_window_encoder_equals_whispers_own_on_30_s_and_windows_grow_by_10_s():
     encoder = WhisperForConditionalGeneration.from_pretrained(transformers_dir("whisper-tiny.en")).model.encoder.eval()
     mel = torch.randn(2, 80, 3000, generator=torch.Generator().manual_seed(0))

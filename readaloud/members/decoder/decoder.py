@@ -174,7 +174,9 @@ class EncoderCache:
         params = EncoderCacheParams(width=config.d_model, weights_key=encoder.key,
                                     n_input_mels=config.num_mel_bins, window_s=float(window_s),
                                     margin_s=float(margin_s))
-        self.store = FeatureStore(cache_dir(data_dir), f"whisperenc_{params.weights_key}", params)
+        # named by every setting, not the weights alone: runs with other windows or margins that share
+        # a data folder keep a cache each instead of resetting one another's
+        self.store = FeatureStore(cache_dir(data_dir), f"whisperenc_{params.weights_key}_{params.key()}", params)
 
     def __contains__(self, filename: str) -> bool:
         return filename in self.store
