@@ -1,7 +1,7 @@
 """Prepare a data folder once: TTS references, cached log-mel features, the fold file.
 
     python preprocess.py [--data data] [--tts_dir tts_data] [--n_folds 6] [--tts espeak:en-us+f3] [--workers 2]
-                         [--fold_by stratified|voice | --groups FILE] [--corrections FILE]
+                         [--fold_by stratified|voice | --groups FILE] [--fold_seed N] [--corrections FILE]
 
 Idempotent: a rerun synthesizes and decodes only what is not cached yet. --corrections FILE (a
 filename,score CSV, as the review page of infer.py --report downloads it) first corrects the labels
@@ -36,6 +36,8 @@ def main():
                    help="stratified (default): by task and score; voice: one voice cluster per fold, so "
                         "out-of-fold scores are for unheard voices; groups: see --groups "
                         "(readaloud/prep/folds.py)")
+    p.add_argument("--fold_seed", type=int, default=None,
+                   help="seed of a new fold file's draw (default 42); another seed than the file's is an error")
     p.add_argument("--groups", default=None, metavar="FILE",
                    help="CSV with columns filename,group (or filename,speaker): each group (e.g. a child) "
                         "lies inside one fold, so out-of-fold scores are for unheard children")
@@ -77,7 +79,11 @@ def main():
     store, bad = ensure_clip_features(args.data, names, params, workers=args.workers, retry_bad=args.retry_bad)
     if applied is not None:  # also places clips a failed earlier run added but could not place
         extend_folds(args.data, args.n_folds, train, groups)
-    folds = load_or_create_folds(args.data, train, args.n_folds, args.fold_by, clips=store, groups=groups)
+    try:
+        folds = load_or_create_folds(args.data, train, args.n_folds, args.fold_by, clips=store, groups=groups,
+                                     seed=args.fold_seed)
+    except ValueError as exc:
+        raise SystemExit(f"preprocess.py: {exc}") from None
     mark_current(args.data, args.n_folds)  # train, check_models, get_config read the fold count from here
     print(f"references: {len(bank.index)} texts in {bank.root}")
     print(f"clip features: {len(store)} clips, {store.total_frames} frames "

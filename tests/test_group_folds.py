@@ -76,6 +76,29 @@ def test_fold_file_records_groups_and_refuses_a_split_group(tmp_path):
         load_or_create_folds(tmp_path, meta, 3, groups=regrouped)
 
 
+def test_another_fold_seed_is_another_grouping_recorded_and_kept(tmp_path):
+    """--fold_seed: the same children drawn into other folds (each child still whole), the seed
+    recorded beside the file; reading needs no seed, and asking for another one is refused."""
+    meta, groups = random_children(6)
+    groups_csv = tmp_path / "children.csv"
+    pd.DataFrame({"filename": meta["filename"], "group": groups}).to_csv(groups_csv, index=False)
+    clip_groups = read_groups(groups_csv)
+    first = load_or_create_folds(tmp_path / "a", meta, 4, groups=clip_groups)
+    other = load_or_create_folds(tmp_path / "b", meta, 4, groups=clip_groups, seed=7)
+    assert not split_groups(other, groups)
+    together = pd.crosstab(groups, other)
+    assert (together.gt(0).sum(axis=1) == 1).all(), "a child in two folds"
+    assert not (pd.crosstab(groups, first).values.argmax(1) == together.values.argmax(1)).all(), \
+        "another seed drew the same folds"
+    assert json.loads((tmp_path / "b" / "cache" / "folds_4.json").read_text())["seed"] == 7
+    assert (load_or_create_folds(tmp_path / "b", meta, 4) == other).all()
+    assert (load_or_create_folds(tmp_path / "b", meta, 4, seed=7) == other).all()
+    with pytest.raises(ValueError, match="drawn with seed 7, not 42"):
+        load_or_create_folds(tmp_path / "b", meta, 4, seed=42)
+    with pytest.raises(ValueError, match="drawn with seed 42, not 7"):
+        load_or_create_folds(tmp_path / "a", meta, 4, seed=7)
+
+
 def test_speakers_csv_is_read_by_its_speaker_column(tmp_path):
     path = tmp_path / "speakers.csv"
     path.write_text("filename,speaker,change\na.wav,0001,own\nb.wav,0001,swap\nc.wav,0007,drop\n")

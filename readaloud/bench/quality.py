@@ -89,6 +89,8 @@ def main(argv=None) -> dict:
                    help="fold scheme for a new data set (preprocess.py --fold_by); voice = unheard voices in OOF")
     p.add_argument("--groups", default=None, metavar="FILE",
                    help="filename,group CSV: folds keep each group (child) whole (preprocess.py --groups)")
+    p.add_argument("--fold_seed", type=int, default=None,
+                   help="seed of the folds' draw for a new data set (preprocess.py --fold_seed; default 42)")
     args, extra = p.parse_known_args(argv)
     from readaloud.pipeline.checking import check
     from readaloud.data import load_split
@@ -113,6 +115,7 @@ def main(argv=None) -> dict:
     common = ["--data", str(data), "--tts_dir", args.tts_dir]
     folds_by = ["--fold_by", args.fold_by] if args.fold_by else []
     folds_by += ["--groups", str(Path(args.groups).resolve())] if args.groups else []
+    folds_by += ["--fold_seed", str(args.fold_seed)] if args.fold_seed is not None else []
     seconds = {"preprocess": _run("preprocess.py", *common, "--n_folds", str(args.n_folds), *folds_by)}
     backbone = args.backbone
     if args.pretrain:

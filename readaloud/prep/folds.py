@@ -215,12 +215,14 @@ def mark_current(data_dir: str | Path, n_folds: int) -> None:
 
 
 def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int, fold_by: str | None = None,
-                         clips=None, groups: ClipGroups | None = None) -> pd.Series:
+                         clips=None, groups: ClipGroups | None = None, seed: int | None = None) -> pd.Series:
     """Fold of each row of `meta` (indexed like it), from the data set's fold file.
 
     The file is made once (`fold_by` "stratified"; "voice" with the clip feature store; "groups"
-    with `groups`, the default when they are given) and then read by every process; asking for
-    another scheme than the file's is an error, and so is a groups file the folds split."""
+    with `groups`, the default when they are given; drawn with `seed`, FOLD_SEED when None) and
+    then read by every process; asking for another scheme or another seed than the file's is an
+    error, and so is a groups file the folds split. Another seed is another draw of the same
+    scheme: the way to check that a choice holds for more than one grouping of the children."""
     path = fold_path(data_dir, n_folds)
     scheme_path = fold_scheme_path(data_dir, n_folds)
     if groups is not None:
@@ -232,6 +234,10 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
         if fold_by and fold_by != scheme:
             raise ValueError(f"{path} holds {scheme} folds, not {fold_by}: delete it (and the trained folds "
                              f"in assets/) to change the scheme")
+        drawn = json.loads(scheme_path.read_text()).get("seed", FOLD_SEED) if scheme_path.exists() else FOLD_SEED
+        if seed is not None and seed != drawn:
+            raise ValueError(f"{path} holds folds drawn with seed {drawn}, not {seed}: delete it (and the trained "
+                             f"folds in assets/) to draw them again")
         df = pd.read_csv(path, dtype={"filename": str})
         mapping = dict(zip(df["filename"], df["fold"]))
         missing = ~meta["filename"].isin(mapping)
@@ -246,17 +252,18 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
                              f"(first: {', '.join(split[:5])}): delete it (and the trained folds) to regroup")
         return folds
     fold_by = fold_by or "stratified"
-    scheme = {"fold_by": fold_by, "n_folds": n_folds}
+    seed = FOLD_SEED if seed is None else seed
+    scheme = {"fold_by": fold_by, "n_folds": n_folds, "seed": seed}
     if fold_by == "voice":
         if clips is None:
             raise ValueError("voice folds are made by preprocess.py --fold_by voice (they need the clip features)")
-        folds = assign_voice_folds(meta, clips, n_folds)
+        folds = assign_voice_folds(meta, clips, n_folds, seed)
     elif fold_by == "stratified":
-        folds = assign_folds(meta, n_folds)
+        folds = assign_folds(meta, n_folds, seed)
     elif fold_by == "groups":
         if groups is None:
             raise ValueError("groups folds are made by preprocess.py --groups FILE (a CSV of filename,group)")
-        folds = assign_group_folds(meta, groups.for_meta(meta), n_folds)
+        folds = assign_group_folds(meta, groups.for_meta(meta), n_folds, seed)
         scheme |= {"groups_file": str(groups.path), "group_column": groups.column}
     else:
         raise ValueError(f"--fold_by must be one of {', '.join(SCHEMES)}, got {fold_by!r}")
