@@ -40,8 +40,12 @@ def test_children_bench_end_to_end(tmp_path, root):
     source = fake_children(tmp_path / "source")
     out = tmp_path / "bench"
     run_script(root, "-m", "readaloud.bench.children", "--out", out, "--source", source, "--test-speakers", 2,
-               "--models", "model5gbm", "--n_folds", 2, "--epochs", 1, "--jobs", 1, "--tts_dir", tmp_path / "tts")
+               "--models", "model5gbm", "--n_folds", 2, "--epochs", 1, "--jobs", 1, "--tts_dir", tmp_path / "tts",
+               "--fold_seed", 5, "--train_seed", 3)
     report = json.loads((out / "children.json").read_text())
+    assert json.loads((out / "data" / "cache" / "folds_2.json").read_text())["seed"] == 5, "--fold_seed reached the folds"
+    assert json.loads((out / "assets" / "model5gbm_0.json").read_text())["config"]["seed"] == 3, \
+        "--train_seed reached train.py"
     speakers = pd.read_csv(out / "data" / "speakers.csv", dtype=str).set_index("filename")
     train = pd.read_csv(out / "data" / "train_metadata.csv", dtype=str)
     test = pd.read_csv(out / "data" / "test_metadata.csv", dtype=str)

@@ -1,8 +1,8 @@
 """Children reading aloud: the quality benchmark on real children, held out by speaker.
 
     python -m readaloud.bench.children --out DIR [--source ../shared/data/speechocean_kids]
-        [--test-speakers 8] [--seed 0] [--extra-train SOURCE ...] [--models a,b] [--n_folds 4]
-        [any quality/train option...]
+        [--test-speakers 8] [--seed 0] [--train_seed N] [--fold_seed N] [--extra-train SOURCE ...]
+        [--models a,b] [--n_folds 4] [any quality/train option...]
 
 Builds a `sentence_repetition` screening set from children reading sentences (the source
 folder's utterances.csv and audio) with ../shared/bench/read_aloud_set.py (`--both`: every test
@@ -296,6 +296,9 @@ def main(argv=None) -> dict:
     p.add_argument("--extra-train", nargs="*", default=[], metavar="SOURCE",
                    help="other speakers' folders for the training half only (e.g. ../shared/data/speechocean_adults)")
     p.add_argument("--seed", type=int, default=0, help="the builder's seed (which children, which changes)")
+    p.add_argument("--train_seed", type=int, default=None,
+                   help="train.py --seed: one seed for every variant (default: each variant's own); with a "
+                        "single model's retraining, how far its seed alone moves the figures")
     p.add_argument("--models", default=None, help="comma-separated variants, or 'all' (default: the default ensemble)")
     p.add_argument("--n_folds", type=int, default=4)
     p.add_argument("--tts_dir", default=None, help="reference cache (default: DIR/tts)")
@@ -309,6 +312,7 @@ def main(argv=None) -> dict:
                      args.seed, [Path(p).resolve() for p in args.extra_train])
     held_out_check(data)  # before any training
     options = [*(["--models", args.models] if args.models else []), "--n_folds", str(args.n_folds), *passthrough]
+    options += ["--seed", str(args.train_seed)] if args.train_seed is not None else []
     options += ["--tts_dir", str(Path(args.tts_dir).resolve() if args.tts_dir else out / "tts")]
     summary = quality.main(["--data", str(data), "--out", str(out), "--groups", str(data / "speakers.csv"),
                             *options])
