@@ -2,6 +2,7 @@
 espeak sentence equals a direct WhisperForConditionalGeneration forward, a fold killed after its
 first evaluation resumes from its checkpoint without encoding a clip again, and the finished
 checkpoint loads weights-only and predicts. One demo set and one converted backbone for the module."""
+import json
 import re
 
 import numpy as np
@@ -260,3 +261,21 @@ def test_silent_pass_decodes_each_text_of_a_batch_once_and_changes_no_number(tra
     model.train()
     model.silent_logp(batch, k).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+
+
+def test_a_fold_trains_with_text_negatives(trained, root, tmp_path):
+    """--text_negatives 1 through train_model8decoder.py: the fold's training rows scored 1 gain a
+    changed text each (the log says how many), the fold finishes and its config records the option."""
+    data = trained["data"]
+    args = ["train_model8decoder.py", "--fold", 0, "--n_folds", 2, "--data", data, "--assets", tmp_path,
+            "--tts_dir", trained["tts"], "--epochs", 1, "--threads", 2, "--text_negatives", 1]
+    run = run_script(root, *args, env={"READALOUD_BACKBONES": str(data.parent / "backbones")})
+    from readaloud.prep.text_negatives import with_text_negatives
+    meta = pd.read_csv(data / "train_metadata.csv").merge(pd.read_csv(data / "train_labels.csv"), on="filename")
+    meta = meta.merge(pd.read_csv(data / "cache" / "folds_2.csv"), on="filename")
+    train = meta[meta["fold"] != 0]
+    expected = len(with_text_negatives(train, 1, seed=8 * 1000 + 0)) - len(train)   # the fold's seed
+    assert 0 < expected <= int((train["score"] == 1).sum())
+    assert f"fold 0: {expected} training rows with changed texts" in run.stderr, run.stderr[-2000:]
+    summary = json.loads((tmp_path / "model8decoder_0.json").read_text())
+    assert summary["config"]["data"]["text_negatives"] == 1 and summary["n_train"] == len(train) + expected

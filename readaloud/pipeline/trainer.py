@@ -103,11 +103,12 @@ class NetworkTrainer:
         seed_everything(data.seed)
         model, self.vocab = self.member.build(data)
         self.model = model
-        self.train_ds = self.member.dataset(self.member.training_rows(data), data, model, self.vocab)
+        rows = self.member.training_rows(data)
+        self.train_ds = self.member.dataset(rows, data, model, self.vocab)
         self.valid_ds = self.member.dataset(data.valid_meta, data, model, self.vocab)
         if cfg.data.text_negatives > 0:
             log.info("fold %d: %d training rows with changed texts (--text_negatives %d)", data.fold,
-                     len(self.train_ds) - len(data.train_meta), cfg.data.text_negatives)
+                     len(rows) - len(data.train_meta), cfg.data.text_negatives)
         log.info("fold %d: %d train / %d valid clips, %d phoneme tokens, %s, %.1fM parameters",
                  data.fold, len(self.train_ds), len(self.valid_ds), len(self.vocab) - 1, device,
                  sum(p.numel() for p in model.parameters()) / 1e6)
