@@ -89,6 +89,7 @@ class NeuralPredictor:
 class NeuralMember(Member):
     """A family whose model is a network over the cached log-mels, trained by the shared loop."""
     model_class: ClassVar[type[SpeechEncoderModel]]
+    takes_text_negatives: ClassVar[bool] = False   # can read texts that preprocess made nothing for
 
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         return ctx.train_network(self, data, ctx)
@@ -100,8 +101,6 @@ class NeuralMember(Member):
         model = build_network(self.model_class, cfg.model, len(data.cats.tasks), len(data.cats.grades), len(vocab))
         self.warm_start(model, vocab, cfg)
         return model, vocab
-
-    takes_text_negatives: ClassVar[bool] = False   # can read texts that preprocess made nothing for
 
     def training_rows(self, data: FoldData) -> pd.DataFrame:
         """The fold's training rows, and with `--text_negatives N` N changed texts of each row scored 1
