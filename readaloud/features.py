@@ -185,12 +185,14 @@ class FeatureStore:
     def _load(self, writer: bool = False) -> None:
         """Read the index. Only a writer (holding the lock) repairs or resets files."""
         meta = {"params": asdict(self.params), "feature_key": self.params.key()}
-        stale = self.meta_path.exists() and json.loads(self.meta_path.read_text()).get("feature_key") != meta["feature_key"]
-        if stale or not self.meta_path.exists():
+
+        def is_stale() -> bool:
+            return self.meta_path.exists() and \
+                json.loads(self.meta_path.read_text()).get("feature_key") != meta["feature_key"]
+        if is_stale() or not self.meta_path.exists():
             with file_lock(self.root / f".{self.name}.lock"):
                 # decided again under the lock: another process may have reset it and added frames since
-                stale = self.meta_path.exists() and \
-                    json.loads(self.meta_path.read_text()).get("feature_key") != meta["feature_key"]
+                stale = is_stale()
                 if stale:  # built with other feature settings: start over rather than mix frames
                     for p in (self.data_path, self.index_path):
                         p.unlink(missing_ok=True)

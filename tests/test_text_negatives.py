@@ -69,8 +69,7 @@ def fold_data(n: int, fold: int = 0):
     cfg = RunConfig()
     cfg.data.text_negatives = n
     meta = rows()
-    return SimpleNamespace(cfg=cfg, meta=meta, train_meta=meta[meta["fold"] != fold], seed=7,
-                           is_valid=(meta["fold"] == fold).to_numpy())
+    return SimpleNamespace(cfg=cfg, train_meta=meta[meta["fold"] != fold], seed=7)
 
 
 def test_only_the_folds_training_rows_get_changed_texts():
@@ -85,13 +84,28 @@ def test_only_the_folds_training_rows_get_changed_texts():
 
 
 def test_a_family_that_cannot_read_made_texts_refuses():
+    """run_fold asks every member (Member.check_options) before any work: the families that read a
+    TTS reference or ASR evidence made for each text refuse; the decoder takes the option."""
     from readaloud.members.registry import member_named
     with pytest.raises(ConfigError, match="text_negatives"):
-        member_named("pair").training_rows(fold_data(1))
+        member_named("pair").check_options(fold_data(1).cfg)
+    member_named("whisperdec").check_options(fold_data(1).cfg)
+    member_named("gbm").check_options(fold_data(0).cfg)
 
 
 def test_the_trees_refuse_made_texts_rather_than_ignore_them():
     from readaloud.members.registry import member_named
-    data = fold_data(1)
     with pytest.raises(ConfigError, match="text_negatives"):
-        member_named("gbm").fit(data, None)
+        member_named("gbm").check_options(fold_data(1).cfg)
+
+
+def test_a_fold_of_a_refusing_family_stops_before_any_work(tmp_path):
+    """Through run_fold: the refusal comes before the fold writes its config or reads any data."""
+    from readaloud.pipeline.fold_run import run_fold
+    (tmp_path / "data" / "cache").mkdir(parents=True)
+    (tmp_path / "data" / "cache" / "folds.json").write_text('{"n_folds": 2}')
+    (tmp_path / "data" / "cache" / "folds_2.csv").write_text("filename,fold\na.wav,0\nb.wav,1\n")
+    with pytest.raises(ConfigError, match="text_negatives 1: model.arch gbm"):
+        run_fold("model6asr", 0, tmp_path / "data", tmp_path / "assets", tmp_path / "tts",
+                 {"text_negatives": "1"}, quiet=True, progress=False)
+    assert not list((tmp_path / "assets").rglob("*.json")), "the refused fold wrote its config"

@@ -20,7 +20,7 @@ from typing import Callable, ClassVar, Protocol
 import numpy as np
 import pandas as pd
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..features import FeatureParams, FeatureStore
 from ..layout import FoldPaths
 from ..prep.dataset import Categories
@@ -100,6 +100,16 @@ class Member:
     """A model family. Subclasses set `family` (the value of config model.arch) and implement
     fit and load; registry.py maps the family name to the class."""
     family: ClassVar[str] = ""
+    takes_text_negatives: ClassVar[bool] = False   # trains on rows with made texts (prep/text_negatives.py)
+
+    def check_options(self, cfg: RunConfig) -> None:
+        """Refuse, before any work, an option this family cannot honour. `--text_negatives` needs a
+        family that reads nothing made in advance for a text (a TTS reference, ASR evidence)."""
+        n = cfg.data.text_negatives
+        if n > 0 and not self.takes_text_negatives:
+            raise ConfigError(f"--text_negatives {n}: model.arch {self.family} reads what is made in advance for "
+                              f"each expected text (a TTS reference or ASR evidence) and cannot take made texts; "
+                              f"give the option to the whisperdec family alone (--models model8decoder)")
 
     def environment(self) -> dict:
         """Versions of what this family needs beyond torch (saved in the fold's summary);

@@ -143,6 +143,7 @@ def run_fold(variant: str, fold: int, data_dir: str | Path = "data", assets_dir:
     finished = start_fold_run(paths, force, restart, quiet)
     if finished is not None:
         return finished
+    member.check_options(cfg)
     env = environment_info() | member.environment()
     atomic_write(paths.config, cfg.to_json())
     data = load_fold_data(variant, fold, cfg, data_dir, tts_dir, n_folds, progress)

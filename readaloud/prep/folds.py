@@ -168,12 +168,17 @@ def assign_voice_folds(meta: pd.DataFrame, clips, n_folds: int, seed: int = FOLD
     return folds
 
 
+def scheme_record(data_dir: str | Path, n_folds: int) -> dict:
+    """What `folds_<k>.json` records of how the fold file was made ({} when nothing is)."""
+    if not Path(data_dir).is_dir():
+        return {}
+    scheme_path = fold_scheme_path(data_dir, n_folds)
+    return json.loads(scheme_path.read_text()) if scheme_path.exists() else {}
+
+
 def fold_scheme(data_dir: str | Path, n_folds: int) -> str:
     """"stratified", "voice" or "groups": how the data set's fold file was made (stratified if unrecorded)."""
-    if not Path(data_dir).is_dir():
-        return "stratified"
-    scheme_path = fold_scheme_path(data_dir, n_folds)
-    return json.loads(scheme_path.read_text())["fold_by"] if scheme_path.exists() else "stratified"
+    return scheme_record(data_dir, n_folds).get("fold_by", "stratified")
 
 
 def data_set_n_folds(data_dir: str | Path) -> int:
@@ -230,11 +235,11 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
             raise ValueError(f"a groups file ({groups.path}) makes 'groups' folds, not {fold_by!r}")
         fold_by = "groups"
     if path.exists():
-        scheme = fold_scheme(data_dir, n_folds)
+        recorded = scheme_record(data_dir, n_folds)
+        scheme, drawn = recorded.get("fold_by", "stratified"), recorded.get("seed", FOLD_SEED)
         if fold_by and fold_by != scheme:
             raise ValueError(f"{path} holds {scheme} folds, not {fold_by}: delete it (and the trained folds "
                              f"in assets/) to change the scheme")
-        drawn = json.loads(scheme_path.read_text()).get("seed", FOLD_SEED) if scheme_path.exists() else FOLD_SEED
         if seed is not None and seed != drawn:
             raise ValueError(f"{path} holds folds drawn with seed {drawn}, not {seed}: delete it (and the trained "
                              f"folds in assets/) to draw them again")

@@ -467,9 +467,6 @@ class GBMMember(Member):
         """Fit the trees on every fold but `data.fold`, predict it."""
         t0 = time.time()
         cfg, meta, is_valid = data.cfg, data.meta, data.is_valid
-        if cfg.data.text_negatives > 0:   # a made text would need its own ASR evidence and TTS reference
-            raise ConfigError(f"--text_negatives {cfg.data.text_negatives}: model.arch gbm trains on the real rows "
-                              f"only; give the option to the whisperdec family alone (--models model8decoder)")
         layout = FeatureLayout.of(cfg.model)
         threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
         words = task_words(meta)  # the closed vocabulary: every training fold's texts

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ...checkpoints import CheckpointError
-from ...config import ConfigError, RunConfig
+from ...config import RunConfig
 from ...prep.dataset import Categories, PairDataset, bucket_batches, to_device
 from ...prep.text_negatives import with_text_negatives
 from ...text import Vocab
@@ -89,7 +89,6 @@ class NeuralPredictor:
 class NeuralMember(Member):
     """A family whose model is a network over the cached log-mels, trained by the shared loop."""
     model_class: ClassVar[type[SpeechEncoderModel]]
-    takes_text_negatives: ClassVar[bool] = False   # can read texts that preprocess made nothing for
 
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         return ctx.train_network(self, data, ctx)
@@ -104,14 +103,9 @@ class NeuralMember(Member):
 
     def training_rows(self, data: FoldData) -> pd.DataFrame:
         """The fold's training rows, and with `--text_negatives N` N changed texts of each row scored 1
-        (prep/text_negatives.py); only a family that needs nothing made in advance for a text takes them."""
+        (prep/text_negatives.py; run_fold has refused the option for a family that cannot take them)."""
         n = data.cfg.data.text_negatives
-        if n <= 0:
-            return data.train_meta
-        if not self.takes_text_negatives:
-            raise ConfigError(f"--text_negatives {n}: model.arch {self.family} reads what preprocess made for "
-                              f"each expected text and cannot take made texts; the whisperdec family can")
-        return with_text_negatives(data.train_meta, n, data.seed)
+        return with_text_negatives(data.train_meta, n, data.seed) if n > 0 else data.train_meta
 
     def dataset(self, meta, data: FoldData, model: SpeechEncoderModel, vocab: Vocab):
         """The rows of `meta` (a part of the fold) as this family's network reads them in training."""
