@@ -144,7 +144,11 @@ class RunConfig:
     epochs: int = 12
     max_updates: int = 0           # stop after this many optimizer updates (0 = no limit)
     eval_every: int = 0            # also validate every N updates (0 = at epoch ends only)
-    patience: int = 4              # evaluations without improvement before stopping
+    patience: int = 4              # evaluations without improvement before stopping (select=best only)
+    select: str = "best"           # which weights a neural fold keeps: "best" = the evaluation with the lowest
+                                   # held-out log loss (early stopping on the fold's own held-out clips);
+                                   # "last" = the weights after the last epoch, the held-out clips only
+                                   # scored for the curves, so the out-of-fold figure chose nothing
     tensorboard: bool = True       # TensorBoard logs in assets/runs/<variant>_<fold>/tensorboard
     wandb: bool = False            # Weights & Biases (offline mode unless WANDB_API_KEY is set)
     wandb_project: str = "readaloud"
@@ -227,6 +231,7 @@ def validate(cfg: RunConfig) -> None:
     choices = {"model.pooling": ("mean", "attention", "attention_mean"),
                "model.ctc_unit": ("phoneme", "char"),
                "optim.schedule": ("cosine", "inverse_sqrt", "plateau", "constant"),
+               "select": ("best", "last"),
                "device": ("auto", "cpu", "cuda")}
     leaves = _leaves(cfg)
     for path, allowed in choices.items():
@@ -239,6 +244,10 @@ def validate(cfg: RunConfig) -> None:
         owner, f = leaves[path]
         if getattr(owner, f.name) <= 0:
             raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")
+    if cfg.select == "last" and cfg.optim.schedule == "plateau":
+        raise ConfigError("--select last keeps the last epoch's weights so that the held-out clips choose nothing; "
+                          "--optim.schedule plateau lowers the learning rate on their log loss: use cosine, "
+                          "inverse_sqrt or constant with it")
     if cfg.model.decoder_frozen_layers < 0:
         raise ConfigError(f"--model.decoder_frozen_layers must be 0 or more, got {cfg.model.decoder_frozen_layers!r}")
     if cfg.model.decoder_ear_layers < 0:

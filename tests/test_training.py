@@ -99,6 +99,50 @@ def test_early_stopping_plateau_metrics_tracking_and_plots(tiny_data, root, tmp_
     assert weights(tmp_path / "model1mean_0.pth")["encoder.conv1.weight"].shape[0] == 32
 
 
+def test_select_last_keeps_the_last_epoch_and_the_held_out_labels_choose_nothing(tiny_data, root, tmp_path):
+    import shutil
+    common = ("--epochs", "3", "--select", "last", "--patience", "1")
+    plain = train(root, tiny_data, tmp_path / "a", *common)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    summary = json.loads((tmp_path / "a" / "model1mean_0.json").read_text())
+    assert summary["select"] == "last" and summary["epochs_run"] == 3 and summary["best_epoch"] == 3
+    assert "early stop" not in plain.stderr and "*best*" not in plain.stderr
+    # the same data with every held-out label of fold 0 flipped; the fold file and caches copied, so
+    # only those labels differ. A killed and resumed run on it keeps bit for bit the same weights.
+    flipped = tmp_path / "flipped" / "data"
+    shutil.copytree(tiny_data, flipped)
+    held = set(pd.read_csv(tmp_path / "a" / "model1mean_0_oof.csv")["filename"])
+    labels = pd.read_csv(flipped / "train_labels.csv")
+    assert held and held < set(labels["filename"])
+    rows = labels["filename"].isin(held)
+    labels.loc[rows, "score"] = 1 - labels.loc[rows, "score"]
+    labels.to_csv(flipped / "train_labels.csv", index=False)
+    killed = train(root, flipped, tmp_path / "b", *common, fault=("die_after_eval", 2))
+    assert killed.returncode == 137
+    resumed = train(root, flipped, tmp_path / "b", *common)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = weights(tmp_path / "a" / "model1mean_0.pth"), weights(tmp_path / "b" / "model1mean_0.pth")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    va = pd.read_csv(tmp_path / "a" / "runs" / "model1mean_0" / "metrics.csv")["valid_logloss"]
+    vb = pd.read_csv(tmp_path / "b" / "runs" / "model1mean_0" / "metrics.csv")["valid_logloss"]
+    assert (va != vb).all(), "the held-out clips were scored against their own (flipped) labels"
+    # control: with select=best (the default) the held-out fold stops the same run early
+    best = train(root, tiny_data, tmp_path / "c", "--epochs", "3", "--patience", "1", "--lr", "1e-9",
+                 "--warmup_ratio", "0", "--schedule", "constant")
+    assert best.returncode == 0 and "early stop" in best.stderr
+    last = train(root, tiny_data, tmp_path / "d", "--epochs", "3", "--patience", "1", "--lr", "1e-9",
+                 "--warmup_ratio", "0", "--schedule", "constant", "--select", "last")
+    assert last.returncode == 0 and "early stop" not in last.stderr
+    assert json.loads((tmp_path / "d" / "model1mean_0.json").read_text())["epochs_run"] == 3
+
+
+def test_select_last_refuses_a_schedule_driven_by_the_held_out_fold(tiny_data, root, tmp_path):
+    run = train(root, tiny_data, tmp_path, "--epochs", "1", "--select", "last", "--schedule", "plateau")
+    assert run.returncode != 0 and "--select last" in run.stderr and "plateau" in run.stderr
+    run = train(root, tiny_data, tmp_path, "--epochs", "1", "--select", "first")
+    assert run.returncode != 0 and "'first' is not one of" in run.stderr
+
+
 def test_max_updates_stops_training(tiny_data, root, tmp_path):
     run = train(root, tiny_data, tmp_path, "--epochs", "5", "--max_updates", "3")
     assert run.returncode == 0, run.stderr[-2000:]

@@ -4,7 +4,8 @@
 train_network). `NetworkTrainer.build` sets up the network (the member builds it), data,
 optimiser and schedule; `resume` restores a killed run's state; `run` loops over batches
 with evaluations at each epoch end and every --eval_every updates (`evaluate`); `finish`
-reloads the best weights and predicts the held-out fold. The network computes its own loss
+keeps the best evaluation's weights (--select best, early stopping on the held-out fold) or the last
+epoch's (--select last: the held-out fold chooses nothing) and predicts the held-out fold. The network computes its own loss
 (`model.loss(outputs, batch) -> (loss, parts)`), so nothing here depends on the family.
 
 Batches draw their randomness from (seed, fold, epoch, batch), and `last.pth` holds the model,
@@ -290,8 +291,9 @@ class NetworkTrainer:
         improved = valid_loss < state["best"] - 1e-5
         if improved:
             state.update(best=valid_loss, best_epoch=row["epoch"], best_step=state["step"], bad_evals=0)
-            atomic_save({"model": self.model.state_dict()}, paths.best)
-        else:
+            if cfg.select == "best":
+                atomic_save({"model": self.model.state_dict()}, paths.best)
+        elif cfg.select == "best":  # with select=last the held-out clips stop nothing and slow nothing
             state["bad_evals"] += 1
             if oc.schedule == "plateau" and state["bad_evals"] % oc.plateau_patience == 0:
                 state["plateau_scale"] *= oc.plateau_factor
@@ -304,7 +306,7 @@ class NetworkTrainer:
         train_parts = " ".join(f"{p} {row[f'train_{p}']:.4f}" for p in self.parts)
         log.info("%s epoch %d/%d step %d  train loss %.4f (%s)  valid log loss %.4f%s  %.0fs", paths.stem,
                  row["epoch"], cfg.epochs, state["step"], row["train_loss"], train_parts, valid_loss,
-                 "  *best*" if improved else "", row["seconds"])
+                 "  *best*" if improved and cfg.select == "best" else "", row["seconds"])
         for hook in HOOKS.after_evaluation:
             hook(state)
         self.sums, self.t_eval = _fresh_sums(self.parts), time.time()
@@ -320,12 +322,16 @@ class NetworkTrainer:
 
     # ---- finish --------------------------------------------------------------------------------
     def finish(self) -> FitResult:
-        """The best weights' held-out logits, checkpoint payload and summary."""
+        """The kept weights' held-out logits, checkpoint payload and summary: the best evaluation's
+        weights (select=best) or the last epoch's (select=last)."""
         paths, state, dc = self.paths, self.state, self.cfg.data
-        if paths.best.exists():
+        if self.cfg.select == "best" and paths.best.exists():
             self.model.load_state_dict(safe_load(paths.best, map_location=self.device)["model"])
+        kept_epoch, kept_step = ((state["best_epoch"], state["best_step"]) if self.cfg.select == "best"
+                                 else (state["epoch"], state["step"]))
         valid_logits = predict_logits(self.model, self.valid_ds, self.device, dc.batch_max_frames, dc.max_batch_size)
-        summary = {"best_epoch": state["best_epoch"], "best_step": state["best_step"], "epochs_run": state["epoch"],
-                   "updates": state["step"], "stopped": state["stopped"], "n_train": len(self.train_ds)}
+        summary = {"best_epoch": kept_epoch, "best_step": kept_step, "epochs_run": state["epoch"],
+                   "updates": state["step"], "stopped": state["stopped"], "n_train": len(self.train_ds),
+                   "select": self.cfg.select, "lowest_valid_epoch": state["best_epoch"]}
         return FitResult(dict(zip(self.valid_ds.meta["filename"], valid_logits)),
                          self.member.payload(self.model, self.vocab), summary, curves=True)
