@@ -168,7 +168,8 @@ class NetworkTrainer:
         """Epochs of batches -> updates, until the epochs are done, --max_updates or early stopping."""
         cfg, state = self.cfg, self.state
         self.t_eval = time.time()
-        while not state["stopped"] and state["epoch"] < cfg.epochs:
+        end = cfg.stop_epoch or cfg.epochs
+        while not state["stopped"] and state["epoch"] < end:
             epoch = state["epoch"]
             order_seed = int(np.random.default_rng([cfg.seed, self.data.fold, epoch]).integers(2**31))
             batches = bucket_batches(self.train_lengths, cfg.data.batch_max_frames, cfg.data.max_batch_size, True,
@@ -181,6 +182,8 @@ class NetworkTrainer:
                 self.evaluate(epoch_done=epoch_done)
             if state["bad_evals"] >= cfg.patience and not state["stopped"]:
                 state["stopped"] = f"early stop: {cfg.patience} evaluations without improvement"
+        if not state["stopped"] and state["epoch"] < cfg.epochs:
+            state["stopped"] = f"stopped after epoch {end} of the {cfg.epochs}-epoch schedule (--stop_epoch)"
         if state["stopped"]:
             log.info("%s: %s (best: epoch %s, step %d)", self.paths.stem, state["stopped"], state["best_epoch"],
                      state["best_step"])
