@@ -136,6 +136,26 @@ def test_select_last_keeps_the_last_epoch_and_the_held_out_labels_choose_nothing
     assert json.loads((tmp_path / "d" / "model1mean_0.json").read_text())["epochs_run"] == 3
 
 
+def test_stop_epoch_stops_on_the_full_schedule_s_path(tiny_data, root, tmp_path):
+    # stopping after epoch 2 of a 3-epoch schedule keeps exactly the weights a full run has after its
+    # second epoch (its resume state when killed there), at the same learning rates
+    stopped = train(root, tiny_data, tmp_path / "a", "--epochs", "3", "--stop_epoch", "2", "--select", "last")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "stopped after epoch 2 of the 3-epoch schedule" in stopped.stderr
+    full = train(root, tiny_data, tmp_path / "b", "--epochs", "3", "--select", "last", fault=("die_after_eval", 2))
+    assert full.returncode == 137
+    a = weights(tmp_path / "a" / "model1mean_0.pth")
+    b = torch.load(tmp_path / "b" / "runs" / "model1mean_0" / "last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lr_a = pd.read_csv(tmp_path / "a" / "runs" / "model1mean_0" / "metrics.csv")["lr"].tolist()
+    lr_b = pd.read_csv(tmp_path / "b" / "runs" / "model1mean_0" / "metrics.csv")["lr"].tolist()
+    assert len(lr_a) == 2 and lr_a == lr_b[:2]
+    summary = json.loads((tmp_path / "a" / "model1mean_0.json").read_text())
+    assert summary["epochs_run"] == 2 and summary["best_epoch"] == 2
+    bad = train(root, tiny_data, tmp_path / "c", "--epochs", "3", "--stop_epoch", "4")
+    assert bad.returncode != 0 and "--stop_epoch must be between 0" in bad.stderr
+
+
 def test_select_last_refuses_a_schedule_driven_by_the_held_out_fold(tiny_data, root, tmp_path):
     run = train(root, tiny_data, tmp_path, "--epochs", "1", "--select", "last", "--schedule", "plateau")
     assert run.returncode != 0 and "--select last" in run.stderr and "plateau" in run.stderr
