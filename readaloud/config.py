@@ -146,8 +146,9 @@ class RunConfig:
     eval_every: int = 0            # also validate every N updates (0 = at epoch ends only)
     patience: int = 4              # evaluations without improvement before stopping (select=best only)
     stop_epoch: int = 0            # stop after this epoch of the --epochs schedule (the learning rate still
-                                   # follows --epochs); 0 = run them all. With select=last: one fixed stop for
-                                   # every fold instead of each fold's held-out clips choosing its epoch
+                                   # follows --epochs); 0, or --epochs at or below it, = run them all. With
+                                   # select=last: one fixed stop for every fold instead of each fold's
+                                   # held-out clips choosing its epoch
     select: str = "best"           # which weights a neural fold keeps: "best" = the evaluation with the lowest
                                    # held-out log loss (early stopping on the fold's own held-out clips);
                                    # "last" = the weights after the last epoch, the held-out clips only
@@ -247,9 +248,8 @@ def validate(cfg: RunConfig) -> None:
         owner, f = leaves[path]
         if getattr(owner, f.name) <= 0:
             raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")
-    if not 0 <= cfg.stop_epoch <= cfg.epochs:
-        raise ConfigError(f"--stop_epoch must be between 0 (run every epoch) and --epochs {cfg.epochs}, "
-                          f"got {cfg.stop_epoch!r}")
+    if cfg.stop_epoch < 0:
+        raise ConfigError(f"--stop_epoch must be 0 (run every epoch) or more, got {cfg.stop_epoch!r}")
     if cfg.select == "last" and cfg.optim.schedule == "plateau":
         raise ConfigError("--select last keeps the last epoch's weights so that the held-out clips choose nothing; "
                           "--optim.schedule plateau lowers the learning rate on their log loss: use cosine, "

@@ -152,8 +152,12 @@ def test_stop_epoch_stops_on_the_full_schedule_s_path(tiny_data, root, tmp_path)
     assert len(lr_a) == 2 and lr_a == lr_b[:2]
     summary = json.loads((tmp_path / "a" / "model1mean_0.json").read_text())
     assert summary["epochs_run"] == 2 and summary["best_epoch"] == 2
-    bad = train(root, tiny_data, tmp_path / "c", "--epochs", "3", "--stop_epoch", "4")
-    assert bad.returncode != 0 and "--stop_epoch must be between 0" in bad.stderr
+    # a stop beyond the schedule (a variant's stop under a shorter --epochs) runs the whole schedule
+    short = train(root, tiny_data, tmp_path / "c", "--epochs", "1", "--stop_epoch", "2", "--select", "last")
+    assert short.returncode == 0 and "stopped after" not in short.stderr
+    assert json.loads((tmp_path / "c" / "model1mean_0.json").read_text())["epochs_run"] == 1
+    bad = train(root, tiny_data, tmp_path / "d", "--epochs", "3", "--stop_epoch", "-1")
+    assert bad.returncode != 0 and "--stop_epoch must be 0" in bad.stderr
 
 
 def test_select_last_refuses_a_schedule_driven_by_the_held_out_fold(tiny_data, root, tmp_path):

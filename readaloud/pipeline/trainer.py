@@ -168,7 +168,7 @@ class NetworkTrainer:
         """Epochs of batches -> updates, until the epochs are done, --max_updates or early stopping."""
         cfg, state = self.cfg, self.state
         self.t_eval = time.time()
-        end = cfg.stop_epoch or cfg.epochs
+        end = min(cfg.stop_epoch or cfg.epochs, cfg.epochs)
         while not state["stopped"] and state["epoch"] < end:
             epoch = state["epoch"]
             order_seed = int(np.random.default_rng([cfg.seed, self.data.fold, epoch]).integers(2**31))
