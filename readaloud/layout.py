@@ -177,15 +177,27 @@ def writable_dir(preferred: str | Path, tag: str) -> Path:
         probe.unlink()
         return preferred
     except OSError:
-        key = hashlib.sha1(str(preferred.resolve()).encode()).hexdigest()[:10]
-        fallback = Path(tempfile.gettempdir()) / f"readaloud-{tag}-{key}"
+        fallback = fallback_dir(preferred, tag)
         fallback.mkdir(parents=True, exist_ok=True)
         log.warning("%s is not writable: caching in %s", preferred, fallback)
         return fallback
 
 
+def fallback_dir(preferred: str | Path, tag: str) -> Path:
+    """Where writable_dir puts what `preferred` cannot hold (not created here)."""
+    key = hashlib.sha1(str(Path(preferred).resolve()).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"readaloud-{tag}-{key}"
+
+
 def cache_dir(data_dir: str | Path) -> Path:
     return writable_dir(Path(data_dir) / "cache", "cache")
+
+
+def existing_cache_dirs(data_dir: str | Path) -> list[Path]:
+    """The data set's cache folders that exist (its temp fallback, then <data>/cache), for lookups
+    that must not create one."""
+    preferred = Path(data_dir) / "cache"
+    return [d for d in (fallback_dir(preferred, "cache"), preferred) if d.is_dir()]
 
 
 def clip_store_name(feature_key: str) -> str:
@@ -210,14 +222,14 @@ def current_folds_path(data_dir: str | Path) -> Path:
 
 
 def fold_files(data_dir: str | Path) -> dict[int, Path]:
-    """{k: folds_<k>.csv} of every fold file in the data set's cache."""
-    if not Path(data_dir).is_dir():
-        return {}
+    """{k: folds_<k>.csv} of every fold file in the data set's cache (a lookup: creates no folder;
+    a file in <data>/cache wins over one in its temp fallback)."""
     found = {}
-    for path in cache_dir(data_dir).glob("folds_*.csv"):
-        k = path.stem.removeprefix("folds_")
-        if k.isdigit():
-            found[int(k)] = path
+    for folder in existing_cache_dirs(data_dir):
+        for path in folder.glob("folds_*.csv"):
+            k = path.stem.removeprefix("folds_")
+            if k.isdigit():
+                found[int(k)] = path
     return dict(sorted(found.items()))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from readaloud.checkpoints import atomic_save
-from readaloud.layout import FoldPaths
+from readaloud.layout import FoldPaths, fold_files
 from readaloud.pipeline.checking import FoldIssue, check, retrain_commands, retrain_specs
 from readaloud.prep.folds import FoldFileError, data_set_n_folds, mark_current, resolve_n_folds
 from readaloud.variants import variant_config
@@ -69,7 +69,8 @@ def test_the_fold_count_is_the_fold_files(tmp_path):
     with pytest.raises(FoldFileError, match="run preprocess.py"):
         resolve_n_folds(data)
     assert resolve_n_folds(data, 3) == 3, "no fold file yet: the count to make"
-    (data / "cache").mkdir(exist_ok=True)
+    assert fold_files(data) == {} and not (data / "cache").exists(), "looking for fold files made no folder"
+    (data / "cache").mkdir()
     (data / "cache" / "folds_2.csv").write_text("filename,fold\n")
     assert resolve_n_folds(data) == 2 and resolve_n_folds(data, 2) == 2
     with pytest.raises(FoldFileError, match="--n_folds 6 disagrees"):

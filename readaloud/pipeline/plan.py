@@ -117,7 +117,7 @@ def read_folder(data: str | Path) -> Folder:
 
 def existing_n_folds(data: str | Path) -> int | None:
     """The fold count of the folder's fold file, None without one (and no cache folder made to look)."""
-    return data_set_n_folds(data) if (Path(data) / "cache").is_dir() and fold_files(data) else None
+    return data_set_n_folds(data) if fold_files(data) else None
 
 
 def unit_length(seconds, scale: str) -> np.ndarray:
