@@ -149,6 +149,8 @@ class RunConfig:
                                    # follows --epochs); 0, or --epochs at or below it, = run them all. With
                                    # select=last: one fixed stop for every fold instead of each fold's
                                    # held-out clips choosing its epoch
+    average_last: int = 1          # with select=last: keep the mean of the weights at the ends of the last K
+                                   # epochs run (checkpoint averaging; 1 = the last epoch's weights alone)
     select: str = "best"           # which weights a neural fold keeps: "best" = the evaluation with the lowest
                                    # held-out log loss (early stopping on the fold's own held-out clips);
                                    # "last" = the weights after the last epoch, the held-out clips only
@@ -250,6 +252,11 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"--{path} must be positive, got {getattr(owner, f.name)!r}")
     if cfg.stop_epoch < 0:
         raise ConfigError(f"--stop_epoch must be 0 (run every epoch) or more, got {cfg.stop_epoch!r}")
+    if cfg.average_last < 1:
+        raise ConfigError(f"--average_last must be 1 or more (epochs whose weights are averaged), got {cfg.average_last!r}")
+    if cfg.average_last > 1 and cfg.select != "last":
+        raise ConfigError(f"--average_last {cfg.average_last} averages the last epochs' weights in place of choosing "
+                          "one: it goes with --select last")
     if cfg.select == "last" and cfg.optim.schedule == "plateau":
         raise ConfigError("--select last keeps the last epoch's weights so that the held-out clips choose nothing; "
                           "--optim.schedule plateau lowers the learning rate on their log loss: use cosine, "

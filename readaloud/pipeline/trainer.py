@@ -141,6 +141,7 @@ class NetworkTrainer:
         self.parts = model.loss_parts
         self.sums = _fresh_sums(self.parts)
         self.bad_steps = 0
+        self.average: dict[str, torch.Tensor] = {}   # --average_last: sum of the averaged epochs' weights
 
     def resume(self) -> None:
         """Continue from the fold's last checkpoint (or --resume PATH) unless --restart."""
@@ -153,6 +154,7 @@ class NetworkTrainer:
             self.optimizer.load_state_dict(ck["optimizer"])
             self.scheduler.load_state_dict(ck["scheduler"])
             self.scaler.load_state_dict(ck["scaler"])
+            self.average = ck.get("average", {})
             state.update(ck["state"])
             torch.set_rng_state(ck["rng_torch"])
             if torch.cuda.is_available() and "rng_cuda" in ck:
@@ -178,6 +180,8 @@ class NetworkTrainer:
             epoch_done = state["batch"] >= len(batches)
             if epoch_done:
                 state["epoch"], state["batch"] = epoch + 1, 0
+                if cfg.average_last > 1 and state["epoch"] > end - cfg.average_last:
+                    self.add_to_average()
             if not (self.history and self.history[-1]["step"] == state["step"]):  # not evaluated at this step yet
                 self.evaluate(epoch_done=epoch_done)
             if state["bad_evals"] >= cfg.patience and not state["stopped"]:
@@ -315,10 +319,21 @@ class NetworkTrainer:
         self.sums, self.t_eval = _fresh_sums(self.parts), time.time()
         self.model.train()
 
+    def add_to_average(self) -> None:
+        """Add the trained weights at this epoch's end to the sum --average_last keeps (float32; frozen
+        weights are the same at every epoch and stay out of it)."""
+        with torch.no_grad():
+            for name, value in self.model.named_parameters():
+                if value.requires_grad:
+                    value = value.detach().float()
+                    self.average[name] = self.average[name] + value if name in self.average else value.clone()
+        self.state["averaged"] = self.state.get("averaged", 0) + 1
+
     def save_last(self) -> None:
         """Everything a killed run needs to go on exactly where it stopped."""
         atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    **({"average": self.average} if self.average else {}),
                      "state": dict(self.state), "rng_torch": torch.get_rng_state(),
                      **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
                     self.paths.last)
@@ -326,15 +341,24 @@ class NetworkTrainer:
     # ---- finish --------------------------------------------------------------------------------
     def finish(self) -> FitResult:
         """The kept weights' held-out logits, checkpoint payload and summary: the best evaluation's
-        weights (select=best) or the last epoch's (select=last)."""
+        weights (select=best), the last epoch's (select=last) or the mean of the last epochs'
+        (select=last with --average_last K)."""
         paths, state, dc = self.paths, self.state, self.cfg.data
         if self.cfg.select == "best" and paths.best.exists():
             self.model.load_state_dict(safe_load(paths.best, map_location=self.device)["model"])
         kept_epoch, kept_step = ((state["best_epoch"], state["best_step"]) if self.cfg.select == "best"
                                  else (state["epoch"], state["step"]))
+        if self.average:   # --average_last: the mean of the last epochs' weights
+            n = state["averaged"]
+            with torch.no_grad():   # in place, by parameter: a tied weight is one parameter under two keys
+                for name, param in self.model.named_parameters():
+                    if name in self.average:
+                        param.copy_((self.average[name] / n).to(param.dtype))
+            log.info("%s: kept the mean of the weights of the last %d epochs", paths.stem, n)
         valid_logits = predict_logits(self.model, self.valid_ds, self.device, dc.batch_max_frames, dc.max_batch_size)
         summary = {"best_epoch": kept_epoch, "best_step": kept_step, "epochs_run": state["epoch"],
                    "updates": state["step"], "stopped": state["stopped"], "n_train": len(self.train_ds),
-                   "select": self.cfg.select, "lowest_valid_epoch": state["best_epoch"]}
+                   "select": self.cfg.select, "lowest_valid_epoch": state["best_epoch"],
+                   "averaged_epochs": state.get("averaged", 1) if self.average else 1}
         return FitResult(dict(zip(self.valid_ds.meta["filename"], valid_logits)),
                          self.member.payload(self.model, self.vocab), summary, curves=True)
