@@ -160,6 +160,33 @@ def test_stop_epoch_stops_on_the_full_schedule_s_path(tiny_data, root, tmp_path)
     assert bad.returncode != 0 and "--stop_epoch must be 0" in bad.stderr
 
 
+def test_average_last_keeps_the_mean_of_the_last_epochs_and_resumes_to_it(tiny_data, root, tmp_path):
+    averaged = train(root, tiny_data, tmp_path / "avg", "--epochs", "3", "--select", "last", "--average_last", "2")
+    assert averaged.returncode == 0, averaged.stderr[-2000:]
+    assert "kept the mean of the weights of the last 2 epochs" in averaged.stderr
+    full = train(root, tiny_data, tmp_path / "full", "--epochs", "3", "--select", "last")
+    assert full.returncode == 0, full.stderr[-2000:]
+    cut = train(root, tiny_data, tmp_path / "cut", "--epochs", "3", "--select", "last", fault=("die_after_eval", 2))
+    assert cut.returncode == 137
+    w2 = torch.load(tmp_path / "cut" / "runs" / "model1mean_0" / "last.pth", weights_only=True)["model"]
+    w3, mean = weights(tmp_path / "full" / "model1mean_0.pth"), weights(tmp_path / "avg" / "model1mean_0.pth")
+    floats = [k for k in w3 if w3[k].is_floating_point()]
+    assert any(not torch.equal(w2[k], w3[k]) for k in floats), "the two epochs' weights differ"
+    for k in floats:
+        assert torch.allclose(mean[k], (w2[k] + w3[k]) / 2, atol=1e-6), k
+    # killed after the first averaged epoch and resumed: the same mean, bit for bit
+    killed = train(root, tiny_data, tmp_path / "b", "--epochs", "3", "--select", "last", "--average_last", "2",
+                   fault=("die_after_eval", 2))
+    assert killed.returncode == 137
+    resumed = train(root, tiny_data, tmp_path / "b", "--epochs", "3", "--select", "last", "--average_last", "2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    again = weights(tmp_path / "b" / "model1mean_0.pth")
+    assert all(torch.equal(again[k], mean[k]) for k in mean)
+    assert json.loads((tmp_path / "avg" / "model1mean_0.json").read_text())["averaged_epochs"] == 2
+    refused = train(root, tiny_data, tmp_path / "c", "--epochs", "3", "--average_last", "2")
+    assert refused.returncode != 0 and "goes with --select last" in refused.stderr
+
+
 def test_select_last_refuses_a_schedule_driven_by_the_held_out_fold(tiny_data, root, tmp_path):
     run = train(root, tiny_data, tmp_path, "--epochs", "1", "--select", "last", "--schedule", "plateau")
     assert run.returncode != 0 and "--select last" in run.stderr and "plateau" in run.stderr

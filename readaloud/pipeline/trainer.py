@@ -320,14 +320,19 @@ class NetworkTrainer:
         self.model.train()
 
     def add_to_average(self) -> None:
-        """Add the trained weights at this epoch's end to the sum --average_last keeps (float32; frozen
-        weights are the same at every epoch and stay out of it)."""
+        """Add what training changes at this epoch's end (trained weights, running statistics) to the sum
+        --average_last keeps, in float32; frozen weights are the same at every epoch and stay out of it."""
         with torch.no_grad():
-            for name, value in self.model.named_parameters():
-                if value.requires_grad:
-                    value = value.detach().float()
-                    self.average[name] = self.average[name] + value if name in self.average else value.clone()
+            for name, value in self.averaged_tensors():
+                value = value.detach().float()
+                self.average[name] = self.average[name] + value if name in self.average else value.clone()
         self.state["averaged"] = self.state.get("averaged", 0) + 1
+
+    def averaged_tensors(self):
+        """(name, tensor) of the trained parameters and floating buffers, each once (a tied weight is
+        one parameter under two state_dict keys)."""
+        yield from ((n, p) for n, p in self.model.named_parameters() if p.requires_grad)
+        yield from ((n, b) for n, b in self.model.named_buffers() if b.is_floating_point())
 
     def save_last(self) -> None:
         """Everything a killed run needs to go on exactly where it stopped."""
@@ -351,9 +356,8 @@ class NetworkTrainer:
         if self.average:   # --average_last: the mean of the last epochs' weights
             n = state["averaged"]
             with torch.no_grad():   # in place, by parameter: a tied weight is one parameter under two keys
-                for name, param in self.model.named_parameters():
-                    if name in self.average:
-                        param.copy_((self.average[name] / n).to(param.dtype))
+                for name, tensor in self.averaged_tensors():
+                    tensor.copy_((self.average[name] / n).to(tensor.dtype))
             log.info("%s: kept the mean of the weights of the last %d epochs", paths.stem, n)
         valid_logits = predict_logits(self.model, self.valid_ds, self.device, dc.batch_max_frames, dc.max_batch_size)
         summary = {"best_epoch": kept_epoch, "best_step": kept_step, "epochs_run": state["epoch"],
