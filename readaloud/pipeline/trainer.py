@@ -4,8 +4,9 @@
 train_network). `NetworkTrainer.build` sets up the network (the member builds it), data,
 optimiser and schedule; `resume` restores a killed run's state; `run` loops over batches
 with evaluations at each epoch end and every --eval_every updates (`evaluate`); `finish`
-keeps the best evaluation's weights (--select best, early stopping on the held-out fold) or the last
-epoch's (--select last: the held-out fold chooses nothing) and predicts the held-out fold. The network computes its own loss
+keeps the best evaluation's weights (--select best, early stopping on the held-out fold), or the
+last epoch's or the mean of the last epochs' (--select last, --average_last: the held-out fold
+chooses nothing), and predicts the held-out fold. The network computes its own loss
 (`model.loss(outputs, batch) -> (loss, parts)`), so nothing here depends on the family.
 
 Batches draw their randomness from (seed, fold, epoch, batch), and `last.pth` holds the model,
@@ -338,7 +339,7 @@ class NetworkTrainer:
         """Everything a killed run needs to go on exactly where it stopped."""
         atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    **({"average": self.average} if self.average else {}),
+                     **({"average": self.average} if self.average else {}),
                      "state": dict(self.state), "rng_torch": torch.get_rng_state(),
                      **({"rng_cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {})},
                     self.paths.last)
