@@ -136,7 +136,7 @@ class NetworkTrainer:
         self.spec_aug = SpecAugment(dc.spec_time_masks, dc.spec_time_width, dc.spec_freq_masks, dc.spec_freq_width) \
             if dc.spec_time_masks or dc.spec_freq_masks else None
         self.state = {"epoch": 0, "batch": 0, "step": 0, "evals": 0, "best": float("inf"), "best_epoch": -1,
-                      "best_step": -1, "bad_evals": 0, "plateau_scale": 1.0, "stopped": ""}
+                      "best_step": -1, "bad_evals": 0, "plateau_scale": 1.0, "stopped": "", "averaged": 0}
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, total_updates, oc) * self.state["plateau_scale"])
         self.parts = model.loss_parts
@@ -327,7 +327,7 @@ class NetworkTrainer:
             for name, value in self.averaged_tensors():
                 value = value.detach().float()
                 self.average[name] = self.average[name] + value if name in self.average else value.clone()
-        self.state["averaged"] = self.state.get("averaged", 0) + 1
+        self.state["averaged"] += 1
 
     def averaged_tensors(self):
         """(name, tensor) of the trained parameters and floating buffers, each once (a tied weight is
@@ -364,6 +364,6 @@ class NetworkTrainer:
         summary = {"best_epoch": kept_epoch, "best_step": kept_step, "epochs_run": state["epoch"],
                    "updates": state["step"], "stopped": state["stopped"], "n_train": len(self.train_ds),
                    "select": self.cfg.select, "lowest_valid_epoch": state["best_epoch"],
-                   "averaged_epochs": state.get("averaged", 1) if self.average else 1}
+                   "averaged_epochs": state["averaged"] or 1}
         return FitResult(dict(zip(self.valid_ds.meta["filename"], valid_logits)),
                          self.member.payload(self.model, self.vocab), summary, curves=True)
