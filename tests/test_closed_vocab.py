@@ -1,6 +1,7 @@
 """Closed-vocabulary transcripts (members/gbm/closed.py) and their block in the trees' table."""
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -329,3 +330,54 @@ def test_a_rows_vocabulary_depends_on_that_row_alone():
     assert together[:2] == alone, "another row's words never reach this row's vocabulary"
     assert set(together[3]) == set(words["digit_span"]) | {"cat", "dog", "zebra"}, \
         "a task never trained on: every training word and its own"
+
+
+def test_a_row_has_new_words_by_its_own_text_alone():
+    """new_word_rows: a row whose text has a word its task's training words lack (as written or
+    normalised); a task never trained on is judged against every training word; other rows have no say."""
+    from readaloud.members.gbm import closed
+    words = {"digit_span": ["1", "2", "4", "7", "four", "one", "seven", "two"], "blending": ["cat", "dog"]}
+    meta = pd.DataFrame({"task": ["digit_span", "digit_span", "digit_span", "mystery", "mystery", "digit_span"],
+                         "expected_text": ["Seven, two.", "seven nine", "7 2", "dog cat", "zebra", ""]})
+    flags = closed.new_word_rows(meta, words)
+    assert flags.tolist() == [False, True, False, False, True, False]
+    for i in range(len(meta)):
+        assert closed.new_word_rows(meta.iloc[[i]], words)[0] == flags[i], "each row is judged alone"
+
+
+def test_rows_with_new_words_are_scored_by_the_vocabulary_free_trees(monkeypatch):
+    """GBMModel with new-word trees: a row whose words are all training words gets the fold's trees'
+    logit; a row with a new word gets the new-word trees' logit on the columns without the closed and
+    prompted blocks, so changing its closed features changes nothing; a fold without new-word trees
+    scores every row with its own trees; a config asking for them refuses a checkpoint without them."""
+    from readaloud.config import ModelConfig
+    from readaloud.members.gbm import gbm
+    layout = gbm.FeatureLayout(alignment=False, asr_backbones=("whisper-tiny.en",), closed=True, closed_logp=True,
+                               loops=True, prompted=True)
+    names = layout.names
+    free = layout.without_vocabulary().names
+    assert set(free) < set(names) and not any("closed" in n or "prompt" in n for n in free)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, len(names)))
+    closed_cols = [i for i, n in enumerate(names) if n not in free]
+    y = (X[:, closed_cols[0]] > 0).astype(int)   # the fold's trees lean on a closed column
+    mc = ModelConfig(gbm_max_iter=30, gbm_min_samples_leaf=5)
+    full = gbm.export_trees(gbm.fit_gbm(X, y, mc, 0))
+    new = gbm.NewWordTrees.fit(layout, names, X, y, mc, 0, None, None, np.zeros(len(y), bool))
+    assert new.names == [n for n in names if n in free]
+    words = {"digit_span": ["one", "seven", "two", "1", "7", "2"]}
+    ck = {"feature_names": names, "state_dict": full, "tasks": ["digit_span"], "asr_version": gbm.asr.ASR_VERSION,
+          "closed_words": json.dumps(words), **new.payload()}
+    model = gbm.GBMModel(ck, layout)
+    meta = pd.DataFrame({"task": ["digit_span", "digit_span"], "expected_text": ["seven two", "seven nine"]})
+    rows = X[:2].copy()
+    monkeypatch.setattr(gbm.FeatureLayout, "table", lambda self, *a, **k: (rows.copy(), np.ones(2, bool)))
+    out = model.predict(meta, None)
+    assert out[0] == pytest.approx(gbm.TreeEnsemble(full, len(names)).decision_function(rows[:1])[0])
+    assert out[1] == pytest.approx(new.logits(rows[1:], names)[0])
+    rows[:, closed_cols] = -rows[:, closed_cols]   # the column the fold's trees split on changes sign
+    moved = model.predict(meta, None)
+    assert moved[1] == out[1] and moved[0] != out[0], "only the row of training words reads the closed block"
+    plain = gbm.GBMModel({k: v for k, v in ck.items() if not k.startswith("new_word")}, layout)
+    assert plain.predict(meta, None)[1] == pytest.approx(
+        gbm.TreeEnsemble(full, len(names)).decision_function(rows[1:])[0])

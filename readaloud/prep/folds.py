@@ -30,6 +30,7 @@ from ..layout import current_folds_path, fold_files, fold_path, fold_scheme_path
 
 FOLD_SEED = 42
 SCHEMES = ("stratified", "voice", "groups")
+DEFAULT_SCHEME = "stratified"  # what a fold file with no scheme record was made with, and a new one without a choice
 UNHEARD_SCHEMES = ("voice", "groups")  # schemes whose OOF clips are speakers the fold's model never heard
 
 
@@ -178,7 +179,7 @@ def scheme_record(data_dir: str | Path, n_folds: int) -> dict:
 
 def fold_scheme(data_dir: str | Path, n_folds: int) -> str:
     """"stratified", "voice" or "groups": how the data set's fold file was made (stratified if unrecorded)."""
-    return scheme_record(data_dir, n_folds).get("fold_by", "stratified")
+    return scheme_record(data_dir, n_folds).get("fold_by", DEFAULT_SCHEME)
 
 
 def data_set_n_folds(data_dir: str | Path) -> int:
@@ -236,7 +237,7 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
         fold_by = "groups"
     if path.exists():
         recorded = scheme_record(data_dir, n_folds)
-        scheme, drawn = recorded.get("fold_by", "stratified"), recorded.get("seed", FOLD_SEED)
+        scheme, drawn = recorded.get("fold_by", DEFAULT_SCHEME), recorded.get("seed", FOLD_SEED)
         if fold_by and fold_by != scheme:
             raise ValueError(f"{path} holds {scheme} folds, not {fold_by}: delete it (and the trained folds "
                              f"in assets/) to change the scheme")
@@ -256,7 +257,7 @@ def load_or_create_folds(data_dir: str | Path, meta: pd.DataFrame, n_folds: int,
             raise ValueError(f"{path} splits {len(split)} groups of {groups.path} over several folds "
                              f"(first: {', '.join(split[:5])}): delete it (and the trained folds) to regroup")
         return folds
-    fold_by = fold_by or "stratified"
+    fold_by = fold_by or DEFAULT_SCHEME
     seed = FOLD_SEED if seed is None else seed
     scheme = {"fold_by": fold_by, "n_folds": n_folds, "seed": seed}
     if fold_by == "voice":

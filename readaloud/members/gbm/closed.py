@@ -180,6 +180,13 @@ def closed_max_length(model: WhisperEvidence, texts: list[str]) -> int:
     return min(model.settings.max_length, 2 * (factor * longest + margin))
 
 
+def own_words(text) -> set[str]:
+    """The words of one expected text as the vocabulary holds them: as written and normalised."""
+    if not isinstance(text, str) or not text.strip():
+        return set()
+    return (set(written_words(text)) | {t.text for t in normalise_tokens(text)}) - {""}
+
+
 def row_vocabularies(meta: pd.DataFrame, words: dict[str, list[str]]) -> list[list[str]]:
     """Each row's vocabulary: its task's words in `words` (the training table's) and the words of its
     own expected text; a task `words` lacks reads every task's words in `words`. No other row has a
@@ -193,11 +200,23 @@ def row_vocabularies(meta: pd.DataFrame, words: dict[str, list[str]]) -> list[li
         text = text if isinstance(text, str) else ""
         if (task, text) not in made:
             base = words.get(task, every)
-            own = set(written_words(text)) | {t.text for t in normalise_tokens(text)} if text.strip() else set()
-            own.discard("")
+            own = own_words(text)
             made[task, text] = base if own <= known.get(task, set(every)) else sorted(set(base) | own)
         out.append(made[task, text])
     return out
+
+
+def new_word_rows(meta: pd.DataFrame, words: dict[str, list[str]]) -> np.ndarray:
+    """Per row of `meta`: does its expected text hold a word its task's training words (`words`; a task
+    they lack: every task's) do not? Such a row's vocabulary and task-word prompt offer the words it
+    was trained with plus its own, never the other words a child might say in their place (those
+    are not known without the other test rows), so a closed transcript matching it proves less than
+    on the training rows, whose vocabulary held every alternative their task's texts had. Reads the
+    row alone."""
+    every = set().union(*words.values()) if words else set()
+    known = {task: set(w) for task, w in words.items()}
+    return np.array([not own_words(text) <= known.get(task, every)
+                     for task, text in zip(meta["task"].astype(str), meta["expected_text"])], bool)
 
 
 def clip_requests(meta: pd.DataFrame, model: WhisperEvidence, words: dict[str, list[str]]

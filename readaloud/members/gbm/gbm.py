@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from ...prep.folds import UNHEARD_SCHEMES, fold_scheme
 from ...prep.prepare import TrainingInputs, ensure_clip_features
 from . import evidence as asr
 from .closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
-                              closed_logp_block, closed_table, pending_requests, task_words)
+                              closed_logp_block, closed_table, new_word_rows, pending_requests, task_words)
 from ...whisper.backbones import NAMED_BACKBONES
 from .loops import LOOP_FEATURE_NAMES, loop_block
 from . import prompted as prompted_log_p
@@ -230,6 +230,12 @@ class FeatureLayout:
                    bool(mc.asr_loop_features), closed and bool(mc.asr_prompt_logp),
                    closed and bool(mc.asr_prompt_logp) and bool(mc.asr_prompt_per_clip),
                    bool(mc.asr_agreement) and len(backbones) > 1)
+
+    def without_vocabulary(self) -> "FeatureLayout":
+        """This layout less the blocks the task's training words shape (the closed decode and its log
+        p, loops and agreement; the prompt): what the new-word trees read (new_word_rows). Its names
+        are a subset of this layout's."""
+        return replace(self, closed=False, closed_logp=False, prompted=False, prompt_per_clip=False)
 
     @property
     def names(self) -> list[str]:
@@ -507,6 +513,10 @@ class GBMMember(Member):
                 if not np.allclose(valid_logits, ref, rtol=0, atol=1e-6):
                     raise RuntimeError(f"exported trees disagree with scikit-learn by "
                                        f"{np.abs(valid_logits - ref).max():.2e}")
+            new_word = None
+            if cfg.model.asr_new_word_trees:
+                new_word = NewWordTrees.fit(layout, names, X_fit, y_fit, cfg.model, data.seed, folds, stop_fold,
+                                            is_copy)
         n_iter = int(clf.n_iter_)
         history = pd.DataFrame({"step": np.arange(len(clf.train_score_)), "train_logloss": -clf.train_score_})
         if len(getattr(clf, "validation_score_", [])):
@@ -525,6 +535,14 @@ class GBMMember(Member):
                         "asr_weights": [asr_weights(b, asr_device(cfg.device)) for b in layout.asr_backbones]}
         if layout.closed:
             payload["closed_words"] = json.dumps(words)
+        if new_word is not None:
+            payload |= new_word.payload()
+            # every OOF row's words are training words (the vocabulary holds every training text), so the
+            # new-word trees score no OOF row; their log loss on the held-out fold says what they are worth
+            y_valid = y[valid_rows]
+            summary |= {"n_new_word_trees": new_word.trees.n_trees,
+                        "valid_logloss_new_word_trees": log_loss(y_valid, sigmoid(new_word.logits(X[valid_rows], names)))
+                        if valid_rows.any() else float("nan")}
         log.info("%s: %d trees", ctx.paths.stem, trees.n_trees)
         return FitResult(dict(zip(meta.loc[valid_rows, "filename"], valid_logits)), payload, summary)
 
@@ -532,6 +550,8 @@ class GBMMember(Member):
         try:
             cfg = RunConfig.from_dict(json.loads(ck["config"]))
             cats = Categories(list(ck["tasks"]), list(ck["grades"]))
+            if cfg.model.asr_new_word_trees and "new_word_state_dict" not in ck:
+                raise CheckpointError("its config asks for new-word trees but it holds none: retrain the fold")
             return GBMPredictor(GBMModel(ck, FeatureLayout.of(cfg.model)), cfg, cats, json.loads(ck["priors"]))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # CheckpointError is a RuntimeError
             raise CheckpointError(f"not a usable gbm checkpoint ({exc})") from exc
@@ -566,6 +586,7 @@ class GBMModel:
             raise CheckpointError("its config asks for closed-vocabulary features but it holds no training "
                                   "vocabulary: retrain the fold")
         self.closed_words: dict[str, list[str]] = json.loads(ck["closed_words"]) if layout.closed else {}
+        self.new_word = NewWordTrees.load(ck, layout, names) if "new_word_state_dict" in ck else None
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
                 open_tables: list[asr.AsrTable] = (), closed_tables: list[asr.AsrTable] = (),
@@ -576,7 +597,50 @@ class GBMModel:
         X = X[:, self.columns]
         out = np.full(len(meta), np.nan)
         out[ok] = self.trees.decision_function(X[ok])
+        if self.new_word is not None:
+            new = ok & new_word_rows(meta, self.closed_words)
+            if new.any():
+                out[new] = self.new_word.logits(X[new], self.feature_names)
         return out
+
+
+class NewWordTrees:
+    """The trees a row whose expected text has a word its task's training texts lack is scored with
+    (model.asr_new_word_trees): fitted beside the fold's trees on the same rows and early-stopping
+    fold, on the columns of FeatureLayout.without_vocabulary. The closed decode and the task-word
+    prompt can offer such a row its training words and its own, not the words a child might say
+    instead, so the trees that learned to trust a matching closed transcript would trust it there
+    too (measured on FSDD's words never trained on: docs/benchmarks.md)."""
+
+    def __init__(self, names: list[str], state: dict):
+        self.names = list(names)
+        self.trees = TreeEnsemble(state, len(self.names))
+        self.state = state
+
+    @classmethod
+    def fit(cls, layout: FeatureLayout, names: list[str], X_fit: np.ndarray, y_fit: np.ndarray, mc: ModelConfig,
+            seed: int, folds, stop_fold, is_copy) -> "NewWordTrees":
+        keep = set(layout.without_vocabulary().names)
+        mine = [n for n in names if n in keep]
+        cols = [names.index(n) for n in mine]
+        clf = fit_gbm(X_fit[:, cols], y_fit, mc, seed, folds, stop_fold, is_copy)
+        return cls(mine, export_trees(clf))
+
+    @classmethod
+    def load(cls, ck: dict, layout: FeatureLayout, names: list[str]) -> "NewWordTrees":
+        mine = list(ck["new_word_feature_names"])
+        missing = [n for n in mine if n not in names]
+        if missing or any(n not in layout.without_vocabulary().names for n in mine):
+            raise CheckpointError(f"its new-word trees read features outside its vocabulary-free columns: "
+                                  f"{(missing or mine)[:5]}")
+        return cls(mine, ck["new_word_state_dict"])
+
+    def payload(self) -> dict:
+        return {"new_word_feature_names": self.names, "new_word_state_dict": self.state}
+
+    def logits(self, X: np.ndarray, names: list[str]) -> np.ndarray:
+        """Logits of the rows of X, whose columns are `names` (the fold's trees' columns)."""
+        return self.trees.decision_function(X[:, [names.index(n) for n in self.names]])
 
 
 assert FEATURE_NAMES == ACOUSTIC_NAMES + CATEGORY_NAMES
