@@ -280,7 +280,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--model.gbm_ear_copies must be 0 or more, got {cfg.model.gbm_ear_copies!r}")
     if not 0 < cfg.model.gbm_ear_share <= 1:
         raise ConfigError(f"--model.gbm_ear_share must be in (0, 1], got {cfg.model.gbm_ear_share!r}")
-    if cfg.model.asr_new_word_trees and not cfg.model.asr_closed_vocab:
+    if cfg.model.arch == "gbm" and cfg.model.asr_new_word_trees and not cfg.model.asr_closed_vocab:
         raise ConfigError("--model.asr_new_word_trees scores rows with new words without the closed-vocabulary "
                           "features: it needs --model.asr_closed_vocab (without it every row reads the same trees)")
 
