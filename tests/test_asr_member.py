@@ -32,8 +32,8 @@ from readaloud.members.gbm.prompted import PROMPT_FEATURE_NAMES
 
 BACKBONE = "whisper-tiny.en"
 OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4",  # 10 training clips a fold: let trees split
-           "--gbm_ear_copies", "1"]
-OVERRIDES = {"asr_backbones": BACKBONE, "gbm_min_samples_leaf": 4, "gbm_ear_copies": 1}
+           "--gbm_ear_copies", "1", "--asr_new_word_trees", "true"]
+OVERRIDES = {"asr_backbones": BACKBONE, "gbm_min_samples_leaf": 4, "gbm_ear_copies": 1, "asr_new_word_trees": True}
 
 
 @pytest.fixture
@@ -167,9 +167,16 @@ def test_checkpoint_is_weights_only_and_names_its_features(trained):
         summary = json.loads((trained["assets"] / f"model6asr_{fold}.json").read_text())
         assert summary["n_features"] == len(layout.names) and summary["config"]["model"]["gbm_features"] == \
             "alignment+asr"
+        # model6asr's new-word trees: on the vocabulary-free columns, weights-only, worth a held-out log loss
+        assert ck["new_word_feature_names"] == [n for n in layout.names if n in layout.without_vocabulary().names]
+        assert all(torch.is_tensor(v) for v in ck["new_word_state_dict"].values())
+        assert predictor.model.new_word is not None and predictor.model.new_word.trees.n_trees > 0
+        assert summary["valid_logloss_new_word_trees"] > 0
     bad = dict(ck, feature_names=ck["feature_names"][:-3] + ["asr_whisper-tiny.en_made_up", *ck["feature_names"][-2:]])
     with pytest.raises(CheckpointError, match="made_up"):
         member_named("gbm").load(bad)
+    with pytest.raises(CheckpointError, match="new-word trees"):
+        member_named("gbm").load({k: v for k, v in ck.items() if not k.startswith("new_word")})
 
 
 def test_a_fold_reads_the_cache_and_gives_the_same_trees(trained, tmp_path, decodes):

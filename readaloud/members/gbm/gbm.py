@@ -514,7 +514,7 @@ class GBMMember(Member):
                     raise RuntimeError(f"exported trees disagree with scikit-learn by "
                                        f"{np.abs(valid_logits - ref).max():.2e}")
             new_word = None
-            if cfg.model.asr_new_word_trees:
+            if cfg.model.asr_new_word_trees and layout.closed:
                 new_word = NewWordTrees.fit(layout, names, X_fit, y_fit, cfg.model, data.seed, folds, stop_fold,
                                             is_copy)
         n_iter = int(clf.n_iter_)
@@ -550,7 +550,7 @@ class GBMMember(Member):
         try:
             cfg = RunConfig.from_dict(json.loads(ck["config"]))
             cats = Categories(list(ck["tasks"]), list(ck["grades"]))
-            if cfg.model.asr_new_word_trees and "new_word_state_dict" not in ck:
+            if cfg.model.asr_new_word_trees and cfg.model.asr_closed_vocab and "new_word_state_dict" not in ck:
                 raise CheckpointError("its config asks for new-word trees but it holds none: retrain the fold")
             return GBMPredictor(GBMModel(ck, FeatureLayout.of(cfg.model)), cfg, cats, json.loads(ck["priors"]))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # CheckpointError is a RuntimeError
