@@ -99,6 +99,9 @@ class ModelConfig:
                                        # task's training words shape (closed decode, task-word prompt) scores the
                                        # rows whose expected text has a word the training texts lack
                                        # (members/gbm/closed.py, new_word_rows; off with asr_closed_vocab off)
+    asr_fold_vocabulary: bool = False  # with the closed vocabulary: a fold's held-out rows are decoded over its
+                                       # training folds' words plus their own (what a test row gets), not over
+                                       # every training text's, so the OOF figure sees new words as a test would
 
 
 @dataclass

@@ -141,6 +141,8 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
 # New-word trees (asr_new_word_trees): a row whose text has a word the training texts lack gets a vocabulary
 # of the training words and its own, never the words a child might say in their place; trees fitted without
 # the closed and prompted blocks score it.
+# Held-out vocabularies (asr_fold_vocabulary): a fold's held-out rows are decoded over the training folds'
+# words plus their own, as a test row is, so the OOF figure meets new words where a test set would.
 register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
          "base (transcript vs expected text, teacher-forced log p; members/gbm/evidence.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "
@@ -151,7 +153,7 @@ register("model6asr", default=True, description="gradient boosting on alignment 
          arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
          gbm_max_leaf_nodes=8, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, gbm_ear_copies=1,
          asr_closed_vocab=True, asr_closed_logp=True, asr_loop_features=True, asr_prompt_logp=True,
-         asr_prompt_per_clip=True, asr_agreement=True, asr_new_word_trees=True, seed=6)
+         asr_prompt_per_clip=True, asr_agreement=True, asr_new_word_trees=True, asr_fold_vocabulary=True, seed=6)
 # The 2nd place's own recipe: nothing frozen, the whole encoder fine-tuned end to end, for a GPU
 # (`--backbone openai/whisper-small` or a local Whisper folder; on 2 CPU cores tiny.en is the most it takes).
 register("model7whisper", "model3mapd with the whole pretrained encoder fine-tuned (2nd place's GPU recipe: "

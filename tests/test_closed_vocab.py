@@ -195,7 +195,8 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
     run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
     options = ["--asr_backbones", "whisper-tiny.en", "--gbm_min_samples_leaf", "4", "--gbm_ear_copies", "1",
-               "--asr_closed_vocab", "true", "--asr_closed_logp", "true", "--asr_loop_features", "true", "--asr_prompt_logp", "true"]
+               "--asr_closed_vocab", "true", "--asr_closed_logp", "true", "--asr_loop_features", "true", "--asr_prompt_logp", "true",
+               "--asr_new_word_trees", "true", "--asr_fold_vocabulary", "true"]
     run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
                "--models", "model6asr", "--jobs", 1, *options)
     run_script(root, "get_config.py", "--data", data, "--assets", assets)
@@ -210,6 +211,21 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     assert [n for n in ck["feature_names"] if "prompt_" in n] == [
         f"asr_whisper-tiny.en_{n}" for n in prompted.PROMPT_FEATURE_NAMES]
     model = gbm.evidence_model("whisper-tiny.en")
+    # held-out rows: decoded over the other folds' words plus their own, and scored by the new-word trees
+    # where those lack one of their words
+    from readaloud.prep.folds import load_or_create_folds
+    folds = load_or_create_folds(data, train_meta, 2).to_numpy()
+    transcripts = closed.read_closed_cache(closed.closed_cache_path(data, model)).transcripts
+    n_new = 0
+    for k in (0, 1):
+        rows, fold_words = train_meta[folds == k], closed.task_words(train_meta[folds != k])
+        requests = closed.clip_requests(rows, model, fold_words)
+        for (name, _, _), request in requests.items():
+            assert f"{name}\t{request.key}" in transcripts, (k, name)
+        summary = json.loads((assets / f"model6asr_{k}.json").read_text())
+        assert summary["n_valid_new_word_rows"] == int(closed.new_word_rows(rows, fold_words).sum())
+        n_new += summary["n_valid_new_word_rows"]
+    assert n_new > 0, "the demo's sentences give some held-out rows words the other fold lacks"
     for folder in (data, copies_dir(data, EarAugment())):
         assert closed.read_closed_cache(closed.closed_cache_path(folder, model)).transcripts, folder
         assert prompted.read_prompted_cache(prompted.prompted_cache_path(folder, model)).values, folder

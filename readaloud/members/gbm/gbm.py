@@ -34,7 +34,7 @@ from ...metrics import log_loss, sigmoid
 from ...features import FeatureParams
 from ...prep.dataset import Categories
 from .ear_augment import EarAugment, ensure_copies
-from ...prep.folds import UNHEARD_SCHEMES, fold_scheme
+from ...prep.folds import UNHEARD_SCHEMES, FoldFileError, data_set_n_folds, fold_scheme, load_or_create_folds
 from ...prep.prepare import TrainingInputs, ensure_clip_features
 from . import evidence as asr
 from .closed import (CLOSED_FEATURE_NAMES, CLOSED_LOGP_NAMES, add_to_closed_cache, closed_cache_path,
@@ -463,11 +463,34 @@ class GBMMember(Member):
         for backbone, device, per_clip in dict.fromkeys((b, asr_device(c.device), lay.prompt_per_clip)
                                                         for c, lay in layouts if lay.prompted for b in lay.asr_backbones):
             prompted_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress, per_clip)
+        self.prepare_fold_vocabularies(inputs.meta, layouts, data_dir, progress)
         for c, lay in layouts:  # the ear copies' features too, before parallel folds would race for them
             if c.model.gbm_ear_copies > 0:
                 refs = inputs.banks[c.tts, c.model.n_mels] if lay.alignment else None
                 ear_copy_table(lay, c.model, inputs.meta, Path(data_dir), refs, [], asr_device(c.device), 0, progress,
                                words)
+
+    @staticmethod
+    def prepare_fold_vocabularies(meta: pd.DataFrame, layouts, data_dir: Path, progress: bool) -> None:
+        """With asr_fold_vocabulary: each fold's rows decoded over the other folds' words plus their own,
+        before parallel folds would each load the Whispers for them (a fold computes what is missing)."""
+        chosen = [(c, lay) for c, lay in layouts if lay.closed and c.model.asr_fold_vocabulary]
+        if not chosen:
+            return
+        try:
+            folds = load_or_create_folds(data_dir, meta, data_set_n_folds(data_dir)).to_numpy()
+        except (FoldFileError, ValueError) as exc:
+            log.info("held-out vocabularies left to the folds: %s", exc)
+            return
+        for k in sorted(set(folds.tolist())):
+            rows, fold_words = meta[folds == k], task_words(meta[folds != k])
+            for backbone, device in dict.fromkeys((b, asr_device(c.device)) for c, lay in chosen
+                                                  for b in lay.asr_backbones):
+                closed_evidence(backbone, rows, Path(data_dir), fold_words, device, 0, progress)
+            for backbone, device, per_clip in dict.fromkeys((b, asr_device(c.device), lay.prompt_per_clip)
+                                                            for c, lay in chosen if lay.prompted
+                                                            for b in lay.asr_backbones):
+                prompted_evidence(backbone, rows, Path(data_dir), fold_words, device, 0, progress, per_clip)
 
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         """Fit the trees on every fold but `data.fold`, predict it."""
@@ -478,6 +501,13 @@ class GBMMember(Member):
         words = task_words(meta)  # the closed vocabulary: every training fold's texts
         X, ok = feature_table(layout, meta, data.data_dir, data.clips, data.refs, data.cats.tasks,
                               asr_device(cfg.device), threads, data.progress, words)
+        fold_words = None
+        if layout.closed and cfg.model.asr_fold_vocabulary and is_valid.any():
+            # the held-out rows read what a test row reads: the training folds' words plus their own
+            fold_words = task_words(meta[~is_valid])
+            X[is_valid], ok[is_valid] = feature_table(layout, meta[is_valid], data.data_dir, data.clips, data.refs,
+                                                      data.cats.tasks, asr_device(cfg.device), threads,
+                                                      data.progress, fold_words)
         names = layout.names
         y = meta["score"].to_numpy()
         fit_rows = ~is_valid & ok
@@ -517,6 +547,12 @@ class GBMMember(Member):
             if cfg.model.asr_new_word_trees and layout.closed:
                 new_word = NewWordTrees.fit(layout, names, X_fit, y_fit, cfg.model, data.seed, folds, stop_fold,
                                             is_copy)
+            n_new_valid = 0
+            if new_word is not None and fold_words is not None and valid_rows.any():
+                new_valid = new_word_rows(meta[valid_rows], fold_words)
+                n_new_valid = int(new_valid.sum())
+                if n_new_valid:
+                    valid_logits[new_valid] = new_word.logits(X[valid_rows][new_valid], names)
         n_iter = int(clf.n_iter_)
         history = pd.DataFrame({"step": np.arange(len(clf.train_score_)), "train_logloss": -clf.train_score_})
         if len(getattr(clf, "validation_score_", [])):
@@ -537,10 +573,10 @@ class GBMMember(Member):
             payload["closed_words"] = json.dumps(words)
         if new_word is not None:
             payload |= new_word.payload()
-            # every OOF row's words are training words (the vocabulary holds every training text), so the
-            # new-word trees score no OOF row; their log loss on the held-out fold says what they are worth
+            # the held-out rows they scored (only with asr_fold_vocabulary: otherwise the vocabulary holds
+            # every training text, so no held-out row has a new word), and their log loss on every held-out row
             y_valid = y[valid_rows]
-            summary |= {"n_new_word_trees": new_word.trees.n_trees,
+            summary |= {"n_new_word_trees": new_word.trees.n_trees, "n_valid_new_word_rows": n_new_valid,
                         "valid_logloss_new_word_trees": log_loss(y_valid, sigmoid(new_word.logits(X[valid_rows], names)))
                         if valid_rows.any() else float("nan")}
         log.info("%s: %d trees", ctx.paths.stem, trees.n_trees)
