@@ -223,8 +223,10 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
         for (name, _, _), request in requests.items():
             assert f"{name}\t{request.key}" in transcripts, (k, name)
         summary = json.loads((assets / f"model6asr_{k}.json").read_text())
-        assert summary["n_valid_new_word_rows"] == int(closed.new_word_rows(rows, fold_words).sum())
-        n_new += summary["n_valid_new_word_rows"]
+        assert summary["new_word_tasks"] == prompted.tasks_that_fit(model, words), "the small vocabularies"
+        in_task = rows["task"].isin(summary["new_word_tasks"]).to_numpy()
+        assert summary["n_valid_new_word_rows"] == int((closed.new_word_rows(rows, fold_words) & in_task).sum())
+        n_new += int(closed.new_word_rows(rows, fold_words).sum())
     assert n_new > 0, "the demo's sentences give some held-out rows words the other fold lacks"
     for folder in (data, copies_dir(data, EarAugment())):
         assert closed.read_closed_cache(closed.closed_cache_path(folder, model)).transcripts, folder
@@ -363,9 +365,10 @@ def test_a_row_has_new_words_by_its_own_text_alone():
 
 def test_rows_with_new_words_are_scored_by_the_vocabulary_free_trees(monkeypatch):
     """GBMModel with new-word trees: a row whose words are all training words gets the fold's trees'
-    logit; a row with a new word gets the new-word trees' logit on the columns without the closed and
-    prompted blocks, so changing its closed features changes nothing; a fold without new-word trees
-    scores every row with its own trees; a config asking for them refuses a checkpoint without them."""
+    logit; a row with a new word in one of the trees' tasks gets the new-word trees' logit on the
+    columns without the closed and prompted blocks, so changing its closed features changes nothing; a
+    new word in another task (a sentence) keeps the fold's trees; a fold without new-word trees scores
+    every row with its own trees."""
     from readaloud.config import ModelConfig
     from readaloud.members.gbm import gbm
     layout = gbm.FeatureLayout(alignment=False, asr_backbones=("whisper-tiny.en",), closed=True, closed_logp=True,
@@ -379,21 +382,27 @@ def test_rows_with_new_words_are_scored_by_the_vocabulary_free_trees(monkeypatch
     y = (X[:, closed_cols[0]] > 0).astype(int)   # the fold's trees lean on a closed column
     mc = ModelConfig(gbm_max_iter=30, gbm_min_samples_leaf=5)
     full = gbm.export_trees(gbm.fit_gbm(X, y, mc, 0))
-    new = gbm.NewWordTrees.fit(layout, names, X, y, mc, 0, None, None, np.zeros(len(y), bool))
+    new = gbm.NewWordTrees.fit(layout, names, X, y, mc, 0, None, None, np.zeros(len(y), bool), ["digit_span"])
     assert new.names == [n for n in names if n in free]
     words = {"digit_span": ["one", "seven", "two", "1", "7", "2"]}
     ck = {"feature_names": names, "state_dict": full, "tasks": ["digit_span"], "asr_version": gbm.asr.ASR_VERSION,
           "closed_words": json.dumps(words), **new.payload()}
     model = gbm.GBMModel(ck, layout)
-    meta = pd.DataFrame({"task": ["digit_span", "digit_span"], "expected_text": ["seven two", "seven nine"]})
-    rows = X[:2].copy()
-    monkeypatch.setattr(gbm.FeatureLayout, "table", lambda self, *a, **k: (rows.copy(), np.ones(2, bool)))
+    words["sentence_repetition"] = ["the", "cat", "sat"]
+    meta = pd.DataFrame({"task": ["digit_span", "digit_span", "sentence_repetition"],
+                         "expected_text": ["seven two", "seven nine", "the dog sat"]})
+    rows = X[:3].copy()
+    ck["closed_words"] = json.dumps(words)
+    model = gbm.GBMModel(ck, layout)
+    monkeypatch.setattr(gbm.FeatureLayout, "table", lambda self, *a, **k: (rows.copy(), np.ones(3, bool)))
     out = model.predict(meta, None)
     assert out[0] == pytest.approx(gbm.TreeEnsemble(full, len(names)).decision_function(rows[:1])[0])
-    assert out[1] == pytest.approx(new.logits(rows[1:], names)[0])
+    assert out[1] == pytest.approx(new.logits(rows[1:2], names)[0])
+    full_logits = gbm.TreeEnsemble(full, len(names)).decision_function(rows)
+    assert out[2] == pytest.approx(full_logits[2]), "a new word of a task outside the trees' tasks: the fold's trees"
     rows[:, closed_cols] = -rows[:, closed_cols]   # the column the fold's trees split on changes sign
     moved = model.predict(meta, None)
-    assert moved[1] == out[1] and moved[0] != out[0], "only the row of training words reads the closed block"
+    assert moved[1] == out[1] and moved[0] != out[0], "only the rows the fold's trees score read the closed block"
     plain = gbm.GBMModel({k: v for k, v in ck.items() if not k.startswith("new_word")}, layout)
     assert plain.predict(meta, None)[1] == pytest.approx(
-        gbm.TreeEnsemble(full, len(names)).decision_function(rows[1:])[0])
+        gbm.TreeEnsemble(full, len(names)).decision_function(rows[1:2])[0])

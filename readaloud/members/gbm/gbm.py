@@ -545,11 +545,13 @@ class GBMMember(Member):
                                        f"{np.abs(valid_logits - ref).max():.2e}")
             new_word = None
             if cfg.model.asr_new_word_trees and layout.closed:
+                small = prompted_log_p.tasks_that_fit(evidence_model(layout.asr_backbones[0], asr_device(cfg.device)),
+                                                      words)
                 new_word = NewWordTrees.fit(layout, names, X_fit, y_fit, cfg.model, data.seed, folds, stop_fold,
-                                            is_copy)
+                                            is_copy, small)
             n_new_valid = 0
             if new_word is not None and fold_words is not None and valid_rows.any():
-                new_valid = new_word_rows(meta[valid_rows], fold_words)
+                new_valid = new_word.scores(meta[valid_rows], fold_words)
                 n_new_valid = int(new_valid.sum())
                 if n_new_valid:
                     valid_logits[new_valid] = new_word.logits(X[valid_rows][new_valid], names)
@@ -576,7 +578,8 @@ class GBMMember(Member):
             # the held-out rows they scored (only with asr_fold_vocabulary: otherwise the vocabulary holds
             # every training text, so no held-out row has a new word), and their log loss on every held-out row
             y_valid = y[valid_rows]
-            summary |= {"n_new_word_trees": new_word.trees.n_trees, "n_valid_new_word_rows": n_new_valid,
+            summary |= {"n_new_word_trees": new_word.trees.n_trees, "new_word_tasks": new_word.tasks,
+                        "n_valid_new_word_rows": n_new_valid,
                         "valid_logloss_new_word_trees": log_loss(y_valid, sigmoid(new_word.logits(X[valid_rows], names)))
                         if valid_rows.any() else float("nan")}
         log.info("%s: %d trees", ctx.paths.stem, trees.n_trees)
@@ -634,7 +637,7 @@ class GBMModel:
         out = np.full(len(meta), np.nan)
         out[ok] = self.trees.decision_function(X[ok])
         if self.new_word is not None:
-            new = ok & new_word_rows(meta, self.closed_words)
+            new = ok & self.new_word.scores(meta, self.closed_words)
             if new.any():
                 out[new] = self.new_word.logits(X[new], self.feature_names)
         return out
@@ -642,25 +645,34 @@ class GBMModel:
 
 class NewWordTrees:
     """The trees a row whose expected text has a word its task's training texts lack is scored with
-    (model.asr_new_word_trees): fitted beside the fold's trees on the same rows and early-stopping
-    fold, on the columns of FeatureLayout.without_vocabulary. The closed decode and the task-word
-    prompt can offer such a row its training words and its own, not the words a child might say
-    instead, so the trees that learned to trust a matching closed transcript would trust it there
-    too (measured on FSDD's words never trained on: docs/benchmarks.md)."""
+    (model.asr_new_word_trees), for the tasks whose training words fit in a prompt (small closed
+    vocabularies: prompted.tasks_that_fit): fitted beside the fold's trees on the same rows and
+    early-stopping fold, on the columns of FeatureLayout.without_vocabulary. The closed decode and the
+    task-word prompt can offer such a row its training words and its own, not the words a child might
+    say instead, so the trees that learned to trust a matching closed transcript would trust it there
+    too. A sentence task's vocabulary is the open-ended words of all its texts, and there the fold's
+    trees scored rows with new words better (measured on FSDD's words never trained on and the
+    children's held-out vocabularies: docs/benchmarks.md)."""
 
-    def __init__(self, names: list[str], state: dict):
+    def __init__(self, names: list[str], state: dict, tasks: list[str]):
         self.names = list(names)
         self.trees = TreeEnsemble(state, len(self.names))
         self.state = state
+        self.tasks = list(tasks)
+
+    def scores(self, meta: pd.DataFrame, words: dict[str, list[str]]) -> np.ndarray:
+        """Per row of `meta`: is it one these trees score (a new word, in one of their tasks)? Reads the
+        row alone."""
+        return new_word_rows(meta, words) & meta["task"].astype(str).isin(self.tasks).to_numpy()
 
     @classmethod
     def fit(cls, layout: FeatureLayout, names: list[str], X_fit: np.ndarray, y_fit: np.ndarray, mc: ModelConfig,
-            seed: int, folds, stop_fold, is_copy) -> "NewWordTrees":
+            seed: int, folds, stop_fold, is_copy, tasks: list[str]) -> "NewWordTrees":
         keep = set(layout.without_vocabulary().names)
         mine = [n for n in names if n in keep]
         cols = [names.index(n) for n in mine]
         clf = fit_gbm(X_fit[:, cols], y_fit, mc, seed, folds, stop_fold, is_copy)
-        return cls(mine, export_trees(clf))
+        return cls(mine, export_trees(clf), tasks)
 
     @classmethod
     def load(cls, ck: dict, layout: FeatureLayout, names: list[str]) -> "NewWordTrees":
@@ -669,10 +681,11 @@ class NewWordTrees:
         if missing or any(n not in layout.without_vocabulary().names for n in mine):
             raise CheckpointError(f"its new-word trees read features outside its vocabulary-free columns: "
                                   f"{(missing or mine)[:5]}")
-        return cls(mine, ck["new_word_state_dict"])
+        return cls(mine, ck["new_word_state_dict"], json.loads(ck["new_word_tasks"]))
 
     def payload(self) -> dict:
-        return {"new_word_feature_names": self.names, "new_word_state_dict": self.state}
+        return {"new_word_feature_names": self.names, "new_word_state_dict": self.state,
+                "new_word_tasks": json.dumps(self.tasks)}
 
     def logits(self, X: np.ndarray, names: list[str]) -> np.ndarray:
         """Logits of the rows of X, whose columns are `names` (the fold's trees' columns)."""

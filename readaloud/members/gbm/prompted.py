@@ -73,6 +73,12 @@ def prompt_ids(model: WhisperEvidence, words: list[str]) -> list[int] | None:
     return [start, *ids]
 
 
+def tasks_that_fit(model: WhisperEvidence, words: dict[str, list[str]]) -> list[str]:
+    """The tasks whose words fit in one prompt (prompt_ids): the small closed vocabularies (digits,
+    word lists), not the open-ended words of a sentence task."""
+    return sorted(task for task, w in words.items() if prompt_ids(model, w) is not None)
+
+
 def vocabulary_key(words: list[str]) -> str:
     return hashlib.sha1(json.dumps(prompt_words(words)).encode()).hexdigest()[:10]
 
