@@ -187,21 +187,26 @@ def own_words(text) -> set[str]:
     return (set(written_words(text)) | {t.text for t in normalise_tokens(text)}) - {""}
 
 
+def _known_words(words: dict[str, list[str]]) -> tuple[dict[str, set[str]], set[str]]:
+    """({task: its words}, every task's words) of a training vocabulary: what a row's own words are
+    checked against (its task's, or every task's for a task the vocabulary lacks)."""
+    return {task: set(w) for task, w in words.items()}, set().union(*words.values()) if words else set()
+
+
 def row_vocabularies(meta: pd.DataFrame, words: dict[str, list[str]]) -> list[list[str]]:
     """Each row's vocabulary: its task's words in `words` (the training table's) and the words of its
     own expected text; a task `words` lacks reads every task's words in `words`. No other row has a
     say, so adding, removing or breaking a test row changes no other row's vocabulary. During
     training `words` holds every row's own words already, so each row reads its task's words."""
-    every = sorted(set().union(*words.values())) if words else []
-    known = {task: set(w) for task, w in words.items()}
+    known, every = _known_words(words)
     out: list[list[str]] = []
     made: dict[tuple[str, str], list[str]] = {}
     for task, text in zip(meta["task"].astype(str), meta["expected_text"]):
         text = text if isinstance(text, str) else ""
         if (task, text) not in made:
-            base = words.get(task, every)
+            base = words.get(task, sorted(every))
             own = own_words(text)
-            made[task, text] = base if own <= known.get(task, set(every)) else sorted(set(base) | own)
+            made[task, text] = base if own <= known.get(task, every) else sorted(set(base) | own)
         out.append(made[task, text])
     return out
 
@@ -213,8 +218,7 @@ def new_word_rows(meta: pd.DataFrame, words: dict[str, list[str]]) -> np.ndarray
     are not known without the other test rows), so a closed transcript matching it proves less than
     on the training rows, whose vocabulary held every alternative their task's texts had. Reads the
     row alone."""
-    every = set().union(*words.values()) if words else set()
-    known = {task: set(w) for task, w in words.items()}
+    known, every = _known_words(words)
     return np.array([not own_words(text) <= known.get(task, every)
                      for task, text in zip(meta["task"].astype(str), meta["expected_text"])], bool)
 

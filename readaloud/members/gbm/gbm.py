@@ -549,12 +549,12 @@ class GBMMember(Member):
                                                       words)
                 new_word = NewWordTrees.fit(layout, names, X_fit, y_fit, cfg.model, data.seed, folds, stop_fold,
                                             is_copy, small)
-            n_new_valid = 0
-            if new_word is not None and fold_words is not None and valid_rows.any():
-                new_valid = new_word.scores(meta[valid_rows], fold_words)
-                n_new_valid = int(new_valid.sum())
-                if n_new_valid:
-                    valid_logits[new_valid] = new_word.logits(X[valid_rows][new_valid], names)
+            if new_word is not None:  # their logits on every held-out row: the rows they score, and their log loss
+                new_word_valid = new_word.logits(X[valid_rows], names)
+                valid_meta = meta[valid_rows]
+                new_valid = new_word.scores(valid_meta, new_word_rows(valid_meta, fold_words)) \
+                    if fold_words is not None else np.zeros(len(valid_meta), bool)
+                valid_logits = np.where(new_valid, new_word_valid, valid_logits)
         n_iter = int(clf.n_iter_)
         history = pd.DataFrame({"step": np.arange(len(clf.train_score_)), "train_logloss": -clf.train_score_})
         if len(getattr(clf, "validation_score_", [])):
@@ -577,11 +577,9 @@ class GBMMember(Member):
             payload |= new_word.payload()
             # the held-out rows they scored (only with asr_fold_vocabulary: otherwise the vocabulary holds
             # every training text, so no held-out row has a new word), and their log loss on every held-out row
-            y_valid = y[valid_rows]
             summary |= {"n_new_word_trees": new_word.trees.n_trees, "new_word_tasks": new_word.tasks,
-                        "n_valid_new_word_rows": n_new_valid,
-                        "valid_logloss_new_word_trees": log_loss(y_valid, sigmoid(new_word.logits(X[valid_rows], names)))
-                        if valid_rows.any() else float("nan")}
+                        "n_valid_new_word_rows": int(new_valid.sum()),
+                        "valid_logloss_new_word_trees": log_loss(y[valid_rows], sigmoid(new_word_valid))}
         log.info("%s: %d trees", ctx.paths.stem, trees.n_trees)
         return FitResult(dict(zip(meta.loc[valid_rows, "filename"], valid_logits)), payload, summary)
 
@@ -589,9 +587,10 @@ class GBMMember(Member):
         try:
             cfg = RunConfig.from_dict(json.loads(ck["config"]))
             cats = Categories(list(ck["tasks"]), list(ck["grades"]))
-            if cfg.model.asr_new_word_trees and cfg.model.asr_closed_vocab and "new_word_state_dict" not in ck:
+            layout = FeatureLayout.of(cfg.model)
+            if cfg.model.asr_new_word_trees and layout.closed and "new_word_state_dict" not in ck:
                 raise CheckpointError("its config asks for new-word trees but it holds none: retrain the fold")
-            return GBMPredictor(GBMModel(ck, FeatureLayout.of(cfg.model)), cfg, cats, json.loads(ck["priors"]))
+            return GBMPredictor(GBMModel(ck, layout), cfg, cats, json.loads(ck["priors"]))
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:  # CheckpointError is a RuntimeError
             raise CheckpointError(f"not a usable gbm checkpoint ({exc})") from exc
 
@@ -629,15 +628,18 @@ class GBMModel:
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
                 open_tables: list[asr.AsrTable] = (), closed_tables: list[asr.AsrTable] = (),
-                prompted_tables: list[asr.AsrTable] = ()) -> np.ndarray:
+                prompted_tables: list[asr.AsrTable] = (), new_rows: np.ndarray | None = None) -> np.ndarray:
         """Logits for the rows of `meta` (NaN where a feature block could not be computed), from
-        their precomputed features (shared by every gbm model; FeatureLayout.table's tables)."""
+        their precomputed features (shared by every gbm model; FeatureLayout.table's tables).
+        `new_rows`: closed.new_word_rows of `meta` over this fold's training words (computed here when
+        not given; the same for every fold of a variant, so GBMPredictor shares it)."""
         X, ok = self.layout.table(meta, self.tasks, acoustic, open_tables, closed_tables, prompted_tables)
         X = X[:, self.columns]
         out = np.full(len(meta), np.nan)
         out[ok] = self.trees.decision_function(X[ok])
         if self.new_word is not None:
-            new = ok & self.new_word.scores(meta, self.closed_words)
+            new_rows = new_word_rows(meta, self.closed_words) if new_rows is None else new_rows
+            new = ok & self.new_word.scores(meta, new_rows)
             if new.any():
                 out[new] = self.new_word.logits(X[new], self.feature_names)
         return out
@@ -660,10 +662,10 @@ class NewWordTrees:
         self.state = state
         self.tasks = list(tasks)
 
-    def scores(self, meta: pd.DataFrame, words: dict[str, list[str]]) -> np.ndarray:
-        """Per row of `meta`: is it one these trees score (a new word, in one of their tasks)? Reads the
-        row alone."""
-        return new_word_rows(meta, words) & meta["task"].astype(str).isin(self.tasks).to_numpy()
+    def scores(self, meta: pd.DataFrame, new_rows: np.ndarray) -> np.ndarray:
+        """Per row of `meta`: is it one these trees score, a row with a new word (`new_rows`:
+        closed.new_word_rows of `meta`) in one of their tasks? Reads the row alone."""
+        return new_rows & meta["task"].astype(str).isin(self.tasks).to_numpy()
 
     @classmethod
     def fit(cls, layout: FeatureLayout, names: list[str], X_fit: np.ndarray, y_fit: np.ndarray, mc: ModelConfig,
@@ -740,7 +742,9 @@ class GBMPredictor:
                                   lambda b=b: prompted_evidence(b, rows, folder, words, device, 0, progress,
                                                                 layout.prompt_per_clip))
                            for b in layout.asr_backbones] if layout.prompted else []
+        new_rows = shared(("gbm new-word rows", json.dumps(words)), lambda: new_word_rows(rows, words)) \
+            if self.model.new_word is not None else None
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,
-                                                    prompted_tables)
+                                                    prompted_tables, new_rows)
         return out
