@@ -7,7 +7,7 @@ usual ones; the zip carries that file too). Everything else travels in the zip: 
 root, the readaloud/ package, and under assets/: the checkpoints model_configs.json ships,
 model_configs.json/.pkl, the CTranslate2 Whisper folders of every backbone a shipped checkpoint
 reads (backbones/ct2/<name>: once, however many folds read them; model8decoder's checkpoints hold
-only their trained weights), and vendor/ with the CTranslate2 engine (ctranslate2 and its bundled
+only their trained weights), model6asr's fold ear if it reads one (ears/<key>), and vendor/ with the CTranslate2 engine (ctranslate2 and its bundled
 libraries, MIT) and espeak-ng's library and voices (espeakng_loader), so nothing is installed there.
 """
 import argparse
@@ -44,6 +44,17 @@ def shipped_backbones(assets: Path, checkpoints: list[str]) -> dict[str, Path]:
     return {name: ct2_model_dir(name, assets / "backbones" / "ct2") for name in sorted(names)}
 
 
+def shipped_ears(assets: Path, checkpoints: list[str]) -> list[Path]:
+    """The fold ears (members/gbm/fold_ears.py) the checkpoints read test rows with: <assets>/ears/<key>."""
+    from readaloud.checkpoints import safe_load
+    from readaloud.whisper.adapt import is_ear
+    keys = sorted({str(ck["fold_ear"]) for ck in (safe_load(assets / c) for c in checkpoints) if "fold_ear" in ck})
+    missing = [k for k in keys if not is_ear(assets / "ears" / k)]
+    if missing:
+        raise SystemExit(f"the fold ears {missing} that the checkpoints read are not in {assets / 'ears'}: retrain them")
+    return [assets / "ears" / k for k in keys]
+
+
 def build(assets: Path, out: Path) -> dict:
     config_path = assets / "model_configs.json"
     if not config_path.exists():
@@ -54,6 +65,7 @@ def build(assets: Path, out: Path) -> dict:
     if missing:
         raise SystemExit(f"checkpoints listed in {config_path} are missing: {missing}")
     backbones = shipped_backbones(assets, checkpoints)
+    ears = shipped_ears(assets, checkpoints)
     vendored = {m: package_folders(m) for m in ("espeakng_loader", "ctranslate2")}
     tmp = out.with_name(f".{out.name}.tmp")
     with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
@@ -68,13 +80,17 @@ def build(assets: Path, out: Path) -> dict:
             for f in sorted(folder.iterdir()):
                 if f.is_file():
                     z.write(f, f"assets/backbones/ct2/{name}/{f.name}")
+        for folder in ears:
+            for f in sorted(folder.iterdir()):
+                if f.is_file():
+                    z.write(f, f"assets/ears/{folder.name}/{f.name}")
         for folders in vendored.values():
             for folder in folders:
                 for f in sorted(folder.rglob("*")):
                     if f.is_file() and "__pycache__" not in f.parts:
                         z.write(f, f"assets/vendor/{folder.name}/{f.relative_to(folder)}")
     tmp.replace(out)
-    return {"zip": str(out), "checkpoints": len(checkpoints), "backbones": sorted(backbones),
+    return {"zip": str(out), "checkpoints": len(checkpoints), "backbones": sorted(backbones), "ears": len(ears),
             "vendored": sorted(vendored), "megabytes": out.stat().st_size / 1e6}
 
 

@@ -16,6 +16,11 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# set by pipeline/inference.py load_fold_model on a loaded checkpoint dict: the folder it was read from
+# (what a family keeps beside its checkpoints, e.g. the ear a gbm fold reads test rows with)
+CHECKPOINT_FOLDER = "_checkpoint_folder"
+
+
 def atomic_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

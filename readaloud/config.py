@@ -102,6 +102,11 @@ class ModelConfig:
     asr_fold_vocabulary: bool = False  # with the closed vocabulary: a fold's held-out rows are decoded over its
                                        # training folds' words plus their own (what a test row gets), not over
                                        # every training text's, so the OOF figure sees new words as a test would
+    asr_fold_ears: bool = False        # gbm with asr: also the evidence of a Whisper whose decoder is fine-tuned
+                                       # inside each fold on the other folds' clips scored 1 (members/gbm/fold_ears.py)
+    asr_ear_backbone: str = "whisper-tiny.en"  # what the fold ears adapt (a named backbone or CTranslate2 folder)
+    asr_ear_epochs: int = 3            # fold ears: epochs of decoder fine-tuning
+    asr_ear_lr: float = 3e-5           # fold ears: AdamW learning rate
 
 
 @dataclass
@@ -281,6 +286,9 @@ def validate(cfg: RunConfig) -> None:
                           f"int8_float32, float16, int8_float16), got {cfg.model.decoder_encoder_compute!r}")
     if cfg.model.gbm_ear_copies < 0:
         raise ConfigError(f"--model.gbm_ear_copies must be 0 or more, got {cfg.model.gbm_ear_copies!r}")
+    if cfg.model.asr_ear_epochs < 1 or not cfg.model.asr_ear_lr > 0:
+        raise ConfigError(f"--model.asr_ear_epochs must be 1 or more and --model.asr_ear_lr positive, got "
+                          f"{cfg.model.asr_ear_epochs!r} and {cfg.model.asr_ear_lr!r}")
     if not 0 < cfg.model.gbm_ear_share <= 1:
         raise ConfigError(f"--model.gbm_ear_share must be in (0, 1], got {cfg.model.gbm_ear_share!r}")
 

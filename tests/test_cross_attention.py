@@ -5,8 +5,8 @@ import torch
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoderLayer
 
-from readaloud.members.encdec import cross_attention
-from readaloud.members.encdec.cross_attention import decoder_layer, memory_side_cross_attention
+from readaloud.whisper import teacher_forcing as cross_attention
+from readaloud.whisper.teacher_forcing import decoder_layer, memory_side_cross_attention
 
 
 def _layer(seed=0):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..checkpoints import CheckpointError, atomic_csv, safe_load
+from ..checkpoints import CHECKPOINT_FOLDER, CheckpointError, atomic_csv, safe_load
 from ..data import DataError, load_split, load_submission_format, load_test_rows
 from ..features import FeatureParams
 from ..layout import retrain_command, saved_folds, summary_beside
@@ -67,6 +67,7 @@ def load_fold_model(path: str | Path, device, n_folds: int | None = None) -> Fol
     ck = safe_load(path, map_location="cpu", fix=_fix_for(path, n_folds))
     try:
         arch = ck.get("arch") or json.loads(ck["config"])["model"]["arch"]
+        ck[CHECKPOINT_FOLDER] = str(path.parent)   # what a checkpoint keeps beside itself (a gbm fold's ear)
         return FoldModel(ck["variant"], int(ck["fold"]), member_named(arch).load(ck, device))
     except (KeyError, ValueError, TypeError, RuntimeError) as exc:  # CheckpointError, ConfigError among them
         raise CheckpointError(f"{path}: not a usable readaloud checkpoint ({exc})") from exc

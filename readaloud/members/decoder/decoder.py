@@ -71,7 +71,8 @@ from ...whisper.backbones import ct2_folder, transformers_dir
 from ..base import FoldData, TestInputs
 from ..pair.encoder import (FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper,
                             make_head)
-from ..encdec.encdec import logp_pools, teacher_forced_states, token_pools
+from ..encdec.encdec import logp_pools, token_pools
+from ...whisper.teacher_forcing import teacher_forced_states
 from ..pair.frozen import weights_key
 from ..pair.neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
 from .vocab_scores import masked_target_logp, masked_token_scores

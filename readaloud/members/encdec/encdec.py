@@ -27,7 +27,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
 from ...config import ModelConfig
-from .cross_attention import decoder_layer
+from ...whisper.teacher_forcing import teacher_forced_states
 from ..pair.encoder import FeatureScaler, SpeechEncoderModel, make_head, masked_mean, segment
 from ..pair.neural import NeuralMember
 
@@ -51,23 +51,6 @@ def decoder_whisper_config(base: WhisperConfig, cfg: ModelConfig, vocab_size: in
     c.decoder_start_token_id = vocab_size
     c._attn_implementation = "sdpa"
     return c
-
-
-def teacher_forced_states(dec: WhisperDecoder, memory: torch.Tensor, memory_mask: torch.Tensor,
-                          inputs: torch.Tensor, training: bool) -> torch.Tensor:
-    """A WhisperDecoder's states [B, L, D] for teacher-forced `inputs`: causal self-attention and
-    cross-attention to the unmasked `memory` only (WhisperDecoder.forward would drop the mask; the
-    layers run through cross_attention.decoder_layer, which spares projecting the memory)."""
-    n = inputs.shape[1]
-    x = dec.embed_tokens(inputs) * dec.embed_scale + dec.embed_positions.weight[:n].to(memory.dtype)
-    x = F.dropout(x, p=dec.dropout, training=training)
-    neg = torch.finfo(x.dtype).min
-    causal = torch.full((n, n), neg, dtype=x.dtype, device=x.device).triu(1)[None, None]
-    cross = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
-    cross = cross.masked_fill(~memory_mask, neg)[:, None, None, :]
-    for layer in dec.layers:
-        x = decoder_layer(layer, x, causal, memory, cross, training)
-    return dec.layer_norm(x)
 
 
 POOL_FILL = 1e4  # stands in for masked tokens in a min

@@ -338,27 +338,32 @@ class WhisperEvidence:
     def evidence(self, audios: list[np.ndarray], texts: list[list[str]],
                  decodes: list[ClipDecode | None] | None = None,
                  closed: list[ClosedRequest | None] | None = None,
-                 prompted: list[PromptRequest | None] | None = None
+                 prompted: list[PromptRequest | None] | None = None,
+                 memories: list[np.ndarray] | None = None
                  ) -> tuple[list[ClipDecode], list[list[RowEvidence]]]:
         """Evidence for each clip and each of its expected texts; `decodes` given for a clip are reused.
         `closed[i]`: also decode clip i over that closed vocabulary from the same encoder output (into
         its ClipDecode.closed[closed[i].key]); `prompted[i]`: also teacher-force its texts after that
-        prompt (into ClipDecode.prompted[prompted[i].key])."""
+        prompt (into ClipDecode.prompted[prompted[i].key]). `memories[i]`: clip i's encoder output
+        ([positions, d_model], e.g. an EncoderCache's, cut to the clip + a margin), read in place of
+        encoding `audios[i]` (which may then be None)."""
         decodes = list(decodes) if decodes is not None else [None] * len(audios)
         closed = list(closed) if closed is not None else [None] * len(audios)
         prompted = list(prompted) if prompted is not None else [None] * len(audios)
-        windows = [self.window_s(a) for a in audios]
-        if len(set(windows)) > 1:  # one encoder call per window size, results back in order
+        sizes = [self.window_s(a) for a in audios] if memories is None else [len(m) for m in memories]
+        if len(set(sizes)) > 1:  # one encoder call per window size (or memory length), results back in order
             out_decodes: list[ClipDecode] = [None] * len(audios)
             out_rows: list[list[RowEvidence]] = [[] for _ in audios]
-            for w in sorted(set(windows)):
-                idx = [i for i, x in enumerate(windows) if x == w]
+            for w in sorted(set(sizes)):
+                idx = [i for i, x in enumerate(sizes) if x == w]
                 d, r = self.evidence([audios[i] for i in idx], [texts[i] for i in idx], [decodes[i] for i in idx],
-                                     [closed[i] for i in idx], [prompted[i] for i in idx])
+                                     [closed[i] for i in idx], [prompted[i] for i in idx],
+                                     None if memories is None else [memories[i] for i in idx])
                 for k, i in enumerate(idx):
                     out_decodes[i], out_rows[i] = d[k], r[k]
             return out_decodes, out_rows
-        encoded_view = self.encode(audios)
+        encoded_view = self.encode(audios) if memories is None else \
+            ct2_engine().StorageView.from_array(np.ascontiguousarray(np.stack(memories), np.float32))
         encoded = np.asarray(encoded_view)
         need = [i for i, d in enumerate(decodes) if d is None]
         if need:
@@ -567,8 +572,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
               closed: dict[str, ClosedRequest] | None = None,
               on_closed: Callable[[dict[tuple[str, str], ClosedTranscript]], None] | None = None,
               prompted: dict[str, PromptRequest] | None = None,
-              on_prompted: Callable[[dict[str, tuple[PromptRequest, list[np.ndarray]]]], None] | None = None
-              ) -> AsrTable:
+              on_prompted: Callable[[dict[str, tuple[PromptRequest, list[np.ndarray]]]], None] | None = None,
+              memory=None) -> AsrTable:
     """Evidence for every row of a metadata table (filename, expected_text), in its order.
 
     Rows known to `cache` (asr_cache_path) are read back; the rest are computed in batches of
@@ -582,6 +587,10 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     and handed to `on_closed` as {(filename, request key): ClosedTranscript} at every flush (the closed
     cache lives in closed.py). `prompted` / `on_prompted` the same for teacher forcing after a prompt
     ({filename: (PromptRequest, log p of each of its texts)}; members/gbm/prompted.py).
+
+    `memory`: where each clip's encoder output is read instead of encoding its audio (an object with
+    `get(filename)` and `__contains__`, e.g. whisper.encoder_cache.EncoderCache, already filled); give
+    such a table its own `cache` path (another encoder, other numbers).
     """
     for column in ("filename", "expected_text"):
         if column not in meta.columns:
@@ -608,8 +617,16 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
     chunks = [clip_names[start: start + batch_size] for start in range(0, len(clip_names), batch_size)]
 
     def compute(chunk: list[str]) -> tuple[list[str], list[ClipDecode], list[list[RowEvidence]]]:
-        batch, audios = [], []
+        batch, audios, memories = [], [], []
         for name in chunk:
+            if memory is not None:
+                if name in memory:
+                    batch.append(name)
+                    audios.append(None)
+                    memories.append(memory.get(name))
+                else:
+                    log.warning("no ASR evidence for %s: no encoder output for it", name)
+                continue
             try:
                 audios.append(load_audio(Path(audio_dir) / name))
                 batch.append(name)
@@ -618,7 +635,8 @@ def asr_table(meta: pd.DataFrame, audio_dir: str | Path, model: WhisperEvidence,
         if not batch:
             return [], [], []
         return (batch, *model.evidence(audios, [todo[n] for n in batch], [known.clips.get(n) for n in batch],
-                                       [closed.get(n) for n in batch], [prompted.get(n) for n in batch]))
+                                       [closed.get(n) for n in batch], [prompted.get(n) for n in batch],
+                                       memories if memory is not None else None))
 
     bar = tqdm(total=len(clip_names), desc=f"ASR evidence ({model.name})", unit="clip",
                disable=not progress or not clip_names)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...checkpoints import CheckpointError, atomic_csv
+from ...checkpoints import CHECKPOINT_FOLDER, CheckpointError, atomic_csv
 from ...config import ConfigError, ModelConfig, RunConfig
 from ...metrics import log_loss, sigmoid
 from ...features import FeatureParams
@@ -43,6 +43,8 @@ from ...whisper.backbones import NAMED_BACKBONES
 from .loops import LOOP_FEATURE_NAMES, loop_block
 from . import prompted as prompted_log_p
 from .prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
+from .fold_ears import ALL, FoldEars, publish, published_dir, recipe_of, test_ears, train_fold_ears
+from ...whisper.adapt import is_ear
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from ..base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -210,6 +212,7 @@ class FeatureLayout:
     prompted: bool = False     # then the expected text's log p after a prompt of the task's words per backbone
     prompt_per_clip: bool = False  # the prompt of a task whose words do not fit: the clip's own expected words
     agreement: bool = False    # then how far each other backbone's transcripts are from the first backbone's
+    fold_ear: bool = False     # then the evidence of the ear adapted inside the fold (fold_ears.py)
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -229,7 +232,7 @@ class FeatureLayout:
         return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
                    bool(mc.asr_loop_features), closed and bool(mc.asr_prompt_logp),
                    closed and bool(mc.asr_prompt_logp) and bool(mc.asr_prompt_per_clip),
-                   bool(mc.asr_agreement) and len(backbones) > 1)
+                   bool(mc.asr_agreement) and len(backbones) > 1, bool(mc.asr_fold_ears))
 
     def without_vocabulary(self) -> "FeatureLayout":
         """This layout less the blocks the task's training words shape (the closed decode and its log
@@ -254,15 +257,18 @@ class FeatureLayout:
             kinds = ("",) + (("closed_",) if self.closed else ())
             asr_names += [f"asr_agree_{backbone_label(b)}_{kind}{n}" for b in self.asr_backbones[1:] for kind in kinds
                           for n in AGREEMENT_NAMES]
+        if self.fold_ear:
+            asr_names += [f"asr_ear_{n}" for n in asr.FEATURE_NAMES]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
               open_tables: list[asr.AsrTable], closed_tables: list[asr.AsrTable] = (),
-              prompted_tables: list[asr.AsrTable] = ()) -> tuple[np.ndarray, np.ndarray]:
+              prompted_tables: list[asr.AsrTable] = (), ear_table: asr.AsrTable | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
         """[len(meta), len(names)] and the rows every block could be computed for. `open_tables`: the
         ASR evidence of each backbone; `closed_tables`: each backbone's closed_table (with `closed`);
         `prompted_tables`: each backbone's prompted_table (with `prompted`; its NaN rows, tasks with
-        no prompt, stay usable)."""
+        no prompt, stay usable); `ear_table`: the fold ear's evidence (with `fold_ear`)."""
         blocks, ok = [], np.ones(len(meta), bool)
         if self.alignment:
             A, a_ok = acoustic
@@ -293,6 +299,11 @@ class FeatureLayout:
                 pairs = [p for k in range(1, n) for p in ((open_tables[0], open_tables[k]),
                                                           (closed_tables[0], closed_tables[k]))]
             blocks += [agreement_block(first, other) for first, other in pairs]
+        if self.fold_ear:
+            if ear_table is None:
+                raise ValueError("the layout reads a fold ear's evidence: give its table")
+            blocks.append(ear_table.X.astype(np.float64))
+            ok &= ear_table.ok
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
 
@@ -367,11 +378,12 @@ def prompted_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, words: 
 
 
 def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, clips, refs, tasks: list[str],
-                  device: str, threads: int, progress: bool, words: dict[str, list[str]] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  device: str, threads: int, progress: bool, words: dict[str, list[str]] | None = None,
+                  ears: FoldEars | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The trees' table for the clips of `meta` in `data_dir` and its usable rows; the alignment
     features and ASR evidence come from (and go to) that folder's caches. `words`: the closed
-    decode's vocabulary per task (default: the words of `meta`'s own texts)."""
+    decode's vocabulary per task (default: the words of `meta`'s own texts). `ears`: with the fold
+    ear block, which ear reads which row (by `meta`'s fold column; FoldEars.table)."""
     acoustic = acoustic_table(meta, clips, refs, alignment_cache_path(data_dir, refs), progress) \
         if layout.alignment else None
     words = (task_words(meta) if words is None else words) if layout.closed else None
@@ -382,12 +394,14 @@ def feature_table(layout: FeatureLayout, meta: pd.DataFrame, data_dir: Path, cli
     prompted_tables = [prompted_evidence(b, meta, Path(data_dir), words, device, threads, progress,
                                          layout.prompt_per_clip)
                        for b in layout.asr_backbones] if layout.prompted else []
-    return layout.table(meta, tasks, acoustic, open_tables, closed_tables, prompted_tables)
+    ear_table = ears.table(meta, Path(data_dir), progress) if layout.fold_ear else None
+    return layout.table(meta, tasks, acoustic, open_tables, closed_tables, prompted_tables, ear_table)
 
 
 def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, data_dir: Path, refs,
                    tasks: list[str], device: str, threads: int, progress: bool,
-                   words: dict[str, list[str]] | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+                   words: dict[str, list[str]] | None = None, ears: FoldEars | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """The table of the perturbed copies of `meta`'s clips (members/gbm/ear_augment.py; made and cached
     once in their own folder), its usable rows and the copies' metadata (score and fold are the
     source clip's). `words`: the closed vocabulary of the whole training table, not of `meta`'s
@@ -395,7 +409,7 @@ def ear_copy_table(layout: FeatureLayout, mc: ModelConfig, meta: pd.DataFrame, d
     folder, copies = ensure_copies(data_dir, meta, EarAugment(copies=mc.gbm_ear_copies, share=mc.gbm_ear_share), progress)
     clips = ensure_clip_features(folder, copies["filename"].tolist(), FeatureParams(n_mels=mc.n_mels),
                                  progress=progress)[0] if layout.alignment else None
-    X, ok = feature_table(layout, copies, folder, clips, refs, tasks, device, threads, progress, words)
+    X, ok = feature_table(layout, copies, folder, clips, refs, tasks, device, threads, progress, words, ears)
     return X, ok, copies
 
 
@@ -464,11 +478,28 @@ class GBMMember(Member):
                                                         for c, lay in layouts if lay.prompted for b in lay.asr_backbones):
             prompted_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress, per_clip)
         self.prepare_fold_vocabularies(inputs.meta, layouts, data_dir, progress)
+        folded = self.with_folds(inputs.meta, data_dir) if any(lay.fold_ear for _, lay in layouts) else None
+        ears: dict = {}
+        for c, lay in layouts:   # the fold ears and their evidence of every training clip, before the folds
+            if lay.fold_ear and folded is not None and recipe_of(c.model) not in ears:
+                ears[recipe_of(c.model)] = train_fold_ears(recipe_of(c.model), Path(data_dir), folded,
+                                                           asr_device(c.device), 0, progress)
+                ears[recipe_of(c.model)].table(folded, Path(data_dir), progress)
         for c, lay in layouts:  # the ear copies' features too, before parallel folds would race for them
-            if c.model.gbm_ear_copies > 0:
+            if c.model.gbm_ear_copies > 0 and (not lay.fold_ear or folded is not None):
                 refs = inputs.banks[c.tts, c.model.n_mels] if lay.alignment else None
-                ear_copy_table(lay, c.model, inputs.meta, Path(data_dir), refs, [], asr_device(c.device), 0, progress,
-                               words)
+                ear_copy_table(lay, c.model, inputs.meta if folded is None else folded, Path(data_dir), refs, [],
+                               asr_device(c.device), 0, progress, words, ears.get(recipe_of(c.model)))
+
+    @staticmethod
+    def with_folds(meta: pd.DataFrame, data_dir: Path) -> pd.DataFrame | None:
+        """`meta` with the data folder's fold of each row, or None when there is no fold file yet."""
+        try:
+            folds = load_or_create_folds(data_dir, meta, data_set_n_folds(data_dir)).to_numpy()
+        except (FoldFileError, ValueError) as exc:
+            log.info("fold ears left to the folds: %s", exc)
+            return None
+        return meta.assign(fold=folds)
 
     @staticmethod
     def prepare_fold_vocabularies(meta: pd.DataFrame, layouts, data_dir: Path, progress: bool) -> None:
@@ -499,15 +530,18 @@ class GBMMember(Member):
         layout = FeatureLayout.of(cfg.model)
         threads = cfg.threads if cfg.threads > 0 else torch.get_num_threads()
         words = task_words(meta)  # the closed vocabulary: every training fold's texts
+        # each row read by the ear of its own fold, which never heard it (fold_ears.py)
+        ears = train_fold_ears(recipe_of(cfg.model), data.data_dir, meta, asr_device(cfg.device), threads,
+                               data.progress) if layout.fold_ear else None
         X, ok = feature_table(layout, meta, data.data_dir, data.clips, data.refs, data.cats.tasks,
-                              asr_device(cfg.device), threads, data.progress, words)
+                              asr_device(cfg.device), threads, data.progress, words, ears)
         fold_words = None
         if layout.closed and cfg.model.asr_fold_vocabulary and is_valid.any():
             # the held-out rows read what a test row reads: the training folds' words plus their own
             fold_words = task_words(meta[~is_valid])
             X[is_valid], ok[is_valid] = feature_table(layout, meta[is_valid], data.data_dir, data.clips, data.refs,
                                                       data.cats.tasks, asr_device(cfg.device), threads,
-                                                      data.progress, fold_words)
+                                                      data.progress, fold_words, ears)
         names = layout.names
         y = meta["score"].to_numpy()
         fit_rows = ~is_valid & ok
@@ -517,7 +551,8 @@ class GBMMember(Member):
         if cfg.model.gbm_ear_copies > 0:  # usable training clips only (a copy of an unusable row is unusable too);
             # OOF clips are never perturbed
             Xc, okc, copies = ear_copy_table(layout, cfg.model, meta[fit_rows], data.data_dir, data.refs,
-                                             data.cats.tasks, asr_device(cfg.device), threads, data.progress, words)
+                                             data.cats.tasks, asr_device(cfg.device), threads, data.progress, words,
+                                             ears)
             n_copies = int(okc.sum())
             X_fit = np.vstack([X_fit, Xc[okc]])
             y_fit = np.concatenate([y_fit, copies["score"].to_numpy()[okc]])
@@ -573,6 +608,9 @@ class GBMMember(Member):
                         "asr_weights": [asr_weights(b, asr_device(cfg.device)) for b in layout.asr_backbones]}
         if layout.closed:
             payload["closed_words"] = json.dumps(words)
+        if ears is not None:   # the ear of every training fold reads the test rows: kept beside the checkpoints
+            publish(ears.dirs[ALL], ctx.paths.assets)
+            payload |= {"fold_ear": ears.dirs[ALL].name, "fold_ear_recipe": ears.recipe.key()}
         if new_word is not None:
             payload |= new_word.payload()
             # the held-out rows they scored (only with asr_fold_vocabulary: otherwise the vocabulary holds
@@ -624,16 +662,25 @@ class GBMModel:
             raise CheckpointError("its config asks for closed-vocabulary features but it holds no training "
                                   "vocabulary: retrain the fold")
         self.closed_words: dict[str, list[str]] = json.loads(ck["closed_words"]) if layout.closed else {}
+        if layout.fold_ear and "fold_ear" not in ck:
+            raise CheckpointError("its config asks for a fold ear but it names none: retrain the fold")
+        self.fold_ear = str(ck["fold_ear"]) if layout.fold_ear else None
+        # where the checkpoint was read from (pipeline/inference.py load_fold_model): its ear is beside it
+        self.assets = Path(ck.get(CHECKPOINT_FOLDER, "."))
+        if self.fold_ear is not None and not is_ear(published_dir(self.assets, self.fold_ear)):
+            raise CheckpointError(f"the fold ear it reads test rows with, {published_dir(self.assets, self.fold_ear)}, "
+                                  f"is missing (train.py keeps it in the assets folder): retrain the folds or copy it")
         self.new_word = NewWordTrees.load(ck, layout, names) if "new_word_state_dict" in ck else None
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
                 open_tables: list[asr.AsrTable] = (), closed_tables: list[asr.AsrTable] = (),
-                prompted_tables: list[asr.AsrTable] = (), new_rows: np.ndarray | None = None) -> np.ndarray:
+                prompted_tables: list[asr.AsrTable] = (), new_rows: np.ndarray | None = None,
+                ear_table: asr.AsrTable | None = None) -> np.ndarray:
         """Logits for the rows of `meta` (NaN where a feature block could not be computed), from
         their precomputed features (shared by every gbm model; FeatureLayout.table's tables).
         `new_rows`: closed.new_word_rows of `meta` over this fold's training words (computed here when
         not given; the same for every fold of a variant, so GBMPredictor shares it)."""
-        X, ok = self.layout.table(meta, self.tasks, acoustic, open_tables, closed_tables, prompted_tables)
+        X, ok = self.layout.table(meta, self.tasks, acoustic, open_tables, closed_tables, prompted_tables, ear_table)
         X = X[:, self.columns]
         out = np.full(len(meta), np.nan)
         out[ok] = self.trees.decision_function(X[ok])
@@ -744,7 +791,12 @@ class GBMPredictor:
                            for b in layout.asr_backbones] if layout.prompted else []
         new_rows = shared(("gbm new-word rows", json.dumps(words)), lambda: new_word_rows(rows, words)) \
             if self.model.new_word is not None else None
+        ear_table = None
+        if layout.fold_ear:   # the ear of every training fold reads every test row
+            ears = test_ears(recipe_of(self.cfg.model), self.model.fold_ear, self.model.assets, device)
+            ear_table = shared(("gbm fold ear", self.model.fold_ear),
+                               lambda: ears.table(rows.drop(columns=["fold"], errors="ignore"), folder, progress))
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,
-                                                    prompted_tables, new_rows)
+                                                    prompted_tables, new_rows, ear_table)
         return out

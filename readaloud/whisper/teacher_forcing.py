@@ -1,4 +1,5 @@
-"""A Whisper decoder layer whose cross-attention works on the memory's side of its projections.
+"""Teacher forcing through a Whisper decoder: `teacher_forced_states`, and a decoder layer whose
+cross-attention works on the memory's side of its projections.
 
 Teacher-forcing a handful of text tokens against a clip's encoding (hundreds of positions), the
 cross-attention's key and value projections of the memory are most of a decoder step: T x D x D
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers.models.whisper.modeling_whisper import WhisperDecoder
 
 
 def memory_side_cross_attention(attn, x: torch.Tensor, memory: torch.Tensor, cross_bias: torch.Tensor,
@@ -64,3 +66,20 @@ def decoder_layer(layer, x: torch.Tensor, causal: torch.Tensor, memory: torch.Te
     h = layer.activation_fn(layer.fc1(layer.final_layer_norm(x)))
     h = layer.fc2(F.dropout(h, p=layer.activation_dropout, training=training))
     return x + F.dropout(h, p=layer.dropout, training=training)
+
+
+def teacher_forced_states(dec: WhisperDecoder, memory: torch.Tensor, memory_mask: torch.Tensor,
+                          inputs: torch.Tensor, training: bool) -> torch.Tensor:
+    """A WhisperDecoder's states [B, L, D] for teacher-forced `inputs`: causal self-attention and
+    cross-attention to the unmasked `memory` only (WhisperDecoder.forward would drop the mask; the
+    layers run through cross_attention.decoder_layer, which spares projecting the memory)."""
+    n = inputs.shape[1]
+    x = dec.embed_tokens(inputs) * dec.embed_scale + dec.embed_positions.weight[:n].to(memory.dtype)
+    x = F.dropout(x, p=dec.dropout, training=training)
+    neg = torch.finfo(x.dtype).min
+    causal = torch.full((n, n), neg, dtype=x.dtype, device=x.device).triu(1)[None, None]
+    cross = torch.zeros(memory_mask.shape, dtype=x.dtype, device=x.device)
+    cross = cross.masked_fill(~memory_mask, neg)[:, None, None, :]
+    for layer in dec.layers:
+        x = decoder_layer(layer, x, causal, memory, cross, training)
+    return dec.layer_norm(x)

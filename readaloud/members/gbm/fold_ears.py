@@ -1,0 +1,194 @@
+"""Fold ears: model6asr's trees also read what a Whisper adapted to the training voices hears.
+
+The frozen Whispers mishear young readers: their correct readings come back as other words, and the
+trees take that for a wrong answer. An ear fine-tuned on the training clips (whisper/adapt.py) hears
+them better, but an ear that heard a clip must never score it. So, with K folds:
+
+- ear k is fine-tuned on the clips scored 1 of every fold but k, and decodes fold k's clips (and the
+  ear copies of fold k's clips): every training row's ear features come from an ear that never heard
+  it, the held-out fold's included;
+- fold k's trees train on the other folds' rows, each read by its own fold's ear, and score fold k's
+  rows read by ear k: both sides come from ears in the same position (heard the other folds only);
+- a test row is read by the ear of every training fold (`ALL`), copied into the assets folder beside
+  the checkpoints (<assets>/ears/<key>), where inference and make_submission.py find it.
+
+Each ear reads the frozen encoder's output cached once per clip (the clip + 1 s; the same cache as
+model8decoder's when both run on tiny.en) and writes its transcript, whose teacher-forced evidence
+(members/gbm/evidence.py, the open block: exact match, edits, log p of the expected text ...) is a
+block of its own (`asr_ear_*`). An ear is named by its recipe and the content of the clips, texts and
+labels it trained on: a rerun reuses a finished ear, any change trains a new one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ...config import ModelConfig
+from ...features import file_lock
+from ...layout import cache_dir
+from ...prep.clip_digests import clip_digest
+from ...whisper.adapt import EAR_RECORD, EarRecipe, fine_tune_decoder, is_ear, save_ct2
+from ...whisper.backbones import ct2_folder
+from . import evidence as asr
+
+log = logging.getLogger(__name__)
+ALL = -1   # the ear of every training fold: what reads the test rows
+
+
+def recipe_of(mc: ModelConfig) -> EarRecipe:
+    return EarRecipe(backbone=mc.asr_ear_backbone, epochs=mc.asr_ear_epochs, lr=mc.asr_ear_lr)
+
+
+def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", threads: int = 0):
+    """The frozen encoder's cached output of a data folder's clips (the clip + recipe.margin_s), as
+    model8decoder caches it: CTranslate2 float32 on the backbone's CTranslate2 folder."""
+    from transformers import WhisperConfig
+    from ...whisper.backbones import transformers_dir
+    from ...whisper.encoding import Ct2WindowEncoder
+    from ..decoder.decoder import EncoderCache
+    folder = ct2_folder(recipe.backbone)
+    if folder is None:
+        raise ValueError(f"fold ears need a named Whisper backbone or a CTranslate2 folder, not {recipe.backbone!r}")
+    config = WhisperConfig.from_pretrained(transformers_dir(recipe.backbone))
+    encoder = Ct2WindowEncoder(folder, "cuda" if device == "cuda" else "cpu", "float32", threads)
+    return EncoderCache(encoder, config, data_dir, recipe.margin_s, recipe.window_s)
+
+
+def ear_key(recipe: EarRecipe, data_dir: str | Path, rows: pd.DataFrame) -> str:
+    """The recipe and what the ear trains on: each clip's content, expected text (and label, always
+    1), in a fixed order."""
+    h = hashlib.sha1(recipe.key().encode())
+    for name, text in sorted(zip(rows["filename"].astype(str), rows["expected_text"].astype(str))):
+        h.update(f"{name}\t{clip_digest(Path(data_dir) / name)}\t{' '.join(text.split())}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def ears_root(data_dir: str | Path) -> Path:
+    """Where a data folder's ears are trained (its cache)."""
+    return cache_dir(data_dir) / "fold_ears"
+
+
+def published_dir(assets: str | Path, key: str) -> Path:
+    """Where the ear of every fold is kept for inference: the assets folder, beside the checkpoints."""
+    return Path(assets) / "ears" / key
+
+
+def publish(ear: Path, assets: str | Path) -> Path:
+    """Copy a trained ear into the assets folder (once; copied beside and renamed into place)."""
+    target = published_dir(assets, Path(ear).name)
+    if is_ear(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.parent / f".{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(ear, work)
+    try:
+        work.replace(target)
+    except OSError:   # another fold published it first
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def ensure_ear(recipe: EarRecipe, data_dir: Path, rows: pd.DataFrame, memory, root: Path,
+               progress: bool = True) -> Path:
+    """The ear fine-tuned on `rows` (clips scored 1), trained now unless a finished one exists."""
+    key = ear_key(recipe, data_dir, rows)
+    target = root / key
+    if is_ear(target):
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    with file_lock(root / f".{key}.lock"):   # parallel folds ask for the same ears: one trains, the rest wait
+        if is_ear(target):
+            return target
+        memory.ensure(rows["filename"].tolist(), progress)
+        usable = rows[[n in memory for n in rows["filename"]]]
+        if usable.empty:
+            raise ValueError(f"no clip to adapt an ear on in {data_dir} ({len(rows)} rows scored 1, none readable)")
+        log.info("fine-tuning an ear (%s) on %d clips scored 1 -> %s", recipe.backbone, len(usable), target)
+        model = fine_tune_decoder(recipe, memory, usable, progress)
+        return save_ct2(model, recipe, target, {"clips": len(usable)})
+
+
+@dataclass
+class FoldEars:
+    """Which ear reads which rows: `dirs[k]` reads the rows of fold k, `dirs[ALL]` every row without
+    a fold (test rows)."""
+    recipe: EarRecipe
+    dirs: dict[int, Path]
+    device: str = "cpu"
+    threads: int = 0
+    _memories: dict = field(default_factory=dict)
+
+    def memory(self, data_dir: Path):
+        key = str(Path(data_dir).resolve())
+        if key not in self._memories:
+            self._memories[key] = memory_cache(self.recipe, data_dir, self.device, self.threads)
+        return self._memories[key]
+
+    def table(self, meta: pd.DataFrame, data_dir: Path, progress: bool = True) -> asr.AsrTable:
+        """The ear block's evidence of every row of `meta` (its `fold` column picks the ear; rows
+        without one are read by the ear of every fold), in `meta`'s order."""
+        folds = meta["fold"].to_numpy(int) if "fold" in meta.columns else np.full(len(meta), ALL)
+        X = np.full((len(meta), len(asr.FEATURE_NAMES)), np.nan, np.float32)
+        ok = np.zeros(len(meta), bool)
+        transcripts, words = [""] * len(meta), [[] for _ in range(len(meta))]
+        memory = self.memory(data_dir)
+        memory.ensure(meta["filename"].tolist(), progress)
+        for fold in sorted(set(folds.tolist())):
+            if fold not in self.dirs:
+                raise ValueError(f"no ear for fold {fold} (ears for {sorted(self.dirs)})")
+            rows = np.flatnonzero(folds == fold)
+            model = ear_model(self.dirs[fold], self.device, self.threads)
+            part = asr.asr_table(meta.iloc[rows], data_dir, model, ear_cache_path(data_dir, model, memory),
+                                 progress=progress, memory=memory)
+            X[rows], ok[rows] = part.X, part.ok
+            for i, r in enumerate(rows):
+                transcripts[r], words[r] = part.transcripts[i], part.words[i]
+        return asr.AsrTable(X, ok, transcripts, words)
+
+
+@lru_cache(maxsize=8)
+def ear_model(folder: Path, device: str = "cpu", threads: int = 0) -> asr.WhisperEvidence:
+    """One loaded ear per folder in a process (a run's K + 1 ears, beside gbm.evidence_model's backbones)."""
+    return asr.WhisperEvidence(folder, device=device, threads=threads)
+
+
+def ear_cache_path(data_dir: Path, model: asr.WhisperEvidence, memory) -> Path:
+    """The evidence of one ear on one data folder, decoded from that memory (not from the audio)."""
+    return cache_dir(data_dir) / f"asr_v{asr.ASR_VERSION}_{model.identity}_mem{memory.store.name.split('_')[-1]}.npz"
+
+
+def train_fold_ears(recipe: EarRecipe, data_dir: Path, meta: pd.DataFrame, device: str = "cpu",
+                    threads: int = 0, progress: bool = True) -> FoldEars:
+    """One ear per fold of `meta` (its `fold` and `score` columns), trained on the other folds' clips
+    scored 1, and the ear of every fold (ALL), beside the backbones."""
+    ears = FoldEars(recipe, {}, device, threads)
+    memory = ears.memory(data_dir)
+    positives = meta[meta["score"].to_numpy() == 1]
+    folds = sorted(set(meta["fold"].astype(int)))
+    for k in folds:
+        ears.dirs[k] = ensure_ear(recipe, data_dir, positives[positives["fold"] != k], memory, ears_root(data_dir),
+                                  progress)
+    ears.dirs[ALL] = ensure_ear(recipe, data_dir, positives, memory, ears_root(data_dir), progress)
+    return ears
+
+
+def test_ears(recipe: EarRecipe, key: str, assets: str | Path, device: str = "cpu", threads: int = 0) -> FoldEars:
+    """The ear a checkpoint's trees read test rows with (`key`: its folder name under <assets>/ears)."""
+    folder = published_dir(assets, key)
+    if not is_ear(folder):
+        raise FileNotFoundError(f"{folder}: the fold ear this checkpoint reads is missing (train.py puts it in the "
+                                f"assets folder, make_submission.py ships it): retrain the folds or copy it there")
+    record = json.loads((folder / EAR_RECORD).read_text())
+    if record.get("key") != recipe.key():
+        raise ValueError(f"{folder} was made by another recipe ({record.get('key')} != {recipe.key()})")
+    return FoldEars(recipe, {ALL: folder}, device, threads)

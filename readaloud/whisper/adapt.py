@@ -1,0 +1,179 @@
+"""An ear adapted to the training voices: a Whisper whose decoder is fine-tuned on clips scored 1.
+
+Whisper was trained on adult speech; young readers (and accents it rarely heard) come back as other
+words, and every member that reads a frozen Whisper takes that for a wrong answer. Fine-tuning on
+the children themselves is the field's largest lever. Here the encoder stays frozen (its output is
+cached once per clip: members/decoder/decoder.py EncoderCache, the clip + a margin) and the decoder's
+layers learn, by token cross-entropy, to write each correct clip's expected text as Whisper would
+write it (" Honey likes cake."). Token and position embeddings stay as they are (the embedding is
+most of the weights and also the output projection: fine-tuning it on a thousand sentences would
+teach the vocabulary of those sentences).
+
+The result is saved as a CTranslate2 Whisper folder (int8, like the named backbones), so the ASR
+evidence (members/gbm/evidence.py) decodes with it exactly as with a pretrained Whisper, reading the
+same cached encoder output it was trained on. Which clips an ear may hear is the caller's business:
+members/gbm/fold_ears.py trains one per fold on the other folds' clips only.
+
+Same recipe, rows and weights, same ear: the batches are drawn from a generator seeded by the
+recipe, torch's generator is seeded too, and the CPU kernels of one machine are deterministic.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .asr import render_expected
+from .teacher_forcing import teacher_forced_states
+
+log = logging.getLogger(__name__)
+EAR_VERSION = 1
+EAR_RECORD = "ear.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
+
+
+@dataclass(frozen=True)
+class EarRecipe:
+    """How an ear adapts (chosen on the children's grouped out-of-fold figures: docs/members.md, "Fold ears")."""
+    backbone: str = "whisper-tiny.en"
+    epochs: int = 3
+    lr: float = 3e-5
+    batch_size: int = 8
+    margin_s: float = 1.0      # the cached encoder output it trains on and decodes from: the clip + this
+    window_s: float = 10.0     # the frozen encoder's padded window (the shortest; longer clips get more)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"an ear needs epochs >= 1, batch_size >= 1 and lr > 0, got {self}")
+
+    def key(self) -> str:
+        blob = json.dumps({**asdict(self), "version": EAR_VERSION}, sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def target_ids(tokenizer, prompt: list[int], eot: int, text: str) -> list[int]:
+    """The prompt, the expected text as Whisper writes it (render_expected: first word capitalised,
+    a final period) and <|endoftext|>."""
+    pieces, _ = render_expected(str(text), "")
+    ids = [i for p in pieces for i in tokenizer.encode(" " + p, add_special_tokens=False).ids]
+    return [*prompt, *ids, *tokenizer.encode(".", add_special_tokens=False).ids, eot]
+
+
+def _batch_loss(decoder, memory, names: list[str], sequences: list[list[int]], n_prompt: int, eot: int,
+                training: bool) -> torch.Tensor:
+    """Mean token cross-entropy of the sequences after their prompt, each over its clip's memory."""
+    mems = [torch.from_numpy(np.asarray(memory.get(n), np.float32)) for n in names]
+    T, L = max(len(m) for m in mems), max(len(s) for s in sequences)
+    mem = torch.zeros(len(mems), T, mems[0].shape[1])
+    mem_mask = torch.zeros(len(mems), T, dtype=torch.bool)
+    ids = torch.full((len(sequences), L), eot, dtype=torch.long)
+    target = torch.full((len(sequences), L - 1), -100, dtype=torch.long)
+    for i, (m, s) in enumerate(zip(mems, sequences)):
+        mem[i, :len(m)], mem_mask[i, :len(m)] = m, True
+        ids[i, :len(s)] = torch.tensor(s)
+        target[i, n_prompt - 1: len(s) - 1] = torch.tensor(s[n_prompt:])   # no loss on the prompt
+    states = teacher_forced_states(decoder, mem, mem_mask, ids[:, :-1], training)
+    logits = states @ decoder.embed_tokens.weight.T
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+
+
+def length_batches(names: list[str], lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Row indices in batches of similar memory length (less padding), in a random order: a shuffle,
+    then windows of 8 batches sorted by length and cut."""
+    order = rng.permutation(len(names))
+    window = batch_size * 8
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start: start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[s: s + batch_size].tolist() for s in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def fine_tune_decoder(recipe: EarRecipe, memory, rows: pd.DataFrame, progress: bool = True):
+    """tiny.en (or the recipe's backbone) with its decoder layers fine-tuned on `rows` (filename,
+    expected_text: clips scored 1 whose memory is in `memory`). Returns the transformers model."""
+    import tokenizers
+    from transformers import WhisperForConditionalGeneration
+    from .backbones import transformers_dir
+    folder = Path(transformers_dir(recipe.backbone))
+    torch.manual_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    model = WhisperForConditionalGeneration.from_pretrained(folder)
+    decoder = model.model.decoder
+    model.requires_grad_(False)
+    trained = [p for module in (*decoder.layers, decoder.layer_norm) for p in module.parameters()]
+    for p in trained:
+        p.requires_grad_(True)
+    tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    special = {t: tokenizer.token_to_id(t) for t in ("<|startoftranscript|>", "<|notimestamps|>", "<|endoftext|>",
+                                                      "<|en|>", "<|transcribe|>")}
+    multilingual = model.config.vocab_size >= 51865
+    prompt = [special["<|startoftranscript|>"], *([special["<|en|>"], special["<|transcribe|>"]] if multilingual else []),
+              special["<|notimestamps|>"]]
+    eot = special["<|endoftext|>"]
+    names = rows["filename"].astype(str).tolist()
+    sequences = [target_ids(tokenizer, prompt, eot, t) for t in rows["expected_text"]]
+    lengths = np.array([memory.length(n) for n in names])
+    optimizer = torch.optim.AdamW(trained, lr=recipe.lr, weight_decay=0.0)
+    model.train()
+    steps = sum(len(range(0, len(names), recipe.batch_size)) for _ in range(recipe.epochs))
+    bar = tqdm(total=steps, desc=f"ear ({recipe.backbone}, {len(names)} clips)", unit="batch", disable=not progress,
+               leave=False)
+    for epoch in range(recipe.epochs):
+        total = 0.0
+        batches = length_batches(names, lengths, recipe.batch_size, rng)
+        for batch in batches:
+            loss = _batch_loss(decoder, memory, [names[i] for i in batch], [sequences[i] for i in batch],
+                               len(prompt), eot, training=True)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(batch)
+            bar.update(1)
+        log.info("ear %s: epoch %d of %d, token cross-entropy %.4f", recipe.key(), epoch + 1, recipe.epochs,
+                 total / max(1, len(names)))
+    bar.close()
+    return model.eval()
+
+
+def save_ct2(model, recipe: EarRecipe, target: Path, record: dict) -> Path:
+    """The fine-tuned model as a CTranslate2 Whisper folder (int8 weights, the backbone's tokenizer),
+    written beside `target` and renamed into place, with `ear.json` (recipe and what it trained on)."""
+    from ctranslate2.converters import TransformersConverter
+    from .backbones import transformers_dir
+    source = Path(transformers_dir(recipe.backbone))
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = target.parent / f".{target.name}.tmp{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        model.save_pretrained(work / "transformers")
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy(source / name, work / "transformers" / name)
+        TransformersConverter(str(work / "transformers"), copy_files=["tokenizer.json"]).convert(
+            str(work / "ct2"), quantization="int8", force=True)
+        (work / "ct2" / EAR_RECORD).write_text(json.dumps({"recipe": asdict(recipe), "key": recipe.key(), **record},
+                                                          indent=1))
+        if target.exists():   # another process finished the same ear first: identical, keep it
+            return target
+        (work / "ct2").replace(target)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def is_ear(folder: Path) -> bool:
+    return (Path(folder) / "model.bin").is_file() and (Path(folder) / EAR_RECORD).is_file()

@@ -1,0 +1,180 @@
+"""Fold ears (model6asr --asr_fold_ears): a Whisper decoder fine-tuned inside each fold.
+
+- An ear never hears the clips it reads: ear k trains on the other folds' clips scored 1 only, and
+  reads fold k's rows (fake fine-tuning, the routing is what is checked).
+- An ear trained twice on the same rows is bit for bit the same; a finished ear is reused, not
+  retrained; a changed label trains another.
+- Through train.py, infer.py and make_submission.py on a tiny demo set: the checkpoint names its ear,
+  the ear of every fold is kept in the assets folder and read for the test rows, a missing ear is
+  named, and the packed zip ships it.
+"""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import run_script
+from readaloud.checkpoints import safe_load
+from readaloud.members.gbm import evidence as asr
+from readaloud.members.gbm import fold_ears
+from readaloud.members.gbm import gbm
+from readaloud.variants import variant_config
+from readaloud.whisper import adapt
+
+OPTIONS = ["--asr_backbones", "whisper-tiny.en", "--gbm_min_samples_leaf", "4", "--gbm_ear_copies", "0",
+           "--asr_fold_ears", "true", "--asr_ear_epochs", "1"]
+
+
+class FakeMemory:
+    """An encoder cache that holds every clip: the routing tests need no encoder."""
+    class store:
+        name = "whisperenc_fake_0000000000"
+
+    def __contains__(self, name):
+        return True
+
+    def ensure(self, names, progress=True):
+        return 0
+
+    def get(self, name):
+        return np.zeros((3, 4), np.float16)
+
+    def length(self, name):
+        return 3
+
+
+def test_an_ear_never_hears_the_clips_it_reads(tmp_path, monkeypatch):
+    """Four folds: ear k trained on clips scored 1 of folds other than k, and fold k's rows (its
+    held-out rows, and the training rows of the other folds' trees alike) decoded by ear k alone;
+    rows without a fold (test rows) by the ear of every fold. Would fail if a fold's clip reached
+    the ear that reads it."""
+    meta = pd.DataFrame({"filename": [f"c{i}.wav" for i in range(16)], "expected_text": ["a cat"] * 16,
+                         "score": [1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0], "fold": [i % 4 for i in range(16)]})
+    for name in meta["filename"]:
+        (tmp_path / name).write_bytes(name.encode())
+    trained_on = {}
+
+    def fake_fine_tune(recipe, memory, rows, progress=True):
+        return sorted(rows["filename"])
+
+    def fake_save(model, recipe, target, record):
+        target.mkdir(parents=True)
+        (target / "model.bin").write_text("x")
+        (target / adapt.EAR_RECORD).write_text(json.dumps({"key": recipe.key()}))
+        trained_on[target.name] = model
+        return target
+    monkeypatch.setattr(fold_ears, "fine_tune_decoder", fake_fine_tune)
+    monkeypatch.setattr(fold_ears, "save_ct2", fake_save)
+    monkeypatch.setattr(fold_ears, "memory_cache", lambda *a, **k: FakeMemory())
+    recipe = adapt.EarRecipe()
+    ears = fold_ears.train_fold_ears(recipe, tmp_path, meta, progress=False)
+    assert sorted(ears.dirs) == [fold_ears.ALL, 0, 1, 2, 3]
+    for k in range(4):
+        heard = set(trained_on[ears.dirs[k].name])
+        assert heard == set(meta.loc[(meta["fold"] != k) & (meta["score"] == 1), "filename"])
+        assert not heard & set(meta.loc[meta["fold"] == k, "filename"]), f"ear {k} heard fold {k}"
+    assert trained_on[ears.dirs[fold_ears.ALL].name] == sorted(meta.loc[meta["score"] == 1, "filename"])
+    assert len({d.name for d in ears.dirs.values()}) == 5
+
+    read_by = {}
+
+    def fake_table(rows, data_dir, model, cache, progress=True, memory=None):
+        for name in rows["filename"]:
+            read_by[name] = model
+        n = len(rows)
+        return asr.AsrTable(np.zeros((n, len(asr.FEATURE_NAMES)), np.float32), np.ones(n, bool), [""] * n,
+                            [[] for _ in range(n)])
+    monkeypatch.setattr(asr, "asr_table", fake_table)
+    monkeypatch.setattr(fold_ears, "ear_model", lambda folder, *a: folder)
+    monkeypatch.setattr(fold_ears, "ear_cache_path", lambda *a: tmp_path / "cache.npz")
+    table = ears.table(meta, tmp_path, progress=False)
+    assert table.ok.all() and table.X.shape == (16, len(asr.FEATURE_NAMES))
+    for name, fold in zip(meta["filename"], meta["fold"]):
+        assert read_by[name] == ears.dirs[fold] and name not in trained_on[ears.dirs[fold].name]
+    ears.table(meta.drop(columns=["fold"]), tmp_path, progress=False)
+    assert all(read_by[n] == ears.dirs[fold_ears.ALL] for n in meta["filename"]), "test rows: the ear of every fold"
+
+    # another label is another ear: the key follows what the ear trains on
+    flipped = meta.assign(score=np.where(meta["filename"] == "c6.wav", 0, meta["score"]))
+    again = fold_ears.train_fold_ears(recipe, tmp_path, flipped, progress=False)
+    assert again.dirs[2] == ears.dirs[2], "fold 2's ear never trained on c6 (fold 2): reused"
+    assert all(again.dirs[k] != ears.dirs[k] for k in (0, 1, 3, fold_ears.ALL)), "the others trained on it"
+    assert "c6.wav" not in trained_on[again.dirs[0].name]
+
+
+def test_layout_names_the_fold_ear_block():
+    layout = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_fold_ears": True}).model)
+    plain = gbm.FeatureLayout.of(variant_config("model6asr").model)
+    assert layout.fold_ear and not plain.fold_ear
+    assert layout.names == plain.names[:-2] + [f"asr_ear_{n}" for n in asr.FEATURE_NAMES] + plain.names[-2:]
+    assert set(layout.names) - set(layout.without_vocabulary().names) == \
+        set(plain.names) - set(plain.without_vocabulary().names), "the new-word trees read the ear too"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, root):
+    base = tmp_path_factory.mktemp("ears")
+    data, tts = base / "data", base / "tts"
+    run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
+    run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
+    return {"root": root, "base": base, "data": data, "tts": tts}
+
+
+def test_an_ear_trained_twice_is_the_same_and_a_finished_one_is_reused(demo, tmp_path, monkeypatch):
+    """The real fine-tuning, one epoch on the demo's clips scored 1: the same weights bit for bit when
+    trained again, and ensure_ear reuses a finished ear instead of training it again."""
+    meta = pd.read_csv(demo["data"] / "train_metadata.csv").merge(pd.read_csv(demo["data"] / "train_labels.csv"))
+    rows = meta[meta["score"] == 1].head(6)
+    recipe = adapt.EarRecipe(epochs=1)
+    memory = fold_ears.memory_cache(recipe, demo["data"])
+    memory.ensure(rows["filename"].tolist(), progress=False)
+    first = adapt.fine_tune_decoder(recipe, memory, rows, progress=False).state_dict()
+    second = adapt.fine_tune_decoder(recipe, memory, rows, progress=False).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    untouched = adapt.fine_tune_decoder(adapt.EarRecipe(epochs=1, lr=1e-12), memory, rows, progress=False)
+    assert not all(torch.equal(first[k], untouched.state_dict()[k]) for k in first), "fine-tuning moved the decoder"
+    ear = fold_ears.ensure_ear(recipe, demo["data"], rows, memory, tmp_path / "ears", progress=False)
+    assert adapt.is_ear(ear) and (ear / "tokenizer.json").is_file()
+    assert json.loads((ear / adapt.EAR_RECORD).read_text())["key"] == recipe.key()
+    monkeypatch.setattr(fold_ears, "fine_tune_decoder", lambda *a, **k: pytest.fail("a finished ear was retrained"))
+    assert fold_ears.ensure_ear(recipe, demo["data"], rows, memory, tmp_path / "ears", progress=False) == ear
+    # the ear decodes from the cached encoder output, like a pretrained Whisper folder
+    table = asr.asr_table(rows, demo["data"], asr.WhisperEvidence(ear, threads=1), None, progress=False,
+                          memory=memory)
+    assert table.ok.all() and np.isfinite(table.X[:, asr.FEATURE_NAMES.index("exp_mean_logp")]).all()
+
+
+def test_model6asr_with_fold_ears_trains_infers_and_packs(demo, tmp_path):
+    root, data, tts = demo["root"], demo["data"], demo["tts"]
+    assets = tmp_path / "assets"
+    out = run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
+                     "--models", "model6asr", "--jobs", 1, *OPTIONS)
+    assert "2/2 folds finished" in out.stdout
+    keys = {str(safe_load(assets / f"model6asr_{k}.pth")["fold_ear"]) for k in (0, 1)}
+    assert len(keys) == 1, "every fold reads test rows with the same ear (of every fold)"
+    key = keys.pop()
+    assert adapt.is_ear(assets / "ears" / key)
+    ck = safe_load(assets / "model6asr_0.pth")
+    assert [n for n in ck["feature_names"] if n.startswith("asr_ear_")], "the trees read the ear's block"
+    trained = {p.name for p in fold_ears.ears_root(data).iterdir() if adapt.is_ear(p)}
+    assert key in trained and len(trained) == 3, "one ear per fold and one of every fold"
+    run_script(root, "get_config.py", "--data", data, "--assets", assets)
+    out = run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", tmp_path / "sub.csv")
+    sub = pd.read_csv(tmp_path / "sub.csv")
+    assert len(sub) == 5 and sub["score"].between(0, 1).all()
+    assert "from 2/2 checkpoints" in out.stdout and "0 prior fallbacks" in out.stdout, out.stdout
+
+    # the ear gone: infer.py names it, drops the member's checkpoints and still writes every row
+    moved = tmp_path / "moved"
+    shutil.move(assets / "ears" / key, moved)
+    out = run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts,
+                     "--out", tmp_path / "sub2.csv", ok=False)
+    assert key in out.stdout + out.stderr and "fold ear" in out.stdout + out.stderr
+    assert len(pd.read_csv(tmp_path / "sub2.csv")) == 5
+    shutil.move(moved, assets / "ears" / key)
+
+    import make_submission
+    assert make_submission.shipped_ears(assets, ["model6asr_0.pth", "model6asr_1.pth"]) == [assets / "ears" / key]
