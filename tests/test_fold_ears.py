@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import preprocessed_demo, run_script
 from readaloud.checkpoints import safe_load
 from readaloud.members.gbm import evidence as asr
 from readaloud.members.gbm import fold_ears
@@ -117,9 +117,7 @@ def test_layout_names_the_fold_ear_block():
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, root):
     base = tmp_path_factory.mktemp("ears")
-    data, tts = base / "data", base / "tts"
-    run_script(root, "make_demo_data.py", "--out", data, "--n-train", 20, "--n-test", 5, "--seed", 5)
-    run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
+    data, tts = preprocessed_demo(root, base, 20, 5, 5)
     return {"root": root, "base": base, "data": data, "tts": tts}
 
 

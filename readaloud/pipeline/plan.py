@@ -69,6 +69,8 @@ class Stage:
     source: str = "measured on the sample"
     whisper: bool = True  # what a GPU would run (--gpu_speedup applies)
     epochs: int = 1       # a fold's passes over its clips (fold_train)
+    per_fold: bool = False  # grows with the fold count (model6asr's fold ears: K + 1 fine-tunings of (K - 1) / K
+                            # of the clips, K clip-passes in all), measured on SAMPLE_FOLDS folds
 
 
 # ---- the folder ---------------------------------------------------------------------------------------
@@ -188,6 +190,10 @@ def fixed_and_per_item(fn, items: list, warm: int = 2) -> tuple[float, float]:
 
 # ---- the stages -----------------------------------------------------------------------------------------
 
+SAMPLE_FOLDS = 2   # the sample's folds, for the caches a member fills before its folds
+FOLD_EARS_STAGE = "fold ears (decoder fine-tuning inside each fold, and what each ear hears)"
+
+
 def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     """The per-clip caches a member fills before its folds, as (stage, config filling that one only);
     model6asr's split into alignment, each Whisper's evidence and the ear copies."""
@@ -200,9 +206,13 @@ def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
         if "asr" in mc.gbm_features.split("+") else []
     out = []
     if "alignment" in mc.gbm_features.split("+"):
-        out.append(("alignment features (DTW)", apply_overrides(cfg, {"gbm_features": "alignment", "gbm_ear_copies": 0})))
+        out.append(("alignment features (DTW)", apply_overrides(cfg, {"gbm_features": "alignment", "gbm_ear_copies": 0,
+                                                                      "asr_fold_ears": False})))
     for b in backbones:
-        out.append((f"ASR evidence ({b})", apply_overrides(cfg, {"asr_backbones": b, "gbm_ear_copies": 0})))
+        out.append((f"ASR evidence ({b})", apply_overrides(cfg, {"asr_backbones": b, "gbm_ear_copies": 0,
+                                                                 "asr_fold_ears": False})))
+    if mc.asr_fold_ears and backbones:   # after the backbones' stages: their evidence is cached by then
+        out.append((FOLD_EARS_STAGE, apply_overrides(cfg, {"asr_backbones": backbones[0], "gbm_ear_copies": 0})))
     if mc.gbm_ear_copies > 0:
         out.append(("ear copies (perturbed clips, every Whisper)", cfg))
     return out
@@ -212,7 +222,7 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
     """Each per-clip cache of the member on the sample's training clips (members' prepare_shared)."""
     from ..members.registry import member_for
     from ..prep.prepare import prepare_training_data
-    inputs = prepare_training_data(data, tts, 2, {cfg.tts}, {cfg.model.n_mels}, workers=1, progress=False)
+    inputs = prepare_training_data(data, tts, SAMPLE_FOLDS, {cfg.tts}, {cfg.model.n_mels}, workers=1, progress=False)
     meta = inputs.meta.set_index("filename").loc[sample["filename"]].reset_index()
     stages = []
     for name, part in cache_variants(cfg):
@@ -225,7 +235,7 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
         fixed, per = fixed_and_per_item(fill, list(meta["filename"]))
         grown = folder_bytes(data / "cache") - before
         stages.append(Stage(f"{variant}: {name}", "train", per, fixed, grown / len(meta),
-                            "duration" if "alignment" in name else "window"))
+                            "duration" if "alignment" in name else "window", per_fold=name == FOLD_EARS_STAGE))
     return stages
 
 
@@ -406,7 +416,7 @@ def estimate(measured: Measured, size: Size, n_folds: int, jobs: int, gpus: int 
     for st in measured.stages:
         n = counts[st.unit]
         factor = length_factor(target.get(st.unit, [1.0]), sample.get(st.unit, [1.0]), st.scale)
-        per = st.per_unit_s * factor * st.epochs
+        per = st.per_unit_s * factor * st.epochs * (n_folds / SAMPLE_FOLDS if st.per_fold else 1)
         if st.unit.startswith("fold"):
             seconds = n_folds * (st.fixed_s + per * n) / min(max(1, jobs), n_folds)
             disk = n_folds * st.fixed_bytes
