@@ -58,6 +58,11 @@ def _read_manifest(path: Path) -> dict[str, str]:
         return {}
 
 
+def known_digests(folder: str | Path) -> dict[str, str]:
+    """{filename: digest} of the clips the folder's caches last saw (what sync_clip_caches recorded)."""
+    return _read_manifest(cache_dir(folder) / MANIFEST)
+
+
 def _belongs(key: str, names: set[str]) -> bool:
     return key in names or key.split("\t", 1)[0] in names
 

@@ -35,7 +35,7 @@ import pandas as pd
 from ...config import ModelConfig
 from ...features import file_lock
 from ...layout import cache_dir
-from ...prep.clip_digests import clip_digest
+from ...prep.clip_digests import clip_digest, known_digests
 from ...whisper.adapt import EAR_RECORD, EarRecipe, fine_tune_decoder, is_ear, save_ct2
 from ...whisper.backbones import ct2_folder
 from . import evidence as asr
@@ -65,10 +65,13 @@ def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", t
 
 def ear_key(recipe: EarRecipe, data_dir: str | Path, rows: pd.DataFrame) -> str:
     """The recipe and what the ear trains on: each clip's content, expected text (and label, always
-    1), in a fixed order."""
+    1), in a fixed order. The content is the digest the pipeline step recorded for the clip
+    (clip_digests.sync_clip_caches), else the file's own."""
+    known = known_digests(data_dir)
     h = hashlib.sha1(recipe.key().encode())
     for name, text in sorted(zip(rows["filename"].astype(str), rows["expected_text"].astype(str))):
-        h.update(f"{name}\t{clip_digest(Path(data_dir) / name)}\t{' '.join(text.split())}\n".encode())
+        digest = known.get(name) or clip_digest(Path(data_dir) / name)
+        h.update(f"{name}\t{digest}\t{' '.join(text.split())}\n".encode())
     return h.hexdigest()[:16]
 
 
