@@ -107,6 +107,7 @@ class ModelConfig:
     asr_ear_backbone: str = "whisper-tiny.en"  # what the fold ears adapt (a named backbone or CTranslate2 folder)
     asr_ear_epochs: int = 3            # fold ears: epochs of decoder fine-tuning
     asr_ear_lr: float = 3e-5           # fold ears: AdamW learning rate
+    asr_ear_copies: int = 1            # fold ears: ear copies of each clip an ear trains on (other vocal tracts)
 
 
 @dataclass
@@ -286,9 +287,10 @@ def validate(cfg: RunConfig) -> None:
                           f"int8_float32, float16, int8_float16), got {cfg.model.decoder_encoder_compute!r}")
     if cfg.model.gbm_ear_copies < 0:
         raise ConfigError(f"--model.gbm_ear_copies must be 0 or more, got {cfg.model.gbm_ear_copies!r}")
-    if cfg.model.asr_ear_epochs < 1 or not cfg.model.asr_ear_lr > 0:
-        raise ConfigError(f"--model.asr_ear_epochs must be 1 or more and --model.asr_ear_lr positive, got "
-                          f"{cfg.model.asr_ear_epochs!r} and {cfg.model.asr_ear_lr!r}")
+    if cfg.model.asr_ear_epochs < 1 or not cfg.model.asr_ear_lr > 0 or cfg.model.asr_ear_copies < 0:
+        raise ConfigError(f"--model.asr_ear_epochs must be 1 or more, --model.asr_ear_lr positive and "
+                          f"--model.asr_ear_copies 0 or more, got {cfg.model.asr_ear_epochs!r}, "
+                          f"{cfg.model.asr_ear_lr!r} and {cfg.model.asr_ear_copies!r}")
     if not 0 < cfg.model.gbm_ear_share <= 1:
         raise ConfigError(f"--model.gbm_ear_share must be in (0, 1], got {cfg.model.gbm_ear_share!r}")
 

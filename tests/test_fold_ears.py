@@ -47,10 +47,10 @@ class FakeMemory:
 
 
 def test_an_ear_never_hears_the_clips_it_reads(tmp_path, monkeypatch):
-    """Four folds: ear k trained on clips scored 1 of folds other than k, and fold k's rows (its
-    held-out rows, and the training rows of the other folds' trees alike) decoded by ear k alone;
-    rows without a fold (test rows) by the ear of every fold. Would fail if a fold's clip reached
-    the ear that reads it."""
+    """Four folds: ear k trained on clips scored 1 of folds other than k and on their ear copies, and
+    fold k's rows (its held-out rows, and the training rows of the other folds' trees alike) decoded
+    by ear k alone; rows without a fold (test rows) by the ear of every fold. Would fail if a fold's
+    clip, or a copy of it, reached the ear that reads it."""
     meta = pd.DataFrame({"filename": [f"c{i}.wav" for i in range(16)], "expected_text": ["a cat"] * 16,
                          "score": [1, 1, 0, 1, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1, 0], "fold": [i % 4 for i in range(16)]})
     for name in meta["filename"]:
@@ -69,15 +69,27 @@ def test_an_ear_never_hears_the_clips_it_reads(tmp_path, monkeypatch):
     monkeypatch.setattr(fold_ears, "fine_tune_decoder", fake_fine_tune)
     monkeypatch.setattr(fold_ears, "save_ct2", fake_save)
     monkeypatch.setattr(fold_ears, "memory_cache", lambda *a, **k: FakeMemory())
+
+    def fake_copies(data_dir, rows, aug, progress=True):   # one copy per clip, with its source's fold and label
+        return tmp_path / "copies", rows.assign(filename=rows["filename"].str.replace(".wav", ".ear0.wav"),
+                                                source=rows["filename"])
+    monkeypatch.setattr(fold_ears, "ensure_copies", fake_copies)
     recipe = adapt.EarRecipe()
+    assert recipe.copies == 1, "ears train on copies of their clips by default"
     ears = fold_ears.train_fold_ears(recipe, tmp_path, meta, progress=False)
     assert sorted(ears.dirs) == [fold_ears.ALL, 0, 1, 2, 3]
+    copy = lambda names: {n.replace(".wav", ".ear0.wav") for n in names}  # noqa: E731
     for k in range(4):
         heard = set(trained_on[ears.dirs[k].name])
-        assert heard == set(meta.loc[(meta["fold"] != k) & (meta["score"] == 1), "filename"])
-        assert not heard & set(meta.loc[meta["fold"] == k, "filename"]), f"ear {k} heard fold {k}"
-    assert trained_on[ears.dirs[fold_ears.ALL].name] == sorted(meta.loc[meta["score"] == 1, "filename"])
+        theirs = set(meta.loc[(meta["fold"] != k) & (meta["score"] == 1), "filename"])
+        assert heard == theirs | copy(theirs)
+        mine = set(meta.loc[meta["fold"] == k, "filename"])
+        assert not heard & (mine | copy(mine)), f"ear {k} heard fold {k} or a copy of it"
+    everyone = set(meta.loc[meta["score"] == 1, "filename"])
+    assert set(trained_on[ears.dirs[fold_ears.ALL].name]) == everyone | copy(everyone)
     assert len({d.name for d in ears.dirs.values()}) == 5
+    alone = fold_ears.train_fold_ears(adapt.EarRecipe(copies=0), tmp_path, meta, progress=False)
+    assert set(trained_on[alone.dirs[0].name]) == set(meta.loc[(meta["fold"] != 0) & (meta["score"] == 1), "filename"])
 
     read_by = {}
 
@@ -102,7 +114,7 @@ def test_an_ear_never_hears_the_clips_it_reads(tmp_path, monkeypatch):
     again = fold_ears.train_fold_ears(recipe, tmp_path, flipped, progress=False)
     assert again.dirs[2] == ears.dirs[2], "fold 2's ear never trained on c6 (fold 2): reused"
     assert all(again.dirs[k] != ears.dirs[k] for k in (0, 1, 3, fold_ears.ALL)), "the others trained on it"
-    assert "c6.wav" not in trained_on[again.dirs[0].name]
+    assert "c6.wav" not in trained_on[again.dirs[0].name] and "c6.ear0.wav" not in trained_on[again.dirs[0].name]
 
 
 def test_layout_names_the_fold_ear_block():

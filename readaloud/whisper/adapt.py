@@ -52,10 +52,12 @@ class EarRecipe:
     margin_s: float = 1.0      # the cached encoder output it trains on and decodes from: the clip + this
     window_s: float = 10.0     # the frozen encoder's padded window (the shortest; longer clips get more)
     seed: int = 0
+    copies: int = 1            # ear copies (members/gbm/ear_augment.py) of each clip it trains on: other vocal
+                               # tracts, so that a few training voices teach it less of themselves
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-            raise ValueError(f"an ear needs epochs >= 1, batch_size >= 1 and lr > 0, got {self}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.copies < 0:
+            raise ValueError(f"an ear needs epochs >= 1, batch_size >= 1, lr > 0 and copies >= 0, got {self}")
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "version": EAR_VERSION}, sort_keys=True)

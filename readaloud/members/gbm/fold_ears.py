@@ -39,13 +39,14 @@ from ...prep.clip_digests import clip_digest, known_digests
 from ...whisper.adapt import EAR_RECORD, EarRecipe, fine_tune_decoder, is_ear, save_ct2
 from ...whisper.backbones import ct2_folder
 from . import evidence as asr
+from .ear_augment import EarAugment, ensure_copies
 
 log = logging.getLogger(__name__)
 ALL = -1   # the ear of every training fold: what reads the test rows
 
 
 def recipe_of(mc: ModelConfig) -> EarRecipe:
-    return EarRecipe(backbone=mc.asr_ear_backbone, epochs=mc.asr_ear_epochs, lr=mc.asr_ear_lr)
+    return EarRecipe(backbone=mc.asr_ear_backbone, epochs=mc.asr_ear_epochs, lr=mc.asr_ear_lr, copies=mc.asr_ear_copies)
 
 
 def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", threads: int = 0):
@@ -66,9 +67,10 @@ def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", t
 def ear_key(recipe: EarRecipe, data_dir: str | Path, rows: pd.DataFrame) -> str:
     """The recipe and what the ear trains on: each clip's content, expected text (and label, always
     1), in a fixed order. The content is the digest the pipeline step recorded for the clip
-    (clip_digests.sync_clip_caches), else the file's own."""
+    (clip_digests.sync_clip_caches), else the file's own; an ear copy's follows from its source's and
+    the copies' settings (in the recipe's key through EarAugment's)."""
     known = known_digests(data_dir)
-    h = hashlib.sha1(recipe.key().encode())
+    h = hashlib.sha1(f"{recipe.key()}_{copy_settings(recipe).key() if recipe.copies else ''}".encode())
     for name, text in sorted(zip(rows["filename"].astype(str), rows["expected_text"].astype(str))):
         digest = known.get(name) or clip_digest(Path(data_dir) / name)
         h.update(f"{name}\t{digest}\t{' '.join(text.split())}\n".encode())
@@ -119,6 +121,37 @@ def ensure_ear(recipe: EarRecipe, data_dir: Path, rows: pd.DataFrame, memory, ro
         log.info("fine-tuning an ear (%s) on %d clips scored 1 -> %s", recipe.backbone, len(usable), target)
         model = fine_tune_decoder(recipe, memory, usable, progress)
         return save_ct2(model, recipe, target, {"clips": len(usable)})
+
+
+def copy_settings(recipe: EarRecipe) -> EarAugment:
+    """The ear copies an ear trains on: model6asr's own (the same folder, made once)."""
+    return EarAugment(copies=recipe.copies)
+
+
+@dataclass
+class PairedMemory:
+    """The cached encoder output of a data folder's clips and of their ear copies (a folder of their
+    own), each asked for by file name."""
+    clips: object
+    copies: object
+    copy_names: set
+
+    def _of(self, name: str):
+        return self.copies if name in self.copy_names else self.clips
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._of(name)
+
+    def ensure(self, names, progress: bool = True) -> int:
+        names = list(names)
+        return self.clips.ensure([n for n in names if n not in self.copy_names], progress) + \
+            self.copies.ensure([n for n in names if n in self.copy_names], progress)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._of(name).get(name)
+
+    def length(self, name: str) -> int:
+        return self._of(name).length(name)
 
 
 @dataclass
@@ -173,10 +206,14 @@ def ear_cache_path(data_dir: Path, model: asr.WhisperEvidence, memory) -> Path:
 def train_fold_ears(recipe: EarRecipe, data_dir: Path, meta: pd.DataFrame, device: str = "cpu",
                     threads: int = 0, progress: bool = True) -> FoldEars:
     """One ear per fold of `meta` (its `fold` and `score` columns), trained on the other folds' clips
-    scored 1, and the ear of every fold (ALL), beside the backbones."""
+    scored 1 (and their ear copies, recipe.copies), and the ear of every fold (ALL)."""
     ears = FoldEars(recipe, {}, device, threads)
     memory = ears.memory(data_dir)
     positives = meta[meta["score"].to_numpy() == 1]
+    if recipe.copies > 0:   # the copies keep their source's fold: ear k never hears a copy of fold k's clips
+        folder, copies = ensure_copies(data_dir, positives, copy_settings(recipe), progress)
+        memory = PairedMemory(memory, ears.memory(folder), set(copies["filename"]))
+        positives = pd.concat([positives, copies[positives.columns]], ignore_index=True)
     folds = sorted(set(meta["fold"].astype(int)))
     for k in folds:
         ears.dirs[k] = ensure_ear(recipe, data_dir, positives[positives["fold"] != k], memory, ears_root(data_dir),
