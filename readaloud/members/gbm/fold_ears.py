@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ...checkpoints import CheckpointError
 from ...config import ModelConfig
 from ...features import file_lock
 from ...layout import cache_dir
@@ -64,12 +65,13 @@ def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", t
     return EncoderCache(encoder, config, data_dir, recipe.margin_s, recipe.window_s)
 
 
-def ear_key(recipe: EarRecipe, data_dir: str | Path, rows: pd.DataFrame) -> str:
+def ear_key(recipe: EarRecipe, data_dir: str | Path, rows: pd.DataFrame, known: dict[str, str] | None = None) -> str:
     """The recipe and what the ear trains on: each clip's content, expected text (and label, always
     1), in a fixed order. The content is the digest the pipeline step recorded for the clip
     (clip_digests.sync_clip_caches), else the file's own; an ear copy's follows from its source's and
-    the copies' settings (in the recipe's key through EarAugment's)."""
-    known = known_digests(data_dir)
+    the copies' settings (in the recipe's key through EarAugment's). `known`: the folder's
+    known_digests, read once by a caller that keys several ears."""
+    known = known_digests(data_dir) if known is None else known
     h = hashlib.sha1(f"{recipe.key()}_{copy_settings(recipe).key() if recipe.copies else ''}".encode())
     for name, text in sorted(zip(rows["filename"].astype(str), rows["expected_text"].astype(str))):
         digest = known.get(name) or clip_digest(Path(data_dir) / name)
@@ -104,9 +106,9 @@ def publish(ear: Path, assets: str | Path) -> Path:
 
 
 def ensure_ear(recipe: EarRecipe, data_dir: Path, rows: pd.DataFrame, memory, root: Path,
-               progress: bool = True) -> Path:
+               progress: bool = True, known: dict[str, str] | None = None) -> Path:
     """The ear fine-tuned on `rows` (clips scored 1), trained now unless a finished one exists."""
-    key = ear_key(recipe, data_dir, rows)
+    key = ear_key(recipe, data_dir, rows, known)
     target = root / key
     if is_ear(target):
         return target
@@ -215,20 +217,23 @@ def train_fold_ears(recipe: EarRecipe, data_dir: Path, meta: pd.DataFrame, devic
         memory = PairedMemory(memory, ears.memory(folder), set(copies["filename"]))
         positives = pd.concat([positives, copies[positives.columns]], ignore_index=True)
     folds = sorted(set(meta["fold"].astype(int)))
+    known = known_digests(data_dir)   # one read of the folder's digests for the K + 1 keys
     for k in folds:
         ears.dirs[k] = ensure_ear(recipe, data_dir, positives[positives["fold"] != k], memory, ears_root(data_dir),
-                                  progress)
-    ears.dirs[ALL] = ensure_ear(recipe, data_dir, positives, memory, ears_root(data_dir), progress)
+                                  progress, known)
+    ears.dirs[ALL] = ensure_ear(recipe, data_dir, positives, memory, ears_root(data_dir), progress, known)
     return ears
 
 
-def test_ears(recipe: EarRecipe, key: str, assets: str | Path, device: str = "cpu", threads: int = 0) -> FoldEars:
-    """The ear a checkpoint's trees read test rows with (`key`: its folder name under <assets>/ears)."""
+def published_ear(assets: str | Path, key: str, recipe_key: str) -> Path:
+    """The ear a checkpoint reads test rows with (`key`: its folder under <assets>/ears), checked when
+    the checkpoint loads: there, and made by the recipe the checkpoint was trained with."""
     folder = published_dir(assets, key)
     if not is_ear(folder):
-        raise FileNotFoundError(f"{folder}: the fold ear this checkpoint reads is missing (train.py puts it in the "
-                                f"assets folder, make_submission.py ships it): retrain the folds or copy it there")
-    record = json.loads((folder / EAR_RECORD).read_text())
-    if record.get("key") != recipe.key():
-        raise ValueError(f"{folder} was made by another recipe ({record.get('key')} != {recipe.key()})")
-    return FoldEars(recipe, {ALL: folder}, device, threads)
+        raise CheckpointError(f"the fold ear it reads test rows with, {folder}, is missing (train.py keeps it in "
+                              f"the assets folder, make_submission.py ships it): retrain the folds or copy it there")
+    made_by = json.loads((folder / EAR_RECORD).read_text()).get("key")
+    if made_by != recipe_key:
+        raise CheckpointError(f"{folder} was made by another recipe ({made_by}) than its trees read ({recipe_key}): "
+                              f"retrain the folds")
+    return folder

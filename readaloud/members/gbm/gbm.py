@@ -43,8 +43,7 @@ from ...whisper.backbones import NAMED_BACKBONES
 from .loops import LOOP_FEATURE_NAMES, loop_block
 from . import prompted as prompted_log_p
 from .prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
-from .fold_ears import ALL, FoldEars, publish, published_dir, recipe_of, test_ears, train_fold_ears
-from ...whisper.adapt import is_ear
+from .fold_ears import ALL, FoldEars, publish, published_ear, recipe_of, train_fold_ears
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from ..base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -664,12 +663,9 @@ class GBMModel:
         self.closed_words: dict[str, list[str]] = json.loads(ck["closed_words"]) if layout.closed else {}
         if layout.fold_ear and "fold_ear" not in ck:
             raise CheckpointError("its config asks for a fold ear but it names none: retrain the fold")
-        self.fold_ear = str(ck["fold_ear"]) if layout.fold_ear else None
-        # where the checkpoint was read from (pipeline/inference.py load_fold_model): its ear is beside it
-        self.assets = Path(ck.get(CHECKPOINT_FOLDER, "."))
-        if self.fold_ear is not None and not is_ear(published_dir(self.assets, self.fold_ear)):
-            raise CheckpointError(f"the fold ear it reads test rows with, {published_dir(self.assets, self.fold_ear)}, "
-                                  f"is missing (train.py keeps it in the assets folder): retrain the folds or copy it")
+        # the ear of every fold, beside the checkpoint (pipeline/inference.py load_fold_model says where it was read)
+        self.fold_ear = published_ear(ck.get(CHECKPOINT_FOLDER, "."), str(ck["fold_ear"]), str(ck["fold_ear_recipe"])) \
+            if layout.fold_ear else None
         self.new_word = NewWordTrees.load(ck, layout, names) if "new_word_state_dict" in ck else None
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,
@@ -793,8 +789,8 @@ class GBMPredictor:
             if self.model.new_word is not None else None
         ear_table = None
         if layout.fold_ear:   # the ear of every training fold reads every test row
-            ears = test_ears(recipe_of(self.cfg.model), self.model.fold_ear, self.model.assets, device)
-            ear_table = shared(("gbm fold ear", self.model.fold_ear),
+            ears = FoldEars(recipe_of(self.cfg.model), {ALL: self.model.fold_ear}, device)
+            ear_table = shared(("gbm fold ear", str(self.model.fold_ear)),
                                lambda: ears.table(rows.drop(columns=["fold"], errors="ignore"), folder, progress))
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,
