@@ -136,24 +136,28 @@ register("model5gbm", "gradient boosting (scikit-learn) on DTW/voice-activity al
 # task's words, for tasks whose words fit in one (not the children's sentences).
 # Per-clip prompt (asr_prompt_per_clip): a task whose words do not fit in a prompt (sentences) gets a prompt of
 # each clip's own expected words; tasks that fit a task prompt are unchanged.
-# Agreement (asr_agreement): how far base's open and closed transcripts are from tiny.en's; a voice
-# neither Whisper can place comes out as different words from each, so a mismatch proves less there.
+# Agreement (asr_agreement, an option since the fold ears replaced the frozen tiny.en): how far base's open and
+# closed transcripts are from tiny.en's, with both frozen Whispers named in asr_backbones.
 # New-word trees (asr_new_word_trees): a row whose text has a word the training texts lack gets a vocabulary
 # of the training words and its own, never the words a child might say in their place; trees fitted without
 # the closed and prompted blocks score it.
 # Held-out vocabularies (asr_fold_vocabulary): a fold's held-out rows are decoded over the training folds'
 # words plus their own, as a test row is, so the OOF figure meets new words where a test set would.
-register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper tiny.en and "
-         "base (transcript vs expected text, teacher-forced log p; members/gbm/evidence.py), cached per clip; "
+# Fold ears (asr_fold_ears, members/gbm/fold_ears.py): tiny.en's decoder fine-tuned inside each fold on the
+# training folds' correct readings and their ear copies, decoding from model8decoder's encoder cache; it
+# replaces the frozen tiny.en (base stays frozen: a second, unadapted ear).
+register("model6asr", default=True, description="gradient boosting on alignment features + ASR evidence of pretrained Whisper base "
+         "and of a tiny.en whose decoder is fine-tuned inside each fold on the children's correct readings "
+         "(transcript vs expected text, teacher-forced log p; members/gbm/evidence.py, fold_ears.py), cached per clip; "
          "8-leaf trees with large leaves (80 clips); trained on each clip and one perturbed copy of it; also "
          "a transcript decoded over the task's words only, and how sure Whisper is of it; how far each transcript "
          "loops; the expected text's log p after a prompt of the task's words (of the clip's own words where the "
-         "task's do not fit); how far the two Whispers' transcripts disagree; rows with words the training never "
-         "had scored by trees without the closed and prompted features",
-         arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-tiny.en,whisper-base",
+         "task's do not fit); rows with words the training never had scored by trees without the closed and "
+         "prompted features",
+         arch="gbm", gbm_features="alignment+asr", asr_backbones="whisper-base", asr_fold_ears=True,
          gbm_max_leaf_nodes=8, gbm_min_samples_leaf=80, gbm_learning_rate=0.03, gbm_ear_copies=1,
          asr_closed_vocab=True, asr_closed_logp=True, asr_loop_features=True, asr_prompt_logp=True,
-         asr_prompt_per_clip=True, asr_agreement=True, asr_new_word_trees=True, asr_fold_vocabulary=True, seed=6)
+         asr_prompt_per_clip=True, asr_new_word_trees=True, asr_fold_vocabulary=True, seed=6)
 # The 2nd place's own recipe: nothing frozen, the whole encoder fine-tuned end to end, for a GPU
 # (`--backbone openai/whisper-small` or a local Whisper folder; on 2 CPU cores tiny.en is the most it takes).
 register("model7whisper", "model3mapd with the whole pretrained encoder fine-tuned (2nd place's GPU recipe: "
