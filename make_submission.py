@@ -27,7 +27,8 @@ def package_folders(module: str) -> list[Path]:
 
 
 def shipped_backbones(assets: Path, checkpoints: list[str]) -> dict[str, Path]:
-    """{name: CTranslate2 folder} of the named Whisper backbones the checkpoints read (their configs)."""
+    """{name: CTranslate2 folder} of the named Whisper backbones the checkpoints read (their configs; a
+    fold ear's backbone too, whose encoder it decodes from, even where no model8decoder is shipped)."""
     from readaloud.checkpoints import safe_load
     from readaloud.config import RunConfig
     from readaloud.members.registry import member_for
@@ -35,7 +36,7 @@ def shipped_backbones(assets: Path, checkpoints: list[str]) -> dict[str, Path]:
     names: set[str] = set()
     for checkpoint in checkpoints:
         cfg = RunConfig.from_dict(json.loads(safe_load(assets / checkpoint)["config"]))
-        wanted = set(member_for(cfg).asr_backbones(cfg)) | {cfg.model.backbone}
+        wanted = member_for(cfg).backbones_read(cfg)
         unnamed = sorted(b for b in wanted if b and b not in NAMED_BACKBONES)
         if unnamed:
             raise SystemExit(f"{checkpoint} reads backbone(s) {unnamed}, which make_submission.py cannot ship "

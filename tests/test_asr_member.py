@@ -31,9 +31,11 @@ from readaloud.members.gbm.loops import LOOP_FEATURE_NAMES
 from readaloud.members.gbm.prompted import PROMPT_FEATURE_NAMES
 
 BACKBONE = "whisper-tiny.en"
+# the frozen evidence alone (the fold ears have their own tests: test_fold_ears.py)
 OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "4",  # 10 training clips a fold: let trees split
-           "--gbm_ear_copies", "1", "--asr_new_word_trees", "true"]
-OVERRIDES = {"asr_backbones": BACKBONE, "gbm_min_samples_leaf": 4, "gbm_ear_copies": 1, "asr_new_word_trees": True}
+           "--gbm_ear_copies", "1", "--asr_new_word_trees", "true", "--asr_fold_ears", "false"]
+OVERRIDES = {"asr_backbones": BACKBONE, "gbm_min_samples_leaf": 4, "gbm_ear_copies": 1, "asr_new_word_trees": True,
+             "asr_fold_ears": False}
 
 
 @pytest.fixture
@@ -79,22 +81,31 @@ def trained(tmp_path_factory, root):
 def test_feature_layout_of_configs():
     assert gbm.FeatureLayout.of(variant_config("model5gbm").model).names == ALIGNMENT_NAMES, "model5gbm as before"
     layout = gbm.FeatureLayout.of(variant_config("model6asr").model)
-    assert layout.alignment and layout.asr_backbones == ("whisper-tiny.en", "whisper-base")
+    assert layout.alignment and layout.asr_backbones == ("whisper-base",), "model6asr's frozen Whisper is base"
+    assert layout.fold_ear, "and its second ear is tiny.en adapted inside each fold"
     assert layout.closed, "model6asr decodes over the task's words by default"
     assert layout.closed_logp, "and reads how sure Whisper is of the closed transcript"
     assert layout.loops, "and how far its open and closed transcripts loop"
     assert layout.prompted, "and the expected text's log p after a prompt of the task's words"
-    assert layout.agreement, "and how far base's transcripts are from tiny.en's"
-    assert len(layout.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) + 2 * len(CLOSED_FEATURE_NAMES) \
-        + 2 * len(CLOSED_LOGP_NAMES) + 4 * len(LOOP_FEATURE_NAMES) + 2 * len(PROMPT_FEATURE_NAMES) \
-        + 2 * len(gbm.AGREEMENT_NAMES)
+    assert not layout.agreement, "one frozen Whisper: nothing to agree with"
+    assert len(layout.names) == len(ALIGNMENT_NAMES) + len(asr.FEATURE_NAMES) + len(CLOSED_FEATURE_NAMES) \
+        + len(CLOSED_LOGP_NAMES) + 2 * len(LOOP_FEATURE_NAMES) + len(PROMPT_FEATURE_NAMES) \
+        + len(asr.FEATURE_NAMES), "base's blocks, then the ear's open transcript and log p"
     assert layout.names[-2:] == ["task_code", "grade_code"] and "asr_whisper-base_exact_match" in layout.names
-    assert [n for n in layout.names if n.startswith("asr_agree_")] == [
+    assert "asr_ear_exact_match" in layout.names and not any(n.startswith("asr_whisper-tiny") for n in layout.names)
+    both = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_backbones": "whisper-tiny.en,whisper-base",
+                                                             "asr_agreement": True, "asr_fold_ears": False}).model)
+    assert both.agreement and len(both.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) \
+        + 2 * len(CLOSED_FEATURE_NAMES) + 2 * len(CLOSED_LOGP_NAMES) + 4 * len(LOOP_FEATURE_NAMES) \
+        + 2 * len(PROMPT_FEATURE_NAMES) + 2 * len(gbm.AGREEMENT_NAMES), "the two frozen Whispers of before"
+    assert [n for n in both.names if n.startswith("asr_agree_")] == [
         "asr_agree_whisper-base_word_edit_rate", "asr_agree_whisper-base_phone_edit_rate",
         "asr_agree_whisper-base_closed_word_edit_rate", "asr_agree_whisper-base_closed_phone_edit_rate"]
     one = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_backbones": "whisper-tiny.en"}).model)
     assert not one.agreement, "one Whisper: nothing to agree with"
-    without = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_closed_vocab": False}).model)
+    without = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_closed_vocab": False, "asr_agreement": True,
+                                                                "asr_fold_ears": False,
+                                                                "asr_backbones": "whisper-tiny.en,whisper-base"}).model)
     assert not without.closed and not without.prompted and len(without.names) == len(ALIGNMENT_NAMES) + 2 * len(asr.FEATURE_NAMES) \
         + 2 * len(LOOP_FEATURE_NAMES) + len(gbm.AGREEMENT_NAMES), "the open transcripts' loops and agreement only"
     only = gbm.FeatureLayout.of(variant_config("model6asr", {"gbm_features": "asr",
@@ -156,7 +167,7 @@ def test_a_rerun_of_finished_folds_prepares_nothing(trained, tmp_path):
 
 
 def test_checkpoint_is_weights_only_and_names_its_features(trained):
-    layout = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_backbones": BACKBONE}).model)
+    layout = gbm.FeatureLayout.of(variant_config("model6asr", OVERRIDES).model)
     for fold in (0, 1):
         ck = safe_load(trained["assets"] / f"model6asr_{fold}.pth")  # torch.load(weights_only=True)
         assert ck["arch"] == "gbm" and ck["feature_names"] == layout.names

@@ -196,7 +196,7 @@ def test_model6asr_trains_and_infers_with_the_closed_block(tmp_path, root):
     run_script(root, "preprocess.py", "--data", data, "--tts_dir", tts, "--n_folds", 2, "--workers", 1)
     options = ["--asr_backbones", "whisper-tiny.en", "--gbm_min_samples_leaf", "4", "--gbm_ear_copies", "1",
                "--asr_closed_vocab", "true", "--asr_closed_logp", "true", "--asr_loop_features", "true", "--asr_prompt_logp", "true",
-               "--asr_new_word_trees", "true", "--asr_fold_vocabulary", "true"]
+               "--asr_new_word_trees", "true", "--asr_fold_vocabulary", "true", "--asr_fold_ears", "false"]
     run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
                "--models", "model6asr", "--jobs", 1, *options)
     run_script(root, "get_config.py", "--data", data, "--assets", assets)

@@ -118,12 +118,22 @@ def test_an_ear_never_hears_the_clips_it_reads(tmp_path, monkeypatch):
 
 
 def test_layout_names_the_fold_ear_block():
-    layout = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_fold_ears": True}).model)
-    plain = gbm.FeatureLayout.of(variant_config("model6asr").model)
-    assert layout.fold_ear and not plain.fold_ear
+    layout = gbm.FeatureLayout.of(variant_config("model6asr").model)
+    plain = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_fold_ears": False}).model)
+    assert layout.fold_ear and not plain.fold_ear, "model6asr reads a fold ear by default"
     assert layout.names == plain.names[:-2] + [f"asr_ear_{n}" for n in asr.FEATURE_NAMES] + plain.names[-2:]
     assert set(layout.names) - set(layout.without_vocabulary().names) == \
         set(plain.names) - set(plain.without_vocabulary().names), "the new-word trees read the ear too"
+
+
+def test_the_ears_backbone_is_shipped_with_the_member():
+    """The ear decodes from its backbone's encoder output: make_submission.py ships that backbone with
+    model6asr even where no model8decoder reads it."""
+    from readaloud.members.registry import member_named
+    gbm_member = member_named("gbm")
+    assert gbm_member.backbones_read(variant_config("model6asr")) == {"whisper-base", "whisper-tiny.en"}
+    assert gbm_member.backbones_read(variant_config("model6asr", {"asr_fold_ears": False})) == {"whisper-base"}
+    assert member_named("whisperdec").backbones_read(variant_config("model8decoder")) == {"whisper-tiny.en"}
 
 
 @pytest.fixture(scope="module")
@@ -172,10 +182,19 @@ def test_model6asr_with_fold_ears_trains_infers_and_packs(demo, tmp_path):
     trained = {p.name for p in fold_ears.ears_root(data).iterdir() if adapt.is_ear(p)}
     assert key in trained and len(trained) == 3, "one ear per fold and one of every fold"
     run_script(root, "get_config.py", "--data", data, "--assets", assets)
-    out = run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", tmp_path / "sub.csv")
+    out = run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", tmp_path / "sub.csv",
+                     "--explain")
     sub = pd.read_csv(tmp_path / "sub.csv")
     assert len(sub) == 5 and sub["score"].between(0, 1).all()
     assert "from 2/2 checkpoints" in out.stdout and "0 prior fallbacks" in out.stdout, out.stdout
+    # the teachers' word evidence is the ear's: the transcripts the trees read for the test rows
+    explained = pd.read_csv(tmp_path / "sub_explain.csv")
+    assert explained["backbone"].str.startswith(f"fold ear {key}").all(), explained["backbone"].tolist()
+    test = pd.read_csv(data / "test_metadata.csv")
+    table = fold_ears.FoldEars(adapt.EarRecipe(epochs=1, copies=0), {fold_ears.ALL: assets / "ears" / key}).table(
+        test, data, progress=False)
+    heard = dict(zip(test["filename"], table.transcripts))
+    assert [heard[f] for f in explained["filename"]] == explained["transcript"].fillna("").tolist()
 
     # the ear gone: infer.py names it, drops the member's checkpoints and still writes every row
     moved = tmp_path / "moved"

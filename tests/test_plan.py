@@ -33,7 +33,8 @@ def planned(tmp_path_factory, root):
 def test_every_stage_of_the_members_is_planned(planned):
     names = [s["name"] for s in planned["out"]["stages"]]
     expected = ["preprocess: TTS references", "preprocess: clip features",
-                "model6asr: alignment features", "model6asr: ASR evidence (whisper-tiny.en)", "model6asr: ear copies",
+                "model6asr: alignment features", "model6asr: ASR evidence (whisper-tiny.en)", "model6asr: fold ears",
+                "model6asr: ear copies",
                 "model6asr: training", "model6asr: inference, test clips' ASR evidence (whisper-tiny.en)",
                 "model6asr: inference, each fold's predictions",
                 "model8decoder: frozen encoder cache (whisper-tiny.en)", "model8decoder: training",
@@ -62,7 +63,10 @@ def test_hours_grow_linearly_with_the_clips_and_disk_is_counted(planned):
                                                                           {p.stage for p in per_clip}]))
     assert sum(r.disk_gb for r in hours[0]) > 0
     by_name = {r.stage: r for r in hours[0]}
-    assert by_name["model8decoder: frozen encoder cache (whisper-tiny.en)"].disk_gb > 0
+    # tiny.en's encoder cache is one, model6asr's fold ears' and model8decoder's: counted where it is filled first
+    ears = by_name[f"model6asr: {plan.FOLD_EARS_STAGE}"]
+    cache = by_name["model8decoder: frozen encoder cache (whisper-tiny.en)"]
+    assert ears.disk_gb > 0 and ears.hours > cache.hours, "the ears' stage fills the encoder cache"
     assert by_name["model8decoder: training"].disk_gb > 0, "the folds' checkpoints"
 
 

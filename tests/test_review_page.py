@@ -25,7 +25,7 @@ from readaloud.pipeline import review
 
 CHROMIUM = Path("/usr/bin/chromium")
 BACKBONE = "whisper-tiny.en"
-GBM_OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "2", "--gbm_ear_copies", "1"]
+GBM_OPTIONS = ["--asr_backbones", BACKBONE, "--gbm_min_samples_leaf", "2", "--gbm_ear_copies", "1", "--asr_fold_ears", "false"]
 needs_chromium = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is not installed (apt-get install "
                                     "chromium chromium-driver; .ci/run installs it)")
 

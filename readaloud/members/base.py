@@ -125,6 +125,11 @@ class Member:
         infer.py --explain takes its per-word evidence from the first of a shipped member."""
         return []
 
+    def backbones_read(self, cfg: RunConfig) -> set[str]:
+        """Every Whisper backbone a model of this config reads at inference (make_submission.py ships
+        their weights): its own backbone and its ASR evidence's."""
+        return {b for b in [cfg.model.backbone, *self.asr_backbones(cfg)] if b}
+
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         raise NotImplementedError
 

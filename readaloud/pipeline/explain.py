@@ -3,10 +3,11 @@ Whisper finds each expected word in the clip, what it heard, and the word it rat
 (the challenge's explainability track: which word was missed).
 
 The numbers are the ASR evidence of members/gbm/evidence.py (teacher-forced log p of the expected text,
-summed per word), from the first ASR backbone of the shipped ensemble's members (a gbm member with
-`gbm_features` including asr), else whisper-tiny.en. They come from the data folder's ASR cache,
-which inference has just filled when such a member is shipped, so explaining costs no second
-decode. A row that cannot be explained (no metadata, an empty expected text, an unreadable clip)
+summed per word). They come from the ear that hears the children best among the shipped members:
+model6asr's fold ear (members/gbm/fold_ears.py, the Whisper decoder adapted to the training voices) where
+it reads one, else the first ASR backbone of a gbm member with `gbm_features` including asr, else
+whisper-tiny.en. Either way they are read from the data folder's caches, which inference has just
+filled when such a member is shipped, so explaining costs no second decode. A row that cannot be explained (no metadata, an empty expected text, an unreadable clip)
 gets a row with a note, never an error.
 """
 from __future__ import annotations
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..checkpoints import atomic_csv, atomic_write
+from ..checkpoints import atomic_csv, atomic_write, safe_load
 from ..config import RunConfig
 from ..data import load_submission_format, load_test_rows
 from ..layout import summary_beside
+from ..members.gbm.fold_ears import ALL, FoldEars, published_dir
 from ..members.gbm.gbm import asr_device, asr_evidence
 from ..members.pair.neural import pick_device
 from ..members.registry import member_for
+from ..whisper.adapt import EAR_RECORD, EarRecipe, is_ear
 from .inference import ensemble_members
 
 log = logging.getLogger("readaloud.infer")
@@ -41,21 +44,42 @@ def explain_path(submission: str | Path) -> Path:
 
 
 def explain_backbone(assets_dir: str | Path) -> str:
-    """The first ASR backbone of the shipped members (read from each member's first fold summary),
+    """The published fold ear of a shipped member that reads one (its folder, <assets>/ears/<key>),
+    else the first ASR backbone of the shipped members (read from each member's first fold summary),
     else whisper-tiny.en."""
     assets_dir = Path(assets_dir)
     members, _, _ = ensemble_members(assets_dir, None)
+    backbones = []
     for member in members:
         for checkpoint in member.get("checkpoints", [])[:1]:
             try:
                 cfg = RunConfig.from_dict(json.loads(summary_beside(assets_dir / checkpoint).read_text())["config"])
-                backbones = member_for(cfg).asr_backbones(cfg)
+                own = member_for(cfg).asr_backbones(cfg)
+                backbones += own
+                ear = published_dir(assets_dir, str(safe_load(assets_dir / checkpoint)["fold_ear"])) \
+                    if cfg.model.asr_fold_ears and own else None
             except Exception as exc:  # an unreadable summary costs this member's say, nothing more
                 log.warning("explain: cannot read the config of %s (%s)", checkpoint, exc)
                 continue
-            if backbones:
-                return backbones[0]
-    return DEFAULT_BACKBONE
+            if ear is not None and is_ear(ear):
+                return str(ear)
+    return backbones[0] if backbones else DEFAULT_BACKBONE
+
+
+def evidence_label(backbone: str) -> str:
+    """What the explanations name as their ear: a backbone's name, or a fold ear's recipe and key."""
+    folder = Path(backbone)
+    if not is_ear(folder):
+        return backbone
+    recipe = json.loads((folder / EAR_RECORD).read_text())["recipe"]
+    return f"fold ear {folder.name} ({recipe['backbone']} adapted to the training voices)"
+
+
+def ear_evidence(folder: Path, rows: pd.DataFrame, data_dir: Path, device: str, progress: bool):
+    """A published fold ear's evidence of `rows`, decoded from the frozen encoder's cached output (the
+    cache inference filled), as model6asr reads it."""
+    recipe = EarRecipe(**json.loads((folder / EAR_RECORD).read_text())["recipe"])
+    return FoldEars(recipe, {ALL: folder}, device).table(rows.drop(columns="fold", errors="ignore"), data_dir, progress)
 
 
 def explain_rows(data_dir: str | Path, backbone: str, scores: dict[str, float] | None = None,
@@ -68,15 +92,18 @@ def explain_rows(data_dir: str | Path, backbone: str, scores: dict[str, float] |
     meta[["task", "expected_text"]] = meta[["task", "expected_text"]].fillna("")
     has_text = (meta["expected_text"].str.strip() != "").to_numpy()
     rows = meta[has_text]
-    table = asr_evidence(backbone, rows, data_dir, asr_device(pick_device(device)), 0, progress)
+    device = asr_device(pick_device(device))
+    table = ear_evidence(Path(backbone), rows, data_dir, device, progress) if is_ear(Path(backbone)) \
+        else asr_evidence(backbone, rows, data_dir, device, 0, progress)
     evidence = {i: k for k, i in enumerate(rows.index)}
     listed = set(test.meta["filename"])
+    label = evidence_label(backbone)
     records = []
     for i, (name, task, text) in enumerate(zip(meta["filename"], meta["task"], meta["expected_text"])):
         record = {"filename": name, "task": task, "expected_text": text,
                   "score": (scores or {}).get(name), "transcript": "", "words": [],
                   "least_likely_word": "", "least_likely_p": None, "least_likely_index": None,
-                  "backbone": backbone, "note": ""}
+                  "backbone": label, "note": ""}
         k = evidence.get(i)
         if k is None:
             missing = "empty expected_text" if name in listed else "no row in test_metadata.csv"
@@ -115,5 +142,5 @@ def write_explanations(data_dir: str | Path, assets_dir: str | Path, out: str | 
                               for r in records], columns=list(CSV_COLUMNS))
         atomic_csv(table, out)
     explained = sum(bool(r["words"]) for r in records)
-    log.info("explain: %d of %d rows explained with %s -> %s", explained, len(records), backbone, out)
-    return {"explain": str(out), "rows": len(records), "explained": explained, "backbone": backbone}
+    log.info("explain: %d of %d rows explained with %s -> %s", explained, len(records), evidence_label(backbone), out)
+    return {"explain": str(out), "rows": len(records), "explained": explained, "backbone": evidence_label(backbone)}

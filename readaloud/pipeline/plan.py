@@ -26,6 +26,7 @@ that is kept, and takes about a minute with the default sample.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -211,11 +212,23 @@ def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     for b in backbones:
         out.append((f"ASR evidence ({b})", apply_overrides(cfg, {"asr_backbones": b, "gbm_ear_copies": 0,
                                                                  "asr_fold_ears": False})))
-    if mc.asr_fold_ears and backbones:   # after the backbones' stages: their evidence is cached by then
+    # after the backbones' stages (their evidence is cached by then); it fills the ear backbone's encoder cache,
+    # which model8decoder's stage then finds filled (one cache, counted where it is filled first)
+    if mc.asr_fold_ears and backbones:
         out.append((FOLD_EARS_STAGE, apply_overrides(cfg, {"asr_backbones": backbones[0], "gbm_ear_copies": 0})))
     if mc.gbm_ear_copies > 0:
         out.append(("ear copies (perturbed clips, every Whisper)", cfg))
     return out
+
+
+def ear_order(meta: pd.DataFrame, folds: np.ndarray) -> list[str]:
+    """The sample's clips in the order the fold ears' timing grows it: the clips scored 1 of each fold in
+    turn first, so that every part timed (SAMPLE_FOLDS clips or more) gives each fold's ear a clip to
+    adapt on (the other folds' clips scored 1), then the rest."""
+    positives = meta.assign(fold=folds)[meta["score"].to_numpy() == 1]
+    by_fold = [list(part["filename"]) for _, part in positives.groupby("fold", sort=True)]
+    ordered = [name for turn in itertools.zip_longest(*by_fold) for name in turn if name is not None]
+    return ordered + [n for n in meta["filename"] if n not in set(ordered)]
 
 
 def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: pd.DataFrame) -> list[Stage]:
@@ -232,7 +245,9 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
         def fill(names, part=part, member=member):
             sub = type(inputs)(meta[meta["filename"].isin(set(names))], inputs.banks, inputs.stores)
             member.prepare_shared(sub, [part], data, progress=False)
-        fixed, per = fixed_and_per_item(fill, list(meta["filename"]))
+        order = ear_order(meta, load_or_create_folds(data, meta, SAMPLE_FOLDS).to_numpy()) \
+            if name == FOLD_EARS_STAGE else list(meta["filename"])
+        fixed, per = fixed_and_per_item(fill, order)
         grown = folder_bytes(data / "cache") - before
         stages.append(Stage(f"{variant}: {name}", "train", per, fixed, grown / len(meta),
                             "duration" if "alignment" in name else "window", per_fold=name == FOLD_EARS_STAGE))

@@ -289,10 +289,11 @@ def write_review(data_dir: str | Path, assets_dir: str | Path, out_dir: str | Pa
     backbone, explain_problem = None, ""
     if explanations is None:
         try:
-            from .explain import explain_backbone, explain_rows
+            from .explain import evidence_label, explain_backbone, explain_rows
             backbone = explain_backbone(assets_dir)
             explanations = explain_rows(data_dir, backbone, dict(zip(sub["filename"], sub["score"])), device,
                                         progress)
+            backbone = evidence_label(backbone)
         except Exception as exc:  # the page still shows every score
             explain_problem = f"{type(exc).__name__}: {exc}"
             log.warning("report: no word evidence (%s); the page shows the scores only", explain_problem)

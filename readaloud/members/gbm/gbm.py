@@ -453,6 +453,11 @@ class GBMMember(Member):
     def asr_backbones(self, cfg: RunConfig) -> list[str]:
         return list(FeatureLayout.of(cfg.model).asr_backbones)
 
+    def backbones_read(self, cfg: RunConfig) -> set[str]:
+        """The ASR evidence's backbones and, with fold ears, the one whose encoder output the ear decodes."""
+        layout = FeatureLayout.of(cfg.model)
+        return super().backbones_read(cfg) | ({cfg.model.asr_ear_backbone} if layout.fold_ear else set())
+
     def prepare_shared(self, inputs: TrainingInputs, cfgs: list[RunConfig], data_dir: Path,
                        progress: bool = True) -> None:
         """Every training clip's alignment features (once per TTS and n_mels) and ASR evidence
