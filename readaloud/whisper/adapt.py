@@ -3,7 +3,7 @@
 Whisper was trained on adult speech; young readers (and accents it rarely heard) come back as other
 words, and every member that reads a frozen Whisper takes that for a wrong answer. Fine-tuning on
 the children themselves is the field's largest lever. Here the encoder stays frozen (its output is
-cached once per clip: members/decoder/decoder.py EncoderCache, the clip + a margin) and the decoder's
+cached once per clip: whisper/encoder_cache.py EncoderCache, the clip + a margin) and the decoder's
 layers learn, by token cross-entropy, to write each correct clip's expected text as Whisper would
 write it (" Honey likes cake."). Token and position embeddings stay as they are (the embedding is
 most of the weights and also the output projection: fine-tuning it on a thousand sentences would

@@ -41,8 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -53,19 +52,18 @@ import tokenizers
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
-from ...audio import SAMPLE_RATE, AudioError, load_audio
+from ...audio import SAMPLE_RATE
 from ...checkpoints import CheckpointError
 from ...config import ConfigError, ModelConfig, RunConfig
-from ...features import FeatureParams, FeatureStore, whisper_window_s, window_log_mel
-from ...layout import cache_dir
+from ...features import FeatureParams
 from ...prep.dataset import Categories
 from ...prep.prepare import TrainingInputs
 from ...text import Vocab
 from ...whisper.asr import render_expected
+from ...whisper.encoder_cache import EncoderCache, clip_window, encode_clips
 from ...whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder, WindowEncoder
 from ...whisper.backbones import ct2_folder, transformers_dir
 from ..base import FoldData, TestInputs
@@ -78,9 +76,6 @@ from ..pair.neural import NeuralMember, NeuralPredictor, pick_device, predict_lo
 from .vocab_scores import masked_target_logp, masked_token_scores
 
 log = logging.getLogger("readaloud.train")
-ENCODER_CACHE_VERSION = 2
-WINDOW_S = 10.0              # shortest input window; longer clips get the next multiple, up to 30 s
-POSITION_S = 0.02            # one encoder position
 N_TOKEN_FEATURES = 9
 N_CONTRAST_FEATURES = 3      # decoder_contrast: mean, min and sum / 10 of log p(clip) - log p(silence) per token
 NULL_CLIP_S = 1.0            # decoder_contrast: the silent clip whose encoding stands for "no speech"
@@ -92,48 +87,6 @@ MAX_TEXT_TOKENS = 200        # longer expected texts are cut (the decoder has 44
 def encoder_weights_key(encoder: WhisperEncoder) -> str:
     """A hash of the encoder's weights: another backbone is another cache."""
     return weights_key([("", encoder)])
-
-
-@dataclass(frozen=True)
-class EncoderCacheParams:
-    """What a cached row means (FeatureStore keys its files on `key()`)."""
-    width: int                 # d_model
-    weights_key: str
-    n_input_mels: int
-    window_s: float
-    margin_s: float            # < 0: all positions of the window
-    version: int = ENCODER_CACHE_VERSION
-
-    @property
-    def n_mels(self) -> int:
-        """The row width, under the name FeatureStore reads."""
-        return self.width
-
-    def key(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-
-def kept_positions(n_samples: int, margin_s: float, n_positions: int) -> int:
-    """Encoder positions kept of a clip of n_samples: the clip + margin (all when margin < 0)."""
-    if margin_s < 0:
-        return n_positions
-    return max(1, min(n_positions, math.ceil((n_samples / SAMPLE_RATE + margin_s) / POSITION_S)))
-
-
-def clip_window(audio: np.ndarray, mel_params: FeatureParams, window_s: float = WINDOW_S) -> np.ndarray:
-    """[n_mels, frames] log-mel of the audio zero-padded to its window: the smallest multiple of
-    `window_s` that holds it (features.whisper_window_s)."""
-    return window_log_mel(audio, whisper_window_s(audio.size, window_s), mel_params)
-
-
-def encode_clips(encoder: WindowEncoder, mels: list[np.ndarray], sizes: list[int], margin_s: float):
-    """(index, [positions, D] float16) per clip: one encoder call per window size, each output cut
-    to its clip + margin_s. What EncoderCache stores, and the decoder's silent clip."""
-    for width in sorted({m.shape[1] for m in mels}):
-        rows = [b for b, m in enumerate(mels) if m.shape[1] == width]
-        hidden = encoder(np.stack([mels[b] for b in rows]))
-        for k, b in enumerate(rows):
-            yield b, hidden[k, :kept_positions(sizes[b], margin_s, hidden.shape[1])].astype(np.float16)
 
 
 def make_window_encoder(mc: ModelConfig, device: torch.device,
@@ -162,65 +115,6 @@ def make_window_encoder(mc: ModelConfig, device: torch.device,
         return Ct2WindowEncoder(folder, device.type, mc.decoder_encoder_compute, torch.get_num_threads())
     encoder = encoder if isinstance(encoder, nn.Module) else encoder()
     return TorchWindowEncoder(encoder, device, encoder_weights_key(encoder))
-
-
-class EncoderCache:
-    """The frozen encoder's output per clip, [positions, D] float16, in <data>/cache."""
-
-    def __init__(self, encoder: WindowEncoder, config: WhisperConfig, data_dir: str | Path, margin_s: float,
-                 window_s: float = WINDOW_S):
-        self.encoder, self.data_dir, self.margin_s, self.window_s = encoder, Path(data_dir), margin_s, window_s
-        self.n_positions = config.max_source_positions
-        self.mel_params = FeatureParams(n_mels=config.num_mel_bins)
-        params = EncoderCacheParams(width=config.d_model, weights_key=encoder.key,
-                                    n_input_mels=config.num_mel_bins, window_s=float(window_s),
-                                    margin_s=float(margin_s))
-        # named by every setting, not the weights alone: runs with other windows or margins that share
-        # a data folder keep a cache each instead of resetting one another's
-        self.store = FeatureStore(cache_dir(data_dir), f"whisperenc_{params.weights_key}_{params.key()}", params)
-
-    def __contains__(self, filename: str) -> bool:
-        return filename in self.store
-
-    def get(self, filename: str) -> np.ndarray:
-        return self.store.get(filename)
-
-    def length(self, filename: str) -> int:
-        return self.store.length(filename)
-
-    def window(self, audio: np.ndarray) -> np.ndarray:
-        return clip_window(audio, self.mel_params, self.window_s)
-
-    def ensure(self, filenames, progress: bool = True) -> int:
-        """Encode every clip not cached yet; returns how many were computed. Unreadable clips are
-        left out with a warning naming them (the datasets then skip their rows)."""
-        todo = [f for f in dict.fromkeys(filenames) if f not in self.store]
-        if not todo:
-            return 0
-        return self.store.add_many(self._outputs(todo, progress))
-
-    def _outputs(self, names: list[str], progress: bool):
-        batch_size = self.encoder.batch_size
-        bar = tqdm(total=len(names), desc="Whisper encoder", unit="clip", disable=not progress, leave=False)
-        try:
-            for start in range(0, len(names), batch_size):
-                keys, mels, sizes = [], [], []
-                for name in names[start: start + batch_size]:
-                    if name in self.store:  # another process added it while this one waited for the store's lock
-                        continue
-                    try:
-                        audio = load_audio(self.data_dir / name)
-                    except AudioError as exc:
-                        log.warning("no Whisper encoding for %s: %s", name, exc)
-                        continue
-                    keys.append(name)
-                    mels.append(self.window(audio))
-                    sizes.append(audio.size)
-                for b, encoded in encode_clips(self.encoder, mels, sizes, self.margin_s):
-                    yield keys[b], encoded
-                bar.update(len(names[start: start + batch_size]))
-        finally:
-            bar.close()
 
 
 # ---- the network ------------------------------------------------------------------------------------

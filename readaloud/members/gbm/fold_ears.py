@@ -56,7 +56,7 @@ def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", t
     from transformers import WhisperConfig
     from ...whisper.backbones import transformers_dir
     from ...whisper.encoding import Ct2WindowEncoder
-    from ..decoder.decoder import EncoderCache
+    from ...whisper.encoder_cache import EncoderCache
     folder = ct2_folder(recipe.backbone)
     if folder is None:
         raise ValueError(f"fold ears need a named Whisper backbone or a CTranslate2 folder, not {recipe.backbone!r}")
