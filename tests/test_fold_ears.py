@@ -19,6 +19,7 @@ import torch
 from conftest import preprocessed_demo, run_script
 from readaloud.checkpoints import safe_load
 from readaloud.members.gbm import evidence as asr
+from readaloud.config import ConfigError
 from readaloud.members.gbm import fold_ears
 from readaloud.members.gbm import gbm
 from readaloud.variants import variant_config
@@ -124,6 +125,28 @@ def test_layout_names_the_fold_ear_block():
     assert layout.names == plain.names[:-2] + [f"asr_ear_{n}" for n in asr.FEATURE_NAMES] + plain.names[-2:]
     assert set(layout.names) - set(layout.without_vocabulary().names) == \
         set(plain.names) - set(plain.without_vocabulary().names), "the new-word trees read the ear too"
+
+
+def test_the_ear_agreement_block_compares_the_ear_with_the_frozen_whisper():
+    """--asr_ear_agreement: after the ear's block, the word and phoneme edit rates of the ear's transcript
+    against the first frozen backbone's; refused without fold ears."""
+    layout = gbm.FeatureLayout.of(variant_config("model6asr", {"asr_ear_agreement": True}).model)
+    plain = gbm.FeatureLayout.of(variant_config("model6asr").model)
+    assert layout.names == plain.names[:-2] + ["asr_agree_ear_word_edit_rate", "asr_agree_ear_phone_edit_rate"] \
+        + plain.names[-2:]
+    with pytest.raises(ConfigError, match="asr_fold_ears"):
+        gbm.FeatureLayout.of(variant_config("model6asr", {"asr_ear_agreement": True, "asr_fold_ears": False}).model)
+    meta = pd.DataFrame({"filename": ["a.wav", "b.wav"], "task": ["t", "t"], "expected_text": ["six nine two"] * 2,
+                         "grade": ["1", "1"]})
+    width = len(asr.FEATURE_NAMES)
+    frozen = asr.AsrTable(np.zeros((2, width)), np.array([True, True]), ["6, 9, 2", "six nine two"], [[], []])
+    ear = asr.AsrTable(np.ones((2, width)), np.array([True, True]), ["Six six nine two.", "Six nine two."], [[], []])
+    small = gbm.FeatureLayout(alignment=False, asr_backbones=("whisper-base",), fold_ear=True, ear_agreement=True)
+    X, ok = small.table(meta, ["t"], None, [frozen], ear_table=ear)
+    assert X.shape == (2, len(small.names)) and ok.all()
+    agree = X[:, small.names.index("asr_agree_ear_word_edit_rate")]
+    assert agree[1] == 0.0, "the same words, however written"
+    assert agree[0] == pytest.approx(1 / 3), "the ear doubled the first word: one insertion in three words"
 
 
 def test_the_ears_backbone_is_shipped_with_the_member():

@@ -208,10 +208,10 @@ def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     out = []
     if "alignment" in mc.gbm_features.split("+"):
         out.append(("alignment features (DTW)", apply_overrides(cfg, {"gbm_features": "alignment", "gbm_ear_copies": 0,
-                                                                      "asr_fold_ears": False})))
+                                                                      "asr_fold_ears": False, "asr_ear_agreement": False})))
     for b in backbones:
         out.append((f"ASR evidence ({b})", apply_overrides(cfg, {"asr_backbones": b, "gbm_ear_copies": 0,
-                                                                 "asr_fold_ears": False})))
+                                                                 "asr_fold_ears": False, "asr_ear_agreement": False})))
     # after the backbones' stages (their evidence is cached by then); it fills the ear backbone's encoder cache,
     # which model8decoder's stage then finds filled (one cache, counted where it is filled first)
     if mc.asr_fold_ears and backbones:

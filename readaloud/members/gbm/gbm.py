@@ -212,6 +212,7 @@ class FeatureLayout:
     prompt_per_clip: bool = False  # the prompt of a task whose words do not fit: the clip's own expected words
     agreement: bool = False    # then how far each other backbone's transcripts are from the first backbone's
     fold_ear: bool = False     # then the evidence of the ear adapted inside the fold (fold_ears.py)
+    ear_agreement: bool = False  # then how far the ear's transcript is from the first backbone's open one
 
     @classmethod
     def of(cls, mc: ModelConfig) -> "FeatureLayout":
@@ -227,11 +228,15 @@ class FeatureLayout:
         if len(set(labels)) != len(labels):
             raise ConfigError(f"--model.asr_backbones {mc.asr_backbones!r}: two backbones share the name of "
                               f"their feature block ({', '.join(labels)})")
+        if mc.asr_ear_agreement and not mc.asr_fold_ears:
+            raise ConfigError("--model.asr_ear_agreement compares the fold ear's transcript with the frozen "
+                              "Whisper's: it needs --model.asr_fold_ears true")
         closed = bool(mc.asr_closed_vocab)   # the log p is the closed transcript's: none without it
         return cls("alignment" in kinds, backbones, closed, closed and bool(mc.asr_closed_logp),
                    bool(mc.asr_loop_features), closed and bool(mc.asr_prompt_logp),
                    closed and bool(mc.asr_prompt_logp) and bool(mc.asr_prompt_per_clip),
-                   bool(mc.asr_agreement) and len(backbones) > 1, bool(mc.asr_fold_ears))
+                   bool(mc.asr_agreement) and len(backbones) > 1, bool(mc.asr_fold_ears),
+                   bool(mc.asr_ear_agreement))
 
     def without_vocabulary(self) -> "FeatureLayout":
         """This layout less the blocks the task's training words shape (the closed decode and its log
@@ -258,6 +263,8 @@ class FeatureLayout:
                           for n in AGREEMENT_NAMES]
         if self.fold_ear:
             asr_names += [f"asr_ear_{n}" for n in asr.FEATURE_NAMES]
+        if self.ear_agreement:
+            asr_names += [f"asr_agree_ear_{n}" for n in AGREEMENT_NAMES]
         return (list(ACOUSTIC_NAMES) if self.alignment else []) + asr_names + list(CATEGORY_NAMES)
 
     def table(self, meta: pd.DataFrame, tasks: list[str], acoustic: tuple[np.ndarray, np.ndarray] | None,
@@ -303,6 +310,8 @@ class FeatureLayout:
                 raise ValueError("the layout reads a fold ear's evidence: give its table")
             blocks.append(ear_table.X.astype(np.float64))
             ok &= ear_table.ok
+            if self.ear_agreement:
+                blocks.append(agreement_block(open_tables[0], ear_table))
         blocks.append(category_codes(meta, tasks))
         return np.hstack(blocks), ok
 
