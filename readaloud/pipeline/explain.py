@@ -23,11 +23,11 @@ from ..checkpoints import atomic_csv, atomic_write, safe_load
 from ..config import RunConfig
 from ..data import load_submission_format, load_test_rows
 from ..layout import summary_beside
-from ..members.gbm.fold_ears import ALL, FoldEars, published_dir
+from ..members.gbm.fold_ears import published_dir, published_ear_table
 from ..members.gbm.gbm import asr_device, asr_evidence
 from ..members.pair.neural import pick_device
 from ..members.registry import member_for
-from ..whisper.adapt import EAR_RECORD, EarRecipe, is_ear
+from ..whisper.adapt import ear_recipe, is_ear
 from .inference import ensemble_members
 
 log = logging.getLogger("readaloud.infer")
@@ -71,15 +71,7 @@ def evidence_label(backbone: str) -> str:
     folder = Path(backbone)
     if not is_ear(folder):
         return backbone
-    recipe = json.loads((folder / EAR_RECORD).read_text())["recipe"]
-    return f"fold ear {folder.name} ({recipe['backbone']} adapted to the training voices)"
-
-
-def ear_evidence(folder: Path, rows: pd.DataFrame, data_dir: Path, device: str, progress: bool):
-    """A published fold ear's evidence of `rows`, decoded from the frozen encoder's cached output (the
-    cache inference filled), as model6asr reads it."""
-    recipe = EarRecipe(**json.loads((folder / EAR_RECORD).read_text())["recipe"])
-    return FoldEars(recipe, {ALL: folder}, device).table(rows.drop(columns="fold", errors="ignore"), data_dir, progress)
+    return f"fold ear {folder.name} ({ear_recipe(folder).backbone} adapted to the training voices)"
 
 
 def explain_rows(data_dir: str | Path, backbone: str, scores: dict[str, float] | None = None,
@@ -93,8 +85,9 @@ def explain_rows(data_dir: str | Path, backbone: str, scores: dict[str, float] |
     has_text = (meta["expected_text"].str.strip() != "").to_numpy()
     rows = meta[has_text]
     device = asr_device(pick_device(device))
-    table = ear_evidence(Path(backbone), rows, data_dir, device, progress) if is_ear(Path(backbone)) \
-        else asr_evidence(backbone, rows, data_dir, device, 0, progress)
+    # a fold ear reads the frozen encoder's cached output (the cache inference filled), as model6asr reads it
+    table = published_ear_table(ear_recipe(Path(backbone)), Path(backbone), rows, data_dir, device, progress) \
+        if is_ear(Path(backbone)) else asr_evidence(backbone, rows, data_dir, device, 0, progress)
     evidence = {i: k for k, i in enumerate(rows.index)}
     listed = set(test.meta["filename"])
     label = evidence_label(backbone)
@@ -142,5 +135,6 @@ def write_explanations(data_dir: str | Path, assets_dir: str | Path, out: str | 
                               for r in records], columns=list(CSV_COLUMNS))
         atomic_csv(table, out)
     explained = sum(bool(r["words"]) for r in records)
-    log.info("explain: %d of %d rows explained with %s -> %s", explained, len(records), evidence_label(backbone), out)
-    return {"explain": str(out), "rows": len(records), "explained": explained, "backbone": evidence_label(backbone)}
+    label = evidence_label(backbone)
+    log.info("explain: %d of %d rows explained with %s -> %s", explained, len(records), label, out)
+    return {"explain": str(out), "rows": len(records), "explained": explained, "backbone": label}

@@ -206,12 +206,11 @@ def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     backbones = [b.strip() for b in str(mc.asr_backbones).split(",") if b.strip()] \
         if "asr" in mc.gbm_features.split("+") else []
     out = []
+    alone = {"gbm_ear_copies": 0, "asr_fold_ears": False, "asr_ear_agreement": False}   # that cache only
     if "alignment" in mc.gbm_features.split("+"):
-        out.append(("alignment features (DTW)", apply_overrides(cfg, {"gbm_features": "alignment", "gbm_ear_copies": 0,
-                                                                      "asr_fold_ears": False, "asr_ear_agreement": False})))
+        out.append(("alignment features (DTW)", apply_overrides(cfg, {**alone, "gbm_features": "alignment"})))
     for b in backbones:
-        out.append((f"ASR evidence ({b})", apply_overrides(cfg, {"asr_backbones": b, "gbm_ear_copies": 0,
-                                                                 "asr_fold_ears": False, "asr_ear_agreement": False})))
+        out.append((f"ASR evidence ({b})", apply_overrides(cfg, {**alone, "asr_backbones": b})))
     # after the backbones' stages (their evidence is cached by then); it fills the ear backbone's encoder cache,
     # which model8decoder's stage then finds filled (one cache, counted where it is filled first)
     if mc.asr_fold_ears and backbones:
@@ -228,7 +227,8 @@ def ear_order(meta: pd.DataFrame, folds: np.ndarray) -> list[str]:
     positives = meta.assign(fold=folds)[meta["score"].to_numpy() == 1]
     by_fold = [list(part["filename"]) for _, part in positives.groupby("fold", sort=True)]
     ordered = [name for turn in itertools.zip_longest(*by_fold) for name in turn if name is not None]
-    return ordered + [n for n in meta["filename"] if n not in set(ordered)]
+    first = set(ordered)
+    return ordered + [n for n in meta["filename"] if n not in first]
 
 
 def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: pd.DataFrame) -> list[Stage]:

@@ -179,3 +179,8 @@ def save_ct2(model, recipe: EarRecipe, target: Path, record: dict) -> Path:
 
 def is_ear(folder: Path) -> bool:
     return (Path(folder) / "model.bin").is_file() and (Path(folder) / EAR_RECORD).is_file()
+
+
+def ear_recipe(folder: Path) -> EarRecipe:
+    """The recipe a saved ear was made by (its ear.json, written by save_ct2)."""
+    return EarRecipe(**json.loads((Path(folder) / EAR_RECORD).read_text())["recipe"])

@@ -195,6 +195,14 @@ class FoldEars:
         return asr.AsrTable(X, ok, transcripts, words)
 
 
+def published_ear_table(recipe: EarRecipe, folder: Path, meta: pd.DataFrame, data_dir: Path, device: str = "cpu",
+                        progress: bool = True) -> asr.AsrTable:
+    """The ear of every training fold (a published ear, `folder`) reading every row of `meta`, whatever
+    fold column the rows carry: how a test row is read (GBMPredictor, infer.py --explain)."""
+    return FoldEars(recipe, {ALL: Path(folder)}, device).table(meta.drop(columns=["fold"], errors="ignore"),
+                                                              data_dir, progress)
+
+
 @lru_cache(maxsize=8)
 def ear_model(folder: Path, device: str = "cpu", threads: int = 0) -> asr.WhisperEvidence:
     """One loaded ear per folder in a process (a run's K + 1 ears, beside gbm.evidence_model's backbones)."""

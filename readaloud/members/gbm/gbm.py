@@ -43,7 +43,7 @@ from ...whisper.backbones import NAMED_BACKBONES
 from .loops import LOOP_FEATURE_NAMES, loop_block
 from . import prompted as prompted_log_p
 from .prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
-from .fold_ears import ALL, FoldEars, publish, published_ear, recipe_of, train_fold_ears
+from .fold_ears import ALL, FoldEars, publish, published_ear, published_ear_table, recipe_of, train_fold_ears
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from ..base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -803,9 +803,9 @@ class GBMPredictor:
             if self.model.new_word is not None else None
         ear_table = None
         if layout.fold_ear:   # the ear of every training fold reads every test row
-            ears = FoldEars(recipe_of(self.cfg.model), {ALL: self.model.fold_ear}, device)
             ear_table = shared(("gbm fold ear", str(self.model.fold_ear)),
-                               lambda: ears.table(rows.drop(columns=["fold"], errors="ignore"), folder, progress))
+                               lambda: published_ear_table(recipe_of(self.cfg.model), self.model.fold_ear, rows,
+                                                           folder, device, progress))
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,
                                                     prompted_tables, new_rows, ear_table)
