@@ -33,15 +33,20 @@ def planned(tmp_path_factory, root):
 def test_every_stage_of_the_members_is_planned(planned):
     names = [s["name"] for s in planned["out"]["stages"]]
     expected = ["preprocess: TTS references", "preprocess: clip features",
-                "model6asr: alignment features", "model6asr: ASR evidence (whisper-tiny.en)", "model6asr: fold ears",
+                "model6asr: alignment features", "model6asr: ASR evidence (whisper-tiny.en)",
+                "model6asr: fold ears: encoder cache (whisper-tiny.en", "model6asr: fold ears: ear copies of the clips",
+                "model6asr: fold ears: fine-tuning K + 1 ears", "model6asr: fold ears: each clip decoded by its fold's ear",
                 "model6asr: ear copies",
                 "model6asr: training", "model6asr: inference, test clips' ASR evidence (whisper-tiny.en)",
+                "model6asr: inference, test clips' fold ears: encoder cache",
+                "model6asr: inference, test clips' fold ears: each clip decoded",
                 "model6asr: inference, each fold's predictions",
                 "model8decoder: frozen encoder cache (whisper-tiny.en)", "model8decoder: training",
                 "model8decoder: inference, test clips' frozen encoder cache", "model8decoder: inference, each fold's predictions"]
     for stage in expected:
         assert any(n.startswith(stage) for n in names), (stage, names)
     assert not any("whisper-base" in n for n in names), "the override --asr_backbones reached the plan"
+    assert not any("inference" in n and ("fine-tuning" in n or "copies" in n) for n in names), "training-only work"
     folder, scaled = planned["out"]["tables"]
     assert [r["stage"] for r in folder["rows"]] == names and [r["stage"] for r in scaled["rows"]] == names
     assert scaled["size"]["train"] == 1000 and scaled["size"]["test"] == 500
@@ -54,7 +59,8 @@ def test_hours_grow_linearly_with_the_clips_and_disk_is_counted(planned):
     measured = plan.Measured([plan.Stage(**s) for s in out["stages"]], out["sample"]["train_seconds"],
                              out["sample"]["test_seconds"])
     seconds = out["sample"]["train_seconds"]
-    hours = [plan.estimate(measured, plan.Size(n, n // 2, n, seconds, seconds, "x"), 6, 2) for n in (1000, 2000, 3000)]
+    hours = [plan.estimate(measured, plan.Size(n, n // 2, n, seconds, seconds, "x", 0.6), 6, 2)
+             for n in (1000, 2000, 3000)]
     for a, b, c in zip(*hours):
         assert b.hours - a.hours == pytest.approx(c.hours - b.hours, rel=1e-9, abs=1e-12), a.stage
         assert b.hours >= a.hours > 0, a.stage
@@ -62,12 +68,30 @@ def test_hours_grow_linearly_with_the_clips_and_disk_is_counted(planned):
     assert per_clip and all(b.hours > a.hours for a, b in zip(per_clip, [r for r in hours[1] if r.stage in
                                                                           {p.stage for p in per_clip}]))
     assert sum(r.disk_gb for r in hours[0]) > 0
-    by_name = {r.stage: r for r in hours[0]}
+    by_name = [{r.stage.split(" (")[0]: r for r in table} for table in hours]
     # tiny.en's encoder cache is one, model6asr's fold ears' and model8decoder's: counted where it is filled first
-    ears = by_name[f"model6asr: {plan.FOLD_EARS_STAGE}"]
-    cache = by_name["model8decoder: frozen encoder cache (whisper-tiny.en)"]
-    assert ears.disk_gb > 0 and ears.hours > cache.hours, "the ears' stage fills the encoder cache"
-    assert by_name["model8decoder: training"].disk_gb > 0, "the folds' checkpoints"
+    cache = [t["model6asr: fold ears: encoder cache"] for t in by_name]
+    assert 0 < cache[0].disk_gb < cache[1].disk_gb, "each clip's encoder output"
+    assert by_name[0]["model8decoder: frozen encoder cache"].hours < cache[0].hours, "filled by the ears' stage"
+    # an ear is a folder whatever its clips: K + 1 ears and the published one, the same at 1000 and 3000 clips
+    ears = [t["model6asr: fold ears: fine-tuning K + 1 ears"] for t in by_name]
+    assert ears[0].disk_gb > 0 and ears[2].disk_gb == ears[0].disk_gb and ears[2].hours > ears[0].hours
+    assert by_name[0]["model8decoder: training"].disk_gb > 0, "the folds' checkpoints"
+
+
+def test_fold_ears_cost_a_start_up_and_a_folder_per_ear_and_a_pass_per_clip_and_epoch():
+    stage = plan.Stage("ears", "ears", per_unit_s=0.02, fixed_s=5.0, bytes_per_unit=0.0, scale="none",
+                       fixed_bytes=4e7, epochs=3, copies=1)
+    measured = plan.Measured([stage], [3.0], [3.0])
+    for folds in (4, 6):
+        row, = plan.estimate(measured, plan.Size(1000, 500, 100, [3.0], [3.0], "x", 0.6), folds, 2)
+        # ear k trains on the clips scored 1 outside fold k, the ear of every fold on all: K x 600 clips, each
+        # beside its copy, 3 epochs
+        assert row.hours * 3600 == pytest.approx((folds + 1) * 5.0 + 0.02 * 3 * folds * 600 * 2)
+        assert row.disk_gb * 1e9 == pytest.approx((folds + 2) * 4e7)
+    import pandas as pd
+    rows = pd.DataFrame({"fold": [0, 0, 1, 1, 1], "score": [1, 0, 1, 1, 0]})
+    assert plan.ear_passes(rows, 2, copies=1, epochs=3) == (2 + 1 + 3) * 2 * 3
 
 
 def test_the_data_folder_and_references_are_not_written(planned):

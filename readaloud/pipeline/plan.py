@@ -9,8 +9,8 @@ Every rate is measured here, now, on a sample of the folder's own clips (spread 
 durations), copied into a temporary folder that is deleted afterwards: the data folder, its caches
 and the assets are only read. Each stage is the pipeline's own code on the sample: TTS references,
 clip features, each member's per-clip caches (model6asr's alignment features, its ASR evidence per
-Whisper and its ear copies; model8decoder's frozen encoder), one fold of each member (one epoch of a
-network) on a two-fold split of the sample, and inference on the sample's test clips (once with no
+Whisper, its fold ears in their parts and its ear copies; model8decoder's frozen encoder), one fold of
+each member (one epoch of a network) on a two-fold split of the sample, and inference on the sample's test clips (once with no
 cache, once with them). A stage's time is a start-up (a model load) plus a cost per clip, told apart
 by timing it on a few clips, then more, then more again; the cost per clip is scaled by the folder's
 clip lengths (Whisper's padded window, or the clip's duration). Training is `--n_folds` folds, `--jobs` at a
@@ -59,9 +59,12 @@ class PlanError(RuntimeError):
 class Stage:
     """One stage's measured cost: `fixed_s` once, plus `per_unit_s` per unit (a clip, a text, or a
     fold's clip x epoch), scaled by the clips' length (`scale`: window, duration or none);
-    `bytes_per_unit` on disk (`fixed_bytes` once per fold for a fold's files)."""
+    `bytes_per_unit` on disk (`fixed_bytes` once per fold for a fold's files, once per ear for an ear).
+    Unit `ears` (model6asr's fold ears): `fixed_s` and `fixed_bytes` per ear (K + 1 of them, one more
+    copy published in the assets), `per_unit_s` per clip-pass of fine-tuning (a clip scored 1 or one
+    of its copies, one epoch), so K folds cost K x (clips scored 1) x (1 + copies) x epochs passes."""
     name: str
-    unit: str            # train | test | clips | texts | fold_train | fold_test
+    unit: str            # train | test | clips | texts | fold_train | fold_test | ears
     per_unit_s: float
     fixed_s: float
     bytes_per_unit: float
@@ -69,9 +72,8 @@ class Stage:
     fixed_bytes: float = 0.0
     source: str = "measured on the sample"
     whisper: bool = True  # what a GPU would run (--gpu_speedup applies)
-    epochs: int = 1       # a fold's passes over its clips (fold_train)
-    per_fold: bool = False  # grows with the fold count (model6asr's fold ears: K + 1 fine-tunings of (K - 1) / K
-                            # of the clips, K clip-passes in all), measured on SAMPLE_FOLDS folds
+    epochs: int = 1       # a fold's passes over its clips (fold_train), an ear's over its clips (ears)
+    copies: int = 0       # ears: the ear copies each clip scored 1 is trained beside (1 + copies clips a pass)
 
 
 # ---- the folder ---------------------------------------------------------------------------------------
@@ -192,7 +194,7 @@ def fixed_and_per_item(fn, items: list, warm: int = 2) -> tuple[float, float]:
 # ---- the stages -----------------------------------------------------------------------------------------
 
 SAMPLE_FOLDS = 2   # the sample's folds, for the caches a member fills before its folds
-FOLD_EARS_STAGE = "fold ears (decoder fine-tuning inside each fold, and what each ear hears)"
+FOLD_EARS_STAGE = "fold ears"   # measured in its parts: measure_fold_ears
 
 
 def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
@@ -239,18 +241,79 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
     meta = inputs.meta.set_index("filename").loc[sample["filename"]].reset_index()
     stages = []
     for name, part in cache_variants(cfg):
+        if name == FOLD_EARS_STAGE:
+            stages += measure_fold_ears(variant, part, data, meta)
+            continue
         member = member_for(part)
         before = folder_bytes(data / "cache")
 
         def fill(names, part=part, member=member):
             sub = type(inputs)(meta[meta["filename"].isin(set(names))], inputs.banks, inputs.stores)
             member.prepare_shared(sub, [part], data, progress=False)
-        order = ear_order(meta, load_or_create_folds(data, meta, SAMPLE_FOLDS).to_numpy()) \
-            if name == FOLD_EARS_STAGE else list(meta["filename"])
-        fixed, per = fixed_and_per_item(fill, order)
+        fixed, per = fixed_and_per_item(fill, list(meta["filename"]))
         grown = folder_bytes(data / "cache") - before
         stages.append(Stage(f"{variant}: {name}", "train", per, fixed, grown / len(meta),
-                            "duration" if "alignment" in name else "window", per_fold=name == FOLD_EARS_STAGE))
+                            "duration" if "alignment" in name else "window"))
+    return stages
+
+
+def ear_passes(rows: pd.DataFrame, n_folds: int, copies: int, epochs: int) -> int:
+    """Clip-passes of fine-tuning the K + 1 fold ears of `rows` (fold, score): ear k trains on the clips scored
+    1 outside fold k, the ear of every fold on all of them, each clip beside its copies, for `epochs`."""
+    positives = rows[rows["score"].to_numpy() == 1]
+    clips = sum(int((positives["fold"] != k).sum()) for k in range(n_folds)) + len(positives)
+    return clips * (1 + copies) * epochs
+
+
+def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFrame) -> list[Stage]:
+    """model6asr's fold ears (members/gbm/fold_ears.py), in the parts that grow differently: the frozen encoder's
+    cache of every clip, the ear copies of the clips scored 1, the fine-tuning of K + 1 ears (a start-up and a
+    folder per ear, a cost per clip-pass), and each clip decoded by its fold's ear. The ears are timed on a third
+    of the sample's clips scored 1, then on all of them (clips ordered by ear_order: every fold's ear gets one)."""
+    from ..members.gbm.ear_augment import ensure_copies
+    from ..members.gbm.fold_ears import FoldEars, copy_settings, ears_root, recipe_of, train_fold_ears
+    recipe = recipe_of(cfg.model)
+    folded = meta.assign(fold=load_or_create_folds(data, meta, SAMPLE_FOLDS).to_numpy())
+    order = ear_order(folded, folded["fold"].to_numpy())
+    indexed = folded.set_index("filename")
+
+    def rows(names) -> pd.DataFrame:
+        return indexed.loc[list(names)].reset_index()
+    memory = FoldEars(recipe, {}).memory(data)
+    stages = []
+
+    def per_clip(name: str, fill, scale: str) -> None:
+        before = folder_bytes(data)
+        fixed, per = fixed_and_per_item(fill, order)
+        stages.append(Stage(f"{variant}: fold ears: {name}", "train", per, fixed,
+                            (folder_bytes(data) - before) / len(order), scale))
+
+    per_clip(f"encoder cache ({recipe.backbone}, the clip + {recipe.margin_s:g} s)",
+             lambda names: memory.ensure(list(names), False), "window")
+    if recipe.copies:
+        def copies(names):
+            part = rows(names)
+            folder, made = ensure_copies(data, part[part["score"].to_numpy() == 1], copy_settings(recipe), False)
+            FoldEars(recipe, {}).memory(folder).ensure(made["filename"].tolist(), False)
+        per_clip("ear copies of the clips scored 1 and their encoder cache", copies, "window")
+    n_positive = int((folded["score"].to_numpy() == 1).sum())
+    first = rows(order[:max(SAMPLE_FOLDS, n_positive // 3)])
+    timings = []
+    for part in (first, folded):
+        before = folder_bytes(ears_root(data))
+        t = time.perf_counter()
+        ears = train_fold_ears(recipe, data, part, progress=False)
+        timings.append((time.perf_counter() - t, ear_passes(part, SAMPLE_FOLDS, recipe.copies, recipe.epochs),
+                        folder_bytes(ears_root(data)) - before))
+    (t_first, p_first, _), (t_all, p_all, ear_bytes) = timings
+    per = t_all / max(1, p_all)
+    if p_all > p_first and 0 < (t_all - t_first) / (p_all - p_first) <= per:   # else noise: the mean
+        per = (t_all - t_first) / (p_all - p_first)
+    n_ears = SAMPLE_FOLDS + 1
+    stages.append(Stage(f"{variant}: fold ears: fine-tuning K + 1 ears ({recipe.epochs} epochs)", "ears", per,
+                        max(0.0, t_all - per * p_all) / n_ears, 0.0, "duration", fixed_bytes=ear_bytes / n_ears,
+                        epochs=recipe.epochs, copies=recipe.copies))
+    per_clip("each clip decoded by its fold's ear", lambda names: ears.table(rows(names), data, False), "duration")
     return stages
 
 
@@ -310,7 +373,8 @@ def measure_inference(variant: str, data: Path, tts: Path, assets: Path, test: p
                       caches: list[Stage]) -> list[Stage]:
     """infer.py on the sample's test clips with the variant's one fold, timed once its test caches are filled
     (the fold's predictions: a few rows, then all). The test clips' caches are the same per-clip work as the
-    training clips' (`caches`, measured there; ear copies are for training only), at the test clips' lengths."""
+    training clips' (`caches`, measured there; ear copies and the ears' fine-tuning are for training only), at
+    the test clips' lengths."""
     from .inference import run_inference
     if not len(test):
         return []
@@ -325,7 +389,7 @@ def measure_inference(variant: str, data: Path, tts: Path, assets: Path, test: p
     fixed, per = fixed_and_per_item(infer, names)
     test_caches = [Stage(f"{variant}: inference, test clips' {c.name.split(': ', 1)[1]}", "test", c.per_unit_s,
                          c.fixed_s, c.bytes_per_unit, c.scale, source="the training clips' rate")
-                   for c in caches if "ear copies" not in c.name]
+                   for c in caches if "ear copies" not in c.name and c.unit != "ears"]
     return test_caches + [Stage(f"{variant}: inference, each fold's predictions", "fold_test", per, fixed, 0.0)]
 
 
@@ -385,11 +449,16 @@ class Size:
     train_seconds: list[float]
     test_seconds: list[float]
     label: str
+    positive_rate: float     # the share of training clips scored 1 (what the fold ears train on)
 
 
 def folder_size(folder: Folder) -> Size:
     return Size(len(folder.train), len(folder.test), folder.texts, folder.train["seconds"].tolist(),
-                folder.test["seconds"].tolist(), f"{folder.data} as it is")
+                folder.test["seconds"].tolist(), f"{folder.data} as it is", positive_rate(folder))
+
+
+def positive_rate(folder: Folder) -> float:
+    return float((folder.train["score"].to_numpy() == 1).mean()) if len(folder.train) else 0.0
 
 
 def scaled_size(folder: Folder, train: int, test: int | None) -> Size:
@@ -399,7 +468,8 @@ def scaled_size(folder: Folder, train: int, test: int | None) -> Size:
     test = round(train * len(folder.test) / max(1, len(folder.train))) if test is None else test
     n = len(folder.train) + len(folder.test)
     return Size(train, test, max(1, round(folder.texts * (train + test) / max(1, n))),
-                folder.train["seconds"].tolist(), folder.test["seconds"].tolist(), f"{train:,} training + {test:,} test clips")
+                folder.train["seconds"].tolist(), folder.test["seconds"].tolist(), f"{train:,} training + {test:,} test clips",
+                positive_rate(folder))
 
 
 def length_factor(target, sample, scale: str) -> float:
@@ -423,16 +493,21 @@ def estimate(measured: Measured, size: Size, n_folds: int, jobs: int, gpus: int 
     """Each stage's hours and disk at `size` from the measured rates. Folds run `jobs` at a time (on paper,
     `gpus` at a time, each `gpu_speedup` times this machine); per-clip Whisper work splits over the GPUs."""
     counts = {"train": size.train, "test": size.test, "clips": size.train + size.test, "texts": size.texts,
-              "fold_train": size.train, "fold_test": size.test}
-    target = {"train": size.train_seconds, "test": size.test_seconds, "clips": size.train_seconds + size.test_seconds}
+              "fold_train": size.train, "fold_test": size.test, "ears": size.train}
+    target = {"train": size.train_seconds, "test": size.test_seconds, "clips": size.train_seconds + size.test_seconds,
+              "ears": size.train_seconds}
     sample = {"train": measured.train_seconds, "test": measured.test_seconds,
-              "clips": measured.train_seconds + measured.test_seconds}
+              "clips": measured.train_seconds + measured.test_seconds, "ears": measured.train_seconds}
     rows = []
     for st in measured.stages:
         n = counts[st.unit]
         factor = length_factor(target.get(st.unit, [1.0]), sample.get(st.unit, [1.0]), st.scale)
-        per = st.per_unit_s * factor * st.epochs * (n_folds / SAMPLE_FOLDS if st.per_fold else 1)
-        if st.unit.startswith("fold"):
+        per = st.per_unit_s * factor * st.epochs
+        if st.unit == "ears":   # K + 1 ears, one after another before the folds; one more copy in the assets
+            passes = n_folds * n * size.positive_rate * (1 + st.copies)
+            seconds, disk = (n_folds + 1) * st.fixed_s + per * passes, (n_folds + 2) * st.fixed_bytes
+            parallel = min(gpus, n_folds + 1)
+        elif st.unit.startswith("fold"):
             seconds = n_folds * (st.fixed_s + per * n) / min(max(1, jobs), n_folds)
             disk = n_folds * st.fixed_bytes
             parallel = min(gpus, n_folds)
