@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import preprocessed_demo, run_script
+from readaloud.members.gbm import fold_ears
 from readaloud.pipeline import plan
 
 
@@ -21,13 +22,16 @@ def planned(tmp_path_factory, root):
     before = listing(data), listing(tts)
     mp = pytest.MonkeyPatch()
     mp.setenv("READALOUD_BACKBONES", str(base / "backbones"))
+    tunings = []
+    real = fold_ears.fine_tune_decoder
+    mp.setattr(fold_ears, "fine_tune_decoder", lambda *a, **k: tunings.append(len(a[2])) or real(*a, **k))
     try:
         out = plan.main(["--data", str(data), "--tts_dir", str(tts), "--assets", str(base / "assets"), "--sample", "6",
                          "--clips", "1000", "--test_clips", "500", "--json", str(base / "plan.json"),
                          "--asr_backbones", "whisper-tiny.en"])
     finally:
         mp.undo()
-    return {"out": out, "data": data, "tts": tts, "before": before, "base": base}
+    return {"out": out, "data": data, "tts": tts, "before": before, "base": base, "tunings": tunings}
 
 
 def test_every_stage_of_the_members_is_planned(planned):
@@ -92,6 +96,12 @@ def test_fold_ears_cost_a_start_up_and_a_folder_per_ear_and_a_pass_per_clip_and_
     import pandas as pd
     rows = pd.DataFrame({"fold": [0, 0, 1, 1, 1], "score": [1, 0, 1, 1, 0]})
     assert plan.ear_passes(rows, 2, copies=1, epochs=3) == (2 + 1 + 3) * 2 * 3
+
+
+def test_the_fold_ears_are_fine_tuned_only_where_their_cost_is_measured(planned):
+    # K + 1 ears on a third of the sample's clips scored 1, then on all of them; every later stage (the ear
+    # copies, the fold, inference) reads those: new ears there would count ear folders as per-clip disk
+    assert len(planned["tunings"]) == 2 * (plan.SAMPLE_FOLDS + 1), planned["tunings"]
 
 
 def test_the_data_folder_and_references_are_not_written(planned):

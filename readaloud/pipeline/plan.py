@@ -195,6 +195,7 @@ def fixed_and_per_item(fn, items: list, warm: int = 2) -> tuple[float, float]:
 
 SAMPLE_FOLDS = 2   # the sample's folds, for the caches a member fills before its folds
 FOLD_EARS_STAGE = "fold ears"   # measured in its parts: measure_fold_ears
+EAR_COPIES_STAGE = "ear copies (perturbed clips, every Whisper)"
 
 
 def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
@@ -218,8 +219,24 @@ def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     if mc.asr_fold_ears and backbones:
         out.append((FOLD_EARS_STAGE, apply_overrides(cfg, {"asr_backbones": backbones[0], "gbm_ear_copies": 0})))
     if mc.gbm_ear_copies > 0:
-        out.append(("ear copies (perturbed clips, every Whisper)", cfg))
+        out.append((EAR_COPIES_STAGE, cfg))
     return out
+
+
+def copies_read_by(ears, cfg: RunConfig, data: Path, meta: pd.DataFrame, inputs):
+    """A fill of the ear copies' stage (model6asr's ear_copy_table, as prepare_shared calls it) whose copies' ear
+    block is read by `ears`, the fold ears of the whole sample."""
+    from ..members.gbm.closed import task_words
+    from ..members.gbm.gbm import FeatureLayout, asr_device, ear_copy_table
+    layout = FeatureLayout.of(cfg.model)
+    folded = meta.assign(fold=load_or_create_folds(data, meta, SAMPLE_FOLDS).to_numpy())
+    refs = inputs.banks[cfg.tts, cfg.model.n_mels] if layout.alignment else None
+    words = task_words(meta)
+
+    def fill(names):
+        ear_copy_table(layout, cfg.model, folded[folded["filename"].isin(set(names))], data, refs, [],
+                       asr_device(cfg.device), 0, False, words, ears)
+    return fill
 
 
 def ear_order(meta: pd.DataFrame, folds: np.ndarray) -> list[str]:
@@ -239,10 +256,11 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
     from ..prep.prepare import prepare_training_data
     inputs = prepare_training_data(data, tts, SAMPLE_FOLDS, {cfg.tts}, {cfg.model.n_mels}, workers=1, progress=False)
     meta = inputs.meta.set_index("filename").loc[sample["filename"]].reset_index()
-    stages = []
+    stages, ears = [], None
     for name, part in cache_variants(cfg):
         if name == FOLD_EARS_STAGE:
-            stages += measure_fold_ears(variant, part, data, meta)
+            ears_stages, ears = measure_fold_ears(variant, part, data, meta)
+            stages += ears_stages
             continue
         member = member_for(part)
         before = folder_bytes(data / "cache")
@@ -250,6 +268,10 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
         def fill(names, part=part, member=member):
             sub = type(inputs)(meta[meta["filename"].isin(set(names))], inputs.banks, inputs.stores)
             member.prepare_shared(sub, [part], data, progress=False)
+        if ears is not None and name == EAR_COPIES_STAGE:
+            # the copies read by the sample's fold ears: prepare_shared on a part of the sample would train
+            # that part's own ears (the ears' cost is measured above, once)
+            fill = copies_read_by(ears, part, data, meta, inputs)
         fixed, per = fixed_and_per_item(fill, list(meta["filename"]))
         grown = folder_bytes(data / "cache") - before
         stages.append(Stage(f"{variant}: {name}", "train", per, fixed, grown / len(meta),
@@ -265,11 +287,12 @@ def ear_passes(rows: pd.DataFrame, n_folds: int, copies: int, epochs: int) -> in
     return clips * (1 + copies) * epochs
 
 
-def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFrame) -> list[Stage]:
+def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFrame) -> tuple[list[Stage], object]:
     """model6asr's fold ears (members/gbm/fold_ears.py), in the parts that grow differently: the frozen encoder's
     cache of every clip, the ear copies of the clips scored 1, the fine-tuning of K + 1 ears (a start-up and a
     folder per ear, a cost per clip-pass), and each clip decoded by its fold's ear. The ears are timed on a third
-    of the sample's clips scored 1, then on all of them (clips ordered by ear_order: every fold's ear gets one)."""
+    of the sample's clips scored 1, then on all of them (clips ordered by ear_order: every fold's ear gets one).
+    Returns the stages and the sample's FoldEars."""
     from ..members.gbm.ear_augment import ensure_copies
     from ..members.gbm.fold_ears import FoldEars, copy_settings, ears_root, recipe_of, train_fold_ears
     recipe = recipe_of(cfg.model)
@@ -314,7 +337,7 @@ def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFra
                         max(0.0, t_all - per * p_all) / n_ears, 0.0, "duration", fixed_bytes=ear_bytes / n_ears,
                         epochs=recipe.epochs, copies=recipe.copies))
     per_clip("each clip decoded by its fold's ear", lambda names: ears.table(rows(names), data, False), "duration")
-    return stages
+    return stages, ears
 
 
 def measure_preprocess(data: Path, tts: Path, train: pd.DataFrame, test: pd.DataFrame, cfgs: list[RunConfig]
