@@ -382,7 +382,8 @@ def measure_fold(variant: str, cfg_overrides: dict, data: Path, tts: Path, asset
     from .fold_run import run_fold
     overrides = {**cfg_overrides, "threads": threads, "tensorboard": False} | ({"epochs": 1} if neural else {})
     summary = run_fold(variant, 0, data, assets, tts, overrides, n_folds=2, quiet=True, progress=False)
-    fold_bytes = folder_bytes(assets) - folder_bytes(assets / "backbones")
+    # the published fold ear is the ears' stage's (counted once there, not once per fold)
+    fold_bytes = folder_bytes(assets) - folder_bytes(assets / "backbones") - folder_bytes(assets / "ears")
     metrics = assets / "runs" / f"{variant}_0" / "metrics.csv"
     if not (neural and metrics.exists()):  # a fold on a dozen clips is all start-up: its growth is not measured
         return Stage(f"{variant}: training", "fold_train", 0.0, summary["seconds"], 0.0, fixed_bytes=fold_bytes,
