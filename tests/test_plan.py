@@ -93,15 +93,15 @@ def test_fold_ears_cost_a_start_up_and_a_folder_per_ear_and_a_pass_per_clip_and_
         # beside its copy, 3 epochs
         assert row.hours * 3600 == pytest.approx((folds + 1) * 5.0 + 0.02 * 3 * folds * 600 * 2)
         assert row.disk_gb * 1e9 == pytest.approx((folds + 2) * 4e7)
-    import pandas as pd
-    rows = pd.DataFrame({"fold": [0, 0, 1, 1, 1], "score": [1, 0, 1, 1, 0]})
-    assert plan.ear_passes(rows, 2, copies=1, epochs=3) == (2 + 1 + 3) * 2 * 3
 
 
 def test_the_fold_ears_are_fine_tuned_only_where_their_cost_is_measured(planned):
-    # K + 1 ears on a third of the sample's clips scored 1, then on all of them; every later stage (the ear
-    # copies, the fold, inference) reads those: new ears there would count ear folders as per-clip disk
-    assert len(planned["tunings"]) == 2 * (plan.SAMPLE_FOLDS + 1), planned["tunings"]
+    # one ear on one batch a pass, one on three (the cost per clip), then the sample's K + 1 ears, which every
+    # later stage (the ear copies, the fold, inference) reads: new ears there would count ear folders as per-clip disk
+    from readaloud.members.gbm.fold_ears import recipe_of
+    batch = recipe_of(plan.variant_config("model6asr").model).batch_size
+    assert planned["tunings"][:2] == [batch, 3 * batch], planned["tunings"]
+    assert len(planned["tunings"]) == 2 + plan.SAMPLE_FOLDS + 1, planned["tunings"]
 
 
 def test_the_data_folder_and_references_are_not_written(planned):

@@ -279,22 +279,13 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
     return stages
 
 
-def ear_passes(rows: pd.DataFrame, n_folds: int, copies: int, epochs: int) -> int:
-    """Clip-passes of fine-tuning the K + 1 fold ears of `rows` (fold, score): ear k trains on the clips scored
-    1 outside fold k, the ear of every fold on all of them, each clip beside its copies, for `epochs`."""
-    positives = rows[rows["score"].to_numpy() == 1]
-    clips = sum(int((positives["fold"] != k).sum()) for k in range(n_folds)) + len(positives)
-    return clips * (1 + copies) * epochs
-
-
 def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFrame) -> tuple[list[Stage], object]:
     """model6asr's fold ears (members/gbm/fold_ears.py), in the parts that grow differently: the frozen encoder's
     cache of every clip, the ear copies of the clips scored 1, the fine-tuning of K + 1 ears (a start-up and a
-    folder per ear, a cost per clip-pass), and each clip decoded by its fold's ear. The ears are timed on a third
-    of the sample's clips scored 1, then on all of them (clips ordered by ear_order: every fold's ear gets one).
-    Returns the stages and the sample's FoldEars."""
+    folder per ear, a cost per clip-pass), and each clip decoded by its fold's ear (the sample's K + 1 ears,
+    trained on clips ordered by ear_order: every fold's ear gets one). Returns the stages and those ears."""
     from ..members.gbm.ear_augment import ensure_copies
-    from ..members.gbm.fold_ears import FoldEars, copy_settings, ears_root, recipe_of, train_fold_ears
+    from ..members.gbm.fold_ears import FoldEars, copy_settings, ears_root, ensure_ear, recipe_of, train_fold_ears
     recipe = recipe_of(cfg.model)
     folded = meta.assign(fold=load_or_create_folds(data, meta, SAMPLE_FOLDS).to_numpy())
     order = ear_order(folded, folded["fold"].to_numpy())
@@ -319,23 +310,25 @@ def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFra
             folder, made = ensure_copies(data, part[part["score"].to_numpy() == 1], copy_settings(recipe), False)
             FoldEars(recipe, {}).memory(folder).ensure(made["filename"].tolist(), False)
         per_clip("ear copies of the clips scored 1 and their encoder cache", copies, "window")
-    n_positive = int((folded["score"].to_numpy() == 1).sum())
-    first = rows(order[:max(SAMPLE_FOLDS, n_positive // 3)])
+    # One ear's fine-tuning, timed on one full batch a pass and on three: a handful of clips in part-filled
+    # batches would tell nothing of the cost per clip. The sample's clips (any score: the cost is the text's and
+    # the clip's, not the label's), shortest and longest in turn so that each part has the sample's lengths.
+    by_length = list(folded["filename"])   # the sample's order: shortest to longest (spread_sample)
+    spread = [by_length[i // 2] if i % 2 == 0 else by_length[-1 - i // 2] for i in range(len(by_length))]
     timings = []
-    for part in (first, folded):
-        before = folder_bytes(ears_root(data))
+    for n in (recipe.batch_size, 3 * recipe.batch_size):
+        part = rows([spread[i % len(spread)] for i in range(n)])
         t = time.perf_counter()
-        ears = train_fold_ears(recipe, data, part, progress=False)
-        timings.append((time.perf_counter() - t, ear_passes(part, SAMPLE_FOLDS, recipe.copies, recipe.epochs),
-                        folder_bytes(ears_root(data)) - before))
-    (t_first, p_first, _), (t_all, p_all, ear_bytes) = timings
-    per = t_all / max(1, p_all)
-    if p_all > p_first and 0 < (t_all - t_first) / (p_all - p_first) <= per:   # else noise: the mean
-        per = (t_all - t_first) / (p_all - p_first)
-    n_ears = SAMPLE_FOLDS + 1
+        ear = ensure_ear(recipe, data, part, memory, ears_root(data) / "plan", progress=False)
+        timings.append((time.perf_counter() - t, n * recipe.epochs, folder_bytes(ear)))
+    (t_one, p_one, _), (t_three, p_three, ear_bytes) = timings
+    per = t_three / p_three
+    if 0 < (t_three - t_one) / (p_three - p_one) <= per:   # else noise: the mean
+        per = (t_three - t_one) / (p_three - p_one)
     stages.append(Stage(f"{variant}: fold ears: fine-tuning K + 1 ears ({recipe.epochs} epochs)", "ears", per,
-                        max(0.0, t_all - per * p_all) / n_ears, 0.0, "duration", fixed_bytes=ear_bytes / n_ears,
+                        max(0.0, t_three - per * p_three), 0.0, "duration", fixed_bytes=ear_bytes,
                         epochs=recipe.epochs, copies=recipe.copies))
+    ears = train_fold_ears(recipe, data, folded, progress=False)   # the sample's own, which the stages below read
     per_clip("each clip decoded by its fold's ear", lambda names: ears.table(rows(names), data, False), "duration")
     return stages, ears
 
