@@ -109,6 +109,7 @@ class ModelConfig:
     asr_ear_lr: float = 3e-5           # fold ears: AdamW learning rate
     asr_ear_copies: int = 1            # fold ears: ear copies of each clip an ear trains on (other vocal tracts)
     asr_ear_agreement: bool = False    # fold ears: also how far the ear's transcript is from the first backbone's
+    asr_ear_encoder_layers: int = 0    # fold ears: the encoder's top layers that adapt too (0: the decoder only)
                                        # (a voice the frozen Whisper mishears and the ear hears: they disagree)
 
 
@@ -289,6 +290,9 @@ def validate(cfg: RunConfig) -> None:
                           f"int8_float32, float16, int8_float16), got {cfg.model.decoder_encoder_compute!r}")
     if cfg.model.gbm_ear_copies < 0:
         raise ConfigError(f"--model.gbm_ear_copies must be 0 or more, got {cfg.model.gbm_ear_copies!r}")
+    if not 0 <= cfg.model.asr_ear_encoder_layers <= 32:
+        raise ConfigError(f"--model.asr_ear_encoder_layers must be 0 (the decoder only) or a number of the encoder's "
+                          f"top layers, got {cfg.model.asr_ear_encoder_layers!r}")
     if cfg.model.asr_ear_epochs < 1 or not cfg.model.asr_ear_lr > 0 or cfg.model.asr_ear_copies < 0:
         raise ConfigError(f"--model.asr_ear_epochs must be 1 or more, --model.asr_ear_lr positive and "
                           f"--model.asr_ear_copies 0 or more, got {cfg.model.asr_ear_epochs!r}, "

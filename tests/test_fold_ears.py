@@ -230,3 +230,63 @@ def test_model6asr_with_fold_ears_trains_infers_and_packs(demo, tmp_path):
 
     import make_submission
     assert make_submission.shipped_ears(assets, ["model6asr_0.pth", "model6asr_1.pth"]) == [assets / "ears" / key]
+
+
+def test_an_ear_whose_top_encoder_layer_adapts(demo, tmp_path):
+    """--asr_ear_encoder_layers 1: the ear reads the torch encoder's lower layers, cached once per clip, through
+    its own top layer. Through the pretrained top layer that is the frozen encoder's output (the decoder-only
+    ear's cache); fine-tuning moves the top layer and the decoder, the same bit for bit when trained again;
+    the saved ear carries its top layer, and decodes through it. The decoder-only ears keep their keys (those of
+    the ears trained before the option)."""
+    from transformers import WhisperForConditionalGeneration
+    from readaloud.whisper.backbones import transformers_dir
+    assert adapt.EarRecipe().key() == "c637b3cefb" and adapt.EarRecipe(epochs=1, copies=0).key() == "037ea8fa69"
+    meta = pd.read_csv(demo["data"] / "train_metadata.csv").merge(pd.read_csv(demo["data"] / "train_labels.csv"))
+    rows = meta[meta["score"] == 1].head(6)
+    recipe = adapt.EarRecipe(epochs=1, copies=0, encoder_layers=1)
+    assert recipe.key() != adapt.EarRecipe(epochs=1, copies=0).key()
+    lower = fold_ears.memory_cache(recipe, demo["data"])
+    frozen = fold_ears.memory_cache(adapt.EarRecipe(epochs=1, copies=0), demo["data"])
+    names = rows["filename"].tolist()
+    lower.ensure(names, progress=False)
+    frozen.ensure(names, progress=False)
+    assert "_below3" in lower.store.name and lower.store.name != frozen.store.name
+    pretrained = WhisperForConditionalGeneration.from_pretrained(transformers_dir(recipe.backbone)).eval()
+    through = adapt.AdaptedMemory(lower, adapt.EncoderTop.of(pretrained, 1))
+    for name in names:   # the top layer attends over the clip + 1 s only, not the whole padded window: close, not equal
+        a, b = through.get(name), np.asarray(frozen.get(name), np.float32)
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 0.2 * np.abs(b).mean() and cosine.mean() > 0.98, \
+            (name, np.abs(a - b).mean(), cosine.mean())
+
+    first = adapt.fine_tune_decoder(recipe, lower, rows, progress=False).state_dict()
+    second = adapt.fine_tune_decoder(recipe, lower, rows, progress=False).state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    before = pretrained.state_dict()
+    top_keys = [k for k in first if k.startswith("model.encoder.layers.3.")]
+    assert top_keys and not all(torch.equal(first[k], before[k]) for k in top_keys), "the top layer adapted"
+    assert all(torch.equal(first[k], before[k]) for k in first if k.startswith("model.encoder.layers.2.")), \
+        "the layers below stay frozen"
+
+    ear = fold_ears.ensure_ear(recipe, demo["data"], rows, lower, tmp_path / "ears", progress=False)
+    assert (ear / adapt.TOP_FILE).is_file() and adapt.ear_recipe(ear) == recipe
+    loaded = adapt.load_top(ear).state_dict()
+    assert all(torch.equal(loaded[f"layers.0.{k[len('model.encoder.layers.3.'):]}"], first[k]) for k in top_keys)
+    table = fold_ears.FoldEars(recipe, {fold_ears.ALL: ear}).table(rows.drop(columns="score"), demo["data"],
+                                                                   progress=False)
+    assert table.ok.all() and np.isfinite(table.X[:, asr.FEATURE_NAMES.index("exp_mean_logp")]).all()
+    assert adapt.load_top(fold_ears.ensure_ear(adapt.EarRecipe(epochs=1, copies=0), demo["data"], rows, frozen,
+                                               tmp_path / "ears", progress=False)) is None
+
+
+def test_model6asr_with_adapted_encoder_layers_trains_and_infers(demo, tmp_path):
+    root, data, tts = demo["root"], demo["data"], demo["tts"]
+    assets = tmp_path / "assets"
+    out = run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
+                     "--models", "model6asr", "--jobs", 1, *OPTIONS, "--asr_ear_encoder_layers", "1")
+    assert "2/2 folds finished" in out.stdout
+    key = str(safe_load(assets / "model6asr_0.pth")["fold_ear"])
+    assert (assets / "ears" / key / adapt.TOP_FILE).is_file(), "the published ear carries its top layer"
+    run_script(root, "get_config.py", "--data", data, "--assets", assets)
+    out = run_script(root, "infer.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--out", tmp_path / "sub.csv")
+    assert "0 prior fallbacks" in out.stdout and len(pd.read_csv(tmp_path / "sub.csv")) == 5, out.stdout

@@ -223,6 +223,14 @@ def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     return out
 
 
+def prepared_by(member, cfg: RunConfig, data: Path, meta: pd.DataFrame, inputs):
+    """A fill of a cache stage: the member's prepare_shared on the named clips of the sample."""
+    def fill(names):
+        sub = type(inputs)(meta[meta["filename"].isin(set(names))], inputs.banks, inputs.stores)
+        member.prepare_shared(sub, [cfg], data, progress=False)
+    return fill
+
+
 def copies_read_by(ears, cfg: RunConfig, data: Path, meta: pd.DataFrame, inputs):
     """A fill of the ear copies' stage (model6asr's ear_copy_table, as prepare_shared calls it) whose copies' ear
     block is read by `ears`, the fold ears of the whole sample."""
@@ -262,16 +270,11 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
             ears_stages, ears = measure_fold_ears(variant, part, data, meta)
             stages += ears_stages
             continue
-        member = member_for(part)
         before = folder_bytes(data / "cache")
-
-        def fill(names, part=part, member=member):
-            sub = type(inputs)(meta[meta["filename"].isin(set(names))], inputs.banks, inputs.stores)
-            member.prepare_shared(sub, [part], data, progress=False)
-        if ears is not None and name == EAR_COPIES_STAGE:
-            # the copies read by the sample's fold ears: prepare_shared on a part of the sample would train
-            # that part's own ears (the ears' cost is measured above, once)
-            fill = copies_read_by(ears, part, data, meta, inputs)
+        # the ear copies read by the sample's fold ears: prepare_shared on a part of the sample would train
+        # that part's own ears (the ears' cost is measured above, once)
+        fill = copies_read_by(ears, part, data, meta, inputs) if ears is not None and name == EAR_COPIES_STAGE \
+            else prepared_by(member_for(part), part, data, meta, inputs)
         fixed, per = fixed_and_per_item(fill, list(meta["filename"]))
         grown = folder_bytes(data / "cache") - before
         stages.append(Stage(f"{variant}: {name}", "train", per, fixed, grown / len(meta),

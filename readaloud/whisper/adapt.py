@@ -34,11 +34,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .asr import render_expected
+from .encoding import run_layers
 from .teacher_forcing import teacher_forced_states
 
 log = logging.getLogger(__name__)
 EAR_VERSION = 1
 EAR_RECORD = "ear.json"
+TOP_FILE = "encoder_top.safetensors"   # an ear's adapted top encoder layers (recipe.encoder_layers > 0)
+TOP_CONFIG = "encoder_top_config.json"  # ... and the transformers config they are built from
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "generation_config.json")
 
 
@@ -54,13 +57,19 @@ class EarRecipe:
     seed: int = 0
     copies: int = 1            # ear copies (members/gbm/ear_augment.py) of each clip it trains on: other vocal
                                # tracts, so that a few training voices teach it less of themselves
+    encoder_layers: int = 0    # the encoder's top layers that adapt too (0: the decoder only): the layers below
+                               # are cached once per clip (torch), the top ones run per ear (AdaptedMemory)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.copies < 0:
-            raise ValueError(f"an ear needs epochs >= 1, batch_size >= 1, lr > 0 and copies >= 0, got {self}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.copies < 0 or self.encoder_layers < 0:
+            raise ValueError(f"an ear needs epochs >= 1, batch_size >= 1, lr > 0, copies >= 0 and encoder_layers "
+                             f">= 0, got {self}")
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "version": EAR_VERSION}, sort_keys=True)
+        fields = asdict(self)
+        if not self.encoder_layers:   # the key of the ears made before the option
+            fields.pop("encoder_layers")
+        blob = json.dumps({**fields, "version": EAR_VERSION}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -73,8 +82,9 @@ def target_ids(tokenizer, prompt: list[int], eot: int, text: str) -> list[int]:
 
 
 def _batch_loss(decoder, memory, names: list[str], sequences: list[list[int]], n_prompt: int, eot: int,
-                training: bool) -> torch.Tensor:
-    """Mean token cross-entropy of the sequences after their prompt, each over its clip's memory."""
+                training: bool, top: "EncoderTop | None" = None) -> torch.Tensor:
+    """Mean token cross-entropy of the sequences after their prompt, each over its clip's memory (through
+    the adapted top encoder layers, `top`, when the memory is what the layers below them output)."""
     mems = [torch.from_numpy(np.asarray(memory.get(n), np.float32)) for n in names]
     T, L = max(len(m) for m in mems), max(len(s) for s in sequences)
     mem = torch.zeros(len(mems), T, mems[0].shape[1])
@@ -85,6 +95,8 @@ def _batch_loss(decoder, memory, names: list[str], sequences: list[list[int]], n
         mem[i, :len(m)], mem_mask[i, :len(m)] = m, True
         ids[i, :len(s)] = torch.tensor(s)
         target[i, n_prompt - 1: len(s) - 1] = torch.tensor(s[n_prompt:])   # no loss on the prompt
+    if top is not None:
+        mem = top(mem, mem_mask)
     states = teacher_forced_states(decoder, mem, mem_mask, ids[:, :-1], training)
     logits = states @ decoder.embed_tokens.weight.T
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
@@ -103,8 +115,69 @@ def length_batches(names: list[str], lengths: np.ndarray, batch_size: int, rng: 
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
+class EncoderTop(torch.nn.Module):
+    """The encoder's top layers and its final layer norm, over the cached output of the layers below
+    ([B, n, D] with a mask of the real positions): what an ear with recipe.encoder_layers adapts."""
+
+    def __init__(self, layers, layer_norm):
+        super().__init__()
+        self.layers, self.layer_norm = torch.nn.ModuleList(layers), layer_norm
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.layer_norm(run_layers(x.to(self.layer_norm.weight.dtype), mask, self.layers))
+
+    @classmethod
+    def of(cls, model, n: int) -> "EncoderTop":
+        """The top `n` layers of a transformers Whisper model's encoder (its own modules: training them trains it)."""
+        encoder = model.model.encoder
+        return cls(list(encoder.layers[len(encoder.layers) - n:]), encoder.layer_norm)
+
+
+def load_top(folder: Path) -> EncoderTop | None:
+    """A saved ear's adapted top encoder layers (its TOP_FILE, safetensors), None for a decoder-only ear."""
+    from safetensors.torch import load_file
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoderLayer
+    recipe = ear_recipe(folder)
+    if not recipe.encoder_layers:
+        return None
+    config = WhisperConfig.from_json_file(str(Path(folder) / TOP_CONFIG))
+    top = EncoderTop([WhisperEncoderLayer(config) for _ in range(recipe.encoder_layers)],
+                     torch.nn.LayerNorm(config.d_model))
+    top.load_state_dict(load_file(str(Path(folder) / TOP_FILE)))
+    return top.eval()
+
+
+@dataclass
+class AdaptedMemory:
+    """What a decoder-only ear's memory is, for an ear whose top encoder layers adapted: the cached output of the
+    layers below (`lower`: an EncoderCache or PairedMemory) through that ear's top layers, computed when asked
+    for (one layer over the clip + margin: cheap beside the decode)."""
+    lower: object
+    top: EncoderTop
+
+    @property
+    def store(self):
+        return self.lower.store
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.lower
+
+    def ensure(self, names, progress: bool = True) -> int:
+        return self.lower.ensure(names, progress)
+
+    def length(self, name: str) -> int:
+        return self.lower.length(name)
+
+    def get(self, name: str) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(self.lower.get(name), np.float32))[None]
+        with torch.inference_mode():
+            return self.top(x, torch.ones(x.shape[:2], dtype=torch.bool))[0].numpy()
+
+
 def fine_tune_decoder(recipe: EarRecipe, memory, rows: pd.DataFrame, progress: bool = True):
-    """tiny.en (or the recipe's backbone) with its decoder layers fine-tuned on `rows` (filename,
+    """tiny.en (or the recipe's backbone) with its decoder layers (and recipe.encoder_layers top encoder
+    layers, over `memory` holding what the layers below them output) fine-tuned on `rows` (filename,
     expected_text: clips scored 1 whose memory is in `memory`). Returns the transformers model."""
     import tokenizers
     from transformers import WhisperForConditionalGeneration
@@ -115,7 +188,9 @@ def fine_tune_decoder(recipe: EarRecipe, memory, rows: pd.DataFrame, progress: b
     model = WhisperForConditionalGeneration.from_pretrained(folder)
     decoder = model.model.decoder
     model.requires_grad_(False)
-    trained = [p for module in (*decoder.layers, decoder.layer_norm) for p in module.parameters()]
+    top = EncoderTop.of(model, recipe.encoder_layers) if recipe.encoder_layers else None
+    trained = [p for module in (*decoder.layers, decoder.layer_norm, *([top] if top is not None else []))
+               for p in module.parameters()]
     for p in trained:
         p.requires_grad_(True)
     tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -138,7 +213,7 @@ def fine_tune_decoder(recipe: EarRecipe, memory, rows: pd.DataFrame, progress: b
         batches = length_batches(names, lengths, recipe.batch_size, rng)
         for batch in batches:
             loss = _batch_loss(decoder, memory, [names[i] for i in batch], [sequences[i] for i in batch],
-                               len(prompt), eot, training=True)
+                               len(prompt), eot, training=True, top=top)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -167,6 +242,11 @@ def save_ct2(model, recipe: EarRecipe, target: Path, record: dict) -> Path:
                 shutil.copy(source / name, work / "transformers" / name)
         TransformersConverter(str(work / "transformers"), copy_files=["tokenizer.json"]).convert(
             str(work / "ct2"), quantization="int8", force=True)
+        if recipe.encoder_layers:   # what its decodes read the cached lower layers through (load_top)
+            from safetensors.torch import save_file
+            top = EncoderTop.of(model, recipe.encoder_layers)
+            save_file({k: v.detach().contiguous() for k, v in top.state_dict().items()}, str(work / "ct2" / TOP_FILE))
+            model.config.to_json_file(str(work / "ct2" / TOP_CONFIG))
         (work / "ct2" / EAR_RECORD).write_text(json.dumps({"recipe": asdict(recipe), "key": recipe.key(), **record},
                                                           indent=1))
         if target.exists():   # another process finished the same ear first: identical, keep it

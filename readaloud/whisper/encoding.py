@@ -13,6 +13,7 @@ measurements are in docs/members.md.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,38 @@ def encode_window(encoder: WhisperEncoder, mels: torch.Tensor, layers: int | Non
         out = layer(x, None)
         x = out[0] if isinstance(out, tuple) else out
     return x if layers is not None and layers < len(encoder.layers) else encoder.layer_norm(x)
+
+
+def weights_key(modules) -> str:
+    """12 hex digits of a hash of (prefix, module) pairs' tensor names, shapes and values: the name of
+    a cache of what those weights compute."""
+    h = hashlib.sha1()
+    for prefix, module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            h.update(f"{prefix}{name}{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def run_layers(x: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
+    """Whisper encoder layers over [B, n, D] with the padded positions (mask False) masked out of attention."""
+    bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
+    bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :]  # broadcast, no copy
+    for layer in layers:
+        out = layer(x, bias)
+        x = out[0] if isinstance(out, tuple) else out
+    return x
+
+
+def lower_layers_encoder(encoder: WhisperEncoder, top: int, device: torch.device) -> "TorchWindowEncoder":
+    """The encoder below its top `top` layers as a window encoder (the stem, positions and the lowest
+    layers, no final layer norm), keyed by those weights: what an encoder whose top layers train reads, cached."""
+    below = len(encoder.layers) - top
+    if top < 1 or below < 0:
+        raise ValueError(f"{top} top layers to adapt: the encoder has {len(encoder.layers)} layers")
+    lower = [("stem1.", encoder.conv1), ("stem2.", encoder.conv2), ("pos.", encoder.embed_positions),
+             *((f"{i}.", layer) for i, layer in enumerate(encoder.layers[:below]))]
+    return TorchWindowEncoder(encoder, device, weights_key(lower), layers=below)
 
 
 class TorchWindowEncoder:

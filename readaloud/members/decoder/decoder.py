@@ -64,14 +64,14 @@ from ...prep.prepare import TrainingInputs
 from ...text import Vocab
 from ...whisper.asr import render_expected
 from ...whisper.encoder_cache import EncoderCache, clip_window, encode_clips
-from ...whisper.encoding import Ct2WindowEncoder, TorchWindowEncoder, WindowEncoder
+from ...whisper.encoding import (Ct2WindowEncoder, TorchWindowEncoder, WindowEncoder, lower_layers_encoder,
+                                 weights_key)
 from ...whisper.backbones import ct2_folder, transformers_dir
 from ..base import FoldData, TestInputs
 from ..pair.encoder import (FeatureScaler, SpeechEncoderModel, load_pretrained_encoder, load_pretrained_whisper,
                             make_head)
 from ..encdec.encdec import logp_pools, token_pools
 from ...whisper.teacher_forcing import teacher_forced_states
-from ..pair.frozen import weights_key
 from ..pair.neural import NeuralMember, NeuralPredictor, pick_device, predict_logits
 from .vocab_scores import masked_target_logp, masked_token_scores
 
@@ -101,12 +101,9 @@ def make_window_encoder(mc: ModelConfig, device: torch.device,
             raise ConfigError("--decoder_ear_layers caches the layers below the adapted ones, which only the torch "
                               "encoder gives: use --decoder_encoder auto or torch")
         encoder = encoder if isinstance(encoder, nn.Module) else encoder()
-        below = len(encoder.layers) - mc.decoder_ear_layers
-        if below < 0:
+        if len(encoder.layers) < mc.decoder_ear_layers:
             raise ConfigError(f"--decoder_ear_layers {mc.decoder_ear_layers}: the encoder has {len(encoder.layers)} layers")
-        lower = [("stem1.", encoder.conv1), ("stem2.", encoder.conv2), ("pos.", encoder.embed_positions),
-                 *((f"{i}.", layer) for i, layer in enumerate(encoder.layers[:below]))]
-        return TorchWindowEncoder(encoder, device, weights_key(lower), layers=below)
+        return lower_layers_encoder(encoder, mc.decoder_ear_layers, device)
     folder = ct2_folder(mc.backbone) if mc.decoder_encoder in ("auto", "ctranslate2") else None
     if mc.decoder_encoder == "ctranslate2" and folder is None:
         raise ConfigError(f"--decoder_encoder ctranslate2: backbone {mc.backbone!r} has no CTranslate2 folder "

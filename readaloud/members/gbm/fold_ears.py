@@ -37,7 +37,7 @@ from ...config import ModelConfig
 from ...features import file_lock
 from ...layout import cache_dir
 from ...prep.clip_digests import clip_digest, known_digests
-from ...whisper.adapt import EAR_RECORD, EarRecipe, fine_tune_decoder, is_ear, save_ct2
+from ...whisper.adapt import EAR_RECORD, AdaptedMemory, EarRecipe, fine_tune_decoder, is_ear, load_top, save_ct2
 from ...whisper.backbones import ct2_folder
 from . import evidence as asr
 from .ear_augment import EarAugment, ensure_copies
@@ -47,21 +47,31 @@ ALL = -1   # the ear of every training fold: what reads the test rows
 
 
 def recipe_of(mc: ModelConfig) -> EarRecipe:
-    return EarRecipe(backbone=mc.asr_ear_backbone, epochs=mc.asr_ear_epochs, lr=mc.asr_ear_lr, copies=mc.asr_ear_copies)
+    return EarRecipe(backbone=mc.asr_ear_backbone, epochs=mc.asr_ear_epochs, lr=mc.asr_ear_lr, copies=mc.asr_ear_copies,
+                     encoder_layers=mc.asr_ear_encoder_layers)
 
 
 def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", threads: int = 0):
     """The frozen encoder's cached output of a data folder's clips (the clip + recipe.margin_s), as
-    model8decoder caches it: CTranslate2 float32 on the backbone's CTranslate2 folder."""
+    model8decoder caches it: CTranslate2 float32 on the backbone's CTranslate2 folder; for an ear whose top
+    encoder layers adapt (recipe.encoder_layers), the torch encoder's layers below them (model8decoder's
+    cache with --decoder_ear_layers)."""
     from transformers import WhisperConfig
     from ...whisper.backbones import transformers_dir
-    from ...whisper.encoding import Ct2WindowEncoder
+    from ...whisper.encoding import Ct2WindowEncoder, lower_layers_encoder
     from ...whisper.encoder_cache import EncoderCache
     folder = ct2_folder(recipe.backbone)
     if folder is None:
         raise ValueError(f"fold ears need a named Whisper backbone or a CTranslate2 folder, not {recipe.backbone!r}")
     config = WhisperConfig.from_pretrained(transformers_dir(recipe.backbone))
-    encoder = Ct2WindowEncoder(folder, "cuda" if device == "cuda" else "cpu", "float32", threads)
+    if recipe.encoder_layers:
+        import torch
+        from transformers import WhisperModel
+        whisper = WhisperModel.from_pretrained(transformers_dir(recipe.backbone)).eval()
+        encoder = lower_layers_encoder(whisper.encoder, recipe.encoder_layers,
+                                       torch.device("cuda" if device == "cuda" else "cpu"))
+    else:
+        encoder = Ct2WindowEncoder(folder, "cuda" if device == "cuda" else "cpu", "float32", threads)
     return EncoderCache(encoder, config, data_dir, recipe.margin_s, recipe.window_s)
 
 
@@ -187,8 +197,11 @@ class FoldEars:
                 raise ValueError(f"no ear for fold {fold} (ears for {sorted(self.dirs)})")
             rows = np.flatnonzero(folds == fold)
             model = ear_model(self.dirs[fold], self.device, self.threads)
-            part = asr.asr_table(meta.iloc[rows], data_dir, model, ear_cache_path(data_dir, model, memory),
-                                 progress=progress, memory=memory)
+            # an ear whose top encoder layers adapted reads the layers below through them
+            top = ear_top(self.dirs[fold]) if self.recipe.encoder_layers else None
+            heard = AdaptedMemory(memory, top) if top is not None else memory
+            part = asr.asr_table(meta.iloc[rows], data_dir, model, ear_cache_path(data_dir, model, heard),
+                                 progress=progress, memory=heard)
             X[rows], ok[rows] = part.X, part.ok
             for i, r in enumerate(rows):
                 transcripts[r], words[r] = part.transcripts[i], part.words[i]
@@ -207,6 +220,12 @@ def published_ear_table(recipe: EarRecipe, folder: Path, meta: pd.DataFrame, dat
 def ear_model(folder: Path, device: str = "cpu", threads: int = 0) -> asr.WhisperEvidence:
     """One loaded ear per folder in a process (a run's K + 1 ears, beside gbm.evidence_model's backbones)."""
     return asr.WhisperEvidence(folder, device=device, threads=threads)
+
+
+@lru_cache(maxsize=8)
+def ear_top(folder: Path):
+    """An ear's adapted top encoder layers, loaded once per folder in a process (None: a decoder-only ear)."""
+    return load_top(folder)
 
 
 def ear_cache_path(data_dir: Path, model: asr.WhisperEvidence, memory) -> Path:

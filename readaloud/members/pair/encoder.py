@@ -23,6 +23,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from ...config import ModelConfig, backbone_input_settings
 from ...whisper.backbones import transformers_dir
+from ...whisper.encoding import run_layers
 
 log = logging.getLogger(__name__)
 
@@ -185,12 +186,7 @@ class SpeechEncoderModel(nn.Module):
 
     def run_layers(self, x: torch.Tensor, mask: torch.Tensor, layers) -> torch.Tensor:
         """Encoder layers over [B, n, D] with the padded positions masked out of attention."""
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :]  # broadcast, no copy
-        for layer in layers:
-            out = layer(x, bias)
-            x = out[0] if isinstance(out, tuple) else out
-        return x
+        return run_layers(x, mask, layers)
 
     def encode(self, feats: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Whisper encoder on [B, T, n_mels] (T a multiple of frames_per_position) -> [B, n, D] + mask."""

@@ -32,6 +32,7 @@ from ...config import RunConfig
 from ...features import FeatureStore
 from ...prep.dataset import PairDataset
 from ...text import normalise_text
+from ...whisper.encoding import weights_key
 from .encoder import SpeechEncoderModel
 
 log = logging.getLogger("readaloud.train")
@@ -49,17 +50,6 @@ def frozen_cache_usable(cfg: RunConfig) -> bool:
 def frozen_weights_key(model: SpeechEncoderModel) -> str:
     """A hash of the frozen modules' weights: any other backbone or layer count is another key."""
     return weights_key([(f"{i}.", module) for i, module in enumerate(model.frozen_modules())])
-
-
-def weights_key(modules) -> str:
-    """12 hex digits of a hash of (prefix, module) pairs' tensor names, shapes and values: the name of
-    a cache of what those weights compute."""
-    h = hashlib.sha1()
-    for prefix, module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            h.update(f"{prefix}{name}{tuple(tensor.shape)}".encode())
-            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:12]
 
 
 @dataclass(frozen=True)
