@@ -15,14 +15,11 @@ Writes <out> (.md) and its .json twin.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-
-import pandas as pd
 
 from ..pipeline.plan import machine_line
 
