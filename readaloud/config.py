@@ -109,8 +109,8 @@ class ModelConfig:
     asr_ear_lr: float = 3e-5           # fold ears: AdamW learning rate
     asr_ear_copies: int = 1            # fold ears: ear copies of each clip an ear trains on (other vocal tracts)
     asr_ear_agreement: bool = False    # fold ears: also how far the ear's transcript is from the first backbone's
-    asr_ear_encoder_layers: int = 0    # fold ears: the encoder's top layers that adapt too (0: the decoder only)
                                        # (a voice the frozen Whisper mishears and the ear hears: they disagree)
+    asr_ear_encoder_layers: int = 0    # fold ears: the encoder's top layers that adapt too (0: the decoder only)
 
 
 @dataclass

@@ -10,9 +10,9 @@ durations), copied into a temporary folder that is deleted afterwards: the data 
 and the assets are only read. Each stage is the pipeline's own code on the sample: TTS references,
 clip features, each member's per-clip caches (model6asr's alignment features, its ASR evidence per
 Whisper, its fold ears in their parts and its ear copies; model8decoder's frozen encoder), one fold of
-each member (one epoch of a network) on a two-fold split of the sample, and inference on the sample's test clips (once with no
-cache, once with them). A stage's time is a start-up (a model load) plus a cost per clip, told apart
-by timing it on a few clips, then more, then more again; the cost per clip is scaled by the folder's
+each member (one epoch of a network) on a two-fold split of the sample, and inference on the sample's
+test clips (once with no cache, once with them). A stage's time is a start-up (a model load) plus a
+cost per clip, told apart by timing it on a few clips, then more, then more again; the cost per clip is scaled by the folder's
 clip lengths (Whisper's padded window, or the clip's duration). Training is `--n_folds` folds, `--jobs` at a
 time on cores/jobs threads each (assumed not to slow each other: a lower bound), of the variant's
 epochs (early stopping may stop sooner). Disk is the bytes each stage's caches took per clip on the
@@ -296,7 +296,8 @@ def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFra
 
     def rows(names) -> pd.DataFrame:
         return indexed.loc[list(names)].reset_index()
-    memory = FoldEars(recipe, {}).memory(data)
+    caches = FoldEars(recipe, {})   # one encoder cache per folder (the clips', the copies'), loaded once
+    memory = caches.memory(data)
     stages = []
 
     def per_clip(name: str, fill, scale: str) -> None:
@@ -311,7 +312,7 @@ def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFra
         def copies(names):
             part = rows(names)
             folder, made = ensure_copies(data, part[part["score"].to_numpy() == 1], copy_settings(recipe), False)
-            FoldEars(recipe, {}).memory(folder).ensure(made["filename"].tolist(), False)
+            caches.memory(folder).ensure(made["filename"].tolist(), False)
         per_clip("ear copies of the clips scored 1 and their encoder cache", copies, "window")
     # One ear's fine-tuning, timed on one full batch a pass and on three: a handful of clips in part-filled
     # batches would tell nothing of the cost per clip. The sample's clips (any score: the cost is the text's and
