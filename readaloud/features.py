@@ -210,6 +210,11 @@ class FeatureStore:
                 f.truncate(end * row_bytes)
         self._mmap = None
 
+    def refresh(self) -> None:
+        """Read the index again: another process (or a cache sync, clip_digests) may have added or
+        dropped keys since this store was opened."""
+        self._load()
+
     def __contains__(self, key: str) -> bool:
         return key in self._index
 

@@ -118,3 +118,77 @@ def test_a_share_of_the_clips_gets_copies_the_same_ones_every_time(data):
     assert len(none) == 0 and list(none.columns) == list(every.columns), "no rows: an empty table, every column"
     with pytest.raises(ValueError):
         EarAugment(share=0.0)
+
+
+def _cached_copies(store_dir, names, params):
+    """A cache another reader kept in the copies' folder (the fold ears' encoder outputs), reopened."""
+    from readaloud.features import FeatureStore
+    store = FeatureStore(store_dir, "reader", params)
+    store.add_many((n, np.ones((3, params.n_mels), np.float16)) for n in names)
+    return FeatureStore(store_dir, "reader", params)
+
+
+def test_a_later_caller_of_the_copies_keeps_what_an_earlier_one_cached(data):
+    """The fold ears make copies of the clips scored 1 and cache their encoder outputs in the copies'
+    folder; model6asr's own copies of every clip come later, and featurizing them syncs the folder's
+    caches (clip_digests). A copy the folder's manifest had never seen was forgotten there: the ears'
+    encoder outputs of every copy scored 1 were lost, and those rows got no ear evidence."""
+    from readaloud.features import FeatureParams
+    from readaloud.layout import cache_dir
+    from readaloud.prep.prepare import ensure_clip_features
+    root, meta = data
+    aug = EarAugment()
+    folder, first = ensure_copies(root, meta[meta["score"] == 1], aug, progress=False)
+    params = FeatureParams(n_mels=4)
+    _cached_copies(cache_dir(folder), first["filename"].tolist(), params)
+    folder, every = ensure_copies(root, meta, aug, progress=False)
+    ensure_clip_features(folder, every["filename"].tolist(), progress=False)
+    from readaloud.features import FeatureStore
+    kept = FeatureStore(cache_dir(folder), "reader", params)
+    assert len(first) and all(name in kept for name in first["filename"])
+
+
+def test_a_copy_whose_audio_changed_is_still_forgotten(data):
+    """The manifest that keeps a copy's cached values is the one that notices a changed copy."""
+    from readaloud.features import FeatureParams
+    from readaloud.layout import cache_dir
+    root, meta = data
+    aug = EarAugment()
+    folder, copies = ensure_copies(root, meta, aug, progress=False)
+    params = FeatureParams(n_mels=4)
+    _cached_copies(cache_dir(folder), copies["filename"].tolist(), params)
+    changed = copies["filename"].iloc[0]
+    write_wav(folder / changed, _tone(0.5, 100.0))
+    ensure_copies(root, meta, aug, progress=False)
+    from readaloud.features import FeatureStore
+    kept = FeatureStore(cache_dir(folder), "reader", params)
+    assert changed not in kept and all(n in kept for n in copies["filename"].iloc[1:])
+
+
+class _CountingEncoder:
+    """A window encoder that counts what it encodes: [B, n_mels, frames] -> [B, frames // 2, 4]."""
+    key = "counting"
+    batch_size = 1
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, mels):
+        self.calls += len(mels)
+        return np.zeros((len(mels), mels.shape[2] // 2, 4), np.float32)
+
+
+def test_the_encoder_cache_computes_a_clip_another_step_made_it_forget(data):
+    """An EncoderCache opened before a sync dropped a clip (clip_digests.forget_clips) must not take the
+    clip as cached: the store's index is read again before deciding what to compute."""
+    from types import SimpleNamespace
+    from readaloud.prep.clip_digests import forget_clips
+    from readaloud.whisper.encoder_cache import EncoderCache
+    root, meta = data
+    names = meta["filename"].tolist()
+    config = SimpleNamespace(max_source_positions=1500, num_mel_bins=80, d_model=4)
+    encoder = _CountingEncoder()
+    cache = EncoderCache(encoder, config, root, margin_s=1.0)
+    assert cache.ensure(names, progress=False) == len(names)
+    forget_clips(root, {names[0]})
+    assert cache.ensure(names, progress=False) == 1 and names[0] in cache and encoder.calls == len(names) + 1

@@ -102,7 +102,9 @@ class EncoderCache:
 
     def ensure(self, filenames, progress: bool = True) -> int:
         """Encode every clip not cached yet; returns how many were computed. Unreadable clips are
-        left out with a warning naming them (the datasets then skip their rows)."""
+        left out with a warning naming them (the datasets then skip their rows). The index is read again
+        first: a clip another step made this folder forget (clip_digests) is computed, not taken as cached."""
+        self.store.refresh()
         todo = [f for f in dict.fromkeys(filenames) if f not in self.store]
         if not todo:
             return 0

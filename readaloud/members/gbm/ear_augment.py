@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ...audio import SAMPLE_RATE, AudioError, load_audio, resample, write_wav
 from ...checkpoints import atomic_write
 from ...layout import cache_dir
+from ...prep.clip_digests import sync_clip_caches
 
 log = logging.getLogger(__name__)
 
@@ -134,4 +135,9 @@ def ensure_copies(data_dir: str | Path, meta: pd.DataFrame, aug: EarAugment, pro
         atomic_write(settings, json.dumps(asdict(aug) | {"key": aug.key()}, indent=1))
     out = pd.DataFrame(rows, columns=[*meta.columns, "source"])
     written = np.array([(folder / n).exists() for n in out["filename"]], bool)   # also when there are no rows
-    return folder, out[written].reset_index(drop=True)
+    out = out[written].reset_index(drop=True)
+    # the copies' folder records each copy's digest as the copy is handed out, before any cache of the folder
+    # holds it: a later step's sync (clip features, another caller's copies) would otherwise take a copy it has
+    # never seen for a new clip and forget what an earlier reader cached for it (the fold ears' encoder outputs)
+    sync_clip_caches(folder, out["filename"].tolist())
+    return folder, out
