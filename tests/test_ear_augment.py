@@ -4,12 +4,18 @@ A copy is deterministic (same bytes on a rerun, in any process), is made once (a
 nothing), keeps its source clip's row (label, fold, text) and is really perturbed; a clip that
 cannot be read gets no copies and loses nothing else."""
 import hashlib
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from readaloud.audio import SAMPLE_RATE, load_audio, write_wav
+from readaloud.features import FeatureParams, FeatureStore
+from readaloud.layout import cache_dir
+from readaloud.prep.clip_digests import forget_clips
+from readaloud.prep.prepare import ensure_clip_features
+from readaloud.whisper.encoder_cache import EncoderCache
 from readaloud.members.gbm.ear_augment import EarAugment, copies_dir, copy_name, copy_rng, ensure_copies, gets_copies, perturb
 
 
@@ -122,7 +128,6 @@ def test_a_share_of_the_clips_gets_copies_the_same_ones_every_time(data):
 
 def _cached_copies(store_dir, names, params):
     """A cache another reader kept in the copies' folder (the fold ears' encoder outputs), reopened."""
-    from readaloud.features import FeatureStore
     store = FeatureStore(store_dir, "reader", params)
     store.add_many((n, np.ones((3, params.n_mels), np.float16)) for n in names)
     return FeatureStore(store_dir, "reader", params)
@@ -132,10 +137,7 @@ def test_a_later_caller_of_the_copies_keeps_what_an_earlier_one_cached(data):
     """The fold ears make copies of the clips scored 1 and cache their encoder outputs in the copies'
     folder; model6asr's own copies of every clip come later, and featurizing them syncs the folder's
     caches (clip_digests). A copy the folder's manifest had never seen was forgotten there: the ears'
-    encoder outputs of every copy scored 1 were lost, and those rows got no ear evidence."""
-    from readaloud.features import FeatureParams
-    from readaloud.layout import cache_dir
-    from readaloud.prep.prepare import ensure_clip_features
+    encoder outputs of every copy scored 1 were lost, and each fold computed them again."""
     root, meta = data
     aug = EarAugment()
     folder, first = ensure_copies(root, meta[meta["score"] == 1], aug, progress=False)
@@ -143,15 +145,12 @@ def test_a_later_caller_of_the_copies_keeps_what_an_earlier_one_cached(data):
     _cached_copies(cache_dir(folder), first["filename"].tolist(), params)
     folder, every = ensure_copies(root, meta, aug, progress=False)
     ensure_clip_features(folder, every["filename"].tolist(), progress=False)
-    from readaloud.features import FeatureStore
     kept = FeatureStore(cache_dir(folder), "reader", params)
     assert len(first) and all(name in kept for name in first["filename"])
 
 
 def test_a_copy_whose_audio_changed_is_still_forgotten(data):
     """The manifest that keeps a copy's cached values is the one that notices a changed copy."""
-    from readaloud.features import FeatureParams
-    from readaloud.layout import cache_dir
     root, meta = data
     aug = EarAugment()
     folder, copies = ensure_copies(root, meta, aug, progress=False)
@@ -160,7 +159,6 @@ def test_a_copy_whose_audio_changed_is_still_forgotten(data):
     changed = copies["filename"].iloc[0]
     write_wav(folder / changed, _tone(0.5, 100.0))
     ensure_copies(root, meta, aug, progress=False)
-    from readaloud.features import FeatureStore
     kept = FeatureStore(cache_dir(folder), "reader", params)
     assert changed not in kept and all(n in kept for n in copies["filename"].iloc[1:])
 
@@ -181,9 +179,6 @@ class _CountingEncoder:
 def test_the_encoder_cache_computes_a_clip_another_step_made_it_forget(data):
     """An EncoderCache opened before a sync dropped a clip (clip_digests.forget_clips) must not take the
     clip as cached: the store's index is read again before deciding what to compute."""
-    from types import SimpleNamespace
-    from readaloud.prep.clip_digests import forget_clips
-    from readaloud.whisper.encoder_cache import EncoderCache
     root, meta = data
     names = meta["filename"].tolist()
     config = SimpleNamespace(max_source_positions=1500, num_mel_bins=80, d_model=4)
