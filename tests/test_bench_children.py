@@ -89,6 +89,51 @@ def test_children_bench_end_to_end(tmp_path, root):
     assert "Out of fold, on the training children" in md and "children above the prior" in md
     assert len(oof_rows) > 0
 
+    # --retrain: the same data folder, the member trained again with an option, the run's own folds untouched
+    before = (out / "assets" / "model5gbm_0.pth").read_bytes()
+    other = tmp_path / "other"
+    run_script(root, "-m", "readaloud.bench.children", "--retrain", out, "--out", other, "--models", "model5gbm",
+               "--n_folds", 2, "--jobs", 1, "--fold_seed", 5, "--gbm_max_leaf_nodes", 3)
+    again = json.loads((other / "children.json").read_text())
+    assert again["retrained_from"] == str(out.resolve()) and not (other / "data").exists(), "no set rebuilt"
+    assert again["data"] == str((out / "data").resolve())
+    assert json.loads((other / "assets" / "model5gbm_0.json").read_text())["config"]["model"]["gbm_max_leaf_nodes"] == 3
+    assert json.loads((out / "assets" / "model5gbm_0.json").read_text())["config"]["model"]["gbm_max_leaf_nodes"] != 3
+    assert (out / "assets" / "model5gbm_0.pth").read_bytes() == before, "the run's own fold was left as it was"
+    assert again["children"] == report["children"] and "| model5gbm |" in (other / "children.md").read_text()
+
+
+def test_retrain_keeps_the_other_members_folds(tmp_path):
+    """--retrain links every fold of the run's other members (checkpoint, OOF, summary, run folder) and the
+    ears, so train.py skips them; the retrained member's folds stay behind, to be trained again."""
+    run = tmp_path / "run" / "assets"
+    (run / "ears" / "ear1").mkdir(parents=True)
+    (run / "ears" / "ear1" / "model.bin").write_bytes(b"ear")
+    for variant in ("model6asr", "model8decoder"):
+        for fold in range(2):
+            stem = f"{variant}_{fold}"
+            (run / f"{stem}.json").write_text(json.dumps({"variant": variant, "fold": fold}))
+            (run / f"{stem}.pth").write_bytes(stem.encode())
+            (run / f"{stem}_oof.csv").write_text("filename,logit\n")
+            (run / "runs" / stem).mkdir(parents=True)
+            (run / "runs" / stem / "config.json").write_text("{}")
+    out = tmp_path / "other" / "assets"
+    with pytest.raises(SystemExit, match="never finished"):
+        children.keep_members(run, out, {"model6asr"})
+    (run / "model_configs.json").write_text(json.dumps({"members": [{"model": "model6asr", "weight": 1.0},
+                                                                    {"model": "model8decoder", "weight": 0.5}]}))
+    assert children.keep_members(run, out, {"model6asr"}) == ["model8decoder"]
+    for fold in range(2):
+        stem = f"model8decoder_{fold}"
+        assert (out / f"{stem}.pth").read_bytes() == stem.encode()
+        assert (out / f"{stem}.json").is_file() and (out / f"{stem}_oof.csv").is_file()
+        assert (out / "runs" / stem / "config.json").is_file()
+        assert not (out / f"model6asr_{fold}.pth").exists() and not (out / "runs" / f"model6asr_{fold}").exists()
+    assert (out / "ears" / "ear1" / "model.bin").read_bytes() == b"ear"
+    assert children.keep_members(run, out, {"model6asr"}) == ["model8decoder"], "a second call finds them there"
+    assert children.keep_members(run, tmp_path / "new", {"model6asr", "model8decoder", "model9contrast"}) == []
+    assert not list((tmp_path / "new").glob("*.pth")), "every member retrained: nothing kept"
+
 
 def test_per_child_figures():
     """Median and worst child, children above the base rate on their own clips, correct readings."""

@@ -3,6 +3,7 @@
     python -m readaloud.bench.children --out DIR [--source ../shared/data/speechocean_kids]
         [--test-speakers 8] [--seed 0] [--train_seed N] [--fold_seed N] [--extra-train SOURCE ...]
         [--models a,b] [--n_folds 4] [any quality/train option...]
+    python -m readaloud.bench.children --retrain RUN --out OTHER --models model6asr [its options...]
 
 Builds a `sentence_repetition` screening set from children reading sentences (the source
 folder's utterances.csv and audio) with ../shared/bench/read_aloud_set.py (`--both`: every test
@@ -17,6 +18,12 @@ training time; then, out of fold on the training children and on the test childr
 by child: log loss of the correct readings, the median and the worst child, and the children
 scored worse than the base rate on their own clips; reliability.png and changes.png beside them. A rerun reuses the set and every
 finished fold.
+
+`--retrain RUN`: how one option moves a finished run's figures. The members named by `--models` are
+trained again with the options given (a member the run lacks is trained and joins the blend), on RUN's
+data folder and references (nothing is rebuilt, and its caches are reused); every other member of RUN's
+ensemble keeps its folds (linked from RUN/assets, so train.py skips them) and is blended again with the
+retrained ones. The report goes to --out.
 """
 from __future__ import annotations
 
@@ -68,6 +75,42 @@ def build_set(builder: Path, source: Path, data: Path, test_speakers: int, seed:
     subprocess.run(cmd, check=True)
     recipe_path.write_text(json.dumps(recipe, indent=1))
     return data
+
+
+def keep_members(run_assets: Path, assets: Path, retrained: set[str]) -> list[str]:
+    """The finished folds of a run's ensemble members other than `retrained`, linked (copied across
+    file systems) from `run_assets` into `assets` with their run folders and the ears their
+    checkpoints read, so that train.py skips them; their names, in the run's order. A run without
+    an ensemble config (get_config.py never ran) is an error."""
+    import shutil
+    from readaloud.layout import saved_folds
+    from readaloud.pipeline.ensemble import read_config
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    try:
+        members = [m["model"] for m in read_config(run_assets)["members"]]
+    except FileNotFoundError as exc:
+        raise SystemExit(f"--retrain: {exc} (the run never finished)") from exc
+    kept = [m for m in members if m not in retrained]
+    assets.mkdir(parents=True, exist_ok=True)
+    for paths in saved_folds(run_assets):
+        if paths.variant not in kept:
+            continue
+        for f in (paths.checkpoint, paths.oof, paths.summary):
+            if f.is_file() and not (assets / f.name).exists():
+                link(f, assets / f.name)
+        if paths.run_dir.is_dir() and not (assets / "runs" / paths.stem).exists():
+            shutil.copytree(paths.run_dir, assets / "runs" / paths.stem, copy_function=link)
+    if kept and (run_assets / "ears").is_dir():   # a kept model6asr reads the test rows with its published ear
+        for ear in (run_assets / "ears").iterdir():
+            if ear.is_dir() and not (assets / "ears" / ear.name).exists():
+                shutil.copytree(ear, assets / "ears" / ear.name, copy_function=link)
+    return kept
 
 
 def test_table(data: Path) -> pd.DataFrame:
@@ -301,24 +344,45 @@ def main(argv=None) -> dict:
                         "single model's retraining, how far its seed alone moves the figures")
     p.add_argument("--models", default=None, help="comma-separated variants, or 'all' (default: the default ensemble)")
     p.add_argument("--n_folds", type=int, default=4)
-    p.add_argument("--tts_dir", default=None, help="reference cache (default: DIR/tts)")
+    p.add_argument("--tts_dir", default=None, help="reference cache (default: DIR/tts, or RUN/tts with --retrain)")
+    p.add_argument("--retrain", default=None, metavar="RUN",
+                   help="a finished run of this benchmark (its --out): train the members named by --models again "
+                        "with the options given, on RUN's data folder, keeping RUN's other members' folds")
     args, passthrough = p.parse_known_args(argv)
     from readaloud.plots import plot_grouped_losses
     t0 = time.time()
     out = Path(args.out).resolve()
     if out == ROOT or ROOT in out.parents:
         raise SystemExit(f"--out {out} is inside the repository: the set's recordings never go there")
-    data = build_set(Path(args.builder).resolve(), Path(args.source).resolve(), out / "data", args.test_speakers,
-                     args.seed, [Path(p).resolve() for p in args.extra_train])
+    models, tts = args.models, Path(args.tts_dir).resolve() if args.tts_dir else out / "tts"
+    if args.retrain:
+        run = Path(args.retrain).resolve()
+        if not args.models:
+            raise SystemExit("--retrain needs --models: the members to train again")
+        if run == out:
+            raise SystemExit(f"--retrain {run}: --out must be another folder (the run's own folds stay as they are)")
+        data = run / "data"
+        if not (data / "speakers.csv").is_file():
+            raise SystemExit(f"--retrain {run}: no data/speakers.csv there (not a run of this benchmark)")
+        retrained = [m for m in args.models.split(",") if m]
+        kept = keep_members(run / "assets", out / "assets", set(retrained))
+        models = ",".join([*kept, *retrained])
+        tts = Path(args.tts_dir).resolve() if args.tts_dir else run / "tts"
+        print(f"retraining {', '.join(retrained)} on {data}; kept from {run / 'assets'}: {', '.join(kept) or 'none'}",
+              flush=True)
+    else:
+        data = build_set(Path(args.builder).resolve(), Path(args.source).resolve(), out / "data", args.test_speakers,
+                         args.seed, [Path(p).resolve() for p in args.extra_train])
     held_out_check(data)  # before any training
-    options = [*(["--models", args.models] if args.models else []), "--n_folds", str(args.n_folds), *passthrough]
+    options = [*(["--models", models] if models else []), "--n_folds", str(args.n_folds), *passthrough]
     options += ["--seed", str(args.train_seed)] if args.train_seed is not None else []
-    options += ["--tts_dir", str(Path(args.tts_dir).resolve() if args.tts_dir else out / "tts")]
-    summary = quality.main(["--data", str(data), "--out", str(out), "--groups", str(data / "speakers.csv"),
-                            *options])
+    options += ["--tts_dir", str(tts)]
+    summary = quality.main(["--data", str(data), "--out", str(out), "--assets", str(out / "assets"),
+                            "--groups", str(data / "speakers.csv"), *options])
     report = children_report(data, summary, source_children(Path(args.source).resolve()))
     wall = time.time() - t0
-    report |= {"options": options, "wall_seconds": wall, "load_average": os.getloadavg()[0]}
+    report |= {"options": options, "wall_seconds": wall, "load_average": os.getloadavg()[0],
+               **({"retrained_from": str(Path(args.retrain).resolve())} if args.retrain else {})}
     change_losses = {name: {c: r["change"][c]["logloss"] for c in CHANGES if c in r["change"]}
                      for name, r in report["predictors"].items()}
     plot_grouped_losses(change_losses, out / "changes.png", title="Test log loss per change type")
