@@ -108,6 +108,8 @@ class ModelConfig:
     asr_ear_epochs: int = 3            # fold ears: epochs of decoder fine-tuning
     asr_ear_lr: float = 3e-5           # fold ears: AdamW learning rate
     asr_ear_copies: int = 1            # fold ears: ear copies of each clip an ear trains on (other vocal tracts)
+    asr_ear_seed: int = 0              # fold ears: the seed of each ear's batch order (how far an ear's own draw moves
+                                       # the figures; the trees use no randomness)
     asr_ear_agreement: bool = False    # fold ears: also how far the ear's transcript is from the first backbone's
                                        # (a voice the frozen Whisper mishears and the ear hears: they disagree)
     asr_ear_encoder_layers: int = 0    # fold ears: the encoder's top layers that adapt too (0: the decoder only)

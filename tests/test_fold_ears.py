@@ -149,6 +149,15 @@ def test_the_ear_agreement_block_compares_the_ear_with_the_frozen_whisper():
     assert agree[0] == pytest.approx(1 / 3), "the ear doubled the first word: one insertion in three words"
 
 
+def test_the_ears_seed_is_an_option_and_the_default_keeps_its_key():
+    """--asr_ear_seed reaches the ear's recipe (and so its key: another seed trains other ears); the default
+    recipe is the one every ear before the option was trained by."""
+    default = fold_ears.recipe_of(variant_config("model6asr", {}).model)
+    assert default == adapt.EarRecipe() and default.key() == "c637b3cefb"
+    seeded = fold_ears.recipe_of(variant_config("model6asr", {"asr_ear_seed": 3}).model)
+    assert seeded.seed == 3 and seeded.key() != default.key()
+
+
 def test_the_ears_backbone_is_shipped_with_the_member():
     """The ear decodes from its backbone's encoder output: make_submission.py ships that backbone with
     model6asr even where no model8decoder reads it."""

@@ -48,7 +48,7 @@ ALL = -1   # the ear of every training fold: what reads the test rows
 
 def recipe_of(mc: ModelConfig) -> EarRecipe:
     return EarRecipe(backbone=mc.asr_ear_backbone, epochs=mc.asr_ear_epochs, lr=mc.asr_ear_lr, copies=mc.asr_ear_copies,
-                     encoder_layers=mc.asr_ear_encoder_layers)
+                     encoder_layers=mc.asr_ear_encoder_layers, seed=mc.asr_ear_seed)
 
 
 def memory_cache(recipe: EarRecipe, data_dir: str | Path, device: str = "cpu", threads: int = 0):
