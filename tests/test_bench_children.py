@@ -101,6 +101,7 @@ def test_children_bench_end_to_end(tmp_path, root):
     assert json.loads((out / "assets" / "model5gbm_0.json").read_text())["config"]["model"]["gbm_max_leaf_nodes"] != 3
     assert (out / "assets" / "model5gbm_0.pth").read_bytes() == before, "the run's own fold was left as it was"
     assert again["children"] == report["children"] and "| model5gbm |" in (other / "children.md").read_text()
+    assert again["source_children"] == report["source_children"], "the children of the run's own source"
 
 
 def test_retrain_keeps_the_other_members_folds(tmp_path):

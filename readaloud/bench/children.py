@@ -332,8 +332,9 @@ def report_lines(report: dict, options: list[str], wall: float) -> list[str]:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)  # "--tts" passes on
     p.add_argument("--out", required=True, help="folder for the set (DIR/data), the models and the report")
-    p.add_argument("--source", default=str(shared_path("data/speechocean_kids")),
-                   help="children's utterances.csv and audio (default: %(default)s)")
+    p.add_argument("--source", default=None,
+                   help=f"children's utterances.csv and audio (default: {shared_path('data/speechocean_kids')}; "
+                        f"with --retrain, the source the run was built from)")
     p.add_argument("--builder", default=str(shared_path("bench/read_aloud_set.py")))
     p.add_argument("--test-speakers", type=int, default=8, help="children held out for the test")
     p.add_argument("--extra-train", nargs="*", default=[], metavar="SOURCE",
@@ -368,10 +369,16 @@ def main(argv=None) -> dict:
         kept = keep_members(run / "assets", out / "assets", set(retrained))
         models = ",".join([*kept, *retrained])
         tts = Path(args.tts_dir).resolve() if args.tts_dir else run / "tts"
+        # the children to report on are those of the source the run's set was built from (its recipe)
+        if not args.source and not (data / "bench_recipe.json").is_file():
+            raise SystemExit(f"--retrain {run}: no data/bench_recipe.json to say which children's source it was "
+                             f"built from: pass --source")
+        source = Path(args.source or json.loads((data / "bench_recipe.json").read_text())["source"]).resolve()
         print(f"retraining {', '.join(retrained)} on {data}; kept from {run / 'assets'}: {', '.join(kept) or 'none'}",
               flush=True)
     else:
-        data = build_set(Path(args.builder).resolve(), Path(args.source).resolve(), out / "data", args.test_speakers,
+        source = Path(args.source or shared_path("data/speechocean_kids")).resolve()
+        data = build_set(Path(args.builder).resolve(), source, out / "data", args.test_speakers,
                          args.seed, [Path(p).resolve() for p in args.extra_train])
     held_out_check(data)  # before any training
     options = [*(["--models", models] if models else []), "--n_folds", str(args.n_folds), *passthrough]
@@ -379,7 +386,7 @@ def main(argv=None) -> dict:
     options += ["--tts_dir", str(tts)]
     summary = quality.main(["--data", str(data), "--out", str(out), "--assets", str(out / "assets"),
                             "--groups", str(data / "speakers.csv"), *options])
-    report = children_report(data, summary, source_children(Path(args.source).resolve()))
+    report = children_report(data, summary, source_children(source))
     wall = time.time() - t0
     report |= {"options": options, "wall_seconds": wall, "load_average": os.getloadavg()[0],
                **({"retrained_from": str(Path(args.retrain).resolve())} if args.retrain else {})}
