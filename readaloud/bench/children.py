@@ -365,15 +365,15 @@ def main(argv=None) -> dict:
         data = run / "data"
         if not (data / "speakers.csv").is_file():
             raise SystemExit(f"--retrain {run}: no data/speakers.csv there (not a run of this benchmark)")
-        retrained = [m for m in args.models.split(",") if m]
-        kept = keep_members(run / "assets", out / "assets", set(retrained))
-        models = ",".join([*kept, *retrained])
-        tts = Path(args.tts_dir).resolve() if args.tts_dir else run / "tts"
         # the children to report on are those of the source the run's set was built from (its recipe)
         if not args.source and not (data / "bench_recipe.json").is_file():
             raise SystemExit(f"--retrain {run}: no data/bench_recipe.json to say which children's source it was "
                              f"built from: pass --source")
         source = Path(args.source or json.loads((data / "bench_recipe.json").read_text())["source"]).resolve()
+        retrained = [m for m in args.models.split(",") if m]
+        kept = keep_members(run / "assets", out / "assets", set(retrained))
+        models = ",".join([*kept, *retrained])
+        tts = Path(args.tts_dir).resolve() if args.tts_dir else run / "tts"
         print(f"retraining {', '.join(retrained)} on {data}; kept from {run / 'assets'}: {', '.join(kept) or 'none'}",
               flush=True)
     else:
