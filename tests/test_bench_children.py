@@ -110,6 +110,7 @@ def test_retrain_keeps_the_other_members_folds(tmp_path):
     run = tmp_path / "run" / "assets"
     (run / "ears" / "ear1").mkdir(parents=True)
     (run / "ears" / "ear1" / "model.bin").write_bytes(b"ear")
+    (run / "ears" / "ear1" / "ear.json").write_text("{}")
     for variant in ("model6asr", "model8decoder"):
         for fold in range(2):
             stem = f"{variant}_{fold}"
@@ -131,6 +132,7 @@ def test_retrain_keeps_the_other_members_folds(tmp_path):
         assert (out / "runs" / stem / "config.json").is_file()
         assert not (out / f"model6asr_{fold}.pth").exists() and not (out / "runs" / f"model6asr_{fold}").exists()
     assert (out / "ears" / "ear1" / "model.bin").read_bytes() == b"ear"
+    assert not list(out.rglob("*.tmp*")), "every file renamed into place"
     assert children.keep_members(run, out, {"model6asr"}) == ["model8decoder"], "a second call finds them there"
     assert children.keep_members(run, tmp_path / "new", {"model6asr", "model8decoder", "model9contrast"}) == []
     assert not list((tmp_path / "new").glob("*.pth")), "every member retrained: nothing kept"

@@ -79,18 +79,23 @@ def build_set(builder: Path, source: Path, data: Path, test_speakers: int, seed:
 
 def keep_members(run_assets: Path, assets: Path, retrained: set[str]) -> list[str]:
     """The finished folds of a run's ensemble members other than `retrained`, linked (copied across
-    file systems) from `run_assets` into `assets` with their run folders and the ears their
-    checkpoints read, so that train.py skips them; their names, in the run's order. A run without
-    an ensemble config (get_config.py never ran) is an error."""
+    file systems) from `run_assets` into `assets` with their run folders, and the ears the run published
+    (fold_ears.publish), so that train.py skips them; their names, in the run's order. A file lands under
+    a temporary name first, so a copy cut short is never taken for a finished fold. A run without an
+    ensemble config (get_config.py never ran) is an error."""
     import shutil
     from readaloud.layout import saved_folds
+    from readaloud.members.gbm.fold_ears import publish
     from readaloud.pipeline.ensemble import read_config
 
     def link(src, dst):
+        tmp = Path(dst).with_name(f".{Path(dst).name}.tmp{os.getpid()}")
+        tmp.unlink(missing_ok=True)
         try:
-            os.link(src, dst)
+            os.link(src, tmp)
         except OSError:
-            shutil.copy2(src, dst)
+            shutil.copy2(src, tmp)
+        os.replace(tmp, dst)
 
     try:
         members = [m["model"] for m in read_config(run_assets)["members"]]
@@ -108,8 +113,8 @@ def keep_members(run_assets: Path, assets: Path, retrained: set[str]) -> list[st
             shutil.copytree(paths.run_dir, assets / "runs" / paths.stem, copy_function=link)
     if kept and (run_assets / "ears").is_dir():   # a kept model6asr reads the test rows with its published ear
         for ear in (run_assets / "ears").iterdir():
-            if ear.is_dir() and not (assets / "ears" / ear.name).exists():
-                shutil.copytree(ear, assets / "ears" / ear.name, copy_function=link)
+            if ear.is_dir():
+                publish(ear, assets)
     return kept
 
 
@@ -355,9 +360,8 @@ def main(argv=None) -> dict:
     out = Path(args.out).resolve()
     if out == ROOT or ROOT in out.parents:
         raise SystemExit(f"--out {out} is inside the repository: the set's recordings never go there")
-    models, tts = args.models, Path(args.tts_dir).resolve() if args.tts_dir else out / "tts"
-    if args.retrain:
-        run = Path(args.retrain).resolve()
+    models, run = args.models, Path(args.retrain).resolve() if args.retrain else None
+    if run is not None:
         if not args.models:
             raise SystemExit("--retrain needs --models: the members to train again")
         if run == out:
@@ -373,7 +377,6 @@ def main(argv=None) -> dict:
         retrained = [m for m in args.models.split(",") if m]
         kept = keep_members(run / "assets", out / "assets", set(retrained))
         models = ",".join([*kept, *retrained])
-        tts = Path(args.tts_dir).resolve() if args.tts_dir else run / "tts"
         print(f"retraining {', '.join(retrained)} on {data}; kept from {run / 'assets'}: {', '.join(kept) or 'none'}",
               flush=True)
     else:
@@ -383,13 +386,13 @@ def main(argv=None) -> dict:
     held_out_check(data)  # before any training
     options = [*(["--models", models] if models else []), "--n_folds", str(args.n_folds), *passthrough]
     options += ["--seed", str(args.train_seed)] if args.train_seed is not None else []
-    options += ["--tts_dir", str(tts)]
+    options += ["--tts_dir", str(Path(args.tts_dir).resolve() if args.tts_dir else (run or out) / "tts")]
     summary = quality.main(["--data", str(data), "--out", str(out), "--assets", str(out / "assets"),
                             "--groups", str(data / "speakers.csv"), *options])
     report = children_report(data, summary, source_children(source))
     wall = time.time() - t0
     report |= {"options": options, "wall_seconds": wall, "load_average": os.getloadavg()[0],
-               **({"retrained_from": str(Path(args.retrain).resolve())} if args.retrain else {})}
+               **({"retrained_from": str(run)} if run is not None else {})}
     change_losses = {name: {c: r["change"][c]["logloss"] for c in CHANGES if c in r["change"]}
                      for name, r in report["predictors"].items()}
     plot_grouped_losses(change_losses, out / "changes.png", title="Test log loss per change type")
