@@ -48,6 +48,8 @@ class ModelConfig:
     score_features: bool = True    # feed CTC match scores and durations to the head
     match_features: bool = True    # reference/response cross-similarity (coverage, precision) to the head
     match_dim: int = 64            # learned projection the similarities are measured in
+    ear_evidence: bool = False     # pair only: the head also reads what the fold ear (model6asr's, the asr_ear_*
+                                   # options) hears, each row by the ear of its own fold (members/pair/ear.py)
     # encdec only
     decoder_layers: int = 2        # transformer decoder layers over the expected text's tokens
     # whisperdec only (members/decoder/decoder.py: a real Whisper's decoder teacher-forced on the expected text)

@@ -99,18 +99,23 @@ VOICE_AUGMENTATION = dict(aug_prob=0.5, aug_warp=0.15, aug_stretch=0.15, aug_noi
 # [TTS | pause | response]; a lower learning rate than a fresh encoder's, and no input augmentation,
 # which would make the frozen part run on every batch.
 PAIR_ON_WHISPER = dict(backbone="whisper-tiny.en", freeze_layers=3, lr=2e-4, spec_time_masks=0, spec_freq_masks=0)
+# The pair classifiers' head also reads what the fold ear hears (members/pair/ear.py: model6asr's ear, each
+# row by the ear of its own fold): the encoder's comparison of the halves alone does not tell a swapped
+# word from a right one on a thousand clips (docs/members.md, the pair family).
+PAIR_EAR = dict(ear_evidence=True)
 # The same variants on the small encoder of config.ModelConfig (`--backbone scratch`, or a folder
-# pretrain.py wrote): everything trains, at the fresh encoder's learning rate, with SpecAugment.
-FROM_SCRATCH = dict(backbone="", freeze_layers=0, lr=1e-3, spec_time_masks=2, spec_freq_masks=2)
+# pretrain.py wrote): everything trains, at the fresh encoder's learning rate, with SpecAugment, and
+# reads no pretrained Whisper (no ear either).
+FROM_SCRATCH = dict(backbone="", freeze_layers=0, lr=1e-3, spec_time_masks=2, spec_freq_masks=2, ear_evidence=False)
 
 register("model1mean", "pair classifier: mean pooling over the pair, linear head",
-         pooling="mean", head_layers=1, **PAIR_ON_WHISPER,
+         pooling="mean", head_layers=1, **PAIR_ON_WHISPER, **PAIR_EAR,
          scratch=dict(FROM_SCRATCH, **VOICE_AUGMENTATION))
 register("model2attn", "pair classifier: attention pooling, linear head, another seed",
-         pooling="attention", head_layers=1, seed=1, **PAIR_ON_WHISPER,
+         pooling="attention", head_layers=1, seed=1, **PAIR_ON_WHISPER, **PAIR_EAR,
          scratch=dict(FROM_SCRATCH, **VOICE_AUGMENTATION))
 register("model3mapd", "pair classifier: attention + mean pooling, 2-layer head with dropout",
-         pooling="attention_mean", head_layers=2, head_dropout=0.2, seed=2, **PAIR_ON_WHISPER,
+         pooling="attention_mean", head_layers=2, head_dropout=0.2, seed=2, **PAIR_ON_WHISPER, **PAIR_EAR,
          scratch=FROM_SCRATCH)
 register("model4encdec", "encoder over the response, a small decoder teacher-forced on the expected text's "
          "characters, pooled token log-probs -> BCE (1st place's idea); another seed",

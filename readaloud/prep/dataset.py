@@ -55,9 +55,21 @@ class PairDataset:
         self.ref_frames = np.array([refs.length(t) for t in self.meta["expected_text"]], dtype=np.int64)
         self.clip_frames = np.array([clips.length(f) for f in self.meta["filename"]], dtype=np.int64)
         self.lengths = np.array([self._layout(i)[3] for i in range(len(self.meta))], dtype=np.int64)
+        self.ear: np.ndarray | None = None   # [rows, n] what the fold ear hears of each row (members/pair/ear.py)
 
     def __len__(self) -> int:
         return len(self.meta)
+
+    def attach_ear(self, rows: np.ndarray) -> "PairDataset":
+        """Give every item its ear vector (`rows`: one per row of self.meta, in its order)."""
+        if len(rows) != len(self.meta):
+            raise ValueError(f"{len(rows)} ear vectors for {len(self.meta)} rows")
+        self.ear = np.asarray(rows, np.float32)
+        return self
+
+    def extras(self, i: int) -> dict:
+        """What an item carries besides its features: the ear's vector when one is attached."""
+        return {} if self.ear is None else {"ear": self.ear[i]}
 
     def collate(self, items: list[dict], spec_augment=None, rng: np.random.Generator | None = None) -> dict:
         """Items of this dataset as one batch (a dataset of other items brings its own)."""
@@ -86,7 +98,7 @@ class PairDataset:
         return {"feats": feats, "floor": floor, "ref_n": ref_n, "resp_start": ref_n + pause, "resp_n": resp_n,
                 "ref_pos": ref_n // m, "resp_start_pos": (ref_n + pause) // m, "resp_pos": resp_n // m,
                 "task": self.task_ids[i], "grade": self.grade_ids[i],
-                "target": self.targets[i], "label": None if self.labels is None else self.labels[i]}
+                "target": self.targets[i], "label": None if self.labels is None else self.labels[i], **self.extras(i)}
 
 
 def bucket_batches(lengths: np.ndarray, max_frames: int, max_batch: int, shuffle: bool,
@@ -143,6 +155,8 @@ def collate(items: list[dict], spec_augment=None, rng: np.random.Generator | Non
     }
     if items[0]["label"] is not None:
         batch["label"] = torch.tensor([float(it["label"]) for it in items])
+    if "ear" in items[0]:
+        batch["ear"] = torch.from_numpy(np.stack([it["ear"] for it in items]).astype(np.float32))
     if items[0].get("frozen_hidden"):  # rows are cached frozen-layer outputs per position (members/pair/frozen.py)
         batch["frozen_hidden"] = True
     return batch

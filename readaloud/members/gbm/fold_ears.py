@@ -37,6 +37,7 @@ from ...config import ModelConfig
 from ...features import file_lock
 from ...layout import cache_dir
 from ...prep.clip_digests import clip_digest, known_digests
+from ...prep.folds import FoldFileError, data_set_n_folds, load_or_create_folds
 from ...whisper.adapt import EAR_RECORD, AdaptedMemory, EarRecipe, fine_tune_decoder, is_ear, load_top, save_ct2
 from ...whisper.backbones import ct2_folder
 from . import evidence as asr
@@ -44,6 +45,23 @@ from .ear_augment import EarAugment, ensure_copies
 
 log = logging.getLogger(__name__)
 ALL = -1   # the ear of every training fold: what reads the test rows
+
+
+def asr_device(device) -> str:
+    """The CTranslate2 device for a torch device or a config's device string."""
+    kind = getattr(device, "type", device) or "auto"
+    return kind if kind in ("cpu", "cuda") else "auto"
+
+
+def with_folds(meta: pd.DataFrame, data_dir: Path) -> pd.DataFrame | None:
+    """`meta` with the data folder's fold of each row, or None when there is no fold file yet (the ears are then
+    left to the folds, which know theirs)."""
+    try:
+        folds = load_or_create_folds(data_dir, meta, data_set_n_folds(data_dir)).to_numpy()
+    except (FoldFileError, ValueError) as exc:
+        log.info("fold ears left to the folds: %s", exc)
+        return None
+    return meta.assign(fold=folds)
 
 
 def recipe_of(mc: ModelConfig) -> EarRecipe:
@@ -214,6 +232,16 @@ def published_ear_table(recipe: EarRecipe, folder: Path, meta: pd.DataFrame, dat
     fold column the rows carry: how a test row is read (GBMPredictor, infer.py --explain)."""
     return FoldEars(recipe, {ALL: Path(folder)}, device).table(meta.drop(columns=["fold"], errors="ignore"),
                                                               data_dir, progress)
+
+
+def shared_ear_table(recipe: EarRecipe, folder: Path, inputs) -> asr.AsrTable:
+    """The test rows of `inputs` (members.base.TestInputs) read by a published ear, computed once in an inference
+    run and shared by every fold and member that reads that ear (inputs.shared)."""
+    key = ("fold ear", str(folder))
+    if key not in inputs.shared:
+        inputs.shared[key] = published_ear_table(recipe, folder, inputs.rows, inputs.data_dir,
+                                                 asr_device(inputs.device), inputs.progress)
+    return inputs.shared[key]
 
 
 @lru_cache(maxsize=8)

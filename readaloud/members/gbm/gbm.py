@@ -43,7 +43,8 @@ from ...whisper.backbones import NAMED_BACKBONES
 from .loops import LOOP_FEATURE_NAMES, loop_block
 from . import prompted as prompted_log_p
 from .prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
-from .fold_ears import ALL, FoldEars, publish, published_ear, published_ear_table, recipe_of, train_fold_ears
+from .fold_ears import (ALL, FoldEars, asr_device, publish, published_ear, recipe_of, shared_ear_table, train_fold_ears,
+                        with_folds)
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from ..base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -339,12 +340,6 @@ def evidence_model(backbone: str, device: str = "auto", threads: int = 0) -> asr
     return asr.WhisperEvidence(backbone, device=device, threads=threads)
 
 
-def asr_device(device) -> str:
-    """The CTranslate2 device for a torch device or a config's device string."""
-    kind = getattr(device, "type", device) or "auto"
-    return kind if kind in ("cpu", "cuda") else "auto"
-
-
 def asr_evidence(backbone: str, meta: pd.DataFrame, data_dir: Path, device: str = "auto", threads: int = 0,
                  progress: bool = True, words: dict[str, list[str]] | None = None,
                  prompt: bool = False, prompt_per_clip: bool = False) -> asr.AsrTable:
@@ -491,7 +486,7 @@ class GBMMember(Member):
                                                         for c, lay in layouts if lay.prompted for b in lay.asr_backbones):
             prompted_evidence(backbone, inputs.meta, Path(data_dir), words, device, 0, progress, per_clip)
         self.prepare_fold_vocabularies(inputs.meta, layouts, data_dir, progress)
-        folded = self.with_folds(inputs.meta, data_dir) if any(lay.fold_ear for _, lay in layouts) else None
+        folded = with_folds(inputs.meta, data_dir) if any(lay.fold_ear for _, lay in layouts) else None
         ears: dict = {}
         for c, lay in layouts:   # the fold ears and their evidence of every training clip, before the folds
             if lay.fold_ear and folded is not None and recipe_of(c.model) not in ears:
@@ -503,16 +498,6 @@ class GBMMember(Member):
                 refs = inputs.banks[c.tts, c.model.n_mels] if lay.alignment else None
                 ear_copy_table(lay, c.model, inputs.meta if folded is None else folded, Path(data_dir), refs, [],
                                asr_device(c.device), 0, progress, words, ears.get(recipe_of(c.model)))
-
-    @staticmethod
-    def with_folds(meta: pd.DataFrame, data_dir: Path) -> pd.DataFrame | None:
-        """`meta` with the data folder's fold of each row, or None when there is no fold file yet."""
-        try:
-            folds = load_or_create_folds(data_dir, meta, data_set_n_folds(data_dir)).to_numpy()
-        except (FoldFileError, ValueError) as exc:
-            log.info("fold ears left to the folds: %s", exc)
-            return None
-        return meta.assign(fold=folds)
 
     @staticmethod
     def prepare_fold_vocabularies(meta: pd.DataFrame, layouts, data_dir: Path, progress: bool) -> None:
@@ -803,9 +788,7 @@ class GBMPredictor:
             if self.model.new_word is not None else None
         ear_table = None
         if layout.fold_ear:   # the ear of every training fold reads every test row
-            ear_table = shared(("gbm fold ear", str(self.model.fold_ear)),
-                               lambda: published_ear_table(recipe_of(self.cfg.model), self.model.fold_ear, rows,
-                                                           folder, device, progress))
+            ear_table = shared_ear_table(recipe_of(self.cfg.model), self.model.fold_ear, inputs)
         out = np.full(len(inputs.meta), np.nan)
         out[inputs.rows.index] = self.model.predict(inputs.rows, acoustic, open_tables, closed_tables,
                                                     prompted_tables, new_rows, ear_table)

@@ -180,4 +180,4 @@ class FrozenPairDataset(PairDataset):
         return {"feats": feats, "floor": 0.0, "ref_n": ref_n // m, "resp_start": start, "resp_n": resp_n // m,
                 "ref_pos": ref_n // m, "resp_start_pos": start, "resp_pos": resp_n // m,
                 "task": self.task_ids[i], "grade": self.grade_ids[i], "target": self.targets[i],
-                "label": None if self.labels is None else self.labels[i], "frozen_hidden": True}
+                "label": None if self.labels is None else self.labels[i], "frozen_hidden": True, **self.extras(i)}

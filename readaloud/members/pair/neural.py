@@ -76,11 +76,15 @@ class NeuralPredictor:
     priors: dict
     device: torch.device
 
-    def predict(self, inputs: TestInputs) -> np.ndarray:
+    def dataset(self, inputs: TestInputs) -> PairDataset:
+        """The test rows as this fold's network reads them."""
         n_mels = self.cfg.model.n_mels
         # test clips are seen once per fold: frozen layers run per batch, nothing is cached for them
-        ds = pair_dataset(inputs.rows, inputs.clips(n_mels), inputs.refs(self.cfg.tts, n_mels), self.vocab,
-                          self.cats, self.model, self.cfg, cache_frozen=False)
+        return pair_dataset(inputs.rows, inputs.clips(n_mels), inputs.refs(self.cfg.tts, n_mels), self.vocab,
+                            self.cats, self.model, self.cfg, cache_frozen=False)
+
+    def predict(self, inputs: TestInputs) -> np.ndarray:
+        ds = self.dataset(inputs)
         logits = predict_logits(self.model, ds, self.device, self.cfg.data.batch_max_frames,
                                 progress=inputs.progress)
         return inputs.scatter(logits, ds.meta["filename"])

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from ...checkpoints import CHECKPOINT_FOLDER, CheckpointError
 from ...config import ModelConfig, RunConfig
 from ...layout import BACKBONE_HEADS, BACKBONE_VOCAB
 from ...text import Vocab
 from ...prep.prepare import TrainingInputs
+from ..base import FitContext, FitResult, FoldData, TestInputs
+from ..gbm.fold_ears import ALL, asr_device, publish, published_ear, recipe_of, train_fold_ears, with_folds
 from .encoder import AttentionPool, FeatureScaler, SpeechEncoderModel, build_network, make_head, masked_mean, segment
+from .ear import EAR_INPUTS, fold_ear_inputs, rows_of, test_ear_inputs
 from .frozen import FrozenCache, frozen_cache_usable
-from .neural import NeuralMember
+from .neural import NeuralMember, NeuralPredictor
 
 log = logging.getLogger("readaloud.train")
 N_SCORE_FEATURES = 6
@@ -48,7 +54,8 @@ class PairClassifier(SpeechEncoderModel):
         pooled_dim = dim * (2 if cfg.pooling == "attention_mean" else 1)
         in_dim = pooled_dim + cfg.task_dim + cfg.grade_dim + (N_SCORE_FEATURES if cfg.score_features else 0) \
             + (N_MATCH_FEATURES if cfg.match_features else 0) \
-            + (N_BAG_FEATURES if cfg.score_features and cfg.bag_weight > 0 else 0)
+            + (N_BAG_FEATURES if cfg.score_features and cfg.bag_weight > 0 else 0) \
+            + (EAR_INPUTS if cfg.ear_evidence else 0)
         self.match_proj = nn.Linear(dim, cfg.match_dim) if cfg.match_features else None
         self.match_scale = nn.Parameter(torch.tensor(10.0)) if cfg.match_features else None
         self.head = make_head(cfg, in_dim)
@@ -60,6 +67,7 @@ class PairClassifier(SpeechEncoderModel):
         self.bag_head = nn.Linear(dim, vocab_size) if vocab_size > 1 and cfg.bag_weight > 0 else None
         self.bag_norm = FeatureScaler(N_BAG_FEATURES) if self.bag_head is not None and cfg.score_features else None
         self.score_norm = FeatureScaler(N_SCORE_FEATURES) if cfg.score_features else None
+        self.ear_norm = FeatureScaler(EAR_INPUTS) if cfg.ear_evidence else None   # what the fold ear hears (ear.py)
 
     def forward(self, batch: dict) -> dict:
         hidden, mask = self.encode_pair(batch)
@@ -83,6 +91,8 @@ class PairClassifier(SpeechEncoderModel):
                 evidence.append(self.bag_norm(self.bag_features(out["bag_logits"], batch)).to(pooled.dtype))
         if cfg.match_features:
             evidence.append(self.match_features(hidden, batch).to(pooled.dtype))
+        if self.ear_norm is not None:
+            evidence.append(self.ear_norm(batch["ear"].float()).to(pooled.dtype))
         logits = self.head(torch.cat(parts + evidence, dim=-1)).squeeze(-1)
         if evidence:  # a direct linear path: the evidence is usable from the first updates
             logits = logits + self.evidence_head(torch.cat(evidence, dim=-1)).squeeze(-1)
@@ -251,14 +261,61 @@ def init_heads_from_backbone(model: PairClassifier, vocab: Vocab, backbone: str 
     return n
 
 
+@dataclass
+class PairPredictor(NeuralPredictor):
+    """A loaded pair fold; with `ear_evidence`, its test rows also carry what the ear of every fold hears."""
+    ear: Path | None = None
+
+    def dataset(self, inputs: TestInputs):
+        ds = super().dataset(inputs)
+        if self.ear is not None:
+            ds.attach_ear(rows_of(test_ear_inputs(self.cfg.model, self.ear, inputs), ds.meta))
+        return ds
+
+
 class PairMember(NeuralMember):
     family = "pair"
     model_class = PairClassifier
+    ear_rows: dict[str, np.ndarray] | None = None   # this fold's rows, each read by its own fold's ear
+
+    def backbones_read(self, cfg: RunConfig) -> set[str]:
+        return super().backbones_read(cfg) | ({cfg.model.asr_ear_backbone} if cfg.model.ear_evidence else set())
+
+    def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
+        ears = None
+        if data.cfg.model.ear_evidence:
+            ears, self.ear_rows = fold_ear_inputs(data, data.cfg.threads if data.cfg.threads > 0 else torch.get_num_threads())
+        result = super().fit(data, ctx)
+        if ears is not None:   # test rows are read by the ear of every fold, kept beside the checkpoints
+            publish(ears.dirs[ALL], ctx.paths.assets)
+            result.payload |= {"fold_ear": ears.dirs[ALL].name, "fold_ear_recipe": ears.recipe.key()}
+        return result
+
+    def dataset(self, meta, data: FoldData, model, vocab: Vocab):
+        ds = super().dataset(meta, data, model, vocab)
+        return ds.attach_ear(rows_of(self.ear_rows, ds.meta)) if self.ear_rows is not None else ds
+
+    def load(self, ck: dict, device) -> PairPredictor:
+        loaded = super().load(ck, device)
+        predictor = PairPredictor(loaded.model, loaded.cfg, loaded.vocab, loaded.cats, loaded.priors, loaded.device)
+        if loaded.cfg.model.ear_evidence:
+            if "fold_ear" not in ck:
+                raise CheckpointError("its config reads a fold ear's evidence but it names no ear: retrain the fold")
+            # the ear of every fold, beside the checkpoint (pipeline/inference.py load_fold_model says where)
+            predictor.ear = published_ear(ck.get(CHECKPOINT_FOLDER, "."), str(ck["fold_ear"]),
+                                          str(ck["fold_ear_recipe"]))
+        return predictor
 
     def prepare_shared(self, inputs: TrainingInputs, cfgs: list[RunConfig], data_dir: Path,
                        progress: bool = True) -> None:
-        """The frozen layers' outputs of every training half, once, before parallel folds start
-        (each fold would otherwise compute them all itself)."""
+        """The frozen layers' outputs of every training half, and the fold ears with their evidence of every
+        training clip, once, before parallel folds start (each fold would otherwise compute them all itself)."""
+        recipes = {recipe_of(cfg.model): cfg for cfg in cfgs if cfg.model.ear_evidence}
+        folded = with_folds(inputs.meta, data_dir) if recipes else None
+        for recipe, cfg in recipes.items():
+            if folded is not None:
+                ears = train_fold_ears(recipe, Path(data_dir), folded, asr_device(cfg.device), 0, progress)
+                ears.table(folded, Path(data_dir), progress)
         for cfg in cfgs:
             if frozen_cache_usable(cfg):
                 model = build_network(PairClassifier, cfg.model, 1, 1, 2)  # only its frozen part runs
