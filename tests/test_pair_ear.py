@@ -53,6 +53,14 @@ def test_the_pair_variants_read_the_ear_and_ship_its_backbone():
         "the from-scratch option reads no pretrained Whisper"
 
 
+def test_the_plan_times_the_pairs_ears_as_a_stage_of_their_own():
+    from readaloud.pipeline.plan import FOLD_EARS_STAGE, cache_variants
+    stages = cache_variants(variant_config("model3mapd"))
+    assert [name for name, _ in stages] == [FOLD_EARS_STAGE, "shared caches"]
+    assert not stages[1][1].model.ear_evidence, "the rest of the caches is timed without training the ears again"
+    assert [name for name, _ in cache_variants(variant_config("model3mapd", {"ear_evidence": False}))] == ["shared caches"]
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, root):
     base = tmp_path_factory.mktemp("pair_ear")

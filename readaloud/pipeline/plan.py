@@ -204,6 +204,8 @@ def cache_variants(cfg: RunConfig) -> list[tuple[str, RunConfig]]:
     mc = cfg.model
     if mc.arch == "whisperdec":
         return [(f"frozen encoder cache ({mc.backbone})", cfg)]
+    if mc.arch == "pair" and mc.ear_evidence:   # the fold ears (model6asr's when both run: counted once), then the rest
+        return [(FOLD_EARS_STAGE, cfg), ("shared caches", apply_overrides(cfg, {"ear_evidence": False}))]
     if mc.arch != "gbm":
         return [("shared caches", cfg)]
     backbones = [b.strip() for b in str(mc.asr_backbones).split(",") if b.strip()] \
@@ -283,7 +285,7 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
 
 
 def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFrame) -> tuple[list[Stage], object]:
-    """model6asr's fold ears (members/gbm/fold_ears.py), in the parts that grow differently: the frozen encoder's
+    """The fold ears (members/gbm/fold_ears.py: model6asr's, the pair's with ear_evidence), in the parts that grow differently: the frozen encoder's
     cache of every clip, the ear copies of the clips scored 1, the fine-tuning of K + 1 ears (a start-up and a
     folder per ear, a cost per clip-pass), and each clip decoded by its fold's ear (the sample's K + 1 ears,
     trained on clips ordered by ear_order: every fold's ear gets one). Returns the stages and those ears."""
