@@ -85,6 +85,7 @@ def test_each_row_carries_its_own_folds_ear_and_the_head_reads_it(demo, monkeypa
         def table(self, meta, data_dir, progress=True):
             X = np.zeros((len(meta), len(asr.FEATURE_NAMES)), np.float32)
             X[:, 0] = meta["fold"].to_numpy() + 1          # "read by ear k"
+            X[:, 1] = meta["score"].to_numpy() + np.arange(len(meta)) % 3   # something the label moves
             return asr.AsrTable(X, np.ones(len(meta), bool), [""] * len(meta), [[] for _ in range(len(meta))])
     monkeypatch.setattr(pair_ear, "train_fold_ears", lambda *a, **k: FakeEars())
     _, rows = pair_ear.fold_ear_inputs(data)
@@ -95,13 +96,33 @@ def test_each_row_carries_its_own_folds_ear_and_the_head_reads_it(demo, monkeypa
         ds = member.dataset(part, data, model, vocab)
         assert len(ds) and np.array_equal(ds.ear[:, 0], ds.meta["fold"].to_numpy() + 1)
         assert "ear" in ds.collate([ds.item(0), ds.item(1)])
+    # the network starts as the ear's own score (a logistic regression fitted on the fold's training rows)
+    train = member.training_rows(data)
+    member.ear_prior = pair_ear.fit_ear_prior(pair_ear.rows_of(rows, train), train["score"].to_numpy())
+    model, vocab = member.build(data)
     valid = member.dataset(data.valid_meta, data, model, vocab)
     model.eval()
     with torch.no_grad():
         before = model(valid.collate([valid.item(i) for i in range(len(valid))]))["logits"]
-        valid.ear[:, :5] += 3.0
+        assert np.allclose(before.numpy(), member.ear_prior.logits(valid.ear), atol=1e-4)
+        valid.ear[:, 1] += 3.0
         after = model(valid.collate([valid.item(i) for i in range(len(valid))]))["logits"]
-    assert not torch.allclose(before, after), "the head ignores the ear's evidence"
+    assert not torch.allclose(before, after), "the logit ignores the ear's evidence"
+
+
+def test_the_ears_prior_is_a_logistic_regression_and_a_single_label_is_its_rate():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, pair_ear.EAR_INPUTS)).astype(np.float32)
+    X[:, 3] = 5.0                                       # a constant input: scale 1, weight 0
+    y = (X[:, 0] + 0.3 * rng.normal(size=200) > 0).astype(int)
+    prior = pair_ear.fit_ear_prior(X, y)
+    assert prior.weight[0] > 1 and prior.weight[3] == 0
+    p = 1 / (1 + np.exp(-prior.logits(X)))
+    assert -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean() < 0.4
+    again = pair_ear.fit_ear_prior(X, y)
+    assert np.array_equal(again.weight, prior.weight), "the same rows give the same prior"
+    ones = pair_ear.fit_ear_prior(X[:5], np.ones(5))
+    assert not ones.weight.any() and ones.bias == pytest.approx(np.log(0.98 / 0.02))
 
 
 def test_model3mapd_reading_the_ear_trains_infers_and_packs(demo, tmp_path):

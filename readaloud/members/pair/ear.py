@@ -13,6 +13,7 @@ beside the checkpoints as model6asr's is (the same ear when the recipes agree: t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..gbm.fold_ears import FoldEars, asr_device, recipe_of, shared_ear_table, t
 
 # the ear block's numbers, then whether the ear read the row at all, and whether its transcript was empty
 EAR_INPUTS = len(asr.FEATURE_NAMES) + 2
+EAR_PRIOR_C = 0.1   # the ear's own score: inverse L2 strength of its logistic regression on standardised inputs
 _TRANSCRIPT_LOGP = asr.FEATURE_NAMES.index("tr_mean_logp")
 
 
@@ -52,6 +54,33 @@ def test_ear_inputs(data_model, ear: Path, inputs: TestInputs) -> dict[str, np.n
     asr_ear_* options made it): {filename: vector}. Shared with every member of the run that reads that ear."""
     table = shared_ear_table(recipe_of(data_model), ear, inputs)
     return dict(zip(inputs.rows["filename"].astype(str), ear_inputs(table)))
+
+
+@dataclass
+class EarPrior:
+    """The ear's own score of a row: a logistic regression on its standardised inputs, fitted on a fold's training
+    rows. The pair network starts from it and learns what the comparison of the halves adds (PairClassifier)."""
+    mean: np.ndarray
+    scale: np.ndarray
+    weight: np.ndarray
+    bias: float
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        return ((np.asarray(X, np.float64) - self.mean) / self.scale) @ self.weight + self.bias
+
+
+def fit_ear_prior(X: np.ndarray, y: np.ndarray, c: float = EAR_PRIOR_C) -> EarPrior:
+    """The ear's logistic regression on rows `X` with labels `y` (deterministic: lbfgs on the whole set). With one
+    label only (a tiny fold), the weights are 0 and the bias is that rate's logit."""
+    from sklearn.linear_model import LogisticRegression
+    X, y = np.asarray(X, np.float64), np.asarray(y).astype(int)
+    mean, scale = X.mean(0), X.std(0)
+    scale = np.where(scale > 1e-6, scale, 1.0)
+    if len(set(y.tolist())) < 2:
+        rate = float(np.clip(y.mean() if len(y) else 0.5, 0.02, 0.98))
+        return EarPrior(mean, scale, np.zeros(X.shape[1]), float(np.log(rate / (1 - rate))))
+    model = LogisticRegression(C=c, max_iter=5000).fit((X - mean) / scale, y)
+    return EarPrior(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]))
 
 
 def rows_of(by_filename: dict[str, np.ndarray], meta: pd.DataFrame) -> np.ndarray:

@@ -27,7 +27,7 @@ from ...prep.prepare import TrainingInputs
 from ..base import FitContext, FitResult, FoldData, TestInputs
 from ..gbm.fold_ears import ALL, asr_device, publish, published_ear, recipe_of, train_fold_ears, with_folds
 from .encoder import AttentionPool, FeatureScaler, SpeechEncoderModel, build_network, make_head, masked_mean, segment
-from .ear import EAR_INPUTS, fold_ear_inputs, rows_of, test_ear_inputs
+from .ear import EAR_INPUTS, EarPrior, fit_ear_prior, fold_ear_inputs, rows_of, test_ear_inputs
 from .frozen import FrozenCache, frozen_cache_usable
 from .neural import NeuralMember, NeuralPredictor
 
@@ -68,6 +68,17 @@ class PairClassifier(SpeechEncoderModel):
         self.bag_norm = FeatureScaler(N_BAG_FEATURES) if self.bag_head is not None and cfg.score_features else None
         self.score_norm = FeatureScaler(N_SCORE_FEATURES) if cfg.score_features else None
         self.ear_norm = FeatureScaler(EAR_INPUTS) if cfg.ear_evidence else None   # what the fold ear hears (ear.py)
+        if cfg.ear_evidence:
+            # the ear's own score (ear.EarPrior: fitted on the fold's training rows, set by PairMember.warm_start)
+            # is added to the logit; the layers that end in the logit start at 0, so the network starts as the ear
+            # alone and learns what the comparison of the halves adds, not the ear's evidence again from noise
+            self.register_buffer("ear_prior_mean", torch.zeros(EAR_INPUTS))
+            self.register_buffer("ear_prior_scale", torch.ones(EAR_INPUTS))
+            self.register_buffer("ear_prior_weight", torch.zeros(EAR_INPUTS))
+            self.register_buffer("ear_prior_bias", torch.zeros(()))
+            for last in (self.head[-1], self.evidence_head):
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
 
     def forward(self, batch: dict) -> dict:
         hidden, mask = self.encode_pair(batch)
@@ -96,8 +107,21 @@ class PairClassifier(SpeechEncoderModel):
         logits = self.head(torch.cat(parts + evidence, dim=-1)).squeeze(-1)
         if evidence:  # a direct linear path: the evidence is usable from the first updates
             logits = logits + self.evidence_head(torch.cat(evidence, dim=-1)).squeeze(-1)
+        if self.ear_norm is not None:
+            logits = logits + self.ear_prior(batch["ear"])
         out["logits"] = logits
         return out
+
+    def ear_prior(self, ear: torch.Tensor) -> torch.Tensor:
+        """The ear's own logit of each item (a fixed logistic regression; ear.EarPrior)."""
+        return ((ear.float() - self.ear_prior_mean) / self.ear_prior_scale) @ self.ear_prior_weight \
+            + self.ear_prior_bias
+
+    def set_ear_prior(self, prior) -> None:
+        with torch.no_grad():
+            for name, value in (("mean", prior.mean), ("scale", prior.scale), ("weight", prior.weight),
+                                ("bias", prior.bias)):
+                getattr(self, f"ear_prior_{name}").copy_(torch.as_tensor(value, dtype=torch.float32))
 
     def match_features(self, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
         """How well the response and the reference explain each other, in a learned space.
@@ -277,6 +301,7 @@ class PairMember(NeuralMember):
     family = "pair"
     model_class = PairClassifier
     ear_rows: dict[str, np.ndarray] | None = None   # this fold's rows, each read by its own fold's ear
+    ear_prior: EarPrior | None = None               # the ear's own score, fitted on this fold's training rows
 
     def backbones_read(self, cfg: RunConfig) -> set[str]:
         return super().backbones_read(cfg) | ({cfg.model.asr_ear_backbone} if cfg.model.ear_evidence else set())
@@ -285,6 +310,8 @@ class PairMember(NeuralMember):
         ears = None
         if data.cfg.model.ear_evidence:
             ears, self.ear_rows = fold_ear_inputs(data, data.cfg.threads if data.cfg.threads > 0 else torch.get_num_threads())
+            train = self.training_rows(data)
+            self.ear_prior = fit_ear_prior(rows_of(self.ear_rows, train), train["score"].to_numpy())
         result = super().fit(data, ctx)
         if ears is not None:   # test rows are read by the ear of every fold, kept beside the checkpoints
             publish(ears.dirs[ALL], ctx.paths.assets)
@@ -325,6 +352,8 @@ class PairMember(NeuralMember):
                 log.info("frozen layers of %s: %d halves computed", cfg.model.backbone, made)
 
     def warm_start(self, model: PairClassifier, vocab: Vocab, cfg: RunConfig) -> None:
+        if cfg.model.ear_evidence and self.ear_prior is not None:
+            model.set_ear_prior(self.ear_prior)
         if cfg.model.backbone and model.ctc_head is not None:
             n = init_heads_from_backbone(model, vocab, cfg.model.backbone)
             if n:
