@@ -309,7 +309,8 @@ class PairMember(NeuralMember):
     def fit(self, data: FoldData, ctx: FitContext) -> FitResult:
         ears = None
         if data.cfg.model.ear_evidence:
-            ears, self.ear_rows = fold_ear_inputs(data, data.cfg.threads if data.cfg.threads > 0 else torch.get_num_threads())
+            threads = data.cfg.threads if data.cfg.threads > 0 else torch.get_num_threads()
+            ears, self.ear_rows = fold_ear_inputs(data, threads)
             train = self.training_rows(data)
             self.ear_prior = fit_ear_prior(rows_of(self.ear_rows, train), train["score"].to_numpy())
         result = super().fit(data, ctx)
