@@ -33,6 +33,14 @@ def preprocessed_demo(root, base: Path, n_train: int, n_test: int, seed: int, n_
     return data, tts
 
 
+def train_folds(root, data: Path, tts: Path, assets: Path, models: str, *options, n_folds: int = 2):
+    """train.py on a preprocessed demo set, one job; asserts every fold finished and returns the run."""
+    out = run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", n_folds,
+                     "--models", models, "--jobs", 1, *options)
+    assert f"{n_folds * len(models.split(','))}/{n_folds * len(models.split(','))} folds finished" in out.stdout
+    return out
+
+
 @pytest.fixture(scope="session")
 def chain(tmp_path_factory, root):
     """A tiny demo set run through the whole chain: data, preprocess, train.py (two models x two

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import preprocessed_demo, run_script
+from conftest import preprocessed_demo, run_script, train_folds
 from readaloud.checkpoints import safe_load
 from readaloud.members.gbm import evidence as asr
 from readaloud.config import ConfigError
@@ -202,9 +202,7 @@ def test_an_ear_trained_twice_is_the_same_and_a_finished_one_is_reused(demo, tmp
 def test_model6asr_with_fold_ears_trains_infers_and_packs(demo, tmp_path):
     root, data, tts = demo["root"], demo["data"], demo["tts"]
     assets = tmp_path / "assets"
-    out = run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
-                     "--models", "model6asr", "--jobs", 1, *OPTIONS)
-    assert "2/2 folds finished" in out.stdout
+    train_folds(root, data, tts, assets, "model6asr", *OPTIONS)
     keys = {str(safe_load(assets / f"model6asr_{k}.pth")["fold_ear"]) for k in (0, 1)}
     assert len(keys) == 1, "every fold reads test rows with the same ear (of every fold)"
     key = keys.pop()

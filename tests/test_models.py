@@ -7,11 +7,13 @@ import torch
 from readaloud.config import ModelConfig
 from readaloud.prep.dataset import collate
 from readaloud.members.pair.encoder import small_whisper_config
+from readaloud.members.pair.ear import EAR_INPUTS
 from readaloud.members.registry import build_model
 from readaloud.variants import VARIANTS, variant_config
 
 
-def tiny_items(n=3, n_mels=80, rng=np.random.default_rng(0)):
+def tiny_items(n=3, n_mels=80, rng=np.random.default_rng(0), ear: bool = False):
+    """Pair items; with `ear`, each carries the fold ear's inputs too (members/pair/ear.py)."""
     items = []
     for i in range(n):
         ref_n, pause, resp_n = 40 + 4 * i, 20, 60 + 12 * i   # multiples of 4 frames (one position)
@@ -20,6 +22,8 @@ def tiny_items(n=3, n_mels=80, rng=np.random.default_rng(0)):
                       "resp_n": resp_n, "ref_pos": ref_n // 4, "resp_start_pos": (ref_n + pause) // 4,
                       "resp_pos": resp_n // 4, "task": i % 3, "grade": 1, "target": np.array([1, 2, 3, 2]),
                       "label": float(i % 2)})
+        if ear:
+            items[-1]["ear"] = rng.normal(size=EAR_INPUTS).astype(np.float32)
     return items
 
 
@@ -31,7 +35,7 @@ def test_variant_forward_backward(variant, root):
     if cfg.model.arch == "whisperdec":
         pytest.skip("reads cached Whisper encodings and BPE tokens, not pairs: see tests/test_whisper_decoder.py")
     model = build_model(cfg.model, n_tasks=3, n_grades=4, vocab_size=8)
-    batch = collate(tiny_items())
+    batch = collate(tiny_items(ear=cfg.model.ear_evidence))
     batch["ctc_response"] = batch["label"] > 0.5
     out = model(batch)
     assert out["logits"].shape == (3,)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import preprocessed_demo, run_script
+from conftest import preprocessed_demo, run_script, train_folds
 from readaloud.checkpoints import safe_load
 from readaloud.members.gbm import evidence as asr
 from readaloud.members.gbm import fold_ears
@@ -128,9 +128,7 @@ def test_the_ears_prior_is_a_logistic_regression_and_a_single_label_is_its_rate(
 def test_model3mapd_reading_the_ear_trains_infers_and_packs(demo, tmp_path):
     root, data, tts = demo["root"], demo["data"], demo["tts"]
     assets = tmp_path / "assets"
-    out = run_script(root, "train.py", "--data", data, "--assets", assets, "--tts_dir", tts, "--n_folds", 2,
-                     "--models", "model3mapd", "--jobs", 1, *EAR_OPTIONS)
-    assert "2/2 folds finished" in out.stdout
+    train_folds(root, data, tts, assets, "model3mapd", *EAR_OPTIONS)
     cks = [safe_load(assets / f"model3mapd_{k}.pth") for k in (0, 1)]
     assert all(json.loads(ck["config"])["model"]["ear_evidence"] for ck in cks)
     keys = {str(ck["fold_ear"]) for ck in cks}

@@ -103,6 +103,9 @@ class PairClassifier(SpeechEncoderModel):
         if cfg.match_features:
             evidence.append(self.match_features(hidden, batch).to(pooled.dtype))
         if self.ear_norm is not None:
+            if "ear" not in batch:
+                raise ValueError("this pair model reads the fold ear's evidence (model.ear_evidence) and its batch "
+                                 "carries none: build its datasets through PairMember.dataset or attach_ear")
             evidence.append(self.ear_norm(batch["ear"].float()).to(pooled.dtype))
         logits = self.head(torch.cat(parts + evidence, dim=-1)).squeeze(-1)
         if evidence:  # a direct linear path: the evidence is usable from the first updates
