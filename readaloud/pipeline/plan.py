@@ -285,8 +285,8 @@ def measure_caches(variant: str, cfg: RunConfig, data: Path, tts: Path, sample: 
 
 
 def measure_fold_ears(variant: str, cfg: RunConfig, data: Path, meta: pd.DataFrame) -> tuple[list[Stage], object]:
-    """The fold ears (members/gbm/fold_ears.py: model6asr's, the pair's with ear_evidence), in the parts that grow differently: the frozen encoder's
-    cache of every clip, the ear copies of the clips scored 1, the fine-tuning of K + 1 ears (a start-up and a
+    """The fold ears (members/gbm/fold_ears.py: model6asr's, the pair's with ear_evidence), in the parts that grow
+    differently: the frozen encoder's cache of every clip, the ear copies of the clips scored 1, the fine-tuning of K + 1 ears (a start-up and a
     folder per ear, a cost per clip-pass), and each clip decoded by its fold's ear (the sample's K + 1 ears,
     trained on clips ordered by ear_order: every fold's ear gets one). Returns the stages and those ears."""
     from ..members.gbm.ear_augment import ensure_copies

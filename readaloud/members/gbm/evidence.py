@@ -502,6 +502,12 @@ def row_evidence(plan: ExpectedRendering, logp: np.ndarray, decode: ClipDecode) 
 # merged under a lock and replaced atomically; a damaged file is recomputed, never trusted. The
 # two could share one keyed-table helper; this one holds two tables (clips and rows).
 
+def asr_device(device) -> str:
+    """The CTranslate2 device for a torch device or a config's device string."""
+    kind = getattr(device, "type", device) or "auto"
+    return kind if kind in ("cpu", "cuda") else "auto"
+
+
 def asr_cache_path(data_dir: str | Path, model: WhisperEvidence) -> Path:
     """One table per data folder, model weights, compute type, decode settings and version."""
     return cache_dir(data_dir) / f"asr_v{ASR_VERSION}_{model.identity}.npz"

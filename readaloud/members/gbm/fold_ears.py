@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ...checkpoints import CheckpointError
+from ...checkpoints import CHECKPOINT_FOLDER, CheckpointError
 from ...config import ModelConfig
 from ...features import file_lock
 from ...layout import cache_dir
@@ -45,12 +45,6 @@ from .ear_augment import EarAugment, ensure_copies
 
 log = logging.getLogger(__name__)
 ALL = -1   # the ear of every training fold: what reads the test rows
-
-
-def asr_device(device) -> str:
-    """The CTranslate2 device for a torch device or a config's device string."""
-    kind = getattr(device, "type", device) or "auto"
-    return kind if kind in ("cpu", "cuda") else "auto"
 
 
 def with_folds(meta: pd.DataFrame, data_dir: Path) -> pd.DataFrame | None:
@@ -240,7 +234,7 @@ def shared_ear_table(recipe: EarRecipe, folder: Path, inputs) -> asr.AsrTable:
     key = ("fold ear", str(folder))
     if key not in inputs.shared:
         inputs.shared[key] = published_ear_table(recipe, folder, inputs.rows, inputs.data_dir,
-                                                 asr_device(inputs.device), inputs.progress)
+                                                 asr.asr_device(inputs.device), inputs.progress)
     return inputs.shared[key]
 
 
@@ -279,6 +273,21 @@ def train_fold_ears(recipe: EarRecipe, data_dir: Path, meta: pd.DataFrame, devic
                                   progress, known)
     ears.dirs[ALL] = ensure_ear(recipe, data_dir, positives, memory, ears_root(data_dir), progress, known)
     return ears
+
+
+def ear_payload(ears: FoldEars, assets: str | Path) -> dict:
+    """The ear of every fold published beside the checkpoints (`assets`), and its part of a fold's checkpoint:
+    what checkpoint_ear reads back."""
+    publish(ears.dirs[ALL], assets)
+    return {"fold_ear": ears.dirs[ALL].name, "fold_ear_recipe": ears.recipe.key()}
+
+
+def checkpoint_ear(ck: dict) -> Path:
+    """The published ear a loaded checkpoint (one ear_payload wrote) reads test rows with: beside it
+    (pipeline/inference.py load_fold_model says where it was read), and made by its recipe."""
+    if "fold_ear" not in ck:
+        raise CheckpointError("its config asks for a fold ear but it names none: retrain the fold")
+    return published_ear(ck.get(CHECKPOINT_FOLDER, "."), str(ck["fold_ear"]), str(ck["fold_ear_recipe"]))
 
 
 def published_ear(assets: str | Path, key: str, recipe_key: str) -> Path:

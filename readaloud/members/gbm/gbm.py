@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ...checkpoints import CHECKPOINT_FOLDER, CheckpointError, atomic_csv
+from ...checkpoints import CheckpointError, atomic_csv
 from ...config import ConfigError, ModelConfig, RunConfig
 from ...metrics import log_loss, sigmoid
 from ...features import FeatureParams
@@ -43,8 +43,8 @@ from ...whisper.backbones import NAMED_BACKBONES
 from .loops import LOOP_FEATURE_NAMES, loop_block
 from . import prompted as prompted_log_p
 from .prompted import PROMPT_FEATURE_NAMES, prompted_block, prompted_cache_path, prompted_table
-from .fold_ears import (ALL, FoldEars, asr_device, publish, published_ear, recipe_of, shared_ear_table, train_fold_ears,
-                        with_folds)
+from .evidence import asr_device
+from .fold_ears import FoldEars, checkpoint_ear, ear_payload, recipe_of, shared_ear_table, train_fold_ears, with_folds
 from .alignment import (ACOUSTIC_NAMES, ALIGN_VERSION, CATEGORY_NAMES, FEATURE_NAMES, acoustic_table,
                         alignment_cache_path, category_codes)
 from ..base import FitContext, FitResult, FoldData, Member, TestInputs
@@ -607,8 +607,7 @@ class GBMMember(Member):
         if layout.closed:
             payload["closed_words"] = json.dumps(words)
         if ears is not None:   # the ear of every training fold reads the test rows: kept beside the checkpoints
-            publish(ears.dirs[ALL], ctx.paths.assets)
-            payload |= {"fold_ear": ears.dirs[ALL].name, "fold_ear_recipe": ears.recipe.key()}
+            payload |= ear_payload(ears, ctx.paths.assets)
         if new_word is not None:
             payload |= new_word.payload()
             # the held-out rows they scored (only with asr_fold_vocabulary: otherwise the vocabulary holds
@@ -660,11 +659,7 @@ class GBMModel:
             raise CheckpointError("its config asks for closed-vocabulary features but it holds no training "
                                   "vocabulary: retrain the fold")
         self.closed_words: dict[str, list[str]] = json.loads(ck["closed_words"]) if layout.closed else {}
-        if layout.fold_ear and "fold_ear" not in ck:
-            raise CheckpointError("its config asks for a fold ear but it names none: retrain the fold")
-        # the ear of every fold, beside the checkpoint (pipeline/inference.py load_fold_model says where it was read)
-        self.fold_ear = published_ear(ck.get(CHECKPOINT_FOLDER, "."), str(ck["fold_ear"]), str(ck["fold_ear_recipe"])) \
-            if layout.fold_ear else None
+        self.fold_ear = checkpoint_ear(ck) if layout.fold_ear else None   # the ear of every fold, beside it
         self.new_word = NewWordTrees.load(ck, layout, names) if "new_word_state_dict" in ck else None
 
     def predict(self, meta: pd.DataFrame, acoustic: tuple[np.ndarray, np.ndarray] | None,

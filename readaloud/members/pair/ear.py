@@ -21,7 +21,7 @@ import pandas as pd
 
 from ..base import FoldData, TestInputs
 from ..gbm import evidence as asr
-from ..gbm.fold_ears import FoldEars, asr_device, recipe_of, shared_ear_table, train_fold_ears
+from ..gbm.fold_ears import FoldEars, recipe_of, shared_ear_table, train_fold_ears
 
 # the ear block's numbers, then whether the ear read the row at all, and whether its transcript was empty
 EAR_INPUTS = len(asr.FEATURE_NAMES) + 2
@@ -43,7 +43,7 @@ def ear_inputs(table: asr.AsrTable) -> np.ndarray:
 def fold_ear_inputs(data: FoldData, threads: int = 0) -> tuple[FoldEars, dict[str, np.ndarray]]:
     """The fold ears of `data.meta`'s folds (trained now unless finished) and every row's ear inputs, each row
     read by the ear of its own fold: {filename: vector}."""
-    ears = train_fold_ears(recipe_of(data.cfg.model), data.data_dir, data.meta, asr_device(data.cfg.device),
+    ears = train_fold_ears(recipe_of(data.cfg.model), data.data_dir, data.meta, asr.asr_device(data.cfg.device),
                            threads, data.progress)
     table = ears.table(data.meta, data.data_dir, data.progress)
     return ears, dict(zip(data.meta["filename"].astype(str), ear_inputs(table)))

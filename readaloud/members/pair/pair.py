@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from ...checkpoints import CHECKPOINT_FOLDER, CheckpointError
 from ...config import ModelConfig, RunConfig
 from ...layout import BACKBONE_HEADS, BACKBONE_VOCAB
 from ...text import Vocab
 from ...prep.prepare import TrainingInputs
 from ..base import FitContext, FitResult, FoldData, TestInputs
-from ..gbm.fold_ears import ALL, asr_device, publish, published_ear, recipe_of, train_fold_ears, with_folds
+from ..gbm.evidence import asr_device
+from ..gbm.fold_ears import checkpoint_ear, ear_payload, recipe_of, train_fold_ears, with_folds
 from .encoder import AttentionPool, FeatureScaler, SpeechEncoderModel, build_network, make_head, masked_mean, segment
 from .ear import EAR_INPUTS, EarPrior, fit_ear_prior, fold_ear_inputs, rows_of, test_ear_inputs
 from .frozen import FrozenCache, frozen_cache_usable
@@ -318,8 +318,7 @@ class PairMember(NeuralMember):
             self.ear_prior = fit_ear_prior(rows_of(self.ear_rows, train), train["score"].to_numpy())
         result = super().fit(data, ctx)
         if ears is not None:   # test rows are read by the ear of every fold, kept beside the checkpoints
-            publish(ears.dirs[ALL], ctx.paths.assets)
-            result.payload |= {"fold_ear": ears.dirs[ALL].name, "fold_ear_recipe": ears.recipe.key()}
+            result.payload |= ear_payload(ears, ctx.paths.assets)
         return result
 
     def dataset(self, meta, data: FoldData, model, vocab: Vocab):
@@ -330,11 +329,7 @@ class PairMember(NeuralMember):
         loaded = super().load(ck, device)
         predictor = PairPredictor(loaded.model, loaded.cfg, loaded.vocab, loaded.cats, loaded.priors, loaded.device)
         if loaded.cfg.model.ear_evidence:
-            if "fold_ear" not in ck:
-                raise CheckpointError("its config reads a fold ear's evidence but it names no ear: retrain the fold")
-            # the ear of every fold, beside the checkpoint (pipeline/inference.py load_fold_model says where)
-            predictor.ear = published_ear(ck.get(CHECKPOINT_FOLDER, "."), str(ck["fold_ear"]),
-                                          str(ck["fold_ear_recipe"]))
+            predictor.ear = checkpoint_ear(ck)   # the ear of every fold, beside the checkpoint
         return predictor
 
     def prepare_shared(self, inputs: TrainingInputs, cfgs: list[RunConfig], data_dir: Path,
